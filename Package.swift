@@ -1,0 +1,52 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let swiftSettings: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+]
+
+let package = Package(
+    name: "ploop",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "ploop", targets: ["ploop"]),
+        .library(name: "PloopImage", targets: ["PloopImage"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // Pure values: header codec, BAT geometry, CHS, size parsing. No I/O.
+        .target(name: "PloopFormat", swiftSettings: swiftSettings),
+        // The one place that calls libc for files: pread/pwrite/fsync/flock/fallocate/lseek.
+        .target(name: "CPloopSys"),
+        .target(name: "PloopSystem", dependencies: ["CPloopSys"], swiftSettings: swiftSettings),
+        // Deltas on files and the offline operations (init, merge, grow, check, info).
+        .target(name: "PloopImage", dependencies: ["PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
+        // Every subcommand, testable without spawning the binary.
+        .target(
+            name: "PloopCommands",
+            dependencies: [
+                "PloopImage", "PloopFormat",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(name: "ploop", dependencies: ["PloopCommands"], swiftSettings: swiftSettings),
+
+        .testTarget(name: "PloopFormatTests", dependencies: ["PloopFormat"], swiftSettings: swiftSettings),
+        .testTarget(name: "PloopImageTests", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "PloopCommandsTests",
+            dependencies: ["PloopCommands", "PloopImage", "PloopFormat"],
+            swiftSettings: swiftSettings
+        ),
+        // The real stack: the built `ploop` binary against qemu-img/qemu-io (and, later, FUSE/loop as root).
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["PloopImage", "PloopFormat"],
+            path: "IntegrationTests",
+            swiftSettings: swiftSettings
+        ),
+    ]
+)

@@ -1,0 +1,130 @@
+import ArgumentParser
+import Foundation
+import PloopFormat
+import PloopImage
+
+/// The `ploop` command: the original tool's syntax, one subcommand per file.
+public struct Ploop: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "ploop",
+        abstract: "Manage ploop container disk images.",
+        discussion: """
+            Images are raw files or ploop1 (Parallels expandable) deltas. Sizes (-s) are 512-byte \
+            sectors when given as a bare number, or bytes with a k, m, g or t suffix (binary units): \
+            -s 2048 and -s 1m are the same size.
+
+            Exit codes: 0 success, 1 failure, 2 usage error; 'ploop check' uses the original tool's \
+            codes (11 format error, 17 busy, 37 image in use).
+            """,
+        subcommands: [Init.self, Merge.self, Grow.self, Check.self, Info.self]
+    )
+
+    public init() {}
+}
+
+public enum PloopVersion {
+    public static let string = "0.1.0"
+}
+
+/// A failure that has already been put into words, with the exit code to leave with.
+public struct CommandFailure: Error, CustomStringConvertible {
+    public var message: String
+    public var code: Int32
+    public init(_ message: String, code: Int32 = 1) {
+        self.message = message
+        self.code = code
+    }
+    public var description: String { message }
+}
+
+/// Runs the CLI with the given arguments (without the program name); returns the exit code.
+public enum PloopMain {
+    public static func run(_ arguments: [String]) -> Int32 {
+        if arguments.isEmpty {
+            FileHandle.standardError.write(Ploop.helpMessage() + "\n")
+            return 2
+        }
+        if arguments.count == 1,
+            let sub = Ploop.configuration.subcommands.first(where: { $0._commandName == arguments[0] })
+        {
+            FileHandle.standardError.write(Ploop.helpMessage(for: sub) + "\n")
+            return 2
+        }
+        do {
+            var command = try Ploop.parseAsRoot(arguments)
+            try command.run()
+            return 0
+        } catch let failure as CommandFailure {
+            if !failure.message.isEmpty { FileHandle.standardError.write("ploop: \(failure.message)\n") }
+            return failure.code
+        } catch {
+            let code = Ploop.exitCode(for: error)
+            let message = Ploop.fullMessage(for: error)
+            if code == .success {
+                print(message)
+                return 0
+            }
+            FileHandle.standardError.write(message + "\n")
+            return code == .validationFailure ? 2 : code.rawValue
+        }
+    }
+}
+
+extension FileHandle {
+    func write(_ string: String) { write(string.data(using: .utf8)!) }
+}
+
+/// Turns library errors into the one line a user reads.
+func failing<T>(_ body: () throws -> T) throws -> T {
+    do { return try body() } catch let e as ImageError {
+        throw CommandFailure(e.description)
+    } catch let e as SizeArgument.ParseError {
+        throw CommandFailure(e.description, code: 2)
+    }
+}
+
+/// Shared output helpers.
+enum Output {
+    static func json<T: Encodable>(_ value: T) throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        return String(decoding: try encoder.encode(value), as: UTF8.self)
+    }
+
+    static func size(_ bytes: UInt64) -> String { SizeArgument.describe(bytes: bytes) }
+}
+
+/// Progress on a terminal, silence in scripts.
+final class ProgressLine: @unchecked Sendable {
+    private let label: String
+    private let enabled: Bool
+    private var lastPercent = -1
+
+    init(_ label: String, enabled: Bool = isatty(2) != 0) {
+        self.label = label
+        self.enabled = enabled
+    }
+
+    func update(_ done: Int, _ total: Int) {
+        guard enabled, total > 0 else { return }
+        let percent = done * 100 / total
+        guard percent != lastPercent else { return }
+        lastPercent = percent
+        FileHandle.standardError.write("\r\(label): \(percent)% (\(done)/\(total))")
+        if done == total { FileHandle.standardError.write("\n") }
+    }
+}
+
+extension ImageFormat: ExpressibleByArgument {}
+
+/// `-s SIZE` as an argument type.
+struct SizeOption: ExpressibleByArgument {
+    var sectors: UInt64
+    init?(argument: String) {
+        guard let s = try? SizeArgument.sectors(argument) else { return nil }
+        sectors = s
+    }
+    static func parse(_ text: String) throws -> UInt64 {
+        do { return try SizeArgument.sectors(text) } catch { throw ValidationError(error.description) }
+    }
+}

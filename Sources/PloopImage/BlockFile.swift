@@ -1,0 +1,196 @@
+import PloopSystem
+import Synchronization
+
+/// The byte store under an image: a real file, or memory in tests. The seam through which
+/// crash tests stop an operation after any write.
+public protocol BlockFile: AnyObject, Sendable {
+    var path: String { get }
+    /// Reads up to `buffer.count` bytes; fewer only at end of file.
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(ImageError) -> Int
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageError)
+    /// Makes every earlier write durable.
+    func sync() throws(ImageError)
+    func truncate(to length: UInt64) throws(ImageError)
+    func size() throws(ImageError) -> UInt64
+    /// Copies `length` bytes from another file (bytes past its end read as zeros).
+    func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError)
+}
+
+extension BlockFile {
+    public func readBytes(_ count: Int, at offset: UInt64) throws(ImageError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        let n = try rethrowingImageError { try bytes.withUnsafeMutableBytes { b in try read(into: b, at: offset) } }
+        if n < count { bytes.removeLast(count - n) }
+        return bytes
+    }
+
+    public func writeBytes(_ bytes: [UInt8], at offset: UInt64) throws(ImageError) {
+        try rethrowingImageError { try bytes.withUnsafeBytes { b in try write(b, at: offset) } }
+    }
+
+    /// Writes `count` zero bytes at `offset`, a cluster-sized chunk at a time.
+    public func writeZeros(at offset: UInt64, count: UInt64) throws(ImageError) {
+        let chunk = [UInt8](repeating: 0, count: Int(min(count, 1 << 20)))
+        var done: UInt64 = 0
+        while done < count {
+            let n = Int(min(UInt64(chunk.count), count - done))
+            try rethrowingImageError {
+                try chunk.withUnsafeBytes { b in try write(UnsafeRawBufferPointer(rebasing: b[0..<n]), at: offset + done) }
+            }
+            done += UInt64(n)
+        }
+    }
+
+    public func genericCopy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
+        var done = 0
+        while done < length {
+            let n = min(scratch.count, length - done)
+            let chunk = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<n])
+            let got = try source.read(into: chunk, at: sourceOffset + UInt64(done))
+            if got < n { chunk[got...].initializeMemory(as: UInt8.self, repeating: 0) }
+            try write(UnsafeRawBufferPointer(chunk), at: offset + UInt64(done))
+            done += n
+        }
+    }
+}
+
+/// Runs a closure whose only errors are `ImageError`s through an untyped `rethrows` API
+/// (`withUnsafeBytes`), restoring the typed error.
+@inline(__always)
+public func rethrowingImageError<T>(_ body: () throws -> T) throws(ImageError) -> T {
+    do { return try body() } catch let e as ImageError { throw e } catch { preconditionFailure("unexpected error \(error)") }
+}
+
+/// A real file.
+public final class PosixBlockFile: BlockFile {
+    public let file: File
+    public var path: String { file.path }
+
+    public init(_ file: File) { self.file = file }
+
+    public convenience init(path: String, mode: File.OpenMode) throws(ImageError) {
+        do { self.init(try File(path: path, mode: mode)) } catch { throw ImageError.from(error) }
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(ImageError) -> Int {
+        do { return try file.read(into: buffer, at: offset) } catch { throw .io(error) }
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageError) {
+        do { try file.write(buffer, at: offset) } catch { throw .io(error) }
+    }
+
+    public func sync() throws(ImageError) {
+        do { try file.sync() } catch { throw .io(error) }
+    }
+
+    public func truncate(to length: UInt64) throws(ImageError) {
+        do { try file.truncate(to: length) } catch { throw .io(error) }
+    }
+
+    public func size() throws(ImageError) -> UInt64 {
+        do { return try file.size() } catch { throw .io(error) }
+    }
+
+    public func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
+        guard let posix = source as? PosixBlockFile else {
+            try genericCopy(from: source, at: sourceOffset, to: offset, length: length, scratch: scratch)
+            return
+        }
+        do { try file.copy(from: posix.file, at: sourceOffset, to: offset, length: length, scratch: scratch) } catch { throw .io(error) }
+    }
+}
+
+/// An image held in memory: for tests, and for materialising crash states.
+public final class MemoryBlockFile: BlockFile {
+    public let path: String
+    private let bytes: Mutex<[UInt8]>
+
+    public init(path: String = "<memory>", bytes: [UInt8] = []) {
+        self.path = path
+        self.bytes = Mutex(bytes)
+    }
+
+    public var contents: [UInt8] { bytes.withLock { $0 } }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(ImageError) -> Int {
+        bytes.withLock { b in
+            guard offset < UInt64(b.count) else { return 0 }
+            let n = min(buffer.count, b.count - Int(offset))
+            b.withUnsafeBytes { src in
+                buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[Int(offset)..<Int(offset) + n]))
+            }
+            return n
+        }
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageError) {
+        bytes.withLock { b in
+            let end = Int(offset) + buffer.count
+            if end > b.count { b.append(contentsOf: repeatElement(0, count: end - b.count)) }
+            b.withUnsafeMutableBytes { dst in
+                UnsafeMutableRawBufferPointer(rebasing: dst[Int(offset)..<end]).copyMemory(from: buffer)
+            }
+        }
+    }
+
+    public func sync() throws(ImageError) {}
+
+    public func truncate(to length: UInt64) throws(ImageError) {
+        bytes.withLock { b in
+            if Int(length) < b.count { b.removeLast(b.count - Int(length)) } else { b.append(contentsOf: repeatElement(0, count: Int(length) - b.count)) }
+        }
+    }
+
+    public func size() throws(ImageError) -> UInt64 { UInt64(bytes.withLock { $0.count }) }
+
+    public func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
+        try genericCopy(from: source, at: sourceOffset, to: offset, length: length, scratch: scratch)
+    }
+}
+
+/// Passes everything to another file, but fails with `injectedCrash` at the Nth mutating call
+/// (write, truncate or sync), leaving the earlier ones done: the state a process killed at that
+/// point leaves behind.
+public final class CrashingBlockFile: BlockFile {
+    public let base: any BlockFile
+    private let remaining: Mutex<Int>
+    public var path: String { base.path }
+
+    public init(_ base: any BlockFile, crashAt: Int) {
+        self.base = base
+        self.remaining = Mutex(crashAt)
+    }
+
+    /// How many mutating calls were left when the operation ended (negative: it crashed).
+    public var callsLeft: Int { remaining.withLock { $0 } }
+
+    private func step() throws(ImageError) {
+        let ok = remaining.withLock { r in
+            r -= 1
+            return r >= 0
+        }
+        if !ok { throw .injectedCrash }
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(ImageError) -> Int {
+        try base.read(into: buffer, at: offset)
+    }
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageError) {
+        try step()
+        try base.write(buffer, at: offset)
+    }
+    public func sync() throws(ImageError) {
+        try step()
+        try base.sync()
+    }
+    public func truncate(to length: UInt64) throws(ImageError) {
+        try step()
+        try base.truncate(to: length)
+    }
+    public func size() throws(ImageError) -> UInt64 { try base.size() }
+    public func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
+        try step()
+        try base.copy(from: source, at: sourceOffset, to: offset, length: length, scratch: scratch)
+    }
+}

@@ -1,0 +1,47 @@
+import PloopFormat
+import PloopSystem
+
+/// The two delta formats.
+public enum ImageFormat: String, Sendable, CaseIterable, Codable {
+    case raw
+    case ploop1
+}
+
+/// Opening image paths: clear errors for missing, directory, special and unreadable files.
+public enum ImagePath {
+    /// Opens an existing regular file.
+    public static func open(_ path: String, write: Bool) throws(ImageError) -> PosixBlockFile {
+        switch PathInfo.kind(path) {
+        case .missing: throw .notFound(path)
+        case .directory: throw .isDirectory(path)
+        case .other, .blockDevice: throw .notRegularFile(path)
+        case .regular: break
+        }
+        return try PosixBlockFile(path: path, mode: write ? .readWrite : .readOnly)
+    }
+
+    /// Takes a non-blocking lock, or explains who holds it.
+    public static func lock(_ file: PosixBlockFile, exclusive: Bool) throws(ImageError) {
+        let ok: Bool
+        do { ok = try file.file.tryLock(exclusive ? .exclusive : .shared) } catch { throw .io(error) }
+        if !ok { throw .locked(file.path) }
+    }
+
+    /// Reads the first bytes and tells whether the file carries a ploop1 signature.
+    public static func detectFormat(_ file: any BlockFile) throws(ImageError) -> ImageFormat {
+        ImageHeader.hasSignature(try file.readBytes(16, at: 0)) ? .ploop1 : .raw
+    }
+}
+
+/// Which header version `init` picks when not told: v2, unless the loaded ploop kernel module lacks
+/// large-disk support (then v1, as the original does).
+public enum DefaultVersion {
+    public static func detect(sysModule: String = "/sys/module/ploop") -> FormatVersion {
+        if PathInfo.kind(sysModule) == .directory,
+            PathInfo.kind(sysModule + "/parameters/large_disk_support") == .missing
+        {
+            return .v1
+        }
+        return .v2
+    }
+}

@@ -1,0 +1,83 @@
+import PloopFormat
+
+extension Ploop1Image {
+    /// Grows the virtual size offline, as the original's `grow_delta`: when the BAT needs more
+    /// clusters, each data cluster standing where the BAT will grow is copied to the end of the
+    /// file, synced, repointed, synced; then the new BAT area is zeroed and synced; the header,
+    /// written last, switches to the new size. Interrupted anywhere, the image still checks clean
+    /// (at worst with an unreferenced cluster, trimmed by `check`) and keeps every cluster.
+    public func grow(toSectors requested: UInt64, progress: ((Int, Int) -> Void)? = nil) throws(ImageError) {
+        guard writable else { throw .readOnly(path) }
+        let old = header
+        var new: ImageHeader
+        do {
+            new = try ImageHeader.new(sizeSectors: requested, clusterSectors: old.clusterSectors, version: old.version)
+        } catch { throw .format(path, error) }
+        guard new.sizeInSectors >= old.sizeInSectors else {
+            throw .shrinkRefused(path, currentSectors: old.sizeInSectors, requestedSectors: requested)
+        }
+        guard new.sizeInSectors > old.sizeInSectors else { return }
+        try flush()
+        let cb = UInt64(clusterBytes)
+        let oldL1 = old.firstBlockOffset / old.clusterSectors
+        let newL1 = max(new.layout.batClusters, oldL1)
+        new.firstBlockOffset = newL1 * new.clusterSectors
+        new.diskInUse = old.diskInUse
+        new.flags = old.flags
+        let oldBATEnd = UInt64(PloopSpec.headerSize) + 4 * UInt64(old.batEntries)
+        if newL1 > oldL1 {
+            let head = allocHead
+            var dest = max(head, newL1)
+            let owners = owners()
+            let moving = (oldL1..<min(newL1, head)).filter { owners[$0] != nil }
+            var scratch = [UInt8](repeating: 0, count: clusterBytes)
+            for (i, blk) in moving.enumerated() {
+                let target = ImageBlock(dest)
+                guard layout.canEncode(target) else { throw .fileTooLarge(path, block: dest) }
+                try rethrowingImageError {
+                    try scratch.withUnsafeMutableBytes { s in
+                        try file.copy(from: file, at: UInt64(blk) * cb, to: UInt64(dest) * cb, length: clusterBytes, scratch: s)
+                    }
+                }
+                try file.sync()
+                try setEntry(owners[blk]!, to: target)
+                try file.sync()
+                dest += 1
+                progress?(i + 1, moving.count)
+            }
+            setAllocHead(dest)
+            // The new BAT area: old slots past the old size, and the clusters just vacated.
+            try file.writeZeros(at: oldBATEnd, count: UInt64(newL1) * cb - oldBATEnd)
+        } else {
+            try file.writeZeros(at: oldBATEnd, count: UInt64(oldL1) * cb - oldBATEnd)
+        }
+        try file.sync()
+        try replaceHeader(new)
+        try file.sync()
+    }
+}
+
+extension Offline {
+    /// `ploop grow -s SIZE IMAGE` offline, for either format.
+    public static func grow(path: String, toSectors sectors: UInt64, format: ImageFormat?, progress: ((Int, Int) -> Void)? = nil) throws(ImageError) {
+        let file = try ImagePath.open(path, write: true)
+        try ImagePath.lock(file, exclusive: true)
+        let detected = try ImagePath.detectFormat(file)
+        let fmt = format ?? detected
+        if fmt == .raw && detected == .ploop1 { throw .looksLikePloop1(path) }
+        switch fmt {
+        case .ploop1:
+            guard detected == .ploop1 else { throw .notPloop1(path) }
+            let image = try Ploop1Image(file: file, writable: true)
+            try image.grow(toSectors: sectors, progress: progress)
+            try image.close()
+        case .raw:
+            let size = try file.size()
+            let bytes = sectors * PloopSpec.sectorSize
+            guard bytes >= size else { throw .shrinkRefused(path, currentSectors: size / PloopSpec.sectorSize, requestedSectors: sectors) }
+            guard bytes > size else { return }
+            try file.truncate(to: bytes)
+            try file.sync()
+        }
+    }
+}

@@ -1,0 +1,140 @@
+import PloopFormat
+import PloopSystem
+
+/// Where an offline merge writes.
+public enum MergeDestination: Sendable {
+    case ploop1(Ploop1Image)
+    case raw(RawImage)
+}
+
+extension Offline {
+    public struct MergeSummary: Sendable, Codable, Equatable {
+        public var clustersCopied: Int
+        public var destinationGrew: Bool
+        public var repairedStaleMark: Bool
+    }
+
+    /// Copies, for every virtual cluster, the copy held by the top-most source that has it into
+    /// `destination` (sources are given top-most first). Growing the destination first if a source
+    /// is larger. Whole clusters, as the original does. Idempotent: running it again after an
+    /// interruption finishes the job.
+    public static func merge(
+        sources: [Ploop1Image], into destination: MergeDestination, flushEvery: Int = 256,
+        progress: ((Int, Int) -> Void)? = nil
+    ) throws(ImageError) -> MergeSummary {
+        guard let first = sources.first else { throw .noSources }
+        let cb = first.clusterBytes
+        let largest = sources.map(\.virtualBytes).max()!
+        let clusters = Int((largest + UInt64(cb) - 1) / UInt64(cb))
+        var grew = false
+        switch destination {
+        case .ploop1(let dst):
+            if largest > dst.virtualBytes {
+                try dst.grow(toSectors: largest / PloopSpec.sectorSize)
+                grew = true
+            }
+        case .raw(let dst):
+            if largest > (try dst.file.size()) {
+                try dst.file.truncate(to: largest)
+                try dst.file.sync()
+                grew = true
+            }
+        }
+        var scratch = [UInt8](repeating: 0, count: cb)
+        var copied = 0
+        var sinceFlush = 0
+        for c in 0..<clusters {
+            let cluster = ClusterIndex(UInt64(c))
+            guard let (src, blk) = sources.lazy.compactMap({ s in s.block(of: cluster).map { (s, $0) } }).first else {
+                continue
+            }
+            try rethrowingImageError {
+                try scratch.withUnsafeMutableBytes { s in
+                    switch destination {
+                    case .ploop1(let dst):
+                        try dst.copy(cluster: cluster, from: src.file, at: src.blockOffset(blk), scratch: s)
+                    case .raw(let dst):
+                        try dst.file.copy(from: src.file, at: src.blockOffset(blk), to: cluster.value * UInt64(cb), length: cb, scratch: s)
+                    }
+                }
+            }
+            copied += 1
+            sinceFlush += 1
+            if sinceFlush >= flushEvery, case .ploop1(let dst) = destination {
+                try dst.flush()
+                sinceFlush = 0
+            }
+            progress?(c + 1, clusters)
+        }
+        switch destination {
+        case .ploop1(let dst): try dst.flush()
+        case .raw(let dst): try dst.file.sync()
+        }
+        return MergeSummary(clustersCopied: copied, destinationGrew: grew, repairedStaleMark: false)
+    }
+
+    /// `ploop merge [-f raw|ploop1] SRC... DST`: validates every argument before touching anything.
+    public static func merge(
+        sources paths: [String], destination dstPath: String, format: ImageFormat,
+        progress: ((Int, Int) -> Void)? = nil
+    ) throws(ImageError) -> MergeSummary {
+        guard !paths.isEmpty else { throw .noSources }
+        var seen: [FileIdentity: String] = [:]
+        var files: [PosixBlockFile] = []
+        for p in paths {
+            let f = try ImagePath.open(p, write: false)
+            if let id = f.file.identity {
+                if let other = seen[id] { throw .sameFile(other, p) }
+                seen[id] = p
+            }
+            files.append(f)
+        }
+        let dstFile = try ImagePath.open(dstPath, write: true)
+        if let id = dstFile.file.identity, let other = seen[id] { throw .sameFile(other, dstPath) }
+        // Read and validate every header before the first write.
+        var sources: [Ploop1Image] = []
+        for f in files {
+            guard try ImagePath.detectFormat(f) == .ploop1 else { throw .notPloop1(f.path) }
+            let image = try Ploop1Image(file: f, writable: false)
+            if image.header.inUse { throw .inUse(f.path) }
+            if let c = sources.first?.clusterBytes, c != image.clusterBytes {
+                throw .clusterSizeMismatch(f.path, clusterBytes: image.clusterBytes, expected: c)
+            }
+            sources.append(image)
+        }
+        let cb = sources[0].clusterBytes
+        let detected = try ImagePath.detectFormat(dstFile)
+        if format == .raw && detected == .ploop1 { throw .looksLikePloop1(dstPath) }
+        if format == .ploop1 && detected != .ploop1 { throw .notPloop1(dstPath) }
+        for f in files { try ImagePath.lock(f, exclusive: false) }
+        try ImagePath.lock(dstFile, exclusive: true)
+        var repaired = false
+        let destination: MergeDestination
+        switch format {
+        case .raw:
+            destination = .raw(RawImage(file: dstFile, clusterBytes: cb))
+        case .ploop1:
+            let probe = try Ploop1Image(file: dstFile, writable: false)
+            if probe.clusterBytes != cb {
+                throw .clusterSizeMismatch(dstPath, clusterBytes: probe.clusterBytes, expected: cb)
+            }
+            if probe.header.inUse {
+                // We hold the lock, so no live writer has it: the mark is stale (an earlier merge or
+                // device died). Check and repair it, as mount does, then carry on.
+                var o = Checker.Options()
+                o.force = true
+                o.dropInUse = true
+                let report = try Checker.check(dstFile, options: o)
+                guard report.status == .ok else {
+                    throw .corrupt(dstPath, report.findings.map(\.message).joined(separator: "; "))
+                }
+                repaired = true
+            }
+            destination = .ploop1(try Ploop1Image(file: dstFile, writable: true))
+        }
+        var summary = try merge(sources: sources, into: destination, progress: progress)
+        if case .ploop1(let dst) = destination { try dst.close() }
+        summary.repairedStaleMark = repaired
+        return summary
+    }
+}

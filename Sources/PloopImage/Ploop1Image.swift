@@ -1,0 +1,257 @@
+import PloopFormat
+import Synchronization
+
+/// One ploop1 delta on a file: the header and the whole BAT held in memory (memory is bounded by
+/// the BAT, 4 bytes per virtual cluster, never by the image size).
+///
+/// Crash-safe ordering: a new cluster's data is written first; its BAT entry is written to the file
+/// only by `flush()`, after a sync has made the data durable, and followed by another sync. A crash
+/// in between leaves an unreferenced cluster at the tail, which `ploop check` trims.
+public final class Ploop1Image: Sendable {
+    public let file: any BlockFile
+    public let writable: Bool
+    private let state: Mutex<State>
+
+    struct State {
+        var header: ImageHeader
+        var bat: [UInt32]
+        /// First block past the last one in use: new clusters are appended here.
+        var allocHead: UInt32
+        /// BAT entries changed in memory but not yet written to the file.
+        var pendingEntries: Set<Int> = []
+        var dataWritten = false
+    }
+
+    public var path: String { file.path }
+    public var header: ImageHeader { state.withLock { $0.header } }
+    public var layout: BATLayout { state.withLock { $0.header.layout } }
+    public var clusterBytes: Int { state.withLock { $0.header.clusterBytes } }
+    public var allocHead: UInt32 { state.withLock { $0.allocHead } }
+    public var virtualBytes: UInt64 { state.withLock { $0.header.virtualBytes } }
+
+    // MARK: - Create and open
+
+    /// Writes a new, empty image into an empty file: the header cluster(s) with a zeroed BAT, fully
+    /// written (never sparse), then synced.
+    public static func create(on file: any BlockFile, header: ImageHeader) throws(ImageError) {
+        let layout = header.layout
+        try file.truncate(to: 0)
+        try file.writeZeros(at: 0, count: layout.firstDataOffset)
+        try file.writeBytes(header.encode(), at: 0)
+        try file.sync()
+    }
+
+    /// Opens an image. With `writable`, the in-use mark is set (and synced) before this returns;
+    /// an image whose mark is already set is refused unless `allowDirty`.
+    public init(file: any BlockFile, writable: Bool, allowDirty: Bool = false) throws(ImageError) {
+        let size = try file.size()
+        let headerBytes = try file.readBytes(PloopSpec.headerSize, at: 0)
+        let header: ImageHeader
+        do { header = try ImageHeader.decode(headerBytes) } catch { throw .format(file.path, error) }
+        let layout = header.layout
+        let batEnd = UInt64(header.firstBlockOffset) * PloopSpec.sectorSize
+        guard size >= batEnd else { throw .truncated(file.path, size: size, needed: batEnd) }
+        if header.inUse && header.flags.contains(.versionConvert) { throw .versionConverting(file.path) }
+        if writable && header.inUse && !allowDirty { throw .inUse(file.path) }
+        let raw = try file.readBytes(Int(header.batEntries) * 4, at: UInt64(PloopSpec.headerSize))
+        var bat = [UInt32](repeating: 0, count: Int(header.batEntries))
+        raw.withUnsafeBytes { b in
+            for i in 0..<bat.count { bat[i] = b.loadLE32(at: i * 4) }
+        }
+        let firstBlock = UInt32(header.firstBlockOffset / header.clusterSectors)
+        // A length that is not a whole number of clusters is an interrupted extension: the next
+        // allocation overwrites the partial cluster.
+        let head = max(firstBlock, UInt32(clamping: size / UInt64(layout.clusterBytes)))
+        self.file = file
+        self.writable = writable
+        self.state = Mutex(State(header: header, bat: bat, allocHead: head))
+        if writable {
+            try setInUse(true)
+        }
+    }
+
+    /// Writes the in-use mark (or clears it, fixing `CIF_Empty`) and syncs.
+    public func setInUse(_ inUse: Bool) throws(ImageError) {
+        guard writable else { throw .readOnly(path) }
+        let bytes = state.withLock { s -> [UInt8] in
+            s.header.inUse = inUse
+            if !inUse { s.header.flags = Self.flags(s.header.flags, hasData: Self.hasData(s)) }
+            return s.header.encode()
+        }
+        try file.writeBytes(bytes, at: 0)
+        try file.sync()
+    }
+
+    /// Flushes and clears the in-use mark: the image is clean on disk when this returns.
+    public func close() throws(ImageError) {
+        guard writable else { return }
+        try flush()
+        try setInUse(false)
+    }
+
+    static func hasData(_ s: State) -> Bool {
+        s.bat.contains { $0 != 0 }
+    }
+
+    static func flags(_ flags: ImageFlags, hasData: Bool) -> ImageFlags {
+        var f = flags
+        if hasData { f.remove(.empty) } else { f.insert(.empty) }
+        return f
+    }
+
+    // MARK: - Lookup
+
+    /// The block holding a virtual cluster in this delta, or nil if it has none (or the entry is
+    /// unusable: misaligned v1, or pointing into the header; `check` reports those).
+    public func block(of cluster: ClusterIndex) -> ImageBlock? {
+        state.withLock { s in Self.block(s, cluster) }
+    }
+
+    static func block(_ s: State, _ cluster: ClusterIndex) -> ImageBlock? {
+        guard cluster.value < UInt64(s.bat.count) else { return nil }
+        let entry = s.bat[Int(cluster.value)]
+        guard entry != 0, let b = try? s.header.layout.decode(entry) else { return nil }
+        return b
+    }
+
+    /// Every allocated cluster with its block, in cluster order.
+    public func allocatedClusters() -> [(ClusterIndex, ImageBlock)] {
+        state.withLock { s in
+            var out: [(ClusterIndex, ImageBlock)] = []
+            for i in 0..<s.bat.count where s.bat[i] != 0 {
+                if let b = Self.block(s, ClusterIndex(UInt64(i))) { out.append((ClusterIndex(UInt64(i)), b)) }
+            }
+            return out
+        }
+    }
+
+    public var allocatedCount: Int { state.withLock { s in s.bat.reduce(0) { $0 + ($1 != 0 ? 1 : 0) } } }
+
+    public func blockOffset(_ block: ImageBlock) -> UInt64 { UInt64(block.value) * UInt64(clusterBytes) }
+
+    // MARK: - Data
+
+    /// Reads a whole cluster. Returns false (buffer untouched) if this delta does not have it.
+    public func read(cluster: ClusterIndex, into buffer: UnsafeMutableRawBufferPointer) throws(ImageError) -> Bool {
+        guard let b = block(of: cluster) else { return false }
+        let n = try file.read(into: buffer, at: blockOffset(b))
+        if n < buffer.count { buffer[n...].initializeMemory(as: UInt8.self, repeating: 0) }
+        return true
+    }
+
+    /// Writes a whole cluster: in place if allocated, else at the allocation head with the BAT
+    /// entry left pending until `flush()`.
+    public func write(cluster: ClusterIndex, data: UnsafeRawBufferPointer) throws(ImageError) {
+        precondition(data.count == clusterBytes, "whole-cluster writes only")
+        let target = try blockForWrite(cluster)
+        try file.write(data, at: blockOffset(target.block))
+        if target.isNew { commit(cluster, target.block) }
+    }
+
+    /// Copies a whole cluster from another file straight into this image (kernel-side where the
+    /// files allow it), allocating like `write`.
+    public func copy(cluster: ClusterIndex, from source: any BlockFile, at offset: UInt64, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
+        let target = try blockForWrite(cluster)
+        try file.copy(from: source, at: offset, to: blockOffset(target.block), length: clusterBytes, scratch: scratch)
+        if target.isNew { commit(cluster, target.block) }
+    }
+
+    private func blockForWrite(_ cluster: ClusterIndex) throws(ImageError) -> (block: ImageBlock, isNew: Bool) {
+        guard writable else { throw .readOnly(path) }
+        let r: Result<(ImageBlock, Bool), ImageError> = state.withLock { s in
+            guard cluster.value < UInt64(s.bat.count) else {
+                return .failure(.corrupt(path, "write to \(cluster) beyond the virtual size"))
+            }
+            if let b = Self.block(s, cluster), b.value >= s.header.layout.batClusters { return .success((b, false)) }
+            let b = ImageBlock(s.allocHead)
+            guard s.header.layout.canEncode(b) else { return .failure(.fileTooLarge(path, block: b.value)) }
+            s.allocHead += 1
+            return .success((b, true))
+        }
+        return try r.get()
+    }
+
+    private func commit(_ cluster: ClusterIndex, _ block: ImageBlock) {
+        state.withLock { s in
+            s.bat[Int(cluster.value)] = s.header.layout.encode(block)
+            s.pendingEntries.insert(Int(cluster.value))
+        }
+    }
+
+    /// Makes every write durable: sync data, write the pending BAT entries, sync again.
+    public func flush() throws(ImageError) {
+        guard writable else { return }
+        let pending = state.withLock { s -> [(Int, [UInt8])] in
+            guard !s.pendingEntries.isEmpty else { return [] }
+            let runs = Self.entryRuns(s.pendingEntries.sorted(), bat: s.bat)
+            s.pendingEntries.removeAll()
+            return runs
+        }
+        guard !pending.isEmpty else { return }
+        try file.sync()
+        for (first, bytes) in pending {
+            try file.writeBytes(bytes, at: UInt64(PloopSpec.headerSize) + 4 * UInt64(first))
+        }
+        try file.sync()
+    }
+
+    /// Groups entries into runs no longer than one 4 KiB page, so each write stays within one
+    /// page and each 4-byte entry within one sector (never torn).
+    static func entryRuns(_ sorted: [Int], bat: [UInt32]) -> [(Int, [UInt8])] {
+        var runs: [(Int, [UInt8])] = []
+        var i = 0
+        while i < sorted.count {
+            let first = sorted[i]
+            let page = (PloopSpec.headerSize + 4 * first) / 4096
+            var last = first
+            var j = i + 1
+            while j < sorted.count, (PloopSpec.headerSize + 4 * sorted[j]) / 4096 == page {
+                last = sorted[j]
+                j += 1
+            }
+            var bytes = [UInt8](repeating: 0, count: 4 * (last - first + 1))
+            bytes.withUnsafeMutableBytes { b in
+                for k in first...last { b.storeLE32(bat[k], at: 4 * (k - first)) }
+            }
+            runs.append((first, bytes))
+            i = j
+        }
+        return runs
+    }
+
+    // MARK: - Metadata changes used by grow, check and repair
+
+    /// Sets one BAT entry and writes it at once (the caller syncs).
+    public func setEntry(_ cluster: ClusterIndex, to block: ImageBlock?) throws(ImageError) {
+        let bytes = state.withLock { s -> [UInt8] in
+            let v = block.map { s.header.layout.encode($0) } ?? 0
+            s.bat[Int(cluster.value)] = v
+            s.pendingEntries.remove(Int(cluster.value))
+            var b = [UInt8](repeating: 0, count: 4)
+            b.withUnsafeMutableBytes { $0.storeLE32(v, at: 0) }
+            return b
+        }
+        try file.writeBytes(bytes, at: layout.entryOffset(cluster))
+    }
+
+    /// Replaces the header in memory and on disk (the caller syncs), growing the BAT array.
+    func replaceHeader(_ header: ImageHeader, allocHead: UInt32? = nil) throws(ImageError) {
+        state.withLock { s in
+            s.header = header
+            if s.bat.count < Int(header.batEntries) {
+                s.bat.append(contentsOf: repeatElement(0, count: Int(header.batEntries) - s.bat.count))
+            }
+            if let allocHead { s.allocHead = allocHead }
+        }
+        try file.writeBytes(header.encode(), at: 0)
+    }
+
+    func setAllocHead(_ head: UInt32) { state.withLock { $0.allocHead = head } }
+
+    /// Reverse map: which cluster each block of the file holds (for relocation).
+    public func owners() -> [UInt32: ClusterIndex] {
+        var map: [UInt32: ClusterIndex] = [:]
+        for (c, b) in allocatedClusters() { map[b.value] = c }
+        return map
+    }
+}

@@ -1,0 +1,199 @@
+import CPloopSys
+import Glibc
+
+/// An open file descriptor, closed once when the object goes away. All positional I/O is full:
+/// short reads stop only at end of file, short writes are continued.
+public final class File: Sendable {
+    public let fd: Int32
+    public let path: String
+    public let writable: Bool
+
+    public struct OpenMode: Sendable, Equatable {
+        public var write: Bool
+        public var create: Bool
+        public var exclusive: Bool
+        public var direct: Bool = false
+        public static let readOnly = OpenMode(write: false, create: false, exclusive: false)
+        public static let readWrite = OpenMode(write: true, create: false, exclusive: false)
+        /// Create a new file; fail if it exists (`O_CREAT|O_EXCL`).
+        public static let createNew = OpenMode(write: true, create: true, exclusive: true)
+    }
+
+    /// `open(2)`.
+    public init(path: String, mode: OpenMode, permissions: mode_t = 0o600) throws(SystemError) {
+        var flags = (mode.write ? O_RDWR : O_RDONLY) | O_CLOEXEC
+        if mode.create { flags |= O_CREAT }
+        if mode.exclusive { flags |= O_EXCL }
+        if mode.direct { flags |= cploop_o_direct() }
+        self.fd = try retrying("open", path) { open(path, flags, permissions) }
+        self.path = path
+        self.writable = mode.write
+    }
+
+    deinit { close(fd) }
+
+    /// `fstat(2)`.
+    public func stat() throws(SystemError) -> Glibc.stat {
+        var st = Glibc.stat()
+        _ = try retrying("fstat", path) { fstat(fd, &st) }
+        return st
+    }
+
+    public func size() throws(SystemError) -> UInt64 { UInt64(try stat().st_size) }
+
+    /// `pread(2)` until the buffer is full or end of file; returns the bytes read.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
+        var done = 0
+        while done < buffer.count {
+            let n = try retrying("read", path) {
+                pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    /// `pwrite(2)` of the whole buffer.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
+        var done = 0
+        while done < buffer.count {
+            let n = try retrying("write", path) {
+                pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            }
+            done += n
+        }
+    }
+
+    /// `fsync(2)`.
+    public func sync() throws(SystemError) { _ = try retrying("fsync", path) { fsync(fd) } }
+
+    /// `fdatasync(2)`.
+    public func dataSync() throws(SystemError) { _ = try retrying("fdatasync", path) { fdatasync(fd) } }
+
+    /// `ftruncate(2)`.
+    public func truncate(to length: UInt64) throws(SystemError) {
+        _ = try retrying("ftruncate", path) { ftruncate(fd, off_t(length)) }
+    }
+
+    public enum LockKind: Sendable { case shared, exclusive }
+
+    /// `flock(2)` without waiting. Returns false if another open file holds a conflicting lock.
+    public func tryLock(_ kind: LockKind) throws(SystemError) -> Bool {
+        let op = (kind == .shared ? LOCK_SH : LOCK_EX) | LOCK_NB
+        while true {
+            if flock(fd, op) == 0 { return true }
+            let e = errno
+            if e == EINTR { continue }
+            if e == EWOULDBLOCK { return false }
+            throw SystemError("flock", path: path, errno: e)
+        }
+    }
+
+    public func unlock() { _ = flock(fd, LOCK_UN) }
+
+    /// `fallocate(2)` with `FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE`.
+    public func punchHole(at offset: UInt64, length: UInt64) throws(SystemError) {
+        try negErrno("fallocate") { cploop_fallocate(fd, 0x02 | 0x01, Int64(offset), Int64(length)) }
+    }
+
+    /// `copy_file_range(2)` of exactly `length` bytes (the kernel may copy without a user buffer).
+    /// Falls back to read/write when the file systems refuse.
+    public func copy(from source: File, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(SystemError) {
+        var inOff = Int64(sourceOffset)
+        var outOff = Int64(offset)
+        var left = length
+        while left > 0 {
+            let n = cploop_copy_file_range(source.fd, &inOff, fd, &outOff, UInt64(left))
+            if n > 0 { left -= Int(n); continue }
+            if n == 0 { break }  // source ended: the rest is zeros
+            let e = Int32(-n)
+            if e == EINTR { continue }
+            if e == EXDEV || e == EINVAL || e == ENOSYS || e == EOPNOTSUPP { break }
+            throw SystemError("copy_file_range", path: path, errno: e)
+        }
+        while left > 0 {
+            let chunk = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<min(left, scratch.count)])
+            let got = try source.read(into: chunk, at: UInt64(inOff))
+            if got < chunk.count { chunk[got...].initializeMemory(as: UInt8.self, repeating: 0) }
+            try write(UnsafeRawBufferPointer(chunk), at: UInt64(outOff))
+            inOff += Int64(chunk.count)
+            outOff += Int64(chunk.count)
+            left -= chunk.count
+        }
+    }
+
+    /// The data ranges of the file in [start, end), found with `lseek(SEEK_DATA/SEEK_HOLE)`.
+    public func dataRanges(from start: UInt64, to end: UInt64) throws(SystemError) -> [Range<UInt64>] {
+        var ranges: [Range<UInt64>] = []
+        var pos = Int64(start)
+        while UInt64(pos) < end {
+            let data = cploop_seek_data_hole(fd, pos, 0)
+            if data < 0 {
+                if data == -Int64(ENXIO) { break }
+                throw SystemError("lseek", path: path, errno: Int32(-data))
+            }
+            if UInt64(data) >= end { break }
+            let hole = cploop_seek_data_hole(fd, data, 1)
+            if hole < 0 { throw SystemError("lseek", path: path, errno: Int32(-hole)) }
+            ranges.append(UInt64(data)..<min(UInt64(hole), end))
+            pos = hole
+        }
+        return ranges
+    }
+
+    private func negErrno(_ call: String, _ body: () -> Int32) throws(SystemError) {
+        while true {
+            let r = body()
+            if r >= 0 { return }
+            if r == -EINTR { continue }
+            throw SystemError(call, path: path, errno: -r)
+        }
+    }
+}
+
+/// Facts about a path without opening it.
+public enum PathInfo {
+    public enum Kind: Sendable, Equatable { case missing, regular, directory, blockDevice, other }
+
+    public static func kind(_ path: String) -> Kind {
+        var st = Glibc.stat()
+        guard cploop_stat(path, &st) == 0 else { return .missing }
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: return .regular
+        case S_IFDIR: return .directory
+        case S_IFBLK: return .blockDevice
+        default: return .other
+        }
+    }
+
+    /// (device, inode) of a path, to tell whether two names are one file.
+    public static func identity(_ path: String) -> FileIdentity? {
+        var st = Glibc.stat()
+        guard cploop_stat(path, &st) == 0 else { return nil }
+        return FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+    }
+
+    /// fsyncs the directory holding `path`, so a create or rename in it is durable.
+    public static func syncParentDirectory(of path: String) {
+        let dir = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
+        let fd = open(dir.isEmpty ? "/" : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        _ = fsync(fd)
+        close(fd)
+    }
+
+    public static func remove(_ path: String) { unlink(path) }
+}
+
+public struct FileIdentity: Hashable, Sendable {
+    public let device: UInt64
+    public let inode: UInt64
+}
+
+extension File {
+    public var identity: FileIdentity? {
+        guard let st = try? stat() else { return nil }
+        return FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+    }
+}

@@ -1,0 +1,33 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A failed system call: which call, on what, and the errno it returned.
+public struct SystemError: Error, Sendable, Equatable, CustomStringConvertible {
+    public let call: String
+    public let path: String
+    public let errno: Int32
+
+    public init(_ call: String, path: String, errno: Int32) {
+        self.call = call
+        self.path = path
+        self.errno = errno
+    }
+
+    public var message: String { String(cString: strerror(errno)) }
+    public var description: String { "\(call) \(path): \(message)" }
+}
+
+/// Runs a call that returns -1 and sets errno, retrying EINTR here and nowhere else.
+@inline(__always)
+func retrying<T: BinaryInteger>(_ call: String, _ path: String, _ body: () -> T) throws(SystemError) -> T {
+    while true {
+        let r = body()
+        if r >= 0 { return r }
+        let e = errno
+        if e == EINTR { continue }
+        throw SystemError(call, path: path, errno: e)
+    }
+}

@@ -1,0 +1,7 @@
+import PloopCommands
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+exit(PloopMain.run(Array(CommandLine.arguments.dropFirst())))
