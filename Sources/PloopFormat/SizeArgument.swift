@@ -41,15 +41,12 @@ public enum SizeArgument {
             case "m", "M": multiplier = 1 << 20
             case "g", "G": multiplier = 1 << 30
             case "t", "T": multiplier = 1 << 40
-            default: throw .unknownSuffix(text)
+            default:
+                let isNumber = !digits.isEmpty && digits.allSatisfy { $0.isASCII && $0.isNumber }
+                throw isNumber ? .unknownSuffix(text) : .notANumber(text)
             }
         }
-        guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }) else {
-            if digits.contains(where: { !$0.isASCII || !($0.isNumber) }) && (digits.last.map { !$0.isNumber } ?? false) {
-                throw .unknownSuffix(text)
-            }
-            throw .notANumber(text)
-        }
+        guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }) else { throw .notANumber(text) }
         guard let value = UInt64(digits) else { throw .overflow(text) }
         guard value > 0 else { throw .zero(text) }
         guard let m = multiplier else { return value }
