@@ -34,17 +34,18 @@ let package = Package(
         ),
         .executableTarget(name: "ploop", dependencies: ["PloopCommands"], swiftSettings: swiftSettings),
 
+        .target(name: "PloopTestSupport", path: "Tests/PloopTestSupport", swiftSettings: swiftSettings),
         .testTarget(name: "PloopFormatTests", dependencies: ["PloopFormat"], swiftSettings: swiftSettings),
         .testTarget(name: "PloopImageTests", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
         .testTarget(
             name: "PloopCommandsTests",
-            dependencies: ["PloopCommands", "PloopImage", "PloopFormat"],
+            dependencies: ["PloopCommands", "PloopImage", "PloopFormat", "PloopTestSupport"],
             swiftSettings: swiftSettings
         ),
         // The real stack: the built `ploop` binary against qemu-img/qemu-io (and, later, FUSE/loop as root).
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["PloopImage", "PloopFormat"],
+            dependencies: ["PloopImage", "PloopFormat", "PloopTestSupport"],
             path: "IntegrationTests",
             swiftSettings: swiftSettings
         ),

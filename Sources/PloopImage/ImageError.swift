@@ -26,6 +26,8 @@ public enum ImageError: Error, Sendable, Equatable, CustomStringConvertible {
     case noSources
     case versionConverting(String)
     case injectedCrash
+    case empty(String)
+    case rawNeedsFormat(String)
 
     public var description: String {
         switch self {
@@ -57,6 +59,8 @@ public enum ImageError: Error, Sendable, Equatable, CustomStringConvertible {
         case .noSources: "no source deltas given"
         case .versionConverting(let p): "\(p) is in the middle of a v1/v2 conversion"
         case .injectedCrash: "injected crash (test)"
+        case .empty(let p): "\(p) is empty (0 bytes): not an image"
+        case .rawNeedsFormat(let p): "\(p) has no ploop1 signature: if it is a raw image, say so with -f raw"
         }
     }
 

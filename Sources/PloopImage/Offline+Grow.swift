@@ -63,15 +63,25 @@ extension Offline {
         let file = try ImagePath.open(path, write: true)
         try ImagePath.lock(file, exclusive: true)
         let detected = try ImagePath.detectFormat(file)
-        let fmt = format ?? detected
-        if fmt == .raw && detected == .ploop1 { throw .looksLikePloop1(path) }
-        switch fmt {
+        if format == .raw && detected == .ploop1 { throw .looksLikePloop1(path) }
+        switch format ?? detected {
         case .ploop1:
             guard detected == .ploop1 else { throw .notPloop1(path) }
+            // Validate on a read-only view first: a refused grow leaves the file untouched.
+            let probe = try Ploop1Image(file: file, writable: false)
+            let current = probe.header
+            if current.inUse { throw .inUse(path) }
+            do {
+                _ = try ImageHeader.new(sizeSectors: sectors, clusterSectors: current.clusterSectors, version: current.version)
+            } catch { throw .format(path, error) }
+            guard sectors >= current.sizeInSectors else {
+                throw .shrinkRefused(path, currentSectors: current.sizeInSectors, requestedSectors: sectors)
+            }
             let image = try Ploop1Image(file: file, writable: true)
             try image.grow(toSectors: sectors, progress: progress)
             try image.close()
         case .raw:
+            guard format == .raw else { throw .rawNeedsFormat(path) }
             let size = try file.size()
             let bytes = sectors * PloopSpec.sectorSize
             guard bytes >= size else { throw .shrinkRefused(path, currentSectors: size / PloopSpec.sectorSize, requestedSectors: sectors) }

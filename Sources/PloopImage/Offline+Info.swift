@@ -20,6 +20,7 @@ public struct ImageInfo: Sendable, Codable, Equatable {
     public static func read(path: String) throws(ImageError) -> ImageInfo {
         let file = try ImagePath.open(path, write: false)
         let size = try file.size()
+        guard size > 0 else { throw .empty(path) }
         guard try ImagePath.detectFormat(file) == .ploop1 else {
             return ImageInfo(path: path, format: .raw, virtualSize: size, inUse: false, flags: [], fileSize: size)
         }

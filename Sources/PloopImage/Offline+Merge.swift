@@ -118,6 +118,13 @@ extension Offline {
             if probe.clusterBytes != cb {
                 throw .clusterSizeMismatch(dstPath, clusterBytes: probe.clusterBytes, expected: cb)
             }
+            let largest = sources.map(\.virtualBytes).max()!
+            if largest > probe.virtualBytes {
+                // Refuse a growth the destination's version cannot hold before the first write.
+                do {
+                    _ = try ImageHeader.new(sizeSectors: largest / PloopSpec.sectorSize, clusterSectors: probe.header.clusterSectors, version: probe.header.version)
+                } catch { throw .format(dstPath, error) }
+            }
             if probe.header.inUse {
                 // We hold the lock, so no live writer has it: the mark is stale (an earlier merge or
                 // device died). Check and repair it, as mount does, then carry on.

@@ -1,0 +1,110 @@
+import Foundation
+
+/// Helpers shared by the test targets: run the built `ploop` (and qemu's tools), scratch
+/// directories removed by exact path, file snapshots to prove nothing was touched.
+public enum TestSupport {
+    /// The package root, from this file's location.
+    public static let packageRoot: URL = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    /// The `ploop` binary `swift build` made next to the tests.
+    public static var ploopBinary: String {
+        let candidates = [
+            packageRoot.appendingPathComponent(".build/debug/ploop").path,
+            URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("ploop").path,
+        ]
+        return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[0]
+    }
+
+    public struct Result: Sendable, CustomStringConvertible {
+        public var code: Int32
+        public var stdout: String
+        public var stderr: String
+        public var description: String { "exit \(code)\nstdout: \(stdout)\nstderr: \(stderr)" }
+    }
+
+    /// Runs a program to completion, capturing its output.
+    public static func run(_ executable: String, _ arguments: [String], cwd: String? = nil, environment: [String: String]? = nil) throws -> Result {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = arguments
+        if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+        if let environment { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+        let out = Pipe()
+        let err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        // Read both pipes while the child runs, so a full pipe cannot block it.
+        nonisolated(unsafe) var errData = Data()
+        let group = DispatchGroup()
+        group.enter()
+        DispatchQueue.global().async {
+            errData = err.fileHandleForReading.readDataToEndOfFile()
+            group.leave()
+        }
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        group.wait()
+        p.waitUntilExit()
+        return Result(code: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
+    }
+
+    public static func ploop(_ arguments: String..., cwd: String? = nil) throws -> Result {
+        try run(ploopBinary, arguments, cwd: cwd)
+    }
+
+    public static func ploop(_ arguments: [String], cwd: String? = nil) throws -> Result {
+        try run(ploopBinary, arguments, cwd: cwd)
+    }
+
+    /// The full path of a tool, or nil if it is not installed.
+    public static func which(_ tool: String) -> String? {
+        for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] {
+            let p = dir + "/" + tool
+            if FileManager.default.isExecutableFile(atPath: p) { return p }
+        }
+        return nil
+    }
+
+    public static var isRoot: Bool { getuid() == 0 }
+}
+
+/// A scratch directory under /tmp, removed (by its exact path) when the object goes away.
+public final class ScratchDirectory: @unchecked Sendable {
+    public let path: String
+
+    public init(_ name: String = "ploop-test") throws {
+        let template = NSTemporaryDirectory() + "\(name)-XXXXXX"
+        var bytes = Array(template.utf8CString)
+        guard let made = mkdtemp(&bytes) else { throw CocoaError(.fileWriteUnknown) }
+        path = String(cString: made)
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+
+    public func file(_ name: String) -> String { path + "/" + name }
+
+    /// Every file in the directory with its bytes, to prove a failed command touched nothing.
+    public func snapshot() throws -> [String: Data] {
+        var out: [String: Data] = [:]
+        for name in try FileManager.default.contentsOfDirectory(atPath: path) {
+            var isDir: ObjCBool = false
+            let p = file(name)
+            if FileManager.default.fileExists(atPath: p, isDirectory: &isDir), isDir.boolValue {
+                out[name] = Data("<dir>".utf8)
+            } else {
+                out[name] = FileManager.default.contents(atPath: p) ?? Data("<unreadable>".utf8)
+            }
+        }
+        return out
+    }
+
+    public func write(_ name: String, _ bytes: [UInt8]) {
+        FileManager.default.createFile(atPath: file(name), contents: Data(bytes))
+    }
+
+    public func read(_ name: String) -> [UInt8] {
+        [UInt8](FileManager.default.contents(atPath: file(name)) ?? Data())
+    }
+}
