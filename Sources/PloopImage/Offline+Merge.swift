@@ -40,6 +40,8 @@ extension Offline {
                 grew = true
             }
         }
+        // A raw destination ends at the virtual size, even inside its last cluster.
+        let rawEnd: UInt64 = if case .raw(let dst) = destination { max(try dst.file.size(), largest) } else { 0 }
         var scratch = [UInt8](repeating: 0, count: cb)
         var copied = 0
         var sinceFlush = 0
@@ -54,7 +56,9 @@ extension Offline {
                     case .ploop1(let dst):
                         try dst.copy(cluster: cluster, from: src.file, at: src.blockOffset(blk), scratch: s)
                     case .raw(let dst):
-                        try dst.file.copy(from: src.file, at: src.blockOffset(blk), to: cluster.value * UInt64(cb), length: cb, scratch: s)
+                        let at = cluster.value * UInt64(cb)
+                        let length = Int(min(UInt64(cb), rawEnd - at))
+                        try dst.file.copy(from: src.file, at: src.blockOffset(blk), to: at, length: length, scratch: s)
                     }
                 }
             }
