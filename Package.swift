@@ -23,6 +23,8 @@ let package = Package(
         .target(name: "PloopSystem", dependencies: ["CPloopSys"], swiftSettings: swiftSettings),
         // Deltas on files and the offline operations (init, merge, grow, check, info).
         .target(name: "PloopImage", dependencies: ["PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
+        // The model of the kernel device, the backend protocol, the in-process backend.
+        .target(name: "PloopDevice", dependencies: ["PloopImage", "PloopFormat"], swiftSettings: swiftSettings),
         // Every subcommand, testable without spawning the binary.
         .target(
             name: "PloopCommands",

@@ -3,6 +3,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <unistd.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <linux/fs.h>
+#include <linux/fiemap.h>
 
 int cploop_o_direct(void) { return O_DIRECT; }
 
@@ -25,3 +30,29 @@ int64_t cploop_seek_data_hole(int fd, int64_t offset, int hole) {
 }
 
 int cploop_stat(const char *path, struct stat *st) { return stat(path, st) == 0 ? 0 : -errno; }
+
+int cploop_fiemap(int fd, uint64_t start, uint64_t length, struct cploop_extent *out, uint32_t max, int32_t *last) {
+    size_t size = sizeof(struct fiemap) + max * sizeof(struct fiemap_extent);
+    struct fiemap *fm = calloc(1, size);
+    if (!fm) return -ENOMEM;
+    fm->fm_start = start;
+    fm->fm_length = length;
+    fm->fm_flags = FIEMAP_FLAG_SYNC;
+    fm->fm_extent_count = max;
+    if (ioctl(fd, FS_IOC_FIEMAP, fm) < 0) {
+        int e = errno;
+        free(fm);
+        return -e;
+    }
+    *last = 0;
+    for (uint32_t i = 0; i < fm->fm_mapped_extents; i++) {
+        out[i].logical = fm->fm_extents[i].fe_logical;
+        out[i].physical = fm->fm_extents[i].fe_physical;
+        out[i].length = fm->fm_extents[i].fe_length;
+        out[i].flags = fm->fm_extents[i].fe_flags;
+        if (fm->fm_extents[i].fe_flags & FIEMAP_EXTENT_LAST) *last = 1;
+    }
+    int n = (int)fm->fm_mapped_extents;
+    free(fm);
+    return n;
+}

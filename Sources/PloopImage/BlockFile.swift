@@ -14,6 +14,8 @@ public protocol BlockFile: AnyObject, Sendable {
     func size() throws(ImageError) -> UInt64
     /// Copies `length` bytes from another file (bytes past its end read as zeros).
     func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError)
+    /// Gives [offset, offset+length) real space reading as zeros, extending the file if needed.
+    func allocate(at offset: UInt64, length: UInt64) throws(ImageError)
 }
 
 extension BlockFile {
@@ -38,6 +40,15 @@ extension BlockFile {
                 try chunk.withUnsafeBytes { b in try write(UnsafeRawBufferPointer(rebasing: b[0..<n]), at: offset + done) }
             }
             done += UInt64(n)
+        }
+    }
+
+    public func allocate(at offset: UInt64, length: UInt64) throws(ImageError) {
+        // Without fallocate: zeros past the current end only (inside the file there is data already).
+        let size = try size()
+        if offset + length > size {
+            let from = max(offset, size)
+            try writeZeros(at: from, count: offset + length - from)
         }
     }
 
@@ -98,6 +109,17 @@ public final class PosixBlockFile: BlockFile {
             return
         }
         do { try file.copy(from: posix.file, at: sourceOffset, to: offset, length: length, scratch: scratch) } catch { throw .io(error) }
+    }
+
+    public func allocate(at offset: UInt64, length: UInt64) throws(ImageError) {
+        do {
+            if try file.allocate(at: offset, length: length) { return }
+        } catch { throw .io(error) }
+        let size = try size()
+        if offset + length > size {
+            let from = max(offset, size)
+            try writeZeros(at: from, count: offset + length - from)
+        }
     }
 }
 
@@ -189,6 +211,10 @@ public final class CrashingBlockFile: BlockFile {
         try base.truncate(to: length)
     }
     public func size() throws(ImageError) -> UInt64 { try base.size() }
+    public func allocate(at offset: UInt64, length: UInt64) throws(ImageError) {
+        try step()
+        try base.allocate(at: offset, length: length)
+    }
     public func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
         try step()
         try base.copy(from: source, at: sourceOffset, to: offset, length: length, scratch: scratch)

@@ -278,7 +278,7 @@ public enum Checker {
             return Report(path: path)
         }
         return try check(file, options: options) { (from, to) throws(ImageError) -> [Range<UInt64>] in
-            do { return try file.file.dataRanges(from: from, to: to) } catch let e as SystemError { throw .io(e) } catch {
+            do { return try file.file.allocatedRanges(from: from, to: to) } catch let e as SystemError { throw .io(e) } catch {
                 preconditionFailure()
             }
         }

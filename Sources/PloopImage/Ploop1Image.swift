@@ -11,6 +11,8 @@ public final class Ploop1Image: Sendable {
     public let file: any BlockFile
     public let writable: Bool
     private let state: Mutex<State>
+    /// Serialises flushes, so a flush returns only after every entry committed before it is on disk.
+    private let flushLock = Mutex(())
 
     struct State {
         var header: ImageHeader
@@ -145,7 +147,7 @@ public final class Ploop1Image: Sendable {
         precondition(data.count == clusterBytes, "whole-cluster writes only")
         let target = try blockForWrite(cluster)
         try file.write(data, at: blockOffset(target.block))
-        if target.isNew { commit(cluster, target.block) }
+        if target.isNew { commit(cluster, target.block) } else { state.withLock { $0.dataWritten = true } }
     }
 
     /// Copies a whole cluster from another file straight into this image (kernel-side where the
@@ -153,7 +155,7 @@ public final class Ploop1Image: Sendable {
     public func copy(cluster: ClusterIndex, from source: any BlockFile, at offset: UInt64, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
         let target = try blockForWrite(cluster)
         try file.copy(from: source, at: offset, to: blockOffset(target.block), length: clusterBytes, scratch: scratch)
-        if target.isNew { commit(cluster, target.block) }
+        if target.isNew { commit(cluster, target.block) } else { state.withLock { $0.dataWritten = true } }
     }
 
     private func blockForWrite(_ cluster: ClusterIndex) throws(ImageError) -> (block: ImageBlock, isNew: Bool) {
@@ -172,28 +174,82 @@ public final class Ploop1Image: Sendable {
     }
 
     private func commit(_ cluster: ClusterIndex, _ block: ImageBlock) {
-        state.withLock { s in
-            s.bat[Int(cluster.value)] = s.header.layout.encode(block)
-            s.pendingEntries.insert(Int(cluster.value))
-        }
+        commit(cluster: cluster, block: block)
     }
 
     /// Makes every write durable: sync data, write the pending BAT entries, sync again.
     public func flush() throws(ImageError) {
         guard writable else { return }
-        let pending = state.withLock { s -> [(Int, [UInt8])] in
-            guard !s.pendingEntries.isEmpty else { return [] }
-            let runs = Self.entryRuns(s.pendingEntries.sorted(), bat: s.bat)
-            s.pendingEntries.removeAll()
-            return runs
+        try flushLock.withLock { _ throws(ImageError) in
+            let (pending, dirty) = state.withLock { s -> ([(Int, [UInt8])], Bool) in
+                let dirty = s.dataWritten
+                s.dataWritten = false
+                guard !s.pendingEntries.isEmpty else { return ([], dirty) }
+                let runs = Self.entryRuns(s.pendingEntries.sorted(), bat: s.bat)
+                s.pendingEntries.removeAll()
+                return (runs, dirty)
+            }
+            guard dirty || !pending.isEmpty else { return }
+            try file.sync()
+            guard !pending.isEmpty else { return }
+            for (first, bytes) in pending {
+                try file.writeBytes(bytes, at: UInt64(PloopSpec.headerSize) + 4 * UInt64(first))
+            }
+            try file.sync()
         }
-        guard !pending.isEmpty else { return }
-        try file.sync()
-        for (first, bytes) in pending {
-            try file.writeBytes(bytes, at: UInt64(PloopSpec.headerSize) + 4 * UInt64(first))
-        }
-        try file.sync()
     }
+
+    // MARK: - Primitives for the device model (partial writes, chosen blocks)
+
+    /// Takes the next block at the allocation head for `cluster`'s new data. The caller writes the
+    /// data, then `commit`s; until then nothing points at the block.
+    public func reserveBlock() throws(ImageError) -> ImageBlock {
+        guard writable else { throw .readOnly(path) }
+        let r: Result<ImageBlock, ImageError> = state.withLock { s in
+            let b = ImageBlock(s.allocHead)
+            guard s.header.layout.canEncode(b) else { return .failure(.fileTooLarge(path, block: b.value)) }
+            s.allocHead += 1
+            return .success(b)
+        }
+        return try r.get()
+    }
+
+    /// Writes bytes inside a block (data path; no BAT change).
+    public func write(block: ImageBlock, offset: Int, data: UnsafeRawBufferPointer) throws(ImageError) {
+        try file.write(data, at: blockOffset(block) + UInt64(offset))
+        state.withLock { $0.dataWritten = true }
+    }
+
+    /// Reads bytes inside a block; past the end of the file reads zeros.
+    public func read(block: ImageBlock, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(ImageError) {
+        let n = try file.read(into: buffer, at: blockOffset(block) + UInt64(offset))
+        if n < buffer.count { buffer[n...].initializeMemory(as: UInt8.self, repeating: 0) }
+    }
+
+    /// Gives a reserved block real space that reads as zeros (`fallocate`), so a partial write
+    /// into a new cluster need not write the whole cluster.
+    public func preallocate(block: ImageBlock) throws(ImageError) {
+        try file.allocate(at: blockOffset(block), length: UInt64(clusterBytes))
+    }
+
+    /// Points `cluster` at `block` in memory; the entry reaches the file at the next `flush()`.
+    public func commit(cluster: ClusterIndex, block: ImageBlock) {
+        state.withLock { s in
+            s.bat[Int(cluster.value)] = s.header.layout.encode(block)
+            s.pendingEntries.insert(Int(cluster.value))
+            s.dataWritten = true
+        }
+    }
+
+    /// Truncates the file to `blocks` clusters and moves the allocation head there.
+    public func truncate(toBlocks blocks: UInt32) throws(ImageError) {
+        try file.truncate(to: UInt64(blocks) * UInt64(clusterBytes))
+        try file.sync()
+        state.withLock { $0.allocHead = blocks }
+    }
+
+    /// First block after the header/BAT area.
+    public var firstDataBlock: UInt32 { state.withLock { $0.header.firstBlockOffset / $0.header.clusterSectors } }
 
     /// Groups entries into runs no longer than one 4 KiB page, so each write stays within one
     /// page and each 4-byte entry within one sector (never torn).

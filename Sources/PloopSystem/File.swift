@@ -97,6 +97,46 @@ public final class File: Sendable {
         try negErrno("fallocate") { cploop_fallocate(fd, 0x02 | 0x01, Int64(offset), Int64(length)) }
     }
 
+    /// `fallocate(2)` mode 0: real space that reads as zeros. Returns false where the file system
+    /// cannot (EOPNOTSUPP), so the caller can write zeros instead.
+    public func allocate(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
+        while true {
+            let r = cploop_fallocate(fd, 0, Int64(offset), Int64(length))
+            if r == 0 { return true }
+            if r == -EINTR { continue }
+            if r == -EOPNOTSUPP || r == -ENOSYS { return false }
+            throw SystemError("fallocate", path: path, errno: -r)
+        }
+    }
+
+    /// `fallocate(2)` with `FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE`.
+    public func zeroRange(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
+        while true {
+            let r = cploop_fallocate(fd, 0x10 | 0x01, Int64(offset), Int64(length))
+            if r == 0 { return true }
+            if r == -EINTR { continue }
+            if r == -EOPNOTSUPP || r == -ENOSYS { return false }
+            throw SystemError("fallocate", path: path, errno: -r)
+        }
+    }
+
+    /// The file's extents from FIEMAP: (logical offset, length, unwritten) in byte order.
+    public func extents() throws(SystemError) -> [(offset: UInt64, length: UInt64, unwritten: Bool)] {
+        var out: [(UInt64, UInt64, Bool)] = []
+        var start: UInt64 = 0
+        let batch = 256
+        var buf = [cploop_extent](repeating: cploop_extent(), count: batch)
+        while true {
+            var last: Int32 = 0
+            let n = cploop_fiemap(fd, start, UInt64.max - start, &buf, UInt32(batch), &last)
+            if n < 0 { throw SystemError("FIEMAP", path: path, errno: -n) }
+            for i in 0..<Int(n) { out.append((buf[i].logical, buf[i].length, buf[i].flags & 0x800 != 0)) }
+            if n == 0 || last != 0 { break }
+            start = buf[Int(n) - 1].logical + buf[Int(n) - 1].length
+        }
+        return out
+    }
+
     /// `copy_file_range(2)` of exactly `length` bytes (the kernel may copy without a user buffer).
     /// Falls back to read/write when the file systems refuse.
     public func copy(from source: File, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(SystemError) {
@@ -121,6 +161,24 @@ public final class File: Sendable {
             outOff += Int64(chunk.count)
             left -= chunk.count
         }
+    }
+
+    /// The ranges of [start, end) that have space on disk (written or preallocated), from FIEMAP;
+    /// where the file system has no FIEMAP, the data ranges from SEEK_DATA/SEEK_HOLE.
+    public func allocatedRanges(from start: UInt64, to end: UInt64) throws(SystemError) -> [Range<UInt64>] {
+        guard let all = try? extents() else { return try dataRanges(from: start, to: end) }
+        var ranges: [Range<UInt64>] = []
+        for e in all {
+            let lo = max(e.offset, start)
+            let hi = min(e.offset + e.length, end)
+            guard lo < hi else { continue }
+            if let last = ranges.last, last.upperBound == lo {
+                ranges[ranges.count - 1] = last.lowerBound..<hi
+            } else {
+                ranges.append(lo..<hi)
+            }
+        }
+        return ranges
     }
 
     /// The data ranges of the file in [start, end), found with `lseek(SEEK_DATA/SEEK_HOLE)`.

@@ -16,4 +16,15 @@ int64_t cploop_seek_data_hole(int fd, int64_t offset, int hole);
 /// stat(2); returns 0 or -errno.
 int cploop_stat(const char *path, struct stat *st);
 
+/// One extent of a FIEMAP answer.
+struct cploop_extent {
+    uint64_t logical;
+    uint64_t physical;
+    uint64_t length;
+    uint32_t flags;
+};
+/// FIEMAP of [start, start+length): fills up to `max` extents (FIEMAP_FLAG_SYNC), sets *last when
+/// the final extent of the file was returned. Returns the count or -errno.
+int cploop_fiemap(int fd, uint64_t start, uint64_t length, struct cploop_extent *out, uint32_t max, int32_t *last);
+
 #endif

@@ -1,0 +1,165 @@
+import PloopFormat
+import PloopImage
+
+extension DeviceModel {
+    func topPloop1() throws(DeviceError) -> (Ploop1Image, Int) {
+        try stack.read { s throws(DeviceError) in
+            guard case .ploop1(let i) = s.top.image, !s.top.readOnly else {
+                throw .notSupported("balloon operations need a writable ploop1 top delta")
+            }
+            return (i, s.levels.count - 1)
+        }
+    }
+
+    /// PLOOP_IOC_BALLOON.
+    public func balloon(inflate: Bool, keepIntact: Bool) throws(DeviceError) -> BalloonReply {
+        if inflate && !keepIntact { _ = try topPloop1() }
+        let (level, head) = stack.read { s -> (Int, UInt32) in
+            if case .ploop1(let i) = s.top.image { return (s.levels.count - 1, i.allocHead) }
+            return (s.levels.count - 1, 0)
+        }
+        return try control.withLock { c throws(DeviceError) -> BalloonReply in
+            let state = try c.machine.balloon(inflate: inflate, keepIntact: keepIntact)
+            let frozen = (state == .fbloaded || state == .reloc) ? c.frozenAllocHead : nil
+            return BalloonReply(state: state, allocHead: frozen ?? head, level: level)
+        }
+    }
+
+    /// PLOOP_IOC_FREEBLKS: loads blocks of the top delta that hold only balloon data; new clusters
+    /// take them before appending. Returns the allocation head, frozen for RELOCBLKS.
+    public func loadFreeBlocks(level: Int, extents: [FreeExtent]) throws(DeviceError) -> UInt32 {
+        let (top, topLevel) = try topPloop1()
+        guard level == topLevel else { throw .invalid("free blocks must belong to the top delta (level \(topLevel)), not \(level)") }
+        var pairs: [(cluster: UInt32, block: UInt32)] = []
+        for e in extents {
+            for i in 0..<e.length {
+                guard top.block(of: ClusterIndex(UInt64(e.cluster + i))) == ImageBlock(e.block + i), e.block + i >= top.firstDataBlock else {
+                    throw .invalid("free extent \(e.cluster)+\(e.length) → block \(e.block) does not match the top delta's BAT")
+                }
+                pairs.append((e.cluster + i, e.block + i))
+            }
+        }
+        return try control.withLock { c throws(DeviceError) -> UInt32 in
+            try c.machine.loadFreeBlocks()
+            c.freeList = pairs.sorted { $0.block < $1.block }
+            c.frozenAllocHead = top.allocHead
+            return top.allocHead
+        }
+    }
+
+    /// PLOOP_IOC_FBGET: the loaded free blocks, as extents contiguous in cluster and block.
+    public func freeBlockList() -> [FreeExtent] {
+        Self.coalesce(control.withLock { $0.freeList })
+    }
+
+    static func coalesce(_ pairs: [(cluster: UInt32, block: UInt32)]) -> [FreeExtent] {
+        var out: [FreeExtent] = []
+        for p in pairs.sorted(by: { $0.block < $1.block }) {
+            if var last = out.last, last.block + last.length == p.block, last.cluster + last.length == p.cluster {
+                last.length += 1
+                out[out.count - 1] = last
+            } else {
+                out.append(FreeExtent(cluster: p.cluster, block: p.block, length: 1))
+            }
+        }
+        return out
+    }
+
+    /// PLOOP_IOC_FBFILTER: drops free extents shorter than `minLength` blocks.
+    public func filterFreeBlocks(minLength: UInt32) throws(DeviceError) {
+        try control.withLock { c throws(DeviceError) in
+            guard c.machine.state == .fbloaded || c.machine.state == .discard else {
+                throw .invalid("no free blocks are loaded (state \(c.machine.state))")
+            }
+            let keep = Self.coalesce(c.freeList).filter { $0.length >= minLength }
+            c.freeList = keep.flatMap { e in (0..<e.length).map { (e.cluster + $0, e.block + $0) } }
+        }
+    }
+
+    /// PLOOP_IOC_FBDROP.
+    public func dropFreeBlocks() throws(DeviceError) {
+        try control.withLock { c throws(DeviceError) in
+            try c.machine.dropFreeBlocks()
+            c.freeList = []
+            c.frozenAllocHead = nil
+        }
+    }
+
+    /// PLOOP_IOC_RELOCBLKS: moves the listed tail blocks of the top delta into loaded free blocks
+    /// (copy, sync, repoint, sync), then truncates the image after its last used block. Returns the
+    /// number of clusters cut. Interrupted, the state stays RELOC and the same call finishes it.
+    public func relocateBlocks(level: Int, allocHead: UInt32, extents: [RelocExtent]) throws(DeviceError) -> UInt32 {
+        let (top, topLevel) = try topPloop1()
+        guard level == topLevel else { throw .invalid("relocation must target the top delta (level \(topLevel)), not \(level)") }
+        let frees = try control.withLock { c throws(DeviceError) -> [(cluster: UInt32, block: UInt32)] in
+            guard c.machine.state == .fbloaded || c.machine.state == .reloc else {
+                throw .invalid("relocation needs loaded free blocks (state FBLOADED or RELOC), state is \(c.machine.state)")
+            }
+            guard c.frozenAllocHead == allocHead else {
+                throw .invalid("allocation head \(allocHead) does not match the frozen one \(c.frozenAllocHead.map(String.init) ?? "none")")
+            }
+            try c.machine.startRelocation()
+            return c.freeList
+        }
+        var moves: [(cluster: UInt32, block: UInt32)] = []
+        for e in extents where !e.free {
+            for i in 0..<e.length { moves.append((e.cluster + i, e.block + i)) }
+        }
+        let cut = try stack.write { _ throws(DeviceError) -> UInt32 in
+            try relocate(top, moves: moves.sorted { $0.block > $1.block }, frees: frees)
+        }
+        control.withLock { c in
+            c.machine.finishRelocation()
+            c.freeList = []
+            c.frozenAllocHead = nil
+        }
+        return cut
+    }
+
+    /// The relocation itself, with I/O paused (the caller holds the stack lock exclusively).
+    func relocate(_ top: Ploop1Image, moves: [(cluster: UInt32, block: UInt32)], frees: [(cluster: UInt32, block: UInt32)]) throws(DeviceError) -> UInt32 {
+        let oldHead = top.allocHead
+        var free = frees.filter { top.block(of: ClusterIndex(UInt64($0.cluster))) == ImageBlock($0.block) }.sorted { $0.block < $1.block }
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterBytes, alignment: 4096)
+        defer { scratch.deallocate() }
+        try lifting { () throws(ImageError) in
+            try top.flush()
+            for m in moves {
+                guard let f = free.first, f.block < m.block else { break }
+                // Only move what the BAT still says lives there.
+                guard top.block(of: ClusterIndex(UInt64(m.cluster))) == ImageBlock(m.block) else { continue }
+                free.removeFirst()
+                // The balloon's entry lets go of the free block first, then the data moves, then
+                // the cluster is repointed: at no moment do two entries share a block.
+                try top.setEntry(ClusterIndex(UInt64(f.cluster)), to: nil)
+                try top.file.sync()
+                try top.file.copy(from: top.file, at: top.blockOffset(ImageBlock(m.block)), to: top.blockOffset(ImageBlock(f.block)), length: clusterBytes, scratch: scratch)
+                try top.file.sync()
+                try top.setEntry(ClusterIndex(UInt64(m.cluster)), to: ImageBlock(f.block))
+                try top.file.sync()
+            }
+            // Free blocks left past the last block holding real data are let go, then cut off.
+            let balloon = Set(free.map(\.cluster))
+            var end = top.firstDataBlock
+            for (c, b) in top.allocatedClusters() where !balloon.contains(UInt32(c.value)) { end = max(end, b.value + 1) }
+            for f in free where f.block >= end { try top.setEntry(ClusterIndex(UInt64(f.cluster)), to: nil) }
+            try top.file.sync()
+            if end < oldHead { try top.truncate(toBlocks: end) }
+        }
+        let newHead = top.allocHead
+        return oldHead > newHead ? oldHead - newHead : 0
+    }
+
+    /// PLOOP_IOC_TRUNCATE (legacy): cuts the top image at `allocHead` blocks; refused if any block
+    /// there is still in use.
+    public func truncate(level: Int, allocHead: UInt32) throws(DeviceError) {
+        let (top, topLevel) = try topPloop1()
+        guard level == topLevel else { throw .invalid("truncate targets the top delta (level \(topLevel))") }
+        try stack.write { _ throws(DeviceError) in
+            for (c, b) in top.allocatedClusters() where b.value >= allocHead {
+                throw .invalid("block \(b.value) of \(c) lies past \(allocHead)")
+            }
+            try lifting { () throws(ImageError) in try top.truncate(toBlocks: max(allocHead, top.firstDataBlock)) }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+import PloopFormat
+import PloopImage
+
+extension DeviceModel {
+    /// Runs an exclusive maintenance operation in its state, back to OFF afterwards (also on error).
+    func maintenance<T>(_ op: MaintenanceState, _ body: () throws(DeviceError) -> T) throws(DeviceError) -> T {
+        try control.withLock { c throws(DeviceError) in try c.machine.begin(op) }
+        defer { control.withLock { $0.machine.end(op) } }
+        return try body()
+    }
+
+    // MARK: - Snapshot
+
+    /// PLOOP_IOC_SNAPSHOT: a new empty ploop1 delta becomes the writable top; the old top is
+    /// flushed, marked clean and kept read-only. Atomic with respect to I/O: every write
+    /// acknowledged before this call is in the old top, every later one in the new.
+    public func snapshot(newDelta path: String) throws(DeviceError) {
+        try maintenance(.snapshot) { () throws(DeviceError) in
+            let (size, version) = stack.read { s -> (UInt64, FormatVersion) in
+                if case .ploop1(let i) = s.top.image { return (s.sizeBytes, i.header.version) }
+                return (s.sizeBytes, .v2)
+            }
+            let header: ImageHeader
+            switch Result(catching: { () throws(FormatError) in
+                try ImageHeader.new(sizeSectors: size / PloopSpec.sectorSize, clusterSectors: UInt32(clusterBytes / 512), version: version)
+            }) {
+            case .success(let h): header = h
+            case .failure(let e): throw .image(.format(path, e))
+            }
+            let file = try lifting { () throws(ImageError) in try opener.create(path) }
+            do throws(DeviceError) {
+                try lifting { () throws(ImageError) in try Ploop1Image.create(on: file, header: header) }
+                try stack.write { s throws(DeviceError) in
+                    guard s.running, !s.top.readOnly else { throw .readOnly("device") }
+                    let old = s.top
+                    let newTop = try lifting { () throws(ImageError) in
+                        try Ploop1Image(file: TrackingBlockFile(file, watch: watch), writable: true)
+                    }
+                    do throws(DeviceError) {
+                        try lifting { () throws(ImageError) in
+                            switch old.image {
+                            case .ploop1(let i):
+                                try i.close()
+                                s.levels[s.levels.count - 1].image = .ploop1(try Ploop1Image(file: i.file, writable: false))
+                            case .raw(let r):
+                                try r.file.sync()
+                            }
+                        }
+                    } catch {
+                        // The old top stays the top; the new file is dropped below.
+                        try? lifting { () throws(ImageError) in try newTop.close() }
+                        throw error
+                    }
+                    s.levels[s.levels.count - 1].readOnly = true
+                    s.levels.append(Level(path: path, image: .ploop1(newTop), readOnly: false))
+                }
+            } catch {
+                opener.remove(path)
+                throw error
+            }
+        }
+    }
+
+    // MARK: - Merge
+
+    /// Online merge of levels `l1...l2` into `l1` while I/O continues: for every cluster the copy in
+    /// the highest of `l1+1...l2` is copied into `l1`; then those levels leave the stack and the ones
+    /// above renumber. When `l2` is the top, `l1` becomes the writable top at the end; until then
+    /// writes keep going to the old top and clusters they touch are copied again, so a crash at
+    /// any moment leaves the old stack intact. Returns the files that left the stack.
+    @discardableResult
+    public func merge(levels range: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)? = nil) throws(DeviceError) -> [String] {
+        try maintenance(.merge) { () throws(DeviceError) in
+            let top = stack.read { $0.levels.count - 1 }
+            guard range.lowerBound >= 0, range.upperBound <= top, range.lowerBound < range.upperBound else {
+                throw .invalid("levels \(range.lowerBound)..\(range.upperBound) do not fit the stack 0..\(top): give L1..L2 with L1 < L2 <= \(top)")
+            }
+            defer { control.withLock { $0.mergeProgress = nil } }
+            var removed: [String] = []
+            if range.upperBound < top {
+                removed += try mergeLower(range, progress: progress)
+            } else {
+                if range.upperBound - range.lowerBound > 1 {
+                    removed += try mergeLower(range.lowerBound...range.upperBound - 1, progress: progress)
+                }
+                removed += try mergeTop(into: range.lowerBound, progress: progress)
+            }
+            return removed
+        }
+    }
+
+    /// Opens level `l` for writing and makes the stack use that instance (so reads and the copier
+    /// see one BAT), growing it to the device size if it is smaller.
+    func openForMerge(_ l: Int, tracked: Bool) throws(DeviceError) -> DeltaImage {
+        try stack.write { s throws(DeviceError) -> DeltaImage in
+            let level = s.levels[l]
+            let raw = try lifting { () throws(ImageError) in try opener.open(level.path, writable: true) }
+            let file: any BlockFile = tracked ? TrackingBlockFile(raw, watch: watch) : raw
+            let needed = s.levels[(l + 1)...].map { lv -> UInt64 in
+                if case .ploop1(let i) = lv.image { return i.virtualBytes }
+                return lv.rawBytes
+            }.max() ?? 0
+            switch level.image {
+            case .ploop1:
+                let image = try lifting { () throws(ImageError) in try Ploop1Image(file: file, writable: true) }
+                if image.virtualBytes < needed {
+                    try lifting { () throws(ImageError) in try image.grow(toSectors: needed / PloopSpec.sectorSize) }
+                }
+                s.levels[l].image = .ploop1(image)
+                return .ploop1(image)
+            case .raw:
+                let r = RawImage(file: file, clusterBytes: clusterBytes)
+                if level.rawBytes < needed {
+                    try lifting { () throws(ImageError) in
+                        try file.truncate(to: needed)
+                        try file.sync()
+                    }
+                    s.levels[l].rawBytes = needed
+                }
+                s.levels[l].image = .raw(r)
+                return .raw(r)
+            }
+        }
+    }
+
+    /// Copies cluster `c` from `source` (whole cluster) into `dest`.
+    func copyCluster(_ c: UInt64, from source: Ploop1Image, _ block: ImageBlock, into dest: DeltaImage, scratch: UnsafeMutableRawBufferPointer) throws(DeviceError) {
+        try lifting { () throws(ImageError) in
+            switch dest {
+            case .ploop1(let d):
+                try d.copy(cluster: ClusterIndex(c), from: source.file, at: source.blockOffset(block), scratch: scratch)
+            case .raw(let r):
+                try r.file.copy(from: source.file, at: source.blockOffset(block), to: c * UInt64(clusterBytes), length: clusterBytes, scratch: scratch)
+            }
+        }
+    }
+
+    func flushDelta(_ d: DeltaImage) throws(DeviceError) {
+        try lifting { () throws(ImageError) in
+            switch d {
+            case .ploop1(let i): try i.flush()
+            case .raw(let r): try r.file.sync()
+            }
+        }
+    }
+
+    /// Merges read-only levels l1+1...l2 (all below the top) into l1.
+    func mergeLower(_ range: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] {
+        let l1 = range.lowerBound
+        let dest = try openForMerge(l1, tracked: false)
+        // The winner of each cluster: the highest source level that has it.
+        let sources: [Ploop1Image] = try stack.read { s throws(DeviceError) in
+            try s.levels[(l1 + 1)...range.upperBound].reversed().map { lv throws(DeviceError) in
+                guard case .ploop1(let i) = lv.image else { throw .invalid("only the base may be raw") }
+                return i
+            }
+        }
+        var winners: [UInt64: (Ploop1Image, ImageBlock)] = [:]
+        for src in sources {
+            for (c, b) in src.allocatedClusters() where winners[c.value] == nil { winners[c.value] = (src, b) }
+        }
+        let order = winners.keys.sorted()
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterBytes, alignment: 4096)
+        defer { scratch.deallocate() }
+        for (i, c) in order.enumerated() {
+            let (src, b) = winners[c]!
+            try stack.read { _ throws(DeviceError) in
+                try locks.with(c) { () throws(DeviceError) in try copyCluster(c, from: src, b, into: dest, scratch: scratch) }
+            }
+            if i % 256 == 255 { try flushDelta(dest) }
+            reportProgress(i + 1, order.count, progress)
+        }
+        return try stack.write { s throws(DeviceError) -> [String] in
+            try flushDelta(dest)
+            if case .ploop1(let d) = dest {
+                try lifting { () throws(ImageError) in
+                    try d.close()
+                    s.levels[l1].image = .ploop1(try Ploop1Image(file: d.file, writable: false))
+                }
+            }
+            let removed = s.levels[(l1 + 1)...range.upperBound].map(\.path)
+            s.levels.removeSubrange((l1 + 1)...range.upperBound)
+            return removed
+        }
+    }
+
+    /// Merges the top into level l1 (= top − 1), which becomes the top.
+    func mergeTop(into l1: Int, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] {
+        let dest = try openForMerge(l1, tracked: true)
+        guard case .ploop1(let top) = stack.read({ $0.top.image }) else { throw .invalid("the top of a stack is never raw here") }
+        mergeDirty.withLock { $0 = [] }
+        defer { mergeDirty.withLock { $0 = nil } }
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterBytes, alignment: 4096)
+        defer { scratch.deallocate() }
+        func copy(_ c: UInt64) throws(DeviceError) {
+            _ = mergeDirty.withLock { $0?.remove(c) }
+            if let b = top.block(of: ClusterIndex(c)) { try copyCluster(c, from: top, b, into: dest, scratch: scratch) }
+        }
+        var pending = top.allocatedClusters().map(\.0.value)
+        var done = 0
+        var total = pending.count
+        // Passes over what the top holds, then over what writers changed meanwhile, until that is
+        // small; the rest is copied with I/O paused, and the stack switches.
+        for pass in 0..<8 {
+            for c in pending {
+                try stack.read { _ throws(DeviceError) in try locks.with(c) { () throws(DeviceError) in try copy(c) } }
+                done += 1
+                if done % 256 == 0 { try flushDelta(dest) }
+                reportProgress(done, total, progress)
+            }
+            pending = mergeDirty.withLock { d in d.map { Array($0).sorted() } ?? [] }
+            if pending.count <= 64 || pass == 7 { break }
+            total += pending.count
+        }
+        return try stack.write { s throws(DeviceError) -> [String] in
+            for c in (mergeDirty.withLock { $0 } ?? []).sorted() { try copy(c) }
+            try flushDelta(dest)
+            try lifting { () throws(ImageError) in try top.close() }
+            let old = s.levels.removeLast()
+            s.levels[l1].readOnly = false
+            reportProgress(total, total, progress)
+            return [old.path]
+        }
+    }
+
+    func reportProgress(_ done: Int, _ total: Int, _ progress: (@Sendable (Int, Int) -> Void)?) {
+        control.withLock { $0.mergeProgress = MergeProgress(done: done, total: total) }
+        progress?(done, total)
+    }
+
+    // MARK: - Grow
+
+    /// PLOOP_IOC_GROW: grows the top delta (moving data clusters out of the BAT's way) and the
+    /// device. I/O waits while the header switches; it is never refused.
+    public func grow(toSectors sectors: UInt64) throws(DeviceError) {
+        try maintenance(.grow) { () throws(DeviceError) in
+            try stack.write { s throws(DeviceError) in
+                let bytes = sectors * PloopSpec.sectorSize
+                guard bytes >= s.sizeBytes else {
+                    throw .invalid("cannot shrink the device from \(s.sizeBytes / 512) to \(sectors) sectors: inflate a balloon instead ('ploop balloon change')")
+                }
+                guard bytes > s.sizeBytes else { return }
+                guard !s.top.readOnly else { throw .readOnly("device") }
+                switch s.top.image {
+                case .ploop1(let i):
+                    try lifting { () throws(ImageError) in try i.grow(toSectors: sectors) }
+                    s.sizeBytes = i.virtualBytes
+                case .raw(let r):
+                    let rounded = (bytes + UInt64(clusterBytes) - 1) / UInt64(clusterBytes) * UInt64(clusterBytes)
+                    try lifting { () throws(ImageError) in
+                        try r.file.truncate(to: rounded)
+                        try r.file.sync()
+                    }
+                    s.levels[s.levels.count - 1].rawBytes = rounded
+                    s.sizeBytes = rounded
+                }
+            }
+        }
+    }
+
+    // MARK: - Sync
+
+    public func sync() throws(DeviceError) { try flush() }
+}

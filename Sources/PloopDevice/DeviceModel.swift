@@ -1,0 +1,336 @@
+import PloopFormat
+import PloopImage
+import Synchronization
+
+/// One delta of a running stack.
+public enum DeltaImage: Sendable {
+    case ploop1(Ploop1Image)
+    case raw(RawImage)
+
+    var file: any BlockFile {
+        switch self {
+        case .ploop1(let i): i.file
+        case .raw(let r): r.file
+        }
+    }
+
+    var format: ImageFormat {
+        switch self {
+        case .ploop1: .ploop1
+        case .raw: .raw
+        }
+    }
+}
+
+struct Level: Sendable {
+    var path: String
+    var image: DeltaImage
+    var readOnly: Bool
+    /// For a raw delta: the bytes it holds (clusters past it read from below, i.e. zeros).
+    var rawBytes: UInt64 = 0
+}
+
+struct Stack: Sendable {
+    var levels: [Level]
+    var sizeBytes: UInt64
+    var running = true
+    var top: Level { levels[levels.count - 1] }
+}
+
+/// The model of the kernel ploop device: a delta stack, lookups top-down, copy-up on partial writes
+/// to clusters the top lacks, data before index, and the maintenance operations (snapshot, online
+/// merge, online grow, balloon free blocks and relocation, dirty tracking) with the kernel's state
+/// machine. The simulator serves it over FUSE; `InProcessBackend` calls it directly.
+///
+/// Locking: I/O holds the stack lock shared and one cluster lock at a time; nothing global is
+/// held across file I/O on the data path. Stack changes take the stack lock exclusively.
+public final class DeviceModel: Sendable {
+    public let clusterBytes: Int
+    let opener: any ImageOpener
+    let stack: StackLock<Stack>
+    let locks = ClusterLocks()
+    let watch = WriteWatch()
+    let control = Mutex(Control())
+    /// Clusters written to the top while a merge of the top runs (they are copied again).
+    let mergeDirty = Mutex<Set<UInt64>?>(nil)
+
+    struct Control {
+        var machine = MaintenanceMachine()
+        var freeList: [(cluster: UInt32, block: UInt32)] = []
+        var frozenAllocHead: UInt32?
+        var mergeProgress: MergeProgress?
+    }
+
+    // MARK: - Start and stop
+
+    /// Opens the images (base first) and starts the device. Every header is validated before the
+    /// top is opened for writing, so a refused start leaves every file as it was.
+    public init(_ request: MountRequest, opener: any ImageOpener = PosixOpener()) throws(DeviceError) {
+        guard !request.images.isEmpty else { throw .invalid("no images to mount") }
+        self.opener = opener
+        var cluster: Int?
+        var probes: [(String, any BlockFile, ImageFormat)] = []
+        for (i, path) in request.images.enumerated() {
+            let file = try lifting { () throws(ImageError) in try opener.open(path, writable: false) }
+            let detected = try lifting { () throws(ImageError) in try ImagePath.detectFormat(file) }
+            if i == 0 && request.baseFormat == .raw {
+                if detected == .ploop1 { throw .image(.looksLikePloop1(path)) }
+                probes.append((path, file, .raw))
+                continue
+            }
+            guard detected == .ploop1 else { throw .image(.notPloop1(path)) }
+            let image = try lifting { () throws(ImageError) in try Ploop1Image(file: file, writable: false) }
+            if image.header.inUse { throw .image(.inUse(path)) }
+            if let c = cluster, c != image.clusterBytes {
+                throw .image(.clusterSizeMismatch(path, clusterBytes: image.clusterBytes, expected: c))
+            }
+            cluster = image.clusterBytes
+            probes.append((path, file, .ploop1))
+        }
+        let cb = cluster ?? Int(PloopSpec.defaultClusterSectors) * 512
+        self.clusterBytes = cb
+        var levels: [Level] = []
+        let topIndex = probes.count - 1
+        for (i, (path, file, format)) in probes.enumerated() {
+            let writable = i == topIndex && !request.readOnly
+            let f: any BlockFile =
+                writable
+                ? TrackingBlockFile(try lifting { () throws(ImageError) in try opener.open(path, writable: true) }, watch: watch)
+                : file
+            switch format {
+            case .raw:
+                let bytes = try lifting { () throws(ImageError) in try RawImage(file: f, clusterBytes: cb).virtualBytes() }
+                levels.append(Level(path: path, image: .raw(RawImage(file: f, clusterBytes: cb)), readOnly: !writable, rawBytes: bytes))
+            case .ploop1:
+                let image = try lifting { () throws(ImageError) in try Ploop1Image(file: f, writable: writable) }
+                levels.append(Level(path: path, image: .ploop1(image), readOnly: !writable))
+            }
+        }
+        let size: UInt64 =
+            switch levels[topIndex].image {
+            case .ploop1(let i): i.virtualBytes
+            case .raw: levels[topIndex].rawBytes
+            }
+        stack = StackLock(Stack(levels: levels, sizeBytes: size))
+    }
+
+    /// Flushes and clears the in-use mark of the top: the images are clean when this returns.
+    /// Refused while a maintenance operation is in progress.
+    public func stop() throws(DeviceError) {
+        try control.withLock { c throws(DeviceError) in
+            guard c.machine.state == .off else { throw .busy(c.machine.state) }
+        }
+        try stack.write { s throws(DeviceError) in
+            guard s.running else { return }
+            let top = s.top
+            if !top.readOnly {
+                switch top.image {
+                case .ploop1(let i): try lifting { () throws(ImageError) in try i.close() }
+                case .raw(let r): try lifting { () throws(ImageError) in try r.file.sync() }
+                }
+            }
+            s.running = false
+        }
+    }
+
+    public var sizeBytes: UInt64 { stack.read { $0.sizeBytes } }
+    public var state: MaintenanceState { control.withLock { $0.machine.state } }
+
+    public func info(device: String, backend: String) -> DeviceInfo {
+        let (levels, size, running) = stack.read { s in
+            (s.levels.enumerated().map { LevelInfo(level: $0.offset, path: $0.element.path, format: $0.element.image.format, readOnly: $0.element.readOnly) },
+             s.sizeBytes, s.running)
+        }
+        let (state, progress) = control.withLock { ($0.machine.state, $0.mergeProgress) }
+        return DeviceInfo(
+            device: device, backend: backend, sizeBytes: size, clusterBytes: clusterBytes, state: state,
+            running: running, levels: levels, mergeProgress: progress)
+    }
+
+    /// The image paths, base first.
+    public var imagePaths: [String] { stack.read { $0.levels.map(\.path) } }
+
+    // MARK: - Data path
+
+    /// Calls `body` for each piece of [offset, offset+length) that falls in one cluster.
+    @inline(__always)
+    func pieces(_ offset: UInt64, _ length: Int, _ body: (UInt64, Int, Int, Int) throws(DeviceError) -> Void) throws(DeviceError) {
+        let cb = UInt64(clusterBytes)
+        var done = 0
+        while done < length {
+            let pos = offset + UInt64(done)
+            let cluster = pos / cb
+            let inOffset = Int(pos % cb)
+            let n = min(clusterBytes - inOffset, length - done)
+            try body(cluster, inOffset, done, n)
+            done += n
+        }
+    }
+
+    func checkRange(_ s: Stack, _ offset: UInt64, _ length: Int) throws(DeviceError) {
+        guard s.running else { throw .notRunning("device") }
+        guard offset <= s.sizeBytes, UInt64(length) <= s.sizeBytes - offset else {
+            throw .outOfRange(offset: offset, length: length, size: s.sizeBytes)
+        }
+    }
+
+    /// Reads device bytes: each cluster from the top-most delta that has it, zeros where none does.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DeviceError) {
+        try stack.read { s throws(DeviceError) in
+            try checkRange(s, offset, buffer.count)
+            try pieces(offset, buffer.count) { c, inOff, bufOff, n throws(DeviceError) in
+                let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[bufOff..<bufOff + n])
+                try locks.with(c) { () throws(DeviceError) in
+                    try readPiece(s.levels, below: s.levels.count, c, inOff, dst)
+                }
+            }
+        }
+    }
+
+    /// Reads a piece of cluster `c` from the top-most of `levels[0..<below]` that has it.
+    func readPiece(_ levels: [Level], below: Int, _ c: UInt64, _ inOff: Int, _ dst: UnsafeMutableRawBufferPointer) throws(DeviceError) {
+        var i = below - 1
+        while i >= 0 {
+            let level = levels[i]
+            switch level.image {
+            case .ploop1(let img):
+                if let b = img.block(of: ClusterIndex(c)) {
+                    try lifting { () throws(ImageError) in try img.read(block: b, offset: inOff, into: dst) }
+                    return
+                }
+            case .raw(let r):
+                let at = c * UInt64(clusterBytes) + UInt64(inOff)
+                if at < level.rawBytes {
+                    let n = try lifting { () throws(ImageError) in try r.file.read(into: dst, at: at) }
+                    if n < dst.count { dst[n...].initializeMemory(as: UInt8.self, repeating: 0) }
+                    return
+                }
+            }
+            i -= 1
+        }
+        dst.initializeMemory(as: UInt8.self, repeating: 0)
+    }
+
+    /// True if some level below `below` holds cluster `c`.
+    func lowerHas(_ levels: [Level], below: Int, _ c: UInt64) -> Bool {
+        for i in stride(from: below - 1, through: 0, by: -1) {
+            switch levels[i].image {
+            case .ploop1(let img): if img.block(of: ClusterIndex(c)) != nil { return true }
+            case .raw: if c * UInt64(clusterBytes) < levels[i].rawBytes { return true }
+            }
+        }
+        return false
+    }
+
+    /// Writes device bytes into the top delta, allocating (and copying up from below) on the first
+    /// write to a cluster the top lacks.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DeviceError) {
+        try stack.read { s throws(DeviceError) in
+            try checkRange(s, offset, buffer.count)
+            guard !s.top.readOnly else { throw .readOnly("device") }
+            try pieces(offset, buffer.count) { c, inOff, bufOff, n throws(DeviceError) in
+                let src = UnsafeRawBufferPointer(rebasing: buffer[bufOff..<bufOff + n])
+                try locks.with(c) { () throws(DeviceError) in try writePiece(s.levels, c, inOff, src) }
+            }
+        }
+    }
+
+    func writePiece(_ levels: [Level], _ c: UInt64, _ inOff: Int, _ src: UnsafeRawBufferPointer) throws(DeviceError) {
+        let top = levels[levels.count - 1]
+        switch top.image {
+        case .raw(let r):
+            try lifting { () throws(ImageError) in try r.file.write(src, at: c * UInt64(clusterBytes) + UInt64(inOff)) }
+        case .ploop1(let img):
+            if let b = img.block(of: ClusterIndex(c)) {
+                try lifting { () throws(ImageError) in try img.write(block: b, offset: inOff, data: src) }
+            } else {
+                let (b, reused) = try allocate(img, for: c)
+                if src.count == clusterBytes {
+                    try lifting { () throws(ImageError) in try img.write(block: b, offset: 0, data: src) }
+                } else if reused || lowerHas(levels, below: levels.count - 1, c) {
+                    // Copy-up: the whole cluster, from below (or zeros over a reused block).
+                    let whole = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterBytes, alignment: 4096)
+                    defer { whole.deallocate() }
+                    try readPiece(levels, below: levels.count - 1, c, 0, whole)
+                    UnsafeMutableRawBufferPointer(rebasing: whole[inOff..<inOff + src.count]).copyMemory(from: src)
+                    try lifting { () throws(ImageError) in try img.write(block: b, offset: 0, data: UnsafeRawBufferPointer(whole)) }
+                } else {
+                    try lifting { () throws(ImageError) in
+                        try img.preallocate(block: b)
+                        try img.write(block: b, offset: inOff, data: src)
+                    }
+                }
+                img.commit(cluster: ClusterIndex(c), block: b)
+            }
+            mergeDirty.withLock { d in d?.insert(c) }
+        }
+    }
+
+    /// A block for new data: a loaded free block (balloon) whose owner can be locked, else the
+    /// allocation head.
+    func allocate(_ img: Ploop1Image, for c: UInt64) throws(DeviceError) -> (ImageBlock, Bool) {
+        while let f = control.withLock({ c in c.freeList.isEmpty ? nil : c.freeList.removeFirst() }) {
+            // The free block still belongs to a balloon cluster: zero that entry first (durably), as
+            // the kernel does, so no two entries ever share the block.
+            let reused = try locks.withIfAvailable(UInt64(f.cluster), alsoHolding: c) { () throws(DeviceError) -> Bool in
+                guard img.block(of: ClusterIndex(UInt64(f.cluster))) == ImageBlock(f.block) else { return false }
+                try lifting { () throws(ImageError) in
+                    try img.setEntry(ClusterIndex(UInt64(f.cluster)), to: nil)
+                    try img.file.sync()
+                }
+                return true
+            }
+            if reused == true { return (ImageBlock(f.block), true) }
+            if reused == nil {
+                // Its owner is busy right now: keep the block for later, append this time.
+                control.withLock { $0.freeList.append(f) }
+                break
+            }
+        }
+        return (try lifting { () throws(ImageError) in try img.reserveBlock() }, false)
+    }
+
+    /// Zeros device bytes (discard / write-zeroes): clusters that already read as zeros are skipped.
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws(DeviceError) {
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterBytes, alignment: 4096)
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        defer { zeros.deallocate() }
+        try stack.read { s throws(DeviceError) in
+            try checkRange(s, offset, 0)
+            guard offset + length <= s.sizeBytes else { throw .outOfRange(offset: offset, length: Int(length), size: s.sizeBytes) }
+            guard !s.top.readOnly else { throw .readOnly("device") }
+            var done: UInt64 = 0
+            while done < length {
+                let n = Int(min(UInt64(clusterBytes) - (offset + done) % UInt64(clusterBytes), length - done))
+                let c = (offset + done) / UInt64(clusterBytes)
+                let inOff = Int((offset + done) % UInt64(clusterBytes))
+                try locks.with(c) { () throws(DeviceError) in
+                    if lowerHas(s.levels, below: s.levels.count, c) {
+                        try writePiece(s.levels, c, inOff, UnsafeRawBufferPointer(rebasing: zeros[0..<n]))
+                    }
+                }
+                done += UInt64(n)
+            }
+        }
+    }
+
+    /// Makes every acknowledged write durable (data, then BAT).
+    public func flush() throws(DeviceError) {
+        try stack.read { s throws(DeviceError) in
+            guard !s.top.readOnly else { return }
+            switch s.top.image {
+            case .ploop1(let i): try lifting { () throws(ImageError) in try i.flush() }
+            case .raw(let r): try lifting { () throws(ImageError) in try r.file.sync() }
+            }
+        }
+    }
+}
+
+extension ClusterLocks {
+    /// Runs `body` under the lock of `cluster` if it can be had without waiting; the stripe of
+    /// `held` (already locked by the caller) counts as had. Returns nil if it was busy.
+    func withIfAvailable<T, E: Error>(_ cluster: UInt64, alsoHolding held: UInt64, _ body: () throws(E) -> T) throws(E) -> T? {
+        if sameStripe(cluster, held) { return try body() }
+        return try tryWith(cluster, body)
+    }
+}

@@ -1,0 +1,63 @@
+import PloopImage
+import PloopSystem
+import Synchronization
+
+/// How a device opens, creates and removes its image files: real files, or memory in tests (where
+/// crash points are injected).
+public protocol ImageOpener: Sendable {
+    func open(_ path: String, writable: Bool) throws(ImageError) -> any BlockFile
+    /// Creates a new file; fails if it exists.
+    func create(_ path: String) throws(ImageError) -> any BlockFile
+    func remove(_ path: String)
+}
+
+/// Files on disk.
+public struct PosixOpener: ImageOpener {
+    public init() {}
+
+    public func open(_ path: String, writable: Bool) throws(ImageError) -> any BlockFile {
+        try ImagePath.open(path, write: writable)
+    }
+
+    public func create(_ path: String) throws(ImageError) -> any BlockFile {
+        if PathInfo.kind(path) != .missing { throw .alreadyExists(path) }
+        let f = try PosixBlockFile(path: path, mode: .createNew)
+        PathInfo.syncParentDirectory(of: path)
+        return f
+    }
+
+    public func remove(_ path: String) { PathInfo.remove(path) }
+}
+
+/// Files in memory, by name. Every open of a name returns the same bytes.
+public final class MemoryOpener: ImageOpener {
+    private let files = Mutex<[String: MemoryBlockFile]>([:])
+    /// Wraps every file handed out (e.g. in a `CrashingBlockFile`).
+    private let wrap: @Sendable (any BlockFile) -> any BlockFile
+
+    public init(wrap: @escaping @Sendable (any BlockFile) -> any BlockFile = { $0 }) {
+        self.wrap = wrap
+    }
+
+    public func add(_ path: String, _ file: MemoryBlockFile) { files.withLock { $0[path] = file } }
+    public func file(_ path: String) -> MemoryBlockFile? { files.withLock { $0[path] } }
+    public var paths: [String] { files.withLock { Array($0.keys) } }
+
+    public func open(_ path: String, writable: Bool) throws(ImageError) -> any BlockFile {
+        guard let f = file(path) else { throw .notFound(path) }
+        return wrap(f)
+    }
+
+    public func create(_ path: String) throws(ImageError) -> any BlockFile {
+        let made: MemoryBlockFile? = files.withLock { d in
+            if d[path] != nil { return nil }
+            let f = MemoryBlockFile(path: path)
+            d[path] = f
+            return f
+        }
+        guard let made else { throw .alreadyExists(path) }
+        return wrap(made)
+    }
+
+    public func remove(_ path: String) { _ = files.withLock { $0.removeValue(forKey: path) } }
+}

@@ -1,0 +1,85 @@
+import PloopFormat
+import PloopImage
+
+/// What a mount stacks: images from base (level 0) to top.
+public struct MountRequest: Sendable, Codable, Equatable {
+    public var images: [String]
+    public var baseFormat: ImageFormat
+    public var readOnly: Bool
+    /// `/dev/ploopN`, or nil for the first free device.
+    public var device: String?
+
+    public init(images: [String], baseFormat: ImageFormat = .ploop1, readOnly: Bool = false, device: String? = nil) {
+        self.images = images
+        self.baseFormat = baseFormat
+        self.readOnly = readOnly
+        self.device = device
+    }
+}
+
+/// `ploop_freeblks_ctl_extent`: `length` free blocks starting at image block `block`, which the
+/// BAT maps from virtual clusters starting at `cluster`.
+public struct FreeExtent: Sendable, Codable, Equatable, Hashable {
+    public var cluster: UInt32
+    public var block: UInt32
+    public var length: UInt32
+    public init(cluster: UInt32, block: UInt32, length: UInt32) {
+        self.cluster = cluster
+        self.block = block
+        self.length = length
+    }
+}
+
+/// `ploop_relocblks_ctl_extent`: tail blocks to move; `free` marks blocks that are themselves in
+/// the free list (nothing to copy).
+public struct RelocExtent: Sendable, Codable, Equatable, Hashable {
+    public var cluster: UInt32
+    public var block: UInt32
+    public var length: UInt32
+    public var free: Bool
+    public init(cluster: UInt32, block: UInt32, length: UInt32, free: Bool) {
+        self.cluster = cluster
+        self.block = block
+        self.length = length
+        self.free = free
+    }
+}
+
+/// What PLOOP_IOC_BALLOON answers.
+public struct BalloonReply: Sendable, Codable, Equatable {
+    public var state: MaintenanceState
+    /// The frozen allocation head in FBLOADED/RELOC, else the current one.
+    public var allocHead: UInt32
+    public var level: Int
+}
+
+public struct LevelInfo: Sendable, Codable, Equatable {
+    public var level: Int
+    public var path: String
+    public var format: ImageFormat
+    public var readOnly: Bool
+}
+
+public struct MergeProgress: Sendable, Codable, Equatable {
+    public var done: Int
+    public var total: Int
+}
+
+public struct DeviceInfo: Sendable, Codable, Equatable {
+    public var device: String
+    public var backend: String
+    public var sizeBytes: UInt64
+    public var clusterBytes: Int
+    public var state: MaintenanceState
+    public var running: Bool
+    public var levels: [LevelInfo]
+    public var mergeProgress: MergeProgress?
+}
+
+/// Block I/O on a device, for data paths that must not care which backend serves them.
+public protocol DeviceIO: Sendable {
+    var sizeBytes: UInt64 { get throws(DeviceError) }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DeviceError)
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DeviceError)
+    func flush() throws(DeviceError)
+}
