@@ -40,6 +40,11 @@ let package = Package(
         .testTarget(name: "PloopFormatTests", dependencies: ["PloopFormat"], swiftSettings: swiftSettings),
         .testTarget(name: "PloopImageTests", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
         .testTarget(
+            name: "PloopDeviceTests",
+            dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopTestSupport"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "PloopCommandsTests",
             dependencies: ["PloopCommands", "PloopImage", "PloopFormat", "PloopTestSupport"],
             swiftSettings: swiftSettings

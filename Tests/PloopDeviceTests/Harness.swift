@@ -1,0 +1,206 @@
+import Foundation
+import PloopDevice
+import PloopFormat
+import PloopImage
+import PloopTestSupport
+import Synchronization
+import Testing
+
+/// A backend the conformance suite runs against. The in-process one always runs; the simulator and
+/// the kernel backends join by adding a harness here, without copying any test.
+struct Harness: Sendable, CustomTestStringConvertible {
+    var name: String
+    /// nil when available; else why not (printed as the skip reason).
+    var unavailable: @Sendable () -> String?
+    var make: @Sendable () throws -> any DeviceBackend
+    var testDescription: String { name }
+
+    static let inProcess = Harness(name: "in-process", unavailable: { nil }, make: { InProcessBackend() })
+
+    static var all: [Harness] { [inProcess] + extra.withLock { $0 } }
+    /// Harnesses registered by other test files (simulator, kernel with fake transport).
+    static let extra = Mutex<[Harness]>([])
+}
+
+/// Files for one test and the reference content of the device.
+final class Bench: @unchecked Sendable {
+    let dir: ScratchDirectory
+    let backend: any DeviceBackend
+    var device: String?
+    static let cs: UInt32 = 128  // 64 KiB clusters keep images small
+    static var cb: Int { Int(cs) * 512 }
+
+    init(_ h: Harness) throws {
+        dir = try ScratchDirectory("ploop-conf")
+        backend = try h.make()
+    }
+
+    deinit {
+        if let d = device { try? backend.umount(d) }
+    }
+
+    func path(_ name: String) -> String { dir.file(name) }
+
+    /// A ploop1 image of `clusters` clusters with `fill` clusters written (pattern per level).
+    @discardableResult
+    func image(_ name: String, clusters: UInt64, fill: [UInt64] = [], tag: UInt8 = 1, version: FormatVersion = .v2) throws -> String {
+        let p = path(name)
+        try Offline.initialize(.init(path: p, sizeSectors: clusters * UInt64(Self.cs), clusterSectors: Self.cs, version: version))
+        if !fill.isEmpty {
+            let img = try Ploop1Image(file: try ImagePath.open(p, write: true), writable: true)
+            for c in fill {
+                let data = Pattern.cluster(c, tag: tag, size: Self.cb)
+                try data.withUnsafeBytes { try img.write(cluster: ClusterIndex(c), data: $0) }
+            }
+            try img.close()
+        }
+        return p
+    }
+
+    func raw(_ name: String, clusters: UInt64, fill: [UInt64] = [], tag: UInt8 = 1) throws -> String {
+        let p = path(name)
+        var bytes = [UInt8](repeating: 0, count: Int(clusters) * Self.cb)
+        for c in fill { bytes.replaceSubrange(Int(c) * Self.cb..<Int(c + 1) * Self.cb, with: Pattern.cluster(c, tag: tag, size: Self.cb)) }
+        dir.write(name, bytes)
+        return p
+    }
+
+    func mount(_ images: [String], raw: Bool = false, readOnly: Bool = false) throws -> String {
+        let d = try backend.mount(MountRequest(images: images, baseFormat: raw ? .raw : .ploop1, readOnly: readOnly))
+        device = d
+        return d
+    }
+
+    func umount() throws {
+        if let d = device { try backend.umount(d) }
+        device = nil
+    }
+
+    var io: any DeviceIO { get throws { try backend.openIO(device!) } }
+
+    func readAll() throws -> [UInt8] {
+        let io = try self.io
+        let size = Int(try io.sizeBytes)
+        var out = [UInt8](repeating: 0, count: size)
+        try out.withUnsafeMutableBytes { b in
+            var off = 0
+            while off < size {
+                let n = min(1 << 20, size - off)
+                try io.read(into: UnsafeMutableRawBufferPointer(rebasing: b[off..<off + n]), at: UInt64(off))
+                off += n
+            }
+        }
+        return out
+    }
+
+    func read(_ offset: Int, _ length: Int) throws -> [UInt8] {
+        let io = try self.io
+        var out = [UInt8](repeating: 0, count: length)
+        try out.withUnsafeMutableBytes { try io.read(into: $0, at: UInt64(offset)) }
+        return out
+    }
+
+    func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        let io = try self.io
+        try bytes.withUnsafeBytes { try io.write($0, at: offset) }
+    }
+
+    /// Every image checks clean (forced, read-only) after umount.
+    func expectClean(_ paths: [String], sourceLocation: SourceLocation = #_sourceLocation) throws {
+        for p in paths where (try? ImagePath.detectFormat(ImagePath.open(p, write: false))) == .ploop1 {
+            var o = Checker.Options()
+            o.force = true
+            o.readOnly = true
+            let r = try Checker.check(path: p, options: o)
+            #expect(r.status == .ok, "\(p): \(r.findings.map(\.message))", sourceLocation: sourceLocation)
+        }
+    }
+}
+
+/// Deterministic contents.
+enum Pattern {
+    static func cluster(_ c: UInt64, tag: UInt8, size: Int) -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: size)
+        var x = c &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(tag) &* 0xD6E8_FEB8_6659_FD93
+        for i in stride(from: 0, to: size, by: 8) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17
+            withUnsafeBytes(of: x) { b.replaceSubrange(i..<min(i + 8, size), with: $0.prefix(size - i)) }
+        }
+        return b
+    }
+
+    static func bytes(_ n: Int, seed: UInt64) -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: n)
+        var x = seed | 1
+        for i in 0..<n {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17
+            b[i] = UInt8(truncatingIfNeeded: x)
+        }
+        return b
+    }
+}
+
+/// A plain byte array the device must equal.
+struct Reference {
+    var bytes: [UInt8]
+    init(size: Int) { bytes = [UInt8](repeating: 0, count: size) }
+    mutating func put(_ data: [UInt8], at offset: Int) { bytes.replaceSubrange(offset..<offset + data.count, with: data) }
+    mutating func putCluster(_ c: UInt64, tag: UInt8) {
+        put(Pattern.cluster(c, tag: tag, size: Bench.cb), at: Int(c) * Bench.cb)
+    }
+    mutating func grow(to size: Int) { if size > bytes.count { bytes += [UInt8](repeating: 0, count: size - bytes.count) } }
+}
+
+/// A writer thread hammering its own range while a maintenance runs; records what it wrote.
+final class Writer: @unchecked Sendable {
+    let io: any DeviceIO
+    let range: Range<UInt64>
+    let chunk: Int
+    private let stopFlag = Atomic<Bool>(false)
+    private let lock = NSLock()
+    private var last: [UInt64: [UInt8]] = [:]
+    private var thread: Thread?
+    private(set) var count = 0
+    private(set) var failure: DeviceError?
+    let done = DispatchSemaphore(value: 0)
+    let zeros: Bool
+
+    init(_ io: any DeviceIO, range: Range<UInt64>, chunk: Int = 4096, zeros: Bool = false) {
+        self.io = io
+        self.range = range
+        self.chunk = chunk
+        self.zeros = zeros
+    }
+
+    func start(seed: UInt64) {
+        let t = Thread { [self] in
+            var x = seed | 1
+            while !stopFlag.load(ordering: .relaxed) {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17
+                let slots = (range.upperBound - range.lowerBound) / UInt64(chunk)
+                let at = range.lowerBound + (x % slots) * UInt64(chunk)
+                let data = zeros && x % 3 == 0 ? [UInt8](repeating: 0, count: chunk) : Pattern.bytes(chunk, seed: x)
+                do {
+                    try data.withUnsafeBytes { try io.write($0, at: at) }
+                } catch {
+                    failure = error as? DeviceError ?? .invalid("\(error)")
+                    break
+                }
+                lock.lock(); last[at] = data; count += 1; lock.unlock()
+            }
+            done.signal()
+        }
+        thread = t
+        t.start()
+    }
+
+    func stop() {
+        stopFlag.store(true, ordering: .relaxed)
+        done.wait()
+    }
+
+    func apply(to ref: inout Reference) {
+        lock.lock(); defer { lock.unlock() }
+        for (at, data) in last { ref.put(data, at: Int(at)) }
+    }
+}
