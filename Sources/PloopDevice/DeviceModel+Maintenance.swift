@@ -20,6 +20,9 @@ extension DeviceModel {
                 if case .ploop1(let i) = s.top.image { return (s.sizeBytes, i.header.version) }
                 return (s.sizeBytes, .v2)
             }
+            guard size % UInt64(clusterBytes) == 0 else {
+                throw .invalid("the device size \(size) is not a multiple of the cluster size \(clusterBytes): a delta cannot match it (grow the device to a whole cluster first)")
+            }
             let header: ImageHeader
             switch Result(catching: { () throws(FormatError) in
                 try ImageHeader.new(sizeSectors: size / PloopSpec.sectorSize, clusterSectors: UInt32(clusterBytes / 512), version: version)

@@ -68,7 +68,10 @@ public final class DeviceModel: Sendable {
     public init(_ request: MountRequest, opener: any ImageOpener = PosixOpener()) throws(DeviceError) {
         guard !request.images.isEmpty else { throw .invalid("no images to mount") }
         self.opener = opener
-        var cluster: Int?
+        var cluster: Int? = request.clusterSectors.map { Int($0) * 512 }
+        if let c = request.clusterSectors, !BATLayout.isValidClusterSize(c) {
+            throw .invalid("cluster size \(c) sectors is not a power of two from 64 to 131072")
+        }
         var probes: [(String, any BlockFile, ImageFormat)] = []
         for (i, path) in request.images.enumerated() {
             let file = try lifting { () throws(ImageError) in try opener.open(path, writable: false) }

@@ -8,12 +8,16 @@ public struct MountRequest: Sendable, Codable, Equatable {
     public var readOnly: Bool
     /// `/dev/ploopN`, or nil for the first free device.
     public var device: String?
+    /// Cluster size in sectors; needed only when the stack is a lone raw image (ploop1 deltas
+    /// carry theirs). Default 2048 (1 MiB).
+    public var clusterSectors: UInt32?
 
-    public init(images: [String], baseFormat: ImageFormat = .ploop1, readOnly: Bool = false, device: String? = nil) {
+    public init(images: [String], baseFormat: ImageFormat = .ploop1, readOnly: Bool = false, device: String? = nil, clusterSectors: UInt32? = nil) {
         self.images = images
         self.baseFormat = baseFormat
         self.readOnly = readOnly
         self.device = device
+        self.clusterSectors = clusterSectors
     }
 }
 

@@ -20,7 +20,7 @@ struct ConformanceTests {
         for c in [1, 2, 9] as [UInt64] { ref.putCluster(c, tag: 2) }
         for c in [2, 31] as [UInt64] { ref.putCluster(c, tag: 3) }
         let d = try b.mount([base, d1, d2])
-        #expect(try b.readAll() == ref.bytes)
+        expectSame(try b.readAll(), ref.bytes)
         // Unaligned reads across cluster boundaries.
         let io = try b.io
         var buf = [UInt8](repeating: 0, count: Bench.cb + 1000)
@@ -42,11 +42,11 @@ struct ConformanceTests {
         for c in [0, 5, 15] as [UInt64] { ref.putCluster(c, tag: 1) }
         ref.putCluster(5, tag: 2)
         _ = try b.mount([base, top], raw: true)
-        #expect(try b.readAll() == ref.bytes)
+        expectSame(try b.readAll(), ref.bytes)
         let data = Pattern.bytes(3000, seed: 7)
         try b.write(data, at: 15 * UInt64(Bench.cb) + 100)
         ref.put(data, at: 15 * Bench.cb + 100)
-        #expect(try b.readAll() == ref.bytes)
+        expectSame(try b.readAll(), ref.bytes)
         try b.umount()
         // The raw base is untouched: writes went to the top.
         #expect(Array(b.dir.read("base.raw")[15 * Bench.cb..<16 * Bench.cb]) == Pattern.cluster(15, tag: 1, size: Bench.cb))
@@ -67,7 +67,7 @@ struct ConformanceTests {
         // A partial write where nothing below has data: zeros around it.
         try b.write(data, at: 6 * UInt64(Bench.cb) + 512)
         ref.put(data, at: 6 * Bench.cb + 512)
-        #expect(try b.readAll() == ref.bytes)
+        expectSame(try b.readAll(), ref.bytes)
         try b.umount()
         #expect(b.dir.read("base") == baseBefore)
         let t = try Ploop1Image(file: try ImagePath.open(top, write: false), writable: false)
@@ -76,7 +76,7 @@ struct ConformanceTests {
         try b.expectClean([base, top])
         // Remount: the same content.
         _ = try b.mount([base, top])
-        #expect(try b.readAll() == ref.bytes)
+        expectSame(try b.readAll(), ref.bytes)
     }
 
     @Test(arguments: Harness.all)
@@ -107,11 +107,11 @@ struct ConformanceTests {
         for w in writers { w.stop() }
         for w in writers { #expect(w.failure == nil); #expect(w.count > 0); w.apply(to: &ref) }
         #expect(try b.backend.info(d).levels.count == 3)
-        #expect(try b.readAll() == ref.bytes)
+        expectSame(try b.readAll(), ref.bytes)
         try b.umount()
         try b.expectClean([base, b.path("snap1"), b.path("snap2")])
         _ = try b.mount([base, b.path("snap1"), b.path("snap2")])
-        #expect(try b.readAll() == ref.bytes)
+        expectSame(try b.readAll(), ref.bytes)
     }
 
     /// Writes acknowledged before a snapshot are in the old top; the ones started after it, in the new.
@@ -170,12 +170,12 @@ struct ConformanceTests {
         #expect(info.levels.count == 3 - (m.range.upperBound - m.range.lowerBound))
         #expect(info.levels.last?.readOnly == false)
         #expect(info.state == .off)
-        #expect(try b.readAll() == ref.bytes)
+        expectSame(try b.readAll(), ref.bytes)
         let remaining = info.levels.map(\.path)
         try b.umount()
         try b.expectClean(remaining)
         _ = try b.mount(remaining)
-        #expect(try b.readAll() == ref.bytes)
+        expectSame(try b.readAll(), ref.bytes)
     }
 
     @Test(arguments: Harness.all)
@@ -198,7 +198,7 @@ struct ConformanceTests {
         let tail = Pattern.bytes(8192, seed: 3)
         try b.write(tail, at: UInt64(39999 * Bench.cb))
         // The device is 2.5 GB: compare the regions that hold data, and samples of the rest.
-        #expect(try b.read(0, 64 * Bench.cb) == ref.bytes)
+        expectSame(try b.read(0, 64 * Bench.cb), ref.bytes)
         #expect(try b.read(15999 * Bench.cb, Bench.cb) == Pattern.cluster(15999, tag: 1, size: Bench.cb))
         #expect(try b.read(39999 * Bench.cb, 8192) == tail)
         #expect(try b.read(39999 * Bench.cb + 8192, Bench.cb - 8192) == [UInt8](repeating: 0, count: Bench.cb - 8192))
@@ -209,7 +209,7 @@ struct ConformanceTests {
         try b.umount()
         try b.expectClean([base])
         _ = try b.mount([base])
-        #expect(try b.read(0, 64 * Bench.cb) == ref.bytes)
+        expectSame(try b.read(0, 64 * Bench.cb), ref.bytes)
         #expect(try b.read(39999 * Bench.cb, 8192) == tail)
     }
 
@@ -366,7 +366,7 @@ struct ConformanceTests {
             let r = Int(c) * Bench.cb..<Int(c + 1) * Bench.cb
             got.replaceSubrange(r, with: ref.bytes[r])
         }
-        #expect(got == ref.bytes)
+        expectSame(got, ref.bytes)
         try b.umount()
         try b.expectClean([base])
     }

@@ -66,7 +66,7 @@ final class Bench: @unchecked Sendable {
     }
 
     func mount(_ images: [String], raw: Bool = false, readOnly: Bool = false) throws -> String {
-        let d = try backend.mount(MountRequest(images: images, baseFormat: raw ? .raw : .ploop1, readOnly: readOnly))
+        let d = try backend.mount(MountRequest(images: images, baseFormat: raw ? .raw : .ploop1, readOnly: readOnly, clusterSectors: raw ? Self.cs : nil))
         device = d
         return d
     }
@@ -203,4 +203,12 @@ final class Writer: @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         for (at, data) in last { ref.put(data, at: Int(at)) }
     }
+}
+
+/// Compares two byte arrays and, when they differ, records where (not the whole arrays).
+func expectSame(_ got: [UInt8], _ want: [UInt8], _ context: @autoclosure () -> String = "", sourceLocation: SourceLocation = #_sourceLocation) {
+    if got == want { return }
+    let n = min(got.count, want.count)
+    let first = (0..<n).first { got[$0] != want[$0] } ?? n
+    Issue.record("\(context()): bytes differ at \(first) (cluster \(first / Bench.cb)); sizes \(got.count) vs \(want.count)", sourceLocation: sourceLocation)
 }

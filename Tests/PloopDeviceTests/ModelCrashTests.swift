@@ -1,0 +1,129 @@
+import PloopDevice
+import PloopFormat
+import PloopImage
+import Synchronization
+import Testing
+
+/// A crash budget shared by every file of a device: the Nth mutating call anywhere fails.
+final class CrashBudget: Sendable {
+    let remaining = Mutex<Int?>(nil)
+    func arm(_ n: Int) { remaining.withLock { $0 = n } }
+    func step() throws(ImageError) {
+        let ok = remaining.withLock { r -> Bool in
+            guard let left = r else { return true }
+            r = left - 1
+            return left > 0
+        }
+        if !ok { throw .injectedCrash }
+    }
+    var fired: Bool { remaining.withLock { ($0 ?? 0) < 0 } }
+}
+
+final class BudgetedFile: BlockFile {
+    let base: any BlockFile
+    let budget: CrashBudget
+    var path: String { base.path }
+    init(_ base: any BlockFile, _ budget: CrashBudget) { self.base = base; self.budget = budget }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(ImageError) -> Int { try base.read(into: buffer, at: offset) }
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageError) { try budget.step(); try base.write(buffer, at: offset) }
+    func sync() throws(ImageError) { try budget.step(); try base.sync() }
+    func truncate(to length: UInt64) throws(ImageError) { try budget.step(); try base.truncate(to: length) }
+    func size() throws(ImageError) -> UInt64 { try base.size() }
+    func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
+        try budget.step()
+        try base.copy(from: source, at: sourceOffset, to: offset, length: length, scratch: scratch)
+    }
+    func allocate(at offset: UInt64, length: UInt64) throws(ImageError) { try budget.step(); try base.allocate(at: offset, length: length) }
+}
+
+/// Stops the model after each of its writes to the files during snapshot, merge and grow. Every
+/// state left behind passes `check` (as mount runs it) and the stack as it was before the operation
+/// still reads every flushed write.
+struct ModelCrashTests {
+    static let cs: UInt32 = 64
+    static var cb: Int { Int(cs) * 512 }
+
+    enum Op: String, CaseIterable, Sendable { case snapshot, mergeTop, mergeLower, mergeAll, grow }
+
+    /// Three levels with data in memory, bytes per path.
+    static func template() throws -> [String: [UInt8]] {
+        var out: [String: [UInt8]] = [:]
+        for (i, name) in ["l0", "l1", "l2"].enumerated() {
+            let f = MemoryBlockFile(path: name)
+            try Ploop1Image.create(on: f, header: try ImageHeader.new(sizeSectors: 8000 * UInt64(cs), clusterSectors: cs, version: .v2))
+            let img = try Ploop1Image(file: f, writable: true)
+            for c in stride(from: UInt64(i), to: UInt64(40), by: i + 2) {
+                let data = Pattern.cluster(c, tag: UInt8(i + 1), size: cb)
+                try data.withUnsafeBytes { try img.write(cluster: ClusterIndex(c), data: $0) }
+            }
+            try img.close()
+            out[name] = f.contents
+        }
+        return out
+    }
+
+    static func read(_ opener: MemoryOpener, _ paths: [String], bytes: Int) throws -> [UInt8] {
+        let m = try DeviceModel(MountRequest(images: paths, readOnly: true), opener: opener)
+        var out = [UInt8](repeating: 0, count: bytes)
+        try out.withUnsafeMutableBytes { try m.read(into: $0, at: 0) }
+        return out
+    }
+
+    @Test(arguments: Op.allCases)
+    func everyCrashPointKeepsTheOldStack(_ op: Op) throws {
+        let files = try Self.template()
+        let span = 48 * Self.cb
+        // The content every surviving stack must show (after a few more flushed writes).
+        var expected: [UInt8]?
+        var n = 0
+        var completed = false
+        while !completed {
+            let budget = CrashBudget()
+            let opener = MemoryOpener(wrap: { BudgetedFile($0, budget) })
+            for (p, bytes) in files { opener.add(p, MemoryBlockFile(path: p, bytes: bytes)) }
+            let model = try DeviceModel(MountRequest(images: ["l0", "l1", "l2"]), opener: opener)
+            let data = Pattern.bytes(3 * Self.cb, seed: 77)
+            try data.withUnsafeBytes { try model.write($0, at: UInt64(Self.cb / 2)) }
+            try model.flush()
+            if expected == nil {
+                var e = [UInt8](repeating: 0, count: span)
+                try e.withUnsafeMutableBytes { try model.read(into: $0, at: 0) }
+                expected = e
+            }
+            budget.arm(n)
+            do {
+                switch op {
+                case .snapshot: try model.snapshot(newDelta: "l3")
+                case .mergeTop: try model.merge(levels: 1...2)
+                case .mergeLower: try model.merge(levels: 0...1)
+                case .mergeAll: try model.merge(levels: 0...2)
+                case .grow: try model.grow(toSectors: 30000 * UInt64(Self.cs))
+                }
+                completed = true
+            } catch {
+                guard let e = error as? DeviceError, e == .image(.injectedCrash) else { throw error }
+            }
+            budget.remaining.withLock { $0 = nil }
+            // What a crash leaves: each image repairs with check -d, and the old stack reads as before.
+            for p in opener.paths {
+                guard let f = opener.file(p), (try? ImagePath.detectFormat(f)) == .ploop1, (try? f.size()) ?? 0 >= 64 else { continue }
+                if (try? Ploop1Image(file: f, writable: false)) == nil { continue }  // a snapshot file cut before its header
+                var o = Checker.Options()
+                o.force = true
+                o.dropInUse = true
+                let r = try Checker.check(f, options: o)
+                #expect(r.status == .ok, "\(op) crash at \(n): \(p): \(r.findings.map(\.message))")
+            }
+            if !completed {
+                expectSame(try Self.read(opener, ["l0", "l1", "l2"], bytes: span), expected!, "\(op) crash at \(n)")
+            } else {
+                let stack = model.imagePaths
+                try model.stop()
+                expectSame(try Self.read(opener, stack, bytes: span), expected!, "\(op) completed")
+            }
+            n += 1
+            if n > 5000 { Issue.record("\(op) never completed"); break }
+        }
+        #expect(n > 3)
+    }
+}
