@@ -35,6 +35,10 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .executableTarget(name: "ploop", dependencies: ["PloopCommands"], swiftSettings: swiftSettings),
+        // Benchmarks of the engine in-process (scripts/bench runs it).
+        .executableTarget(
+            name: "ploop-bench", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem"],
+            swiftSettings: swiftSettings),
 
         .target(name: "PloopTestSupport", path: "Tests/PloopTestSupport", swiftSettings: swiftSettings),
         .testTarget(name: "PloopFormatTests", dependencies: ["PloopFormat"], swiftSettings: swiftSettings),

@@ -182,10 +182,10 @@ public final class DeviceModel: Sendable {
         try stack.read { s throws(DeviceError) in
             try checkRange(s, offset, buffer.count)
             try pieces(offset, buffer.count) { c, inOff, bufOff, n throws(DeviceError) in
+                // No cluster lock: blocks only move with the stack lock held exclusively, and a
+                // cluster being allocated reads from below until its entry is committed.
                 let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[bufOff..<bufOff + n])
-                try locks.with(c) { () throws(DeviceError) in
-                    try readPiece(s.levels, below: s.levels.count, c, inOff, dst)
-                }
+                try readPiece(s.levels, below: s.levels.count, c, inOff, dst)
             }
         }
     }
@@ -233,9 +233,22 @@ public final class DeviceModel: Sendable {
             guard !s.top.readOnly else { throw .readOnly("device") }
             try pieces(offset, buffer.count) { c, inOff, bufOff, n throws(DeviceError) in
                 let src = UnsafeRawBufferPointer(rebasing: buffer[bufOff..<bufOff + n])
-                try locks.with(c) { () throws(DeviceError) in try writePiece(s.levels, c, inOff, src) }
+                // Fast path: a cluster the top already has is written in place without a cluster
+                // lock. Allocation (and copy-up) takes the lock and looks again.
+                if try !writeInPlace(s.levels, c, inOff, src) {
+                    try locks.with(c) { () throws(DeviceError) in try writePiece(s.levels, c, inOff, src) }
+                }
             }
         }
+    }
+
+    /// Writes into a cluster the ploop1 top already holds; false if it does not.
+    @inline(__always)
+    func writeInPlace(_ levels: [Level], _ c: UInt64, _ inOff: Int, _ src: UnsafeRawBufferPointer) throws(DeviceError) -> Bool {
+        guard case .ploop1(let img) = levels[levels.count - 1].image, let b = img.block(of: ClusterIndex(c)) else { return false }
+        try lifting { () throws(ImageError) in try img.write(block: b, offset: inOff, data: src) }
+        mergeDirty.withLock { d in d?.insert(c) }
+        return true
     }
 
     func writePiece(_ levels: [Level], _ c: UInt64, _ inOff: Int, _ src: UnsafeRawBufferPointer) throws(DeviceError) {
