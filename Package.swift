@@ -20,16 +20,24 @@ let package = Package(
         .target(name: "PloopFormat", swiftSettings: swiftSettings),
         // The one place that calls libc for files: pread/pwrite/fsync/flock/fallocate/lseek.
         .target(name: "CPloopSys"),
+        // libfuse3 (pkg-config fuse3) and the small C file that speaks its low-level API.
+        .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        .target(name: "CPloopFuse", dependencies: ["CFuse3"]),
         .target(name: "PloopSystem", dependencies: ["CPloopSys"], swiftSettings: swiftSettings),
         // Deltas on files and the offline operations (init, merge, grow, check, info).
         .target(name: "PloopImage", dependencies: ["PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
         // The model of the kernel device, the backend protocol, the in-process backend.
         .target(name: "PloopDevice", dependencies: ["PloopImage", "PloopFormat"], swiftSettings: swiftSettings),
+        // The FUSE + loop simulator: daemon, control protocol, SimulatorBackend.
+        .target(
+            name: "PloopSimulator",
+            dependencies: ["PloopDevice", "PloopImage", "PloopSystem", "CPloopFuse", "CPloopSys"],
+            swiftSettings: swiftSettings),
         // Every subcommand, testable without spawning the binary.
         .target(
             name: "PloopCommands",
             dependencies: [
-                "PloopImage", "PloopFormat",
+                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings

@@ -8,6 +8,10 @@
 #include <sys/ioctl.h>
 #include <linux/fs.h>
 #include <linux/fiemap.h>
+#include <linux/loop.h>
+#include <sys/socket.h>
+#include <sys/sysmacros.h>
+#include <sys/un.h>
 
 int cploop_o_direct(void) { return O_DIRECT; }
 
@@ -56,3 +60,101 @@ int cploop_fiemap(int fd, uint64_t start, uint64_t length, struct cploop_extent 
     free(fm);
     return n;
 }
+
+int cploop_loop_get_free(void) {
+    int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+    if (ctl < 0) return -errno;
+    int n = ioctl(ctl, LOOP_CTL_GET_FREE);
+    int e = errno;
+    close(ctl);
+    return n < 0 ? -e : n;
+}
+
+int cploop_loop_configure(const char *loopdev, int backing_fd, int direct_io, int read_only) {
+    int fd = open(loopdev, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    struct loop_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.fd = (unsigned)backing_fd;
+    cfg.info.lo_flags = (direct_io ? LO_FLAGS_DIRECT_IO : 0) | (read_only ? LO_FLAGS_READ_ONLY : 0);
+    int r = ioctl(fd, LOOP_CONFIGURE, &cfg);
+    int e = errno;
+    close(fd);
+    return r < 0 ? -e : 0;
+}
+
+int cploop_loop_clear(const char *loopdev) {
+    int fd = open(loopdev, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    int r = ioctl(fd, LOOP_CLR_FD, 0);
+    int e = errno;
+    close(fd);
+    return r < 0 ? -e : 0;
+}
+
+int cploop_loop_set_capacity(const char *loopdev) {
+    int fd = open(loopdev, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    int r = ioctl(fd, LOOP_SET_CAPACITY, 0);
+    int e = errno;
+    close(fd);
+    return r < 0 ? -e : 0;
+}
+
+int cploop_mknod_block(const char *path, unsigned major, unsigned minor, unsigned mode) {
+    return mknod(path, S_IFBLK | mode, makedev(major, minor)) == 0 ? 0 : -errno;
+}
+
+int cploop_block_numbers(const char *path, unsigned *major, unsigned *minor) {
+    struct stat st;
+    if (stat(path, &st) != 0) return -errno;
+    if (!S_ISBLK(st.st_mode)) return -ENOTBLK;
+    *major = major(st.st_rdev);
+    *minor = minor(st.st_rdev);
+    return 0;
+}
+
+int cploop_unix_listen(const char *path) {
+    struct sockaddr_un a;
+    if (strlen(path) >= sizeof(a.sun_path)) return -ENAMETOOLONG;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    memset(&a, 0, sizeof(a));
+    a.sun_family = AF_UNIX;
+    strcpy(a.sun_path, path);
+    unlink(path);
+    if (bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 || chmod(path, 0600) != 0 || listen(fd, 16) != 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+int cploop_unix_connect(const char *path) {
+    struct sockaddr_un a;
+    if (strlen(path) >= sizeof(a.sun_path)) return -ENAMETOOLONG;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    memset(&a, 0, sizeof(a));
+    a.sun_family = AF_UNIX;
+    strcpy(a.sun_path, path);
+    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+int cploop_peer_credentials(int fd, uint32_t *uid, int32_t *pid) {
+    struct ucred c;
+    socklen_t len = sizeof(c);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c, &len) != 0) return -errno;
+    *uid = c.uid;
+    *pid = c.pid;
+    return 0;
+}
+
+int cploop_fifreeze(int fd) { return ioctl(fd, FIFREEZE, 0) == 0 ? 0 : -errno; }
+int cploop_fithaw(int fd) { return ioctl(fd, FITHAW, 0) == 0 ? 0 : -errno; }

@@ -5,14 +5,18 @@ import PloopImage
 extension Ploop {
     struct Grow: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Grow an image offline.",
+            abstract: "Grow an image offline, or a running device online.",
             discussion: """
                 Grows IMAGE to SIZE (rounded up to a whole cluster). When the BAT needs more room, the \
                 data clusters in its way are moved to the end of the file first. Images never shrink \
                 this way: to give space back, inflate a balloon ('ploop balloon change').
 
-                Example (from the manual):
+                With -d the running device grows at once (its new size is visible to the kernel, so \
+                resize2fs can grow a mounted file system right after).
+
+                Examples (from the manual):
                   ploop grow -s 20g root.hdd
+                  ploop grow -s 20g -d /dev/ploop0
                 """
         )
 
@@ -22,13 +26,29 @@ extension Ploop {
         @Option(name: .short, help: ArgumentHelp("Image format (detected when not given).", valueName: "format"))
         var format: ImageFormat?
 
-        @Argument(help: "The image to grow.")
-        var image: String
+        @Option(name: .short, help: ArgumentHelp("Grow this running device.", valueName: "device"))
+        var device: String?
 
-        func validate() throws { _ = try SizeOption.parse(size) }
+        @OptionGroup var backend: BackendOptions
+
+        @Argument(help: "The image to grow (offline).")
+        var image: String?
+
+        func validate() throws {
+            _ = try SizeOption.parse(size)
+            if (device == nil) == (image == nil) { throw ValidationError("give either -d DEVICE (online) or IMAGE (offline)") }
+        }
 
         func run() throws {
             let sectors = try SizeOption.parse(size)
+            if let dev = device {
+                let be = try backend.backend.resolve()
+                try failing { try be.grow(dev, sizeSectors: sectors) }
+                let info = try failing { try be.info(dev) }
+                print("Grown \(dev) to \(Output.size(info.sizeBytes))")
+                return
+            }
+            let image = self.image!
             let progress = ProgressLine("relocating")
             try failing { try Offline.grow(path: image, toSectors: sectors, format: format, progress: progress.update) }
             let info = try failing { try ImageInfo.read(path: image) }

@@ -1,23 +1,37 @@
 import ArgumentParser
+import PloopDevice
 import PloopImage
 
 extension Ploop {
     struct Merge: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Merge deltas offline into a destination image.",
+            abstract: "Merge deltas: offline into a destination image, or online on a running device.",
             discussion: """
-                SRC... are ploop1 deltas listed top-most first; DST is the image they are merged into \
+                Online: -d DEVICE [-l L1..L2] merges levels L1+1..L2 into L1 while the device keeps \
+                serving I/O (default: the top into the level below it; -l L means L..top). The merged \
+                levels leave the stack and the ones above renumber; their files are kept and listed.
+
+                Offline: SRC... are ploop1 deltas listed top-most first; DST is the image they are merged into \
                 (the last argument). For every cluster the copy in the top-most source that has it wins. \
                 DST grows first if a source is larger. The sources are left as they were. Interrupted, \
                 DST still passes 'ploop check', and running the same merge again finishes it.
 
-                Example (from the manual): merge a snapshot delta into its raw base
+                Examples (from the manual):
+                  ploop merge -d /dev/ploop0 -l 0..2
                   ploop merge -f raw root.hdd.1 root.hdd
                 """
         )
 
         @Option(name: .short, help: ArgumentHelp("Format of DST.", valueName: "format"))
         var format: ImageFormat = .ploop1
+
+        @Option(name: .short, help: ArgumentHelp("Merge online on this running device.", valueName: "device"))
+        var device: String?
+
+        @Option(name: .short, help: ArgumentHelp("Levels to merge online: L1..L2, or L for L..top.", valueName: "levels"))
+        var levels: String?
+
+        @OptionGroup var backend: BackendOptions
 
         @Flag(help: "Print the result as JSON.")
         var json = false
@@ -26,12 +40,45 @@ extension Ploop {
         var images: [String] = []
 
         func validate() throws {
+            if device != nil {
+                guard images.isEmpty else { throw ValidationError("an online merge (-d) takes no image arguments") }
+                if let l = levels { _ = try Self.parseLevels(l, top: Int.max) }
+                return
+            }
+            if levels != nil { throw ValidationError("-l needs -d DEVICE (online merge)") }
             guard images.count >= 2 else {
                 throw ValidationError("give at least one source delta and the destination: ploop merge SRC... DST")
             }
         }
 
+        static func parseLevels(_ text: String, top: Int) throws -> ClosedRange<Int> {
+            let parts = text.split(separator: ".", omittingEmptySubsequences: true)
+            guard (1...2).contains(parts.count), text.filter({ $0 == "." }).count == (parts.count == 2 ? 2 : 0),
+                let a = Int(parts[0]), a >= 0
+            else { throw ValidationError("-l takes L1..L2 or L (levels are numbers from 0, the base)") }
+            let b = parts.count == 2 ? Int(parts[1]) : top
+            guard let b, a < b else { throw ValidationError("-l \(text): the first level must be below the second") }
+            return a...b
+        }
+
         func run() throws {
+            if let dev = device {
+                let be = try backend.backend.resolve()
+                let info = try failing { try be.info(dev) }
+                let top = info.levels.count - 1
+                let range = try levels.map { try Self.parseLevels($0, top: top) } ?? (top - 1)...top
+                guard range.upperBound <= top, top > 0 else {
+                    throw CommandFailure("\(dev) has levels 0..\(top): -l \(range.lowerBound)..\(range.upperBound) does not fit")
+                }
+                let progress = ProgressLine("merging")
+                let removed = try failing { try be.merge(dev, levels: range) { progress.update($0, $1) } }
+                if json {
+                    print(try Output.json(["merged": removed]))
+                } else {
+                    print("Merged levels \(range.lowerBound)..\(range.upperBound) of \(dev); files no longer in the stack: \(removed.joined(separator: " "))")
+                }
+                return
+            }
             let sources = Array(images.dropLast())
             let dst = images.last!
             let progress = ProgressLine("merging")

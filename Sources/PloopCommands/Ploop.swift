@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import PloopFormat
+import PloopDevice
 import PloopImage
 
 /// The `ploop` command: the original tool's syntax, one subcommand per file.
@@ -16,7 +17,7 @@ public struct Ploop: ParsableCommand {
             Exit codes: 0 success, 1 failure, 2 usage error; 'ploop check' uses the original tool's \
             codes (11 format error, 17 busy, 37 image in use).
             """,
-        subcommands: [Init.self, Merge.self, Grow.self, Check.self, Info.self]
+        subcommands: [Init.self, Mount.self, Umount.self, Snapshot.self, Merge.self, Grow.self, Check.self, Info.self, List.self, Serve.self]
     )
 
     public init() {}
@@ -45,7 +46,8 @@ public enum PloopMain {
             return 2
         }
         if arguments.count == 1,
-            let sub = Ploop.configuration.subcommands.first(where: { $0._commandName == arguments[0] })
+            let sub = Ploop.configuration.subcommands.first(where: { $0._commandName == arguments[0] }),
+            (try? Ploop.parseAsRoot(arguments)) == nil
         {
             FileHandle.standardError.write(Ploop.helpMessage(for: sub) + "\n")
             return 2
@@ -80,6 +82,8 @@ func failing<T>(_ body: () throws -> T) throws -> T {
         throw CommandFailure(e.description)
     } catch let e as SizeArgument.ParseError {
         throw CommandFailure(e.description, code: 2)
+    } catch let e as DeviceError {
+        throw CommandFailure(e.description)
     }
 }
 

@@ -55,7 +55,7 @@ extension DeviceModel {
                         throw error
                     }
                     s.levels[s.levels.count - 1].readOnly = true
-                    s.levels.append(Level(path: path, image: .ploop1(newTop), readOnly: false))
+                    s.levels.append(Level(path: path, image: .ploop1(newTop), readOnly: false, holder: file))
                 }
             } catch {
                 opener.remove(path)
@@ -97,7 +97,7 @@ extension DeviceModel {
     func openForMerge(_ l: Int, tracked: Bool) throws(DeviceError) -> DeltaImage {
         try stack.write { s throws(DeviceError) -> DeltaImage in
             let level = s.levels[l]
-            let raw = try lifting { () throws(ImageError) in try opener.open(level.path, writable: true) }
+            let raw = try lifting { () throws(ImageError) in try opener.open(level.path, writable: true, lock: false) }
             let file: any BlockFile = tracked ? TrackingBlockFile(raw, watch: watch) : raw
             let needed = s.levels[(l + 1)...].map { lv -> UInt64 in
                 if case .ploop1(let i) = lv.image { return i.virtualBytes }

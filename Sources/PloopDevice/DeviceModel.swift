@@ -26,6 +26,9 @@ struct Level: Sendable {
     var path: String
     var image: DeltaImage
     var readOnly: Bool
+    /// The file opened (and locked) when the level joined the stack; kept open so the lock holds
+    /// while other instances of the file come and go (merge reopens a level for writing).
+    var holder: (any BlockFile)?
     /// For a raw delta: the bytes it holds (clusters past it read from below, i.e. zeros).
     var rawBytes: UInt64 = 0
 }
@@ -74,7 +77,8 @@ public final class DeviceModel: Sendable {
         }
         var probes: [(String, any BlockFile, ImageFormat)] = []
         for (i, path) in request.images.enumerated() {
-            let file = try lifting { () throws(ImageError) in try opener.open(path, writable: false) }
+            let writable = i == request.images.count - 1 && !request.readOnly
+            let file = try lifting { () throws(ImageError) in try opener.open(path, writable: writable, lock: true) }
             let detected = try lifting { () throws(ImageError) in try ImagePath.detectFormat(file) }
             if i == 0 && request.baseFormat == .raw {
                 if detected == .ploop1 { throw .image(.looksLikePloop1(path)) }
@@ -96,17 +100,14 @@ public final class DeviceModel: Sendable {
         let topIndex = probes.count - 1
         for (i, (path, file, format)) in probes.enumerated() {
             let writable = i == topIndex && !request.readOnly
-            let f: any BlockFile =
-                writable
-                ? TrackingBlockFile(try lifting { () throws(ImageError) in try opener.open(path, writable: true) }, watch: watch)
-                : file
+            let f: any BlockFile = writable ? TrackingBlockFile(file, watch: watch) : file
             switch format {
             case .raw:
                 let bytes = try lifting { () throws(ImageError) in try RawImage(file: f, clusterBytes: cb).virtualBytes() }
-                levels.append(Level(path: path, image: .raw(RawImage(file: f, clusterBytes: cb)), readOnly: !writable, rawBytes: bytes))
+                levels.append(Level(path: path, image: .raw(RawImage(file: f, clusterBytes: cb)), readOnly: !writable, holder: file, rawBytes: bytes))
             case .ploop1:
                 let image = try lifting { () throws(ImageError) in try Ploop1Image(file: f, writable: writable) }
-                levels.append(Level(path: path, image: .ploop1(image), readOnly: !writable))
+                levels.append(Level(path: path, image: .ploop1(image), readOnly: !writable, holder: file))
             }
         }
         let size: UInt64 =

@@ -5,23 +5,29 @@ import Synchronization
 /// How a device opens, creates and removes its image files: real files, or memory in tests (where
 /// crash points are injected).
 public protocol ImageOpener: Sendable {
-    func open(_ path: String, writable: Bool) throws(ImageError) -> any BlockFile
+    /// Opens a file; with `lock`, holds it exclusively for as long as the returned file lives.
+    func open(_ path: String, writable: Bool, lock: Bool) throws(ImageError) -> any BlockFile
     /// Creates a new file; fails if it exists.
     func create(_ path: String) throws(ImageError) -> any BlockFile
     func remove(_ path: String)
 }
 
-/// Files on disk.
+/// Files on disk. With `locking`, every file is `flock`ed exclusively while open, so no other
+/// process (a second mount, an offline merge) can use an image of a running stack.
 public struct PosixOpener: ImageOpener {
-    public init() {}
+    public let locking: Bool
+    public init(locking: Bool = false) { self.locking = locking }
 
-    public func open(_ path: String, writable: Bool) throws(ImageError) -> any BlockFile {
-        try ImagePath.open(path, write: writable)
+    public func open(_ path: String, writable: Bool, lock: Bool) throws(ImageError) -> any BlockFile {
+        let f = try ImagePath.open(path, write: writable)
+        if locking && lock { try ImagePath.lock(f, exclusive: true) }
+        return f
     }
 
     public func create(_ path: String) throws(ImageError) -> any BlockFile {
         if PathInfo.kind(path) != .missing { throw .alreadyExists(path) }
         let f = try PosixBlockFile(path: path, mode: .createNew)
+        if locking { try ImagePath.lock(f, exclusive: true) }
         PathInfo.syncParentDirectory(of: path)
         return f
     }
@@ -43,7 +49,7 @@ public final class MemoryOpener: ImageOpener {
     public func file(_ path: String) -> MemoryBlockFile? { files.withLock { $0[path] } }
     public var paths: [String] { files.withLock { Array($0.keys) } }
 
-    public func open(_ path: String, writable: Bool) throws(ImageError) -> any BlockFile {
+    public func open(_ path: String, writable: Bool, lock: Bool) throws(ImageError) -> any BlockFile {
         guard let f = file(path) else { throw .notFound(path) }
         return wrap(f)
     }

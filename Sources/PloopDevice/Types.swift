@@ -62,11 +62,21 @@ public struct LevelInfo: Sendable, Codable, Equatable {
     public var path: String
     public var format: ImageFormat
     public var readOnly: Bool
+    public init(level: Int, path: String, format: ImageFormat, readOnly: Bool) {
+        self.level = level
+        self.path = path
+        self.format = format
+        self.readOnly = readOnly
+    }
 }
 
 public struct MergeProgress: Sendable, Codable, Equatable {
     public var done: Int
     public var total: Int
+    public init(done: Int, total: Int) {
+        self.done = done
+        self.total = total
+    }
 }
 
 public struct DeviceInfo: Sendable, Codable, Equatable {
@@ -78,6 +88,16 @@ public struct DeviceInfo: Sendable, Codable, Equatable {
     public var running: Bool
     public var levels: [LevelInfo]
     public var mergeProgress: MergeProgress?
+    public init(device: String, backend: String, sizeBytes: UInt64, clusterBytes: Int, state: MaintenanceState, running: Bool, levels: [LevelInfo], mergeProgress: MergeProgress?) {
+        self.device = device
+        self.backend = backend
+        self.sizeBytes = sizeBytes
+        self.clusterBytes = clusterBytes
+        self.state = state
+        self.running = running
+        self.levels = levels
+        self.mergeProgress = mergeProgress
+    }
 }
 
 /// Block I/O on a device, for data paths that must not care which backend serves them.

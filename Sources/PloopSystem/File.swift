@@ -13,6 +13,14 @@ public final class File: Sendable {
         public var create: Bool
         public var exclusive: Bool
         public var direct: Bool = false
+        public init(write: Bool, create: Bool, exclusive: Bool, direct: Bool = false) {
+            self.write = write
+            self.create = create
+            self.exclusive = exclusive
+            self.direct = direct
+        }
+        /// Create if missing, keep if present.
+        public static let createOrOpen = OpenMode(write: true, create: true, exclusive: false)
         public static let readOnly = OpenMode(write: false, create: false, exclusive: false)
         public static let readWrite = OpenMode(write: true, create: false, exclusive: false)
         /// Create a new file; fail if it exists (`O_CREAT|O_EXCL`).

@@ -27,4 +27,26 @@ struct cploop_extent {
 /// the final extent of the file was returned. Returns the count or -errno.
 int cploop_fiemap(int fd, uint64_t start, uint64_t length, struct cploop_extent *out, uint32_t max, int32_t *last);
 
+/// LOOP_CTL_GET_FREE on /dev/loop-control: a free loop index, or -errno.
+int cploop_loop_get_free(void);
+/// LOOP_CONFIGURE of the loop device at `loopdev` over `backing_fd`; 0 or -errno.
+int cploop_loop_configure(const char *loopdev, int backing_fd, int direct_io, int read_only);
+/// LOOP_CLR_FD; 0 or -errno.
+int cploop_loop_clear(const char *loopdev);
+/// LOOP_SET_CAPACITY (re-read the backing file's size); 0 or -errno.
+int cploop_loop_set_capacity(const char *loopdev);
+/// mknod(2) of a block device node; 0 or -errno.
+int cploop_mknod_block(const char *path, unsigned major, unsigned minor, unsigned mode);
+/// major/minor of a block device node; 0 or -errno.
+int cploop_block_numbers(const char *path, unsigned *major, unsigned *minor);
+/// A listening Unix stream socket at `path` (removed first), mode 0600; fd or -errno.
+int cploop_unix_listen(const char *path);
+/// A connected Unix stream socket; fd or -errno.
+int cploop_unix_connect(const char *path);
+/// SO_PEERCRED of a connected Unix socket; 0 or -errno.
+int cploop_peer_credentials(int fd, uint32_t *uid, int32_t *pid);
+/// FIFREEZE / FITHAW on a mount point's fd; 0 or -errno.
+int cploop_fifreeze(int fd);
+int cploop_fithaw(int fd);
+
 #endif

@@ -1,0 +1,240 @@
+import ArgumentParser
+import Foundation
+import PloopDevice
+import PloopFormat
+import PloopImage
+import PloopSimulator
+
+extension Ploop {
+    struct Mount: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Stack images on a ploop device and start it.",
+            discussion: """
+                BASE is level 0 (raw with -f raw, else ploop1); each DELTA stacks on top, the last one \
+                writable. Without -d the first free /dev/ploopN is chosen and printed. With -m the file \
+                system on the device is mounted there too. An image marked in use (left by a crash) is \
+                checked and repaired first; an image a running device holds is refused.
+
+                On a kernel without the ploop module the device is served by the simulator: a daemon \
+                serving the model through FUSE, a loop device on it, and /dev/ploopN leading to that.
+
+                Examples (from the manual):
+                  ploop mount -d /dev/ploop0 root.hdd
+                  ploop mount -m /mnt root.hdd root.hdd.1
+                """
+        )
+
+        @Flag(name: .short, help: "Read-only: every level read-only.")
+        var readOnly = false
+        @Option(name: .short, help: ArgumentHelp("Format of BASE.", valueName: "format"))
+        var format: ImageFormat = .ploop1
+        @Option(name: .short, help: ArgumentHelp("Device to use (/dev/ploopN).", valueName: "device"))
+        var device: String?
+        @Option(name: .short, help: ArgumentHelp("Also mount the file system at this directory.", valueName: "mount-point"))
+        var mountPoint: String?
+        @Option(name: .short, help: ArgumentHelp("File system type for -m.", valueName: "type"))
+        var type: String = "ext4"
+        @Option(name: .short, help: ArgumentHelp("Mount options for -m.", valueName: "options"))
+        var options: String?
+        @Option(name: .short, help: ArgumentHelp("Cluster size in sectors of a lone raw image.", valueName: "blocksize"))
+        var blocksize: UInt32?
+        @OptionGroup var backend: BackendOptions
+        @Flag(help: "Print the result as JSON.")
+        var json = false
+        @Argument(help: ArgumentHelp("BASE [DELTA...], base first.", valueName: "image"))
+        var images: [String] = []
+
+        func validate() throws {
+            if images.isEmpty { throw ValidationError("give the base image (and any deltas): ploop mount BASE [DELTA...]") }
+            if let d = device, DeviceName.index(d) == nil { throw ValidationError("\(d) is not a ploop device name (/dev/ploopN)") }
+        }
+
+        func run() throws {
+            let paths = images.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+            for p in paths { _ = try failing { try ImagePath.open(p, write: false) } }
+            let be = try backend.backend.resolve()
+            if let m = mountPoint {
+                var isDir: ObjCBool = false
+                guard FileManager.default.fileExists(atPath: m, isDirectory: &isDir), isDir.boolValue else {
+                    throw CommandFailure("mount point \(m) is not a directory")
+                }
+            }
+            try DirtyImages.repair(paths, baseFormat: format)
+            let dev = try failing {
+                try be.mount(MountRequest(images: paths, baseFormat: format, readOnly: readOnly, device: device, clusterSectors: blocksize))
+            }
+            if let m = mountPoint {
+                var args = ["mount", "-t", type]
+                if let o = options { args += ["-o", o] }
+                if readOnly { args += ["-o", "ro"] }
+                do { try Mounts.run(args + [dev, m]) } catch {
+                    try? be.umount(dev)
+                    throw error
+                }
+            }
+            if json {
+                print(try Output.json(try failing { try be.info(dev) }))
+            } else {
+                print(dev)
+            }
+        }
+    }
+
+    struct Umount: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Stop a ploop device (unmounting its file system first).",
+            discussion: """
+                Flushes, clears the in-use mark of the top image and releases the device. A device \
+                whose daemon died is cleaned up (its images keep the in-use mark; the next mount \
+                checks them).
+
+                Examples (from the manual):
+                  ploop umount -d /dev/ploop0
+                  ploop umount -m /mnt
+                """
+        )
+
+        @Option(name: .short, help: ArgumentHelp("The device.", valueName: "device"))
+        var device: String?
+        @Option(name: .short, help: ArgumentHelp("The mount point of its file system.", valueName: "mount-point"))
+        var mountPoint: String?
+        @OptionGroup var backend: BackendOptions
+
+        func validate() throws {
+            if (device == nil) == (mountPoint == nil) { throw ValidationError("give either -d DEVICE or -m MOUNT_POINT") }
+        }
+
+        func run() throws {
+            var dev = device
+            if let m = mountPoint {
+                guard let d = Mounts.device(at: m) else { throw CommandFailure("nothing is mounted at \(m)") }
+                guard DeviceName.index(d) != nil else { throw CommandFailure("\(m) is mounted from \(d), not from a ploop device") }
+                dev = d
+            }
+            let be = try backend.backend.resolve()
+            for m in Mounts.mountPoints(of: dev!).reversed() { try Mounts.run(["umount", m]) }
+            try failing { try be.umount(dev!) }
+        }
+    }
+
+    struct Snapshot: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Take a snapshot of a running device: a new empty delta becomes the top.",
+            discussion: """
+                NEWDELTA must not exist. Every write made before the snapshot stays in the old top \
+                (now read-only); later writes go to NEWDELTA.
+
+                Example (from the manual):
+                  ploop snapshot -d /dev/ploop0 root.hdd.1
+                """
+        )
+
+        @Option(name: .short, help: ArgumentHelp("The device.", valueName: "device"))
+        var device: String
+        @OptionGroup var backend: BackendOptions
+        @Argument(help: "The new delta file.")
+        var delta: String
+
+        func run() throws {
+            let be = try backend.backend.resolve()
+            let path = URL(fileURLWithPath: delta).standardizedFileURL.path
+            try failing { try be.snapshot(device, newDelta: path) }
+            print("Snapshot of \(device): new top delta \(path)")
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List ploop devices: backend, levels and images, size, state.",
+            discussion: """
+                Example:
+                  ploop list --json
+                """
+        )
+
+        @Flag(help: "Print as JSON.")
+        var json = false
+        @OptionGroup var backend: BackendOptions
+
+        func run() throws {
+            let be = try backend.backend.resolve()
+            let devices = try failing { try be.list() }
+            if json {
+                print(try Output.json(devices))
+                return
+            }
+            if devices.isEmpty { print("no ploop devices") }
+            for d in devices {
+                let state = d.running ? d.state.description : "DEAD (daemon gone: ploop umount -d \(d.device))"
+                print("\(d.device)  \(d.backend)  \(Output.size(d.sizeBytes))  \(Output.size(UInt64(d.clusterBytes))) clusters  \(state)")
+                for l in d.levels {
+                    print("  \(l.level)  \(l.readOnly ? "ro" : "rw")  \(l.format.rawValue)  \(l.path)")
+                }
+            }
+        }
+    }
+
+    /// The daemon mode of the binary (started by mount; not for users).
+    struct Serve: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "__serve", abstract: "Serve a simulated device (internal).", shouldDisplay: false)
+
+        @Option var index: Int
+        @Option var readyFd: Int32 = -1
+        @Option var threads: Int = 4
+        @Option var runDir: String?
+        @Option var clusterSectors: UInt32?
+        @Flag var readOnly = false
+        @Flag var raw = false
+        @Argument var images: [String] = []
+
+        func run() throws {
+            // Signals go to the daemon's signal thread only.
+            var set = sigset_t()
+            sigemptyset(&set)
+            sigaddset(&set, SIGTERM)
+            sigaddset(&set, SIGINT)
+            pthread_sigmask(SIG_BLOCK, &set, nil)
+            signal(SIGPIPE, SIG_IGN)
+            let ready = readyFd >= 0 ? FileHandle(fileDescriptor: readyFd, closeOnDealloc: true) : nil
+            let daemon: SimulatorDaemon
+            do {
+                daemon = try SimulatorDaemon(.init(
+                    index: index,
+                    request: MountRequest(images: images, baseFormat: raw ? .raw : .ploop1, readOnly: readOnly, device: DeviceName.name(index), clusterSectors: clusterSectors),
+                    threads: threads, paths: RuntimePaths(root: runDir)))
+            } catch {
+                let message = (error as? DeviceError)?.description ?? "\(error)"
+                ready?.write(String(decoding: try JSONEncoder().encode(ReadyLine(ok: false, error: message)), as: UTF8.self) + "\n")
+                throw CommandFailure(message)
+            }
+            ready?.write(String(decoding: try JSONEncoder().encode(ReadyLine(ok: true, error: nil)), as: UTF8.self) + "\n")
+            try? ready?.close()
+            daemon.run()
+        }
+
+        struct ReadyLine: Codable {
+            var ok: Bool
+            var error: String?
+        }
+    }
+}
+
+/// The original's mount-time check: an image marked in use was left by a crash; check and repair it
+/// (dropping the mark) before it is used, unless a running device holds it.
+enum DirtyImages {
+    static func repair(_ paths: [String], baseFormat: ImageFormat) throws {
+        for (i, p) in paths.enumerated() {
+            if i == 0 && baseFormat == .raw { continue }
+            guard let info = try? ImageInfo.read(path: p), info.format == .ploop1, info.inUse else { continue }
+            var o = Checker.Options()
+            o.force = true
+            o.dropInUse = true
+            let r = try failing { try Checker.check(path: p, options: o) }
+            let fixed = r.findings.filter { $0.action == .fixed }.map(\.message)
+            FileHandle.standardError.write("ploop: \(p) was not closed cleanly; checked: \(fixed.joined(separator: "; "))\n")
+            guard r.status == .ok else {
+                throw CommandFailure("\(p) needs repair before it can be mounted: run 'ploop check -f \(p)' (\(r.findings.map(\.message).joined(separator: "; ")))")
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+import CPloopFuse
+import CPloopSys
+import Foundation
+import PloopDevice
+import PloopImage
+import PloopSystem
+import Synchronization
+
+/// The daemon behind one simulated device: it holds the `DeviceModel`, serves it as a FUSE file,
+/// attaches a loop device to that file, makes `/dev/ploopN` lead to the loop device, and answers
+/// maintenance requests on its control socket. Started by `ploop mount` as `ploop __serve`.
+public final class SimulatorDaemon: @unchecked Sendable {
+    public struct Options: Sendable {
+        public var index: Int
+        public var request: MountRequest
+        public var threads: Int
+        public var paths: RuntimePaths
+        public init(index: Int, request: MountRequest, threads: Int = 4, paths: RuntimePaths = RuntimePaths()) {
+            self.index = index
+            self.request = request
+            self.threads = threads
+            self.paths = paths
+        }
+    }
+
+    let options: Options
+    let model: DeviceModel
+    let device: String
+    private var fuse: OpaquePointer?
+    private var loop = ""
+    private var replacedNode: [UInt32]?
+    private let stateLock = NSLock()
+    private let stopping = Atomic<Bool>(false)
+    private var listenFD: Int32 = -1
+
+    /// Builds everything; on failure, tears down what was built and rethrows.
+    public init(_ options: Options) throws {
+        self.options = options
+        self.device = DeviceName.name(options.index)
+        let dir = options.paths.directory(options.index)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        do {
+            model = try DeviceModel(options.request, opener: PosixOpener(locking: true))
+        } catch {
+            try? FileManager.default.removeItem(atPath: dir)
+            throw error
+        }
+        do {
+            try start()
+        } catch {
+            teardown()
+            throw error
+        }
+    }
+
+    private func start() throws {
+        let file = options.paths.fuseFile(options.index)
+        FileManager.default.createFile(atPath: file, contents: nil, attributes: [.posixPermissions: 0o600])
+        var cb = cploop_fuse_callbacks()
+        cb.ctx = Unmanaged.passUnretained(self).toOpaque()
+        cb.size = { ctx in SimulatorDaemon.from(ctx).model.sizeBytes }
+        cb.read = { ctx, buf, size, off in
+            let d = SimulatorDaemon.from(ctx)
+            do {
+                try d.model.read(into: UnsafeMutableRawBufferPointer(start: buf, count: Int(size)), at: off)
+                return Int64(size)
+            } catch { return -Int64(SimulatorDaemon.errno(for: error)) }
+        }
+        cb.write = { ctx, buf, size, off in
+            let d = SimulatorDaemon.from(ctx)
+            do {
+                try d.model.write(UnsafeRawBufferPointer(start: buf, count: Int(size)), at: off)
+                return Int64(size)
+            } catch { return -Int64(SimulatorDaemon.errno(for: error)) }
+        }
+        cb.flush = { ctx in
+            do { try SimulatorDaemon.from(ctx).model.flush(); return 0 } catch { return -SimulatorDaemon.errno(for: error) }
+        }
+        cb.fallocate = { ctx, mode, off, len in
+            let d = SimulatorDaemon.from(ctx)
+            // PUNCH_HOLE|KEEP_SIZE (discard) and ZERO_RANGE|KEEP_SIZE (write zeroes) both leave
+            // zeros; plain allocation has nothing to do. Never ENOSYS: loop would turn discard off.
+            switch mode {
+            case 0x03, 0x11, 0x10, 0x01:
+                do { try d.model.writeZeroes(at: off, length: len); return 0 } catch { return -SimulatorDaemon.errno(for: error) }
+            case 0:
+                return 0
+            default:
+                return -EOPNOTSUPP
+            }
+        }
+        var err: Int32 = 0
+        guard let f = cploop_fuse_mount(file, &cb, &err) else {
+            throw DeviceError.system("FUSE mount at \(file) (is /dev/fuse there and are you root?)", errno: -err)
+        }
+        fuse = f
+        let threads = Int32(options.threads)
+        nonisolated(unsafe) let session = f
+        Thread { cploop_fuse_loop(session, threads) }.start()
+        loop = try Loop.attach(file, readOnly: options.request.readOnly)
+        replacedNode = try Loop.linkNode(device, to: loop)
+        try saveState()
+        let fd = cploop_unix_listen(options.paths.socket(options.index))
+        guard fd >= 0 else { throw DeviceError.system("control socket", errno: -fd) }
+        listenFD = fd
+    }
+
+    static func from(_ ctx: UnsafeMutableRawPointer?) -> SimulatorDaemon {
+        Unmanaged<SimulatorDaemon>.fromOpaque(ctx!).takeUnretainedValue()
+    }
+
+    static func errno(for error: Error) -> Int32 {
+        switch error as? DeviceError {
+        case .readOnly: EROFS
+        case .outOfRange: EINVAL
+        case .image(.io(let e)): e.errno
+        default: EIO
+        }
+    }
+
+    func saveState() throws {
+        stateLock.lock()
+        defer { stateLock.unlock() }
+        let info = model.info(device: device, backend: "simulator")
+        let st = RuntimeState(
+            device: device, index: options.index, pid: getpid(), images: info.levels.map(\.path),
+            baseFormat: info.levels.first?.format ?? .ploop1, readOnly: options.request.readOnly,
+            clusterBytes: info.clusterBytes, sizeBytes: info.sizeBytes, loop: loop,
+            fuseFile: options.paths.fuseFile(options.index), state: info.state, replacedNode: replacedNode)
+        try st.write(options.paths.state(options.index))
+    }
+
+    /// Accepts control connections until umount; each connection is served on its own thread.
+    public func run() {
+        let sigs = Thread { [self] in
+            var set = sigset_t()
+            sigemptyset(&set)
+            sigaddset(&set, SIGTERM)
+            sigaddset(&set, SIGINT)
+            var sig: Int32 = 0
+            sigwait(&set, &sig)
+            try? shutdown(force: true)
+            exit(0)
+        }
+        sigs.start()
+        while !stopping.load(ordering: .relaxed) {
+            let c = accept(listenFD, nil, nil)
+            if c < 0 {
+                if Glibc.errno == EINTR { continue }
+                if stopping.load(ordering: .relaxed) { break }
+                continue
+            }
+            var uid: UInt32 = 0
+            var pid: Int32 = 0
+            if cploop_peer_credentials(c, &uid, &pid) != 0 || (uid != 0 && uid != getuid()) {
+                close(c)
+                continue
+            }
+            Thread { [self] in serve(LineChannel(fd: c)) }.start()
+        }
+    }
+
+    func serve(_ ch: LineChannel) {
+        while let req = try? ch.receive(Wire.Request.self) {
+            var resp: Wire.Response
+            if req.version != Wire.version {
+                resp = .failure(.invalid("control protocol version \(req.version) is not \(Wire.version): use the same ploop binary"))
+            } else {
+                do {
+                    resp = try handle(req, ch)
+                } catch let e as DeviceError {
+                    resp = .failure(e)
+                } catch {
+                    resp = .failure(.invalid("\(error)"))
+                }
+            }
+            try? saveState()
+            try? ch.send(resp)
+            if req.op == .umount && resp.ok {
+                exit(0)
+            }
+        }
+    }
+
+    func handle(_ r: Wire.Request, _ ch: LineChannel) throws -> Wire.Response {
+        var out = Wire.Response()
+        switch r.op {
+        case .info:
+            out.info = model.info(device: device, backend: "simulator")
+        case .umount:
+            try shutdown(force: false)
+        case .snapshot:
+            try model.snapshot(newDelta: r.path ?? "")
+        case .merge:
+            guard let l = r.levels, l.count == 2 else { throw DeviceError.invalid("merge needs two levels") }
+            out.paths = try model.merge(levels: l[0]...l[1]) { done, total in
+                var p = Wire.Response()
+                p.progress = MergeProgress(done: done, total: total)
+                try? ch.send(p)
+            }
+        case .grow:
+            try model.grow(toSectors: r.sizeSectors ?? 0)
+            if let f = fuse { _ = cploop_fuse_invalidate(f) }
+            try Loop.refreshCapacity(loop)
+        case .sync:
+            try model.sync()
+        case .balloon:
+            out.balloon = try model.balloon(inflate: r.inflate ?? false, keepIntact: r.keepIntact ?? false)
+        case .loadFreeBlocks:
+            out.value = UInt64(try model.loadFreeBlocks(level: r.level ?? -1, extents: r.freeExtents ?? []))
+        case .freeBlockList:
+            out.freeExtents = model.freeBlockList()
+        case .filterFreeBlocks:
+            try model.filterFreeBlocks(minLength: r.minLength ?? 0)
+        case .dropFreeBlocks:
+            try model.dropFreeBlocks()
+        case .relocateBlocks:
+            out.value = UInt64(try model.relocateBlocks(level: r.level ?? -1, allocHead: r.allocHead ?? 0, extents: r.relocExtents ?? []))
+        case .trackInit:
+            out.value = try model.trackInit()
+        case .trackSetPosition:
+            try model.trackSetPosition(r.position ?? 0)
+        case .trackRead:
+            if let range = try model.trackRead() {
+                out.range = [range.lowerBound, range.upperBound]
+            }
+        case .trackStop:
+            try model.trackStop()
+        case .trackAbort:
+            try model.trackAbort()
+        }
+        return out
+    }
+
+    /// Stops the device: refuses while a file system holds it (unless forced by a signal), then
+    /// detaches the loop device, removes the node, unmounts FUSE, stops the model (clean images)
+    /// and removes the runtime directory.
+    func shutdown(force: Bool) throws {
+        if !force {
+            if Loop.isBusy(device) { throw DeviceError.deviceInUse("\(device) (a file system is mounted on it: umount it first, or use 'ploop umount -m')") }
+            let st = model.state
+            if st != .off { throw DeviceError.busy(st) }
+        }
+        stopping.store(true, ordering: .relaxed)
+        teardown()
+    }
+
+    private func teardown() {
+        if !loop.isEmpty {
+            try? Loop.detach(loop)
+            Loop.unlinkNode(device, restoring: replacedNode)
+            loop = ""
+        }
+        if let f = fuse {
+            cploop_fuse_exit(f)
+            cploop_fuse_destroy(f)
+            fuse = nil
+        }
+        try? model.stop()
+        if listenFD >= 0 { close(listenFD) }
+        try? FileManager.default.removeItem(atPath: options.paths.directory(options.index))
+    }
+}

@@ -1,0 +1,346 @@
+import CPloopSys
+import Foundation
+import PloopDevice
+import PloopImage
+import PloopSystem
+
+/// `DeviceBackend` for kernels without the ploop module: each device is a daemon (`ploop __serve`)
+/// serving a `DeviceModel` through FUSE and a loop device; this is its client.
+public final class SimulatorBackend: DeviceBackend {
+    public let name = "simulator"
+    public let paths: RuntimePaths
+    /// The `ploop` binary to start daemons with.
+    public let executable: String
+    public let threads: Int
+
+    public init(executable: String? = nil, paths: RuntimePaths = RuntimePaths(), threads: Int = 4) {
+        self.paths = paths
+        self.threads = threads
+        self.executable = executable ?? ProcessInfo.processInfo.environment["PLOOP_BINARY"] ?? Self.selfExecutable()
+    }
+
+    static func selfExecutable() -> String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    }
+
+    /// Why this backend cannot run here, or nil.
+    public static func unavailableReason() -> String? {
+        if getuid() != 0 { return "the simulator needs root (FUSE allow_other, loop devices, /dev nodes)" }
+        if access("/dev/fuse", R_OK | W_OK) != 0 { return "/dev/fuse is missing (modprobe fuse; apt-get install fuse3)" }
+        if access("/dev/loop-control", R_OK | W_OK) != 0 { return "/dev/loop-control is missing (modprobe loop)" }
+        return nil
+    }
+
+    func index(_ device: String) throws(DeviceError) -> Int {
+        guard let n = DeviceName.index(device) else { throw .noSuchDevice(device) }
+        return n
+    }
+
+    // MARK: - Mount
+
+    public func mount(_ request: MountRequest) throws(DeviceError) -> String {
+        if let why = Self.unavailableReason() { throw .unavailable(why) }
+        do { try paths.ensureRoot() } catch { throw .system("creating \(paths.root)", errno: EACCES) }
+        // One mount at a time picks a device and starts its daemon.
+        let lock: File
+        do {
+            lock = try File(path: paths.lock, mode: .createOrOpen)
+        } catch { throw .system("\(paths.lock)", errno: error.errno) }
+        while (try? lock.tryLock(.exclusive)) != true { usleep(10_000) }
+        defer { lock.unlock() }
+        let n: Int
+        if let d = request.device {
+            guard let i = DeviceName.index(d) else { throw .invalid("\(d) is not a ploop device name (/dev/ploopN)") }
+            if FileManager.default.fileExists(atPath: paths.directory(i)) { throw .deviceInUse(d) }
+            if let (major, _) = Loop.numbers(d), major != 182 {
+                throw .deviceInUse("\(d) (a block device that is not ploop's)")
+            }
+            n = i
+        } else {
+            n = (0..<4096).first { i in
+                !FileManager.default.fileExists(atPath: paths.directory(i))
+                    && (Loop.numbers(DeviceName.name(i)).map { $0.0 == 182 } ?? !FileManager.default.fileExists(atPath: DeviceName.name(i)))
+            } ?? 4096
+        }
+        try spawn(index: n, request)
+        return DeviceName.name(n)
+    }
+
+    /// Starts the daemon detached (own session) and waits until it reports ready or failed.
+    func spawn(index n: Int, _ request: MountRequest) throws(DeviceError) {
+        let dir = paths.directory(n)
+        do {
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        } catch { throw .system("creating \(dir)", errno: EACCES) }
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { throw .system("pipe", errno: errno) }
+        var args = [executable, "__serve", "--index", "\(n)", "--ready-fd", "3", "--threads", "\(threads)", "--run-dir", paths.root]
+        if request.readOnly { args.append("--read-only") }
+        if request.baseFormat == .raw { args.append("--raw") }
+        if let c = request.clusterSectors { args += ["--cluster-sectors", "\(c)"] }
+        args += ["--"] + request.images.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, paths.log(n), O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        posix_spawn_file_actions_adddup2(&actions, fds[1], 3)
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        posix_spawnattr_setflags(&attr, Int16(0x80))  // POSIX_SPAWN_SETSID
+        var pid: pid_t = 0
+        let cargs = args.map { strdup($0) } + [nil]
+        defer { for a in cargs { free(a) } }
+        let r = posix_spawn(&pid, executable, &actions, &attr, cargs, environ)
+        close(fds[1])
+        guard r == 0 else {
+            close(fds[0])
+            try? FileManager.default.removeItem(atPath: dir)
+            throw .system("starting \(executable) __serve", errno: r)
+        }
+        let ch = LineChannel(fd: fds[0])
+        let line = (try? ch.receive(ReadyLine.self)) ?? nil
+        if let line, line.ok { return }
+        // Failed: reap the daemon and leave nothing behind.
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        let log = (try? String(contentsOfFile: paths.log(n), encoding: .utf8)) ?? ""
+        try? FileManager.default.removeItem(atPath: dir)
+        throw .invalid(line?.error ?? "the device daemon exited before it was ready: \(log.trimmingCharacters(in: .whitespacesAndNewlines))")
+    }
+
+    struct ReadyLine: Codable {
+        var ok: Bool
+        var error: String?
+    }
+
+    // MARK: - Requests
+
+    func call(_ device: String, _ req: Wire.Request, progress: (@Sendable (Int, Int) -> Void)? = nil) throws(DeviceError) -> Wire.Response {
+        let n = try index(device)
+        guard FileManager.default.fileExists(atPath: paths.directory(n)) else { throw .noSuchDevice(device) }
+        let fd = cploop_unix_connect(paths.socket(n))
+        guard fd >= 0 else {
+            throw .notRunning("\(device) (its daemon is gone: 'ploop umount -d \(device)' cleans up, then mount again)")
+        }
+        let ch = LineChannel(fd: fd)
+        do {
+            try ch.send(req)
+            while let resp = try ch.receive(Wire.Response.self) {
+                if let p = resp.progress {
+                    progress?(p.done, p.total)
+                    continue
+                }
+                if let e = resp.error { throw e.deviceError }
+                return resp
+            }
+        } catch let e as DeviceError {
+            throw e
+        } catch {
+            throw .system("control socket of \(device)", errno: EPROTO)
+        }
+        if req.op == .umount { return Wire.Response() }
+        throw .notRunning("\(device) (its daemon stopped while answering)")
+    }
+
+    public func umount(_ device: String) throws(DeviceError) {
+        let n = try index(device)
+        guard let st = RuntimeState.read(paths.state(n)) else {
+            if FileManager.default.fileExists(atPath: paths.directory(n)) {
+                try? FileManager.default.removeItem(atPath: paths.directory(n))
+                return
+            }
+            throw .noSuchDevice(device)
+        }
+        if processAlive(st.pid) {
+            do throws(DeviceError) {
+                _ = try call(device, Wire.Request(.umount))
+                // Wait for the daemon to be gone, so its images are unlocked when we return.
+                for _ in 0..<500 where processAlive(st.pid) && !isZombie(st.pid) { usleep(10_000) }
+                return
+            } catch .notRunning {
+                // Fall through to cleaning up after a dead daemon.
+            } catch { throw error }
+        }
+        cleanupDead(st)
+    }
+
+    func isZombie(_ pid: Int32) -> Bool {
+        guard let s = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
+        return s.contains(") Z ")
+    }
+
+    /// After a daemon died (SIGKILL, crash): detach the loop device, drop the FUSE mount, restore
+    /// the node, remove the runtime directory. The images keep their in-use mark; the next mount
+    /// checks them.
+    func cleanupDead(_ st: RuntimeState) {
+        if !st.loop.isEmpty { try? Loop.detach(st.loop) }
+        Loop.unlinkNode(st.device, restoring: st.replacedNode)
+        umount2(st.fuseFile, Int32(MNT_DETACH))
+        try? FileManager.default.removeItem(atPath: paths.directory(st.index))
+    }
+
+    public func snapshot(_ device: String, newDelta: String) throws(DeviceError) {
+        var r = Wire.Request(.snapshot)
+        r.path = URL(fileURLWithPath: newDelta).standardizedFileURL.path
+        _ = try call(device, r)
+    }
+
+    public func merge(_ device: String, levels: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] {
+        var r = Wire.Request(.merge)
+        r.levels = [levels.lowerBound, levels.upperBound]
+        return try call(device, r, progress: progress).paths ?? []
+    }
+
+    public func grow(_ device: String, sizeSectors: UInt64) throws(DeviceError) {
+        var r = Wire.Request(.grow)
+        r.sizeSectors = sizeSectors
+        _ = try call(device, r)
+    }
+
+    public func sync(_ device: String) throws(DeviceError) {
+        // Push what the block layer still caches down to the daemon first.
+        let fd = open(device, O_RDONLY | O_CLOEXEC)
+        if fd >= 0 {
+            fsync(fd)
+            close(fd)
+        }
+        _ = try call(device, Wire.Request(.sync))
+    }
+
+    public func balloon(_ device: String, inflate: Bool, keepIntact: Bool) throws(DeviceError) -> BalloonReply {
+        var r = Wire.Request(.balloon)
+        r.inflate = inflate
+        r.keepIntact = keepIntact
+        guard let b = try call(device, r).balloon else { throw .system("balloon reply", errno: EPROTO) }
+        return b
+    }
+
+    public func loadFreeBlocks(_ device: String, level: Int, extents: [FreeExtent]) throws(DeviceError) -> UInt32 {
+        var r = Wire.Request(.loadFreeBlocks)
+        r.level = level
+        r.freeExtents = extents
+        return UInt32(try call(device, r).value ?? 0)
+    }
+
+    public func freeBlockList(_ device: String) throws(DeviceError) -> [FreeExtent] {
+        try call(device, Wire.Request(.freeBlockList)).freeExtents ?? []
+    }
+
+    public func filterFreeBlocks(_ device: String, minLength: UInt32) throws(DeviceError) {
+        var r = Wire.Request(.filterFreeBlocks)
+        r.minLength = minLength
+        _ = try call(device, r)
+    }
+
+    public func dropFreeBlocks(_ device: String) throws(DeviceError) { _ = try call(device, Wire.Request(.dropFreeBlocks)) }
+
+    public func relocateBlocks(_ device: String, level: Int, allocHead: UInt32, extents: [RelocExtent]) throws(DeviceError) -> UInt32 {
+        var r = Wire.Request(.relocateBlocks)
+        r.level = level
+        r.allocHead = allocHead
+        r.relocExtents = extents
+        return UInt32(try call(device, r).value ?? 0)
+    }
+
+    public func trackInit(_ device: String) throws(DeviceError) -> UInt64 { try call(device, Wire.Request(.trackInit)).value ?? 0 }
+
+    public func trackSetPosition(_ device: String, _ position: UInt64) throws(DeviceError) {
+        var r = Wire.Request(.trackSetPosition)
+        r.position = position
+        _ = try call(device, r)
+    }
+
+    public func trackRead(_ device: String) throws(DeviceError) -> Range<UInt64>? {
+        guard let r = try call(device, Wire.Request(.trackRead)).range, r.count == 2 else { return nil }
+        return r[0]..<r[1]
+    }
+
+    public func trackStop(_ device: String) throws(DeviceError) { _ = try call(device, Wire.Request(.trackStop)) }
+    public func trackAbort(_ device: String) throws(DeviceError) { _ = try call(device, Wire.Request(.trackAbort)) }
+
+    public func info(_ device: String) throws(DeviceError) -> DeviceInfo {
+        let n = try index(device)
+        do throws(DeviceError) {
+            guard let i = try call(device, Wire.Request(.info)).info else { throw DeviceError.system("info reply", errno: EPROTO) }
+            return i
+        } catch .notRunning {
+            guard let st = RuntimeState.read(paths.state(n)) else { throw .noSuchDevice(device) }
+            return Self.info(from: st)
+        } catch { throw error }
+    }
+
+    static func info(from st: RuntimeState) -> DeviceInfo {
+        DeviceInfo(
+            device: st.device, backend: "simulator", sizeBytes: st.sizeBytes, clusterBytes: st.clusterBytes, state: st.state,
+            running: false,
+            levels: st.images.enumerated().map {
+                LevelInfo(level: $0.offset, path: $0.element, format: $0.offset == 0 ? st.baseFormat : .ploop1, readOnly: st.readOnly || $0.offset < st.images.count - 1)
+            }, mergeProgress: nil)
+    }
+
+    public func list() throws(DeviceError) -> [DeviceInfo] {
+        paths.indexes().compactMap { n in
+            guard let st = RuntimeState.read(paths.state(n)) else { return nil }
+            return (try? info(st.device)) ?? Self.info(from: st)
+        }
+    }
+
+    public func openIO(_ device: String) throws(DeviceError) -> any DeviceIO {
+        _ = try index(device)
+        let fd = open(device, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw .system("open \(device)", errno: errno) }
+        return BlockDeviceIO(fd: fd, path: device)
+    }
+}
+
+/// Block I/O on a device node.
+public final class BlockDeviceIO: DeviceIO, @unchecked Sendable {
+    let fd: Int32
+    let path: String
+    init(fd: Int32, path: String) {
+        self.fd = fd
+        self.path = path
+    }
+    deinit { close(fd) }
+
+    public var sizeBytes: UInt64 {
+        get throws(DeviceError) {
+            let end = lseek(fd, 0, SEEK_END)
+            guard end >= 0 else { throw .system("size of \(path)", errno: errno) }
+            return UInt64(end)
+        }
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DeviceError) {
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .system("read \(path)", errno: errno)
+            }
+            if n == 0 { throw .outOfRange(offset: offset, length: buffer.count, size: (try? sizeBytes) ?? 0) }
+            done += n
+        }
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DeviceError) {
+        var done = 0
+        while done < buffer.count {
+            let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .system("write \(path)", errno: errno)
+            }
+            if n == 0 { throw .outOfRange(offset: offset, length: buffer.count, size: (try? sizeBytes) ?? 0) }
+            done += n
+        }
+    }
+
+    public func flush() throws(DeviceError) {
+        if fsync(fd) != 0 { throw .system("fsync \(path)", errno: errno) }
+    }
+}
