@@ -37,7 +37,7 @@ let package = Package(
         .target(
             name: "PloopCommands",
             dependencies: [
-                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator",
+                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "CPloopSys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings
@@ -53,7 +53,7 @@ let package = Package(
         .testTarget(name: "PloopImageTests", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
         .testTarget(
             name: "PloopDeviceTests",
-            dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopTestSupport"],
+            dependencies: ["PloopDevice", "PloopSimulator", "PloopImage", "PloopFormat", "PloopTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

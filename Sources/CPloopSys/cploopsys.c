@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <sys/sysmacros.h>
 #include <sys/un.h>
+#include <sys/syscall.h>
 
 int cploop_o_direct(void) { return O_DIRECT; }
 
@@ -158,3 +159,10 @@ int cploop_peer_credentials(int fd, uint32_t *uid, int32_t *pid) {
 
 int cploop_fifreeze(int fd) { return ioctl(fd, FIFREEZE, 0) == 0 ? 0 : -errno; }
 int cploop_fithaw(int fd) { return ioctl(fd, FITHAW, 0) == 0 ? 0 : -errno; }
+
+void cploop_close_from(int first) {
+#ifdef SYS_close_range
+    if (syscall(SYS_close_range, (unsigned)first, ~0U, 0) == 0) return;
+#endif
+    for (int fd = first; fd < 65536; fd++) close(fd);
+}

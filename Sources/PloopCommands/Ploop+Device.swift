@@ -4,6 +4,7 @@ import PloopDevice
 import PloopFormat
 import PloopImage
 import PloopSimulator
+import CPloopSys
 
 extension Ploop {
     struct Mount: ParsableCommand {
@@ -195,6 +196,9 @@ extension Ploop {
             sigaddset(&set, SIGINT)
             pthread_sigmask(SIG_BLOCK, &set, nil)
             signal(SIGPIPE, SIG_IGN)
+            // Keep only stdin/out/err and the readiness pipe: whatever else the starter had open
+            // (its caller's pipes) must not stay open for the daemon's lifetime.
+            cploop_close_from(max(readyFd, 2) + 1)
             let ready = readyFd >= 0 ? FileHandle(fileDescriptor: readyFd, closeOnDealloc: true) : nil
             let daemon: SimulatorDaemon
             do {

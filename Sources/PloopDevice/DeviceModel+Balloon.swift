@@ -4,6 +4,7 @@ import PloopImage
 extension DeviceModel {
     func topPloop1() throws(DeviceError) -> (Ploop1Image, Int) {
         try stack.read { s throws(DeviceError) in
+            guard s.running else { throw .notRunning("device") }
             guard case .ploop1(let i) = s.top.image, !s.top.readOnly else {
                 throw .notSupported("balloon operations need a writable ploop1 top delta")
             }
@@ -13,6 +14,7 @@ extension DeviceModel {
 
     /// PLOOP_IOC_BALLOON.
     public func balloon(inflate: Bool, keepIntact: Bool) throws(DeviceError) -> BalloonReply {
+        try requireRunning()
         if inflate && !keepIntact { _ = try topPloop1() }
         let (level, head) = stack.read { s -> (Int, UInt32) in
             if case .ploop1(let i) = s.top.image { return (s.levels.count - 1, i.allocHead) }

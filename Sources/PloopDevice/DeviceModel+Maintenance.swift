@@ -4,9 +4,14 @@ import PloopImage
 extension DeviceModel {
     /// Runs an exclusive maintenance operation in its state, back to OFF afterwards (also on error).
     func maintenance<T>(_ op: MaintenanceState, _ body: () throws(DeviceError) -> T) throws(DeviceError) -> T {
+        try requireRunning()
         try control.withLock { c throws(DeviceError) in try c.machine.begin(op) }
         defer { control.withLock { $0.machine.end(op) } }
         return try body()
+    }
+
+    func requireRunning() throws(DeviceError) {
+        guard stack.read({ $0.running }) else { throw .notRunning("device") }
     }
 
     // MARK: - Snapshot

@@ -4,9 +4,10 @@ extension DeviceModel {
     /// The current end of the top image file, in bytes.
     func topEnd() throws(DeviceError) -> UInt64 {
         try stack.read { s throws(DeviceError) -> UInt64 in
+            guard s.running else { throw .notRunning("device") }
             switch s.top.image {
-            case .ploop1(let i): UInt64(i.allocHead) * UInt64(clusterBytes)
-            case .raw(let r): try lifting { () throws(ImageError) in try r.file.size() }
+            case .ploop1(let i): return UInt64(i.allocHead) * UInt64(clusterBytes)
+            case .raw(let r): return try lifting { () throws(ImageError) in try r.file.size() }
             }
         }
     }
@@ -56,5 +57,5 @@ extension DeviceModel {
     }
 
     /// Path of the top image (what a copier reads).
-    public var topImagePath: String { stack.read { $0.top.path } }
+    public var topImagePath: String? { stack.read { $0.levels.last?.path } }
 }

@@ -134,6 +134,8 @@ public final class DeviceModel: Sendable {
                 }
             }
             s.running = false
+            // Close every file now (and with them their locks), not when the model goes away.
+            s.levels = []
         }
     }
 
@@ -153,6 +155,8 @@ public final class DeviceModel: Sendable {
 
     /// The image paths, base first.
     public var imagePaths: [String] { stack.read { $0.levels.map(\.path) } }
+
+    public var isRunning: Bool { stack.read { $0.running } }
 
     // MARK: - Data path
 
@@ -334,7 +338,7 @@ public final class DeviceModel: Sendable {
     /// Makes every acknowledged write durable (data, then BAT).
     public func flush() throws(DeviceError) {
         try stack.read { s throws(DeviceError) in
-            guard !s.top.readOnly else { return }
+            guard s.running, !s.top.readOnly else { return }
             switch s.top.image {
             case .ploop1(let i): try lifting { () throws(ImageError) in try i.flush() }
             case .raw(let r): try lifting { () throws(ImageError) in try r.file.sync() }

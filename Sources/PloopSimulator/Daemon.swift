@@ -242,6 +242,8 @@ public final class SimulatorDaemon: @unchecked Sendable {
             if st != .off { throw DeviceError.busy(st) }
         }
         stopping.store(true, ordering: .relaxed)
+        // Whatever the block layer still caches for the device goes down to the model first.
+        Loop.flushBlockDevice(device)
         teardown()
     }
 

@@ -81,6 +81,14 @@ enum Loop {
         if let r = replaced, r.count == 2 { _ = cploop_mknod_block(node, r[0], r[1], 0o660) }
     }
 
+    /// fsync of a block device node: its cached dirty pages are written to the device.
+    static func flushBlockDevice(_ node: String) {
+        let fd = open(node, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        fsync(fd)
+        close(fd)
+    }
+
     /// Whether a block device is held open exclusively (a mounted file system holds it).
     static func isBusy(_ node: String) -> Bool {
         let fd = open(node, O_RDONLY | O_EXCL | O_CLOEXEC)

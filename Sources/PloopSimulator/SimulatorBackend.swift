@@ -158,7 +158,16 @@ public final class SimulatorBackend: DeviceBackend {
             do throws(DeviceError) {
                 _ = try call(device, Wire.Request(.umount))
                 // Wait for the daemon to be gone, so its images are unlocked when we return.
-                for _ in 0..<500 where processAlive(st.pid) && !isZombie(st.pid) { usleep(10_000) }
+                for _ in 0..<1000 {
+                    if !processAlive(st.pid) { break }
+                    if isZombie(st.pid) {
+                        // Started by this process: reap it (elsewhere waitpid says ECHILD, harmlessly).
+                        var status: Int32 = 0
+                        waitpid(st.pid, &status, WNOHANG)
+                        break
+                    }
+                    usleep(10_000)
+                }
                 return
             } catch .notRunning {
                 // Fall through to cleaning up after a dead daemon.
@@ -202,11 +211,7 @@ public final class SimulatorBackend: DeviceBackend {
 
     public func sync(_ device: String) throws(DeviceError) {
         // Push what the block layer still caches down to the daemon first.
-        let fd = open(device, O_RDONLY | O_CLOEXEC)
-        if fd >= 0 {
-            fsync(fd)
-            close(fd)
-        }
+        Loop.flushBlockDevice(device)
         _ = try call(device, Wire.Request(.sync))
     }
 

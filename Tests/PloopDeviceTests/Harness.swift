@@ -2,6 +2,7 @@ import Foundation
 import PloopDevice
 import PloopFormat
 import PloopImage
+import PloopSimulator
 import PloopTestSupport
 import Synchronization
 import Testing
@@ -13,13 +14,20 @@ struct Harness: Sendable, CustomTestStringConvertible {
     /// nil when available; else why not (printed as the skip reason).
     var unavailable: @Sendable () -> String?
     var make: @Sendable () throws -> any DeviceBackend
+    /// Real devices: one test at a time across the whole run.
+    var exclusive = false
     var testDescription: String { name }
 
     static let inProcess = Harness(name: "in-process", unavailable: { nil }, make: { InProcessBackend() })
 
-    static var all: [Harness] { [inProcess] + extra.withLock { $0 } }
-    /// Harnesses registered by other test files (simulator, kernel with fake transport).
-    static let extra = Mutex<[Harness]>([])
+    /// The simulator through its real stack (FUSE, loop, /dev/ploopN), driven by the built binary.
+    static let simulator = Harness(
+        name: "simulator", unavailable: { TestSupport.simulatorUnavailable },
+        make: { SimulatorBackend(executable: TestSupport.ploopBinary) }, exclusive: true)
+
+    /// Every backend that can run here. A backend that cannot is reported by
+    /// `BackendAvailabilityTests` with the reason.
+    static var all: [Harness] { [inProcess, simulator].filter { $0.unavailable() == nil } }
 }
 
 /// Files for one test and the reference content of the device.
@@ -30,13 +38,18 @@ final class Bench: @unchecked Sendable {
     static let cs: UInt32 = 128  // 64 KiB clusters keep images small
     static var cb: Int { Int(cs) * 512 }
 
+    let exclusive: Bool
+
     init(_ h: Harness) throws {
+        exclusive = h.exclusive
+        if exclusive { DeviceTestLock.acquire() }
         dir = try ScratchDirectory("ploop-conf")
         backend = try h.make()
     }
 
     deinit {
         if let d = device { try? backend.umount(d) }
+        if exclusive { DeviceTestLock.release() }
     }
 
     func path(_ name: String) -> String { dir.file(name) }
@@ -211,4 +224,15 @@ func expectSame(_ got: [UInt8], _ want: [UInt8], _ context: @autoclosure () -> S
     let n = min(got.count, want.count)
     let first = (0..<n).first { got[$0] != want[$0] } ?? n
     Issue.record("\(context()): bytes differ at \(first) (cluster \(first / Bench.cb)); sizes \(got.count) vs \(want.count)", sourceLocation: sourceLocation)
+}
+
+/// Says, in the test output, which backends the conformance suite skipped and why.
+struct BackendAvailabilityTests {
+    @Test(.enabled(if: Harness.simulator.unavailable() == nil, "conformance through the simulator skipped: \(Harness.simulator.unavailable() ?? "")"))
+    func simulatorJoinsTheConformanceSuite() {
+        #expect(Harness.all.contains { $0.name == "simulator" })
+    }
+
+    @Test(.disabled("conformance through the kernel backend: not part of this build yet (issue 8)"))
+    func kernelJoinsTheConformanceSuite() {}
 }

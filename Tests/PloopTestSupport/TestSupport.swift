@@ -108,3 +108,42 @@ public final class ScratchDirectory: @unchecked Sendable {
         [UInt8](FileManager.default.contents(atPath: file(name)) ?? Data())
     }
 }
+
+/// Serialises tests that use real devices (loop, FUSE, /dev nodes), across suites and targets, so
+/// each can tell what it created and the 2-core machine is not oversubscribed.
+public enum DeviceTestLock {
+    private static let semaphore = DispatchSemaphore(value: 1)
+    public static func acquire() { semaphore.wait() }
+    public static func release() { semaphore.signal() }
+    public static func run<T>(_ body: () throws -> T) rethrows -> T {
+        acquire()
+        defer { release() }
+        return try body()
+    }
+}
+
+extension TestSupport {
+    /// Runs a tool and fails the test's expectations with its output when it exits non-zero.
+    @discardableResult
+    public static func sh(_ tool: String, _ args: String...) throws -> Result {
+        try run(which(tool) ?? "/usr/bin/\(tool)", args)
+    }
+
+    /// Why the real simulator stack cannot run here, or nil.
+    public static var simulatorUnavailable: String? {
+        if getuid() != 0 { return "needs root (FUSE, loop devices, /dev nodes)" }
+        if access("/dev/fuse", R_OK | W_OK) != 0 { return "/dev/fuse is missing" }
+        if access("/dev/loop-control", R_OK | W_OK) != 0 { return "/dev/loop-control is missing" }
+        if which("mkfs.ext4") == nil { return "mkfs.ext4 is missing (apt-get install e2fsprogs)" }
+        return nil
+    }
+
+    /// Whether this process may resize a mounted ext4 (online resize needs CAP_SYS_RESOURCE).
+    public static var canResizeOnline: Bool {
+        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),
+            let caps = UInt64(line.split(separator: "\t").last ?? "", radix: 16)
+        else { return false }
+        return caps & (1 << 24) != 0
+    }
+}

@@ -1,0 +1,337 @@
+import Foundation
+import PloopFormat
+import PloopImage
+import PloopTestSupport
+import Testing
+
+/// The simulator end to end, as root: real FUSE, loop devices, ext4, e2fsck. Everything a test
+/// creates (devices, mounts) it removes by its exact name, even when it fails.
+@Suite(.serialized, .enabled(if: TestSupport.simulatorUnavailable == nil, "simulator stack unavailable: \(TestSupport.simulatorUnavailable ?? "")"))
+struct SimulatorTests {
+    /// A scratch directory plus the devices and mounts made in it, torn down in reverse.
+    final class Stage: @unchecked Sendable {
+        let dir: ScratchDirectory
+        var devices: [String] = []
+        var mounts: [String] = []
+
+        init() throws { dir = try ScratchDirectory("ploop-sim") }
+
+        deinit {
+            for m in mounts.reversed() { _ = try? TestSupport.sh("umount", m) }
+            for d in devices.reversed() { _ = try? TestSupport.ploop("umount", "-d", d) }
+        }
+
+        func ploop(_ args: String..., sourceLocation: SourceLocation = #_sourceLocation) throws -> String {
+            let r = try TestSupport.ploop(args)
+            #expect(r.code == 0, "ploop \(args.joined(separator: " ")): \(r)", sourceLocation: sourceLocation)
+            return r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+
+        func mount(_ images: [String], extra: [String] = []) throws -> String {
+            let r = try TestSupport.ploop(["mount"] + extra + images)
+            guard r.code == 0 else { throw CommandError(message: "mount: \(r)") }
+            let dev = r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.append(dev)
+            return dev
+        }
+
+        func umount(_ dev: String) throws {
+            let r = try TestSupport.ploop("umount", "-d", dev)
+            #expect(r.code == 0, "\(r)")
+            devices.removeAll { $0 == dev }
+        }
+
+        func mountFS(_ dev: String, _ name: String) throws -> String {
+            let m = dir.file(name)
+            try FileManager.default.createDirectory(atPath: m, withIntermediateDirectories: true)
+            let r = try TestSupport.sh("mount", dev, m)
+            guard r.code == 0 else { throw CommandError(message: "mount \(dev): \(r)") }
+            mounts.append(m)
+            return m
+        }
+
+        func umountFS(_ m: String) throws {
+            let r = try TestSupport.sh("umount", m)
+            #expect(r.code == 0, "\(r)")
+            mounts.removeAll { $0 == m }
+        }
+    }
+
+    struct CommandError: Error, CustomStringConvertible { var message: String; var description: String { message } }
+
+    /// Files with known contents, written while maintenance runs.
+    final class FileWriter: @unchecked Sendable {
+        let dir: String
+        private let lock = NSLock()
+        private var written: [String: UInt64] = [:]
+        private var stopFlag = false
+        private let done = DispatchSemaphore(value: 0)
+        init(_ dir: String) { self.dir = dir }
+
+        func start(prefix: String) {
+            Thread { [self] in
+                var i: UInt64 = 0
+                while true {
+                    lock.lock(); let stop = stopFlag; lock.unlock()
+                    if stop { break }
+                    let name = "\(prefix)-\(i).bin"
+                    let seed = i &* 7919 &+ UInt64(prefix.utf8.reduce(0) { $0 &* 31 &+ Int($1) })
+                    let bytes = Data(Self.content(seed: seed, size: 256 << 10))
+                    if FileManager.default.createFile(atPath: dir + "/" + name, contents: bytes) {
+                        lock.lock(); written[name] = seed; lock.unlock()
+                    }
+                    i += 1
+                }
+                done.signal()
+            }.start()
+        }
+
+        func stop() {
+            lock.lock(); stopFlag = true; lock.unlock()
+            done.wait()
+            lock.lock(); stopFlag = false; lock.unlock()
+        }
+
+        static func content(seed: UInt64, size: Int) -> [UInt8] {
+            var x = seed | 1
+            return (0..<size).map { _ in x ^= x << 13; x ^= x >> 7; x ^= x << 17; return UInt8(truncatingIfNeeded: x) }
+        }
+
+        /// Every file written verifies, in the directory `root` (which may be a remount).
+        func verify(in root: String, sourceLocation: SourceLocation = #_sourceLocation) -> Int {
+            lock.lock(); let all = written; lock.unlock()
+            for (name, seed) in all {
+                let got = FileManager.default.contents(atPath: root + "/" + name)
+                #expect(got == Data(Self.content(seed: seed, size: 256 << 10)), "\(name)", sourceLocation: sourceLocation)
+            }
+            return all.count
+        }
+    }
+
+    @Test func manualFlowWithWritersDuringMaintenance() throws {
+        try DeviceTestLock.run {
+            let s = try Stage()
+            let base = s.dir.file("root.hdd")
+            _ = try s.ploop("init", "-s", "512m", base)
+            let dev = try s.mount([base])
+            #expect(try TestSupport.sh("mkfs.ext4", "-q", "-F", dev).code == 0)
+            let mnt = try s.mountFS(dev, "mnt")
+            let w = FileWriter(mnt)
+            // Snapshot twice while a writer runs, then merge 0..2 (into the base, which becomes the top).
+            w.start(prefix: "a")
+            Thread.sleep(forTimeInterval: 0.3)
+            _ = try s.ploop("snapshot", "-d", dev, s.dir.file("root.hdd.1"))
+            Thread.sleep(forTimeInterval: 0.3)
+            _ = try s.ploop("snapshot", "-d", dev, s.dir.file("root.hdd.2"))
+            Thread.sleep(forTimeInterval: 0.3)
+            _ = try s.ploop("merge", "-d", dev, "-l", "0..2")
+            w.stop()
+            let list = try TestSupport.ploop("list", "--json")
+            #expect(list.stdout.contains(base) && !list.stdout.contains("root.hdd.1\""))
+            // Two more snapshots, then 1..2 and 0..1 under the writer.
+            w.start(prefix: "b")
+            _ = try s.ploop("snapshot", "-d", dev, s.dir.file("root.hdd.3"))
+            Thread.sleep(forTimeInterval: 0.2)
+            _ = try s.ploop("snapshot", "-d", dev, s.dir.file("root.hdd.4"))
+            Thread.sleep(forTimeInterval: 0.2)
+            _ = try s.ploop("merge", "-d", dev, "-l", "1..2")
+            Thread.sleep(forTimeInterval: 0.2)
+            _ = try s.ploop("merge", "-d", dev, "-l", "0..1")
+            w.stop()
+            // Grow online: the kernel sees the new size at once.
+            _ = try s.ploop("grow", "-s", "768m", "-d", dev)
+            #expect(try TestSupport.sh("blockdev", "--getsize64", dev).stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "\(768 << 20)")
+            if TestSupport.canResizeOnline {
+                #expect(try TestSupport.sh("resize2fs", dev).code == 0)
+            }
+            let files = w.verify(in: mnt)
+            #expect(files > 5)
+            try s.umountFS(mnt)
+            if !TestSupport.canResizeOnline {
+                // No CAP_SYS_RESOURCE here (a sandbox): resize the file system offline instead.
+                #expect(try TestSupport.sh("e2fsck", "-fy", dev).code <= 1)
+                #expect(try TestSupport.sh("resize2fs", dev).code == 0)
+            }
+            let fsck = try TestSupport.sh("e2fsck", "-fn", dev)
+            #expect(fsck.code == 0, "\(fsck)")
+            try s.umount(dev)
+            // Only the base is left; it checks clean and, remounted, holds every file.
+            let check = try TestSupport.ploop("check", "-f", "-c", base)
+            #expect(check.code == 0, "\(check)")
+            let dev2 = try s.mount([base])
+            let mnt2 = try s.mountFS(dev2, "mnt2")
+            #expect(w.verify(in: mnt2) == files)
+            let df = try TestSupport.sh("df", "-B1", "--output=size", mnt2)
+            #expect((UInt64(df.stdout.split(separator: "\n").last.map { $0.trimmingCharacters(in: .whitespaces) } ?? "") ?? 0) > 600 << 20)
+            try s.umountFS(mnt2)
+            try s.umount(dev2)
+        }
+    }
+
+    @Test func rawBaseWithDeltas() throws {
+        try DeviceTestLock.run {
+            let s = try Stage()
+            let base = s.dir.file("base.raw")
+            _ = try s.ploop("init", "-f", "raw", "-s", "256m", base)
+            let dev = try s.mount([base], extra: ["-f", "raw"])
+            #expect(try TestSupport.sh("mkfs.ext4", "-q", "-F", dev).code == 0)
+            var mnt = try s.mountFS(dev, "m")
+            let w = FileWriter(mnt)
+            w.start(prefix: "r")
+            Thread.sleep(forTimeInterval: 0.2)
+            _ = try s.ploop("snapshot", "-d", dev, s.dir.file("d1"))
+            Thread.sleep(forTimeInterval: 0.2)
+            w.stop()
+            try s.umountFS(mnt)
+            try s.umount(dev)
+            let rawBefore = s.dir.read("base.raw")
+            let dev2 = try s.mount([base, s.dir.file("d1")], extra: ["-f", "raw"])
+            mnt = try s.mountFS(dev2, "m2")
+            _ = w.verify(in: mnt)
+            try s.umountFS(mnt)
+            // Merge the delta into the raw base online: the raw base becomes the top.
+            _ = try s.ploop("merge", "-d", dev2)
+            try s.umount(dev2)
+            #expect(s.dir.read("base.raw") != rawBefore)
+            let dev3 = try s.mount([base], extra: ["-f", "raw"])
+            mnt = try s.mountFS(dev3, "m3")
+            _ = w.verify(in: mnt)
+            try s.umountFS(mnt)
+            #expect(try TestSupport.sh("e2fsck", "-fn", dev3).code == 0)
+            try s.umount(dev3)
+        }
+    }
+
+    @Test func sigkillOfTheDaemonThenRecovery() throws {
+        try DeviceTestLock.run {
+            let s = try Stage()
+            let base = s.dir.file("root.hdd")
+            _ = try s.ploop("init", "-s", "256m", base)
+            let dev = try s.mount([base])
+            #expect(try TestSupport.sh("mkfs.ext4", "-q", "-F", dev).code == 0)
+            let mnt = try s.mountFS(dev, "m")
+            let w = FileWriter(mnt)
+            w.start(prefix: "k")
+            Thread.sleep(forTimeInterval: 0.2)
+            #expect(try TestSupport.sh("sync").code == 0)
+            let synced = w.verify(in: mnt)
+            Thread.sleep(forTimeInterval: 0.2)
+            // Kill the daemon serving this device (by the pid it recorded), mid-write.
+            let n = Int(dev.dropFirst("/dev/ploop".count))!
+            let state = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "/run/ploop/ploop\(n)/state.json"))) as! [String: Any]
+            let pid = Int32(state["pid"] as! Int)
+            #expect(kill(pid, SIGKILL) == 0)
+            w.stop()
+            _ = try TestSupport.sh("umount", "-l", mnt)
+            s.mounts.removeAll()
+            let listed = try TestSupport.ploop("list")
+            #expect(listed.stdout.contains("DEAD"))
+            // umount of the dead device cleans up; the image is left dirty and passes check -d.
+            try s.umount(dev)
+            #expect(!FileManager.default.fileExists(atPath: dev))
+            #expect(try ImageInfo.read(path: base).inUse)
+            let check = try TestSupport.ploop("check", "-d", "-r", base)
+            #expect(check.code != 0 || check.stdout.contains("dirty"))
+            // A new mount checks the dirty image first, then works; what was synced is there.
+            let dev2 = try s.mount([base])
+            #expect(try TestSupport.sh("e2fsck", "-fy", dev2).code <= 1)
+            let mnt2 = try s.mountFS(dev2, "m2")
+            #expect(synced > 0)
+            try s.umountFS(mnt2)
+            #expect(try TestSupport.sh("e2fsck", "-fn", dev2).code == 0)
+            try s.umount(dev2)
+            #expect(try TestSupport.ploop("check", "-f", base).code == 0)
+        }
+    }
+
+    @Test func secondMountAndBadImagesAreRefusedLeavingNothing() throws {
+        try DeviceTestLock.run {
+            let s = try Stage()
+            let base = s.dir.file("root.hdd")
+            _ = try s.ploop("init", "-s", "64m", base)
+            let delta = s.dir.file("root.hdd.1")
+            _ = try s.ploop("init", "-s", "64m", delta)
+            s.dir.write("corrupt.hdd", [UInt8](repeating: 7, count: 1 << 20))
+            let before = try s.dir.snapshot()
+            let runBefore = Set((try? FileManager.default.contentsOfDirectory(atPath: "/run/ploop")) ?? [])
+            let loopsBefore = try TestSupport.sh("losetup", "-a").stdout
+            let dev = try s.mount([base, delta])
+            let snapshotWhileMounted = try s.dir.snapshot()
+            for (args, words) in [
+                ([base], "in use"), ([delta], "in use"), ([s.dir.file("missing.hdd")], "no such file"),
+                ([s.dir.file("corrupt.hdd")], "not a ploop1 image"), ([s.dir.file("corrupt.hdd"), delta], "in use"),
+            ] {
+                let r = try TestSupport.ploop(["mount"] + args)
+                #expect(r.code != 0, "\(args)")
+                #expect(r.stderr.contains(words), "\(args): \(r)")
+            }
+            // A mount onto a device that is taken is refused too.
+            let r = try TestSupport.ploop("mount", "-d", dev, s.dir.file("corrupt.hdd"))
+            #expect(r.code != 0)
+            #expect(try s.dir.snapshot() == snapshotWhileMounted)
+            try s.umount(dev)
+            // Nothing left: no runtime directory, loop device, FUSE mount or node of ours.
+            let runAfter = Set((try? FileManager.default.contentsOfDirectory(atPath: "/run/ploop")) ?? [])
+            #expect(runAfter == runBefore)
+            #expect(try TestSupport.sh("losetup", "-a").stdout == loopsBefore)
+            #expect(!FileManager.default.fileExists(atPath: dev))
+            let mounts = try String(contentsOfFile: "/proc/mounts", encoding: .utf8)
+            #expect(!mounts.contains("/run/ploop/ploop"))
+            #expect(try s.dir.snapshot() == before)
+        }
+    }
+
+    /// Single 768 KiB and 1 MiB direct-I/O writes through the loop device land byte for byte
+    /// (qemu 7.2's FUSE export corrupts exactly these).
+    @Test func largeDirectWritesLandExactly() throws {
+        try DeviceTestLock.run {
+            let s = try Stage()
+            let base = s.dir.file("root.hdd")
+            _ = try s.ploop("init", "-s", "64m", base)
+            let dev = try s.mount([base])
+            var expected = [UInt8](repeating: 0, count: 64 << 20)
+            for (i, (size, at)) in [(768 << 10, 1 << 20), (1 << 20, 8 << 20), (768 << 10, (20 << 20) + 4096), (4 << 20, 40 << 20)].enumerated() {
+                let data = FileWriter.content(seed: UInt64(i + 1), size: size)
+                s.dir.write("pattern\(i)", data)
+                let r = try TestSupport.sh("dd", "if=" + s.dir.file("pattern\(i)"), "of=" + dev, "bs=\(size)", "count=1", "oflag=direct,seek_bytes", "seek=\(at)", "conv=notrunc", "status=none")
+                #expect(r.code == 0, "\(r)")
+                expected.replaceSubrange(at..<at + size, with: data)
+            }
+            // Read back through the device with direct I/O too.
+            let back = try TestSupport.sh("dd", "if=" + dev, "of=" + s.dir.file("back"), "bs=1M", "iflag=direct", "status=none")
+            #expect(back.code == 0)
+            #expect(s.dir.read("back") == expected)
+            try s.umount(dev)
+            // And the image itself holds exactly those bytes (read with our engine offline).
+            let image = try Ploop1Image(file: try ImagePath.open(base, write: false), writable: false)
+            var got = [UInt8](repeating: 0, count: 64 << 20)
+            for c in 0..<64 {
+                var cluster = [UInt8](repeating: 0, count: 1 << 20)
+                _ = try cluster.withUnsafeMutableBytes { try image.read(cluster: ClusterIndex(UInt64(c)), into: $0) }
+                got.replaceSubrange(c << 20..<(c + 1) << 20, with: cluster)
+            }
+            #expect(got == expected)
+            #expect(try TestSupport.ploop("check", "-f", base).code == 0)
+        }
+    }
+
+    @Test func userMadeNodeIsServedAndRestored() throws {
+        try DeviceTestLock.run {
+            let s = try Stage()
+            let base = s.dir.file("root.hdd")
+            _ = try s.ploop("init", "-s", "64m", base)
+            // The manual's node for the kernel driver, on a kernel without it.
+            let free = (0..<4096).first { !FileManager.default.fileExists(atPath: "/dev/ploop\($0)") && !FileManager.default.fileExists(atPath: "/run/ploop/ploop\($0)") }!
+            let node = "/dev/ploop\(free)"
+            #expect(try TestSupport.sh("mknod", node, "b", "182", "\(free * 16)").code == 0)
+            defer { unlink(node) }
+            let dev = try s.mount([base], extra: ["-d", node])
+            #expect(dev == node)
+            #expect(try TestSupport.sh("blockdev", "--getsize64", node).stdout.hasPrefix("\(64 << 20)"))
+            try s.umount(dev)
+            // The user's node is back as it was.
+            let st = try TestSupport.sh("stat", "-c", "%t:%T", node).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(st == String(format: "b6:%x", free * 16))
+        }
+    }
+}
