@@ -33,11 +33,15 @@ let package = Package(
             name: "PloopSimulator",
             dependencies: ["PloopDevice", "PloopImage", "PloopSystem", "CPloopFuse", "CPloopSys"],
             swiftSettings: swiftSettings),
+        // Procedures written once against DeviceBackend.
+        .target(
+            name: "PloopBalloon", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem"],
+            swiftSettings: swiftSettings),
         // Every subcommand, testable without spawning the binary.
         .target(
             name: "PloopCommands",
             dependencies: [
-                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "CPloopSys",
+                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopBalloon", "PloopSystem", "CPloopSys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings

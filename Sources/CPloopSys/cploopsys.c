@@ -166,3 +166,5 @@ void cploop_close_from(int first) {
 #endif
     for (int fd = first; fd < 65536; fd++) close(fd);
 }
+
+int cploop_syncfs(int fd) { return syncfs(fd) == 0 ? 0 : -errno; }

@@ -79,6 +79,19 @@ public final class File: Sendable {
     /// `fdatasync(2)`.
     public func dataSync() throws(SystemError) { _ = try retrying("fdatasync", path) { fdatasync(fd) } }
 
+    /// `fallocate(2)` mode 0 over [0, length): strict (no fallback); false only for EOPNOTSUPP.
+    public func allocateStrict(length: UInt64) throws(SystemError) {
+        while true {
+            let r = cploop_fallocate(fd, 0, 0, Int64(length))
+            if r == 0 { return }
+            if r == -EINTR { continue }
+            throw SystemError("fallocate", path: path, errno: -r)
+        }
+    }
+
+    /// `syncfs(2)`: the whole file system holding this file.
+    public func syncFileSystem() { _ = cploop_syncfs(fd) }
+
     /// `ftruncate(2)`.
     public func truncate(to length: UInt64) throws(SystemError) {
         _ = try retrying("ftruncate", path) { ftruncate(fd, off_t(length)) }
@@ -130,7 +143,19 @@ public final class File: Sendable {
 
     /// The file's extents from FIEMAP: (logical offset, length, unwritten) in byte order.
     public func extents() throws(SystemError) -> [(offset: UInt64, length: UInt64, unwritten: Bool)] {
-        var out: [(UInt64, UInt64, Bool)] = []
+        try physicalExtents().map { ($0.logical, $0.length, $0.unwritten) }
+    }
+
+    public struct Extent: Sendable, Equatable {
+        public var logical: UInt64
+        public var physical: UInt64
+        public var length: UInt64
+        public var unwritten: Bool
+    }
+
+    /// FIEMAP with physical offsets (bytes on the device holding the file system).
+    public func physicalExtents() throws(SystemError) -> [Extent] {
+        var out: [Extent] = []
         var start: UInt64 = 0
         let batch = 256
         var buf = [cploop_extent](repeating: cploop_extent(), count: batch)
@@ -138,7 +163,9 @@ public final class File: Sendable {
             var last: Int32 = 0
             let n = cploop_fiemap(fd, start, UInt64.max - start, &buf, UInt32(batch), &last)
             if n < 0 { throw SystemError("FIEMAP", path: path, errno: -n) }
-            for i in 0..<Int(n) { out.append((buf[i].logical, buf[i].length, buf[i].flags & 0x800 != 0)) }
+            for i in 0..<Int(n) {
+                out.append(Extent(logical: buf[i].logical, physical: buf[i].physical, length: buf[i].length, unwritten: buf[i].flags & 0x800 != 0))
+            }
             if n == 0 || last != 0 { break }
             start = buf[Int(n) - 1].logical + buf[Int(n) - 1].length
         }

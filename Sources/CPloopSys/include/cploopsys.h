@@ -49,6 +49,8 @@ int cploop_peer_credentials(int fd, uint32_t *uid, int32_t *pid);
 int cploop_fifreeze(int fd);
 int cploop_fithaw(int fd);
 
+/// syncfs(2); 0 or -errno.
+int cploop_syncfs(int fd);
 /// Closes every file descriptor from `first` up (a daemon must not hold its starter's pipes).
 void cploop_close_from(int first);
 
