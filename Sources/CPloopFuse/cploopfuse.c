@@ -42,8 +42,10 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     struct stat st;
     if (ino != FUSE_ROOT_ID) { fuse_reply_err(req, ENOENT); return; }
     fill_attr(F(req), &st);
-    // Timeout 0: a grown device is seen at once (loop re-reads the size on LOOP_SET_CAPACITY).
-    fuse_reply_attr(req, &st, 0);
+    // A long timeout: with 0 the kernel asks for the attributes before every direct read (half of
+    // all requests). A grow invalidates them explicitly (cploop_fuse_invalidate) before loop
+    // re-reads the size.
+    fuse_reply_attr(req, &st, 3600.0);
 }
 
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi) {
@@ -52,7 +54,7 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     if (to_set & FUSE_SET_ATTR_SIZE) { fuse_reply_err(req, EPERM); return; }
     fill_attr(F(req), &st);
     (void)ino;
-    fuse_reply_attr(req, &st, 0);
+    fuse_reply_attr(req, &st, 3600.0);
 }
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
@@ -149,7 +151,8 @@ int cploop_fuse_loop(struct cploop_fuse *f, int threads) {
     struct fuse_loop_config *cfg = fuse_loop_cfg_create();
     fuse_loop_cfg_set_clone_fd(cfg, 1);
     fuse_loop_cfg_set_max_threads(cfg, (unsigned)threads);
-    fuse_loop_cfg_set_idle_threads(cfg, 2);
+    // Keep every worker: letting idle ones exit makes libfuse start a thread for each burst.
+    fuse_loop_cfg_set_idle_threads(cfg, (unsigned)threads);
     int r = fuse_session_loop_mt(f->se, cfg);
     fuse_loop_cfg_destroy(cfg);
     return r;

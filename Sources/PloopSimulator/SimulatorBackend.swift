@@ -13,9 +13,11 @@ public final class SimulatorBackend: DeviceBackend {
     public let executable: String
     public let threads: Int
 
-    public init(executable: String? = nil, paths: RuntimePaths = RuntimePaths(), threads: Int = 4) {
+    /// `threads`: FUSE worker threads per device (1: libfuse's single-threaded loop). Default 4,
+    /// or `PLOOP_FUSE_THREADS`.
+    public init(executable: String? = nil, paths: RuntimePaths = RuntimePaths(), threads: Int? = nil) {
         self.paths = paths
-        self.threads = threads
+        self.threads = threads ?? ProcessInfo.processInfo.environment["PLOOP_FUSE_THREADS"].flatMap(Int.init) ?? 4
         self.executable = executable ?? ProcessInfo.processInfo.environment["PLOOP_BINARY"] ?? Self.selfExecutable()
     }
 

@@ -154,10 +154,37 @@ func alloc() throws {
     if let m = target as? Model { try m.m.stop() }
 }
 
+/// Relocation as the balloon does it: an image of 2×N MiB written, the first N MiB loaded as free
+/// blocks, the tail N MiB relocated into them. Prints the seconds the relocation took.
+func reloc() throws {
+    let mib = Int(arg("--mib", "512"))!
+    let path = arg("--image", "")
+    try Offline.initialize(.init(path: path, sizeSectors: UInt64(2 * mib) << 11))
+    let model = try DeviceModel(MountRequest(images: [path]))
+    let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+    memset(buf.baseAddress!, 0x6b, 1 << 20)
+    for c in 0..<(2 * mib) { try model.write(UnsafeRawBufferPointer(buf), at: UInt64(c) << 20) }
+    buf.deallocate()
+    try model.flush()
+    let image = try Ploop1Image(file: try ImagePath.open(path, write: false), writable: false)
+    let free = (0..<UInt64(mib)).map { c in FreeExtent(cluster: UInt32(c), block: image.block(of: ClusterIndex(c))!.value, length: 1) }
+    _ = try model.balloon(inflate: true, keepIntact: false)
+    let head = try model.loadFreeBlocks(level: 0, extents: free)
+    let owners = image.owners()
+    let tail = (head - UInt32(mib)..<head).map { b in RelocExtent(cluster: UInt32(owners[b]!.value), block: b, length: 1, free: false) }
+    let start = now()
+    let cut = try model.relocateBlocks(level: 0, allocHead: head, extents: tail)
+    let t = now() - start
+    try model.stop()
+    print(String(format: "%.3f", t))
+    FileHandle.standardError.write("relocated \(tail.count) MiB, cut \(cut) clusters\n".data(using: .utf8)!)
+}
+
 do {
     switch CommandLine.arguments.dropFirst().first {
     case "io": try io()
     case "alloc": try alloc()
+    case "reloc": try reloc()
     default:
         print("usage: ploop-bench io [--size-mib N] [--threads T] [--seconds S] [--dir DIR] | alloc --block-size 4k --count N --image PATH")
         exit(2)
