@@ -12,11 +12,7 @@ struct BalloonTests {
     /// A device with ext4 and `files` files of `mib` MiB of random data; all but the last are then
     /// deleted. The kept file's checksum is recorded beside the image. Returns image, device, mount.
     static func prepare(_ s: Stage, size: String = "1g", files: Int = 7, mib: Int = 100) throws -> (String, String, String) {
-        let img = s.dir.file("root.hdd")
-        _ = try s.ploop("init", "-s", size, img)
-        let dev = try s.mount([img])
-        #expect(try TestSupport.sh("mkfs.ext4", "-q", "-F", dev).code == 0)
-        let mnt = try s.mountFS(dev, "mnt")
+        let (img, dev, mnt) = try s.freshExt4(size: size)
         for i in 1...files {
             let r = try TestSupport.sh("dd", "if=/dev/urandom", "of=\(mnt)/f\(i)", "bs=1M", "count=\(mib)", "status=none")
             #expect(r.code == 0, "\(r)")
@@ -134,10 +130,7 @@ struct BalloonTests {
             #expect(try TestSupport.ploop("balloon", "status", "-d", dev).stdout.contains("OFF"))
             #expect(try ImageInfo.read(path: img).fileSize < 300 << 20)
             #expect(try Self.keptFileIntact(s))
-            try s.umountFS(mnt)
-            #expect(try TestSupport.sh("e2fsck", "-fn", dev).code == 0)
-            try s.umount(dev)
-            #expect(try TestSupport.ploop("check", "-f", img).code == 0)
+            try s.finishClean(image: img, device: dev, mount: mnt)
         }
     }
 
@@ -164,10 +157,7 @@ struct BalloonTests {
             // Whatever was reached, repair finishes the job.
             #expect(try TestSupport.ploop("balloon", "repair", "-m", mnt).code == 0)
             #expect(try Self.keptFileIntact(s))
-            try s.umountFS(mnt)
-            #expect(try TestSupport.sh("e2fsck", "-fn", dev).code == 0)
-            try s.umount(dev)
-            #expect(try TestSupport.ploop("check", "-f", img).code == 0)
+            try s.finishClean(image: img, device: dev, mount: mnt)
         }
     }
 }

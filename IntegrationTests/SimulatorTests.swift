@@ -55,6 +55,25 @@ struct SimulatorTests {
             #expect(r.code == 0, "\(r)")
             mounts.removeAll { $0 == m }
         }
+
+        /// A new image of `size` on a device, with ext4 made and mounted. Returns (image, device, mount).
+        func freshExt4(size: String, mountName: String = "mnt") throws -> (String, String, String) {
+            let image = dir.file("root.hdd")
+            _ = try ploop("init", "-s", size, image)
+            let dev = try mount([image])
+            #expect(try TestSupport.sh("mkfs.ext4", "-q", "-F", dev).code == 0)
+            return (image, dev, try mountFS(dev, mountName))
+        }
+
+        /// Unmounts the file system (which must check clean), stops the device, checks the image.
+        func finishClean(image: String, device: String, mount: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+            try umountFS(mount)
+            let fsck = try TestSupport.sh("e2fsck", "-fn", device)
+            #expect(fsck.code == 0, "\(fsck)", sourceLocation: sourceLocation)
+            try umount(device)
+            let check = try TestSupport.ploop("check", "-f", image)
+            #expect(check.code == 0, "\(check)", sourceLocation: sourceLocation)
+        }
     }
 
     struct CommandError: Error, CustomStringConvertible { var message: String; var description: String { message } }
@@ -111,11 +130,7 @@ struct SimulatorTests {
     @Test func manualFlowWithWritersDuringMaintenance() throws {
         try DeviceTestLock.run {
             let s = try Stage()
-            let base = s.dir.file("root.hdd")
-            _ = try s.ploop("init", "-s", "512m", base)
-            let dev = try s.mount([base])
-            #expect(try TestSupport.sh("mkfs.ext4", "-q", "-F", dev).code == 0)
-            let mnt = try s.mountFS(dev, "mnt")
+            let (base, dev, mnt) = try s.freshExt4(size: "512m")
             let w = FileWriter(mnt)
             // Snapshot twice while a writer runs, then merge 0..2 (into the base, which becomes the top).
             w.start(prefix: "a")
@@ -205,11 +220,7 @@ struct SimulatorTests {
     @Test func sigkillOfTheDaemonThenRecovery() throws {
         try DeviceTestLock.run {
             let s = try Stage()
-            let base = s.dir.file("root.hdd")
-            _ = try s.ploop("init", "-s", "256m", base)
-            let dev = try s.mount([base])
-            #expect(try TestSupport.sh("mkfs.ext4", "-q", "-F", dev).code == 0)
-            let mnt = try s.mountFS(dev, "m")
+            let (base, dev, mnt) = try s.freshExt4(size: "256m")
             let w = FileWriter(mnt)
             w.start(prefix: "k")
             Thread.sleep(forTimeInterval: 0.2)
@@ -237,10 +248,7 @@ struct SimulatorTests {
             #expect(try TestSupport.sh("e2fsck", "-fy", dev2).code <= 1)
             let mnt2 = try s.mountFS(dev2, "m2")
             #expect(synced > 0)
-            try s.umountFS(mnt2)
-            #expect(try TestSupport.sh("e2fsck", "-fn", dev2).code == 0)
-            try s.umount(dev2)
-            #expect(try TestSupport.ploop("check", "-f", base).code == 0)
+            try s.finishClean(image: base, device: dev2, mount: mnt2)
         }
     }
 

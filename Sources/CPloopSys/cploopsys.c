@@ -84,23 +84,19 @@ int cploop_loop_configure(const char *loopdev, int backing_fd, int direct_io, in
     return r < 0 ? -e : 0;
 }
 
-int cploop_loop_clear(const char *loopdev) {
+/// One argument-less ioctl on a loop device node.
+static int loop_ioctl(const char *loopdev, unsigned long request) {
     int fd = open(loopdev, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -errno;
-    int r = ioctl(fd, LOOP_CLR_FD, 0);
+    int r = ioctl(fd, request, 0);
     int e = errno;
     close(fd);
     return r < 0 ? -e : 0;
 }
 
-int cploop_loop_set_capacity(const char *loopdev) {
-    int fd = open(loopdev, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -errno;
-    int r = ioctl(fd, LOOP_SET_CAPACITY, 0);
-    int e = errno;
-    close(fd);
-    return r < 0 ? -e : 0;
-}
+int cploop_loop_clear(const char *loopdev) { return loop_ioctl(loopdev, LOOP_CLR_FD); }
+
+int cploop_loop_set_capacity(const char *loopdev) { return loop_ioctl(loopdev, LOOP_SET_CAPACITY); }
 
 int cploop_mknod_block(const char *path, unsigned major, unsigned minor, unsigned mode) {
     return mknod(path, S_IFBLK | mode, makedev(major, minor)) == 0 ? 0 : -errno;
