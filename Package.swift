@@ -37,11 +37,14 @@ let package = Package(
         .target(
             name: "PloopBalloon", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem"],
             swiftSettings: swiftSettings),
+        .target(
+            name: "PloopCopy", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem", "CPloopSys"],
+            swiftSettings: swiftSettings),
         // Every subcommand, testable without spawning the binary.
         .target(
             name: "PloopCommands",
             dependencies: [
-                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopBalloon", "PloopSystem", "CPloopSys",
+                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopBalloon", "PloopCopy", "PloopSystem", "CPloopSys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings
@@ -60,6 +63,8 @@ let package = Package(
             dependencies: ["PloopDevice", "PloopSimulator", "PloopImage", "PloopFormat", "PloopTestSupport"],
             swiftSettings: swiftSettings
         ),
+        .testTarget(
+            name: "PloopCopyTests", dependencies: ["PloopCopy", "PloopTestSupport"], swiftSettings: swiftSettings),
         .testTarget(
             name: "PloopCommandsTests",
             dependencies: ["PloopCommands", "PloopImage", "PloopFormat", "PloopTestSupport"],

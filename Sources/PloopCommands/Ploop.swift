@@ -17,7 +17,7 @@ public struct Ploop: ParsableCommand {
             Exit codes: 0 success, 1 failure, 2 usage error; 'ploop check' uses the original tool's \
             codes (11 format error, 17 busy, 37 image in use).
             """,
-        subcommands: [Init.self, Mount.self, Umount.self, Snapshot.self, Merge.self, Grow.self, Balloon.self, Check.self, Info.self, List.self, Serve.self]
+        subcommands: [Init.self, Mount.self, Umount.self, Snapshot.self, Merge.self, Grow.self, Balloon.self, Copy.self, Check.self, Info.self, List.self, Serve.self]
     )
 
     public init() {}

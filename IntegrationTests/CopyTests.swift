@@ -1,0 +1,88 @@
+import Foundation
+import PloopImage
+import PloopTestSupport
+import Testing
+
+/// `ploop copy` of a mounted ext4 with a writer running (random data, and zeros over data), locally
+/// and through a pipe; `-F` stops the writer. The copy checks clean, mounts, and its files equal
+/// the source's at the freeze.
+@Suite(.serialized, .enabled(if: TestSupport.simulatorUnavailable == nil, "simulator stack unavailable: \(TestSupport.simulatorUnavailable ?? "")"))
+struct CopyTests {
+    typealias Stage = SimulatorTests.Stage
+
+    /// A shell writer: new random files, and zeros written over earlier ones.
+    static func startWriter(_ mnt: String) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", """
+            i=0; while true; do
+              dd if=/dev/urandom of=\(mnt)/w$i bs=64k count=8 status=none
+              [ $i -gt 2 ] && dd if=/dev/zero of=\(mnt)/w$((i-2)) bs=64k count=4 conv=notrunc status=none
+              i=$((i+1))
+            done
+            """]
+        try p.run()
+        return p
+    }
+
+    static func sums(_ dir: String) throws -> String {
+        try TestSupport.run("/bin/sh", ["-c", "cd \(dir) && sha256sum $(ls | grep -v lost+found | sort)"]).stdout
+    }
+
+    @Test(arguments: ["local", "pipe"])
+    func copyWhileWriting(_ mode: String) throws {
+        try DeviceTestLock.run {
+            let s = try Stage()
+            let (img, dev, mnt) = try s.freshExt4(size: "256m")
+            #expect(try TestSupport.sh("dd", "if=/dev/urandom", "of=\(mnt)/base", "bs=1M", "count=40", "status=none").code == 0)
+            let writer = try Self.startWriter(mnt)
+            defer {
+                kill(writer.processIdentifier, SIGKILL)
+                kill(writer.processIdentifier, SIGCONT)
+                writer.waitUntilExit()
+            }
+            Thread.sleep(forTimeInterval: 0.3)
+            let copy = s.dir.file("copy.hdd")
+            // -F stops the writer (SIGSTOP keeps it from writing while frozen and after).
+            let stop = "kill -STOP \(writer.processIdentifier)"
+            let r: TestSupport.Result
+            if mode == "local" {
+                r = try TestSupport.ploop("copy", "-s", dev, "-d", copy, "-F", stop, "--json")
+            } else {
+                let fifo = s.dir.file("feedback")
+                #expect(mkfifo(fifo, 0o600) == 0)
+                let bin = TestSupport.ploopBinary
+                r = try TestSupport.run("/bin/sh", ["-c", "\(bin) copy -s \(dev) -F '\(stop)' -f 5 5<\(fifo) | \(bin) copy -d \(copy) -f 6 6>\(fifo)"])
+            }
+            #expect(r.code == 0, "\(r)")
+            if mode == "local" {
+                let report = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [String: Any]
+                let frozen = report["frozenSeconds"] as! Double
+                #expect(frozen < 1.0, "frozen \(frozen) s")
+            }
+            // The writer is stopped: the source now is what it was at the freeze.
+            #expect(try TestSupport.sh("sync").code == 0)
+            let sourceSums = try Self.sums(mnt)
+            #expect(sourceSums.contains("base"))
+            let check = try TestSupport.ploop("check", "-f", copy)
+            #expect(check.code == 0, "\(check)")
+            #expect(try !ImageInfo.read(path: copy).inUse)
+            let dev2 = try s.mount([copy])
+            #expect(try TestSupport.sh("e2fsck", "-fn", dev2).code <= 1)
+            let mnt2 = try s.mountFS(dev2, "copy-mnt")
+            #expect(try Self.sums(mnt2) == sourceSums)
+            try s.umountFS(mnt2)
+            try s.umount(dev2)
+            try s.finishClean(image: img, device: dev, mount: mnt)
+        }
+    }
+
+    @Test func receiverRefusesAnExistingImage() throws {
+        let dir = try ScratchDirectory()
+        dir.write("img", [1, 2, 3])
+        let r = try TestSupport.run("/bin/sh", ["-c", "printf '' | \(TestSupport.ploopBinary) copy -d \(dir.file("img"))"])
+        #expect(r.code != 0)
+        #expect(r.stderr.contains("already exists"))
+        #expect(dir.read("img") == [1, 2, 3])
+    }
+}

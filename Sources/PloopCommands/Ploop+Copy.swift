@@ -1,0 +1,84 @@
+import ArgumentParser
+import Foundation
+import PloopCopy
+import PloopDevice
+
+extension Ploop {
+    struct Copy: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Copy a running device's image with a short frozen window (live migration).",
+            discussion: """
+                Local:    ploop copy -s DEVICE -d IMAGE [-F CMD]
+                Sender:   ploop copy -s DEVICE [-F CMD] [-o FD] [-f FEEDBACK_FD]   (stream on stdout)
+                Receiver: ploop copy -d IMAGE [-i FD] [-f FEEDBACK_FD]             (stream from stdin)
+
+                The sender copies the top image while the device runs, then what was written \
+                meanwhile, pass after pass, until that stops shrinking; then it runs -F (e.g. a \
+                command that stops the container), freezes the file system mounted on the device, \
+                copies the last changes and ends the stream. The stream is the original tool's \
+                classic format. The receiver builds IMAGE under a temporary name and publishes it \
+                only when the stream ends properly; an existing IMAGE is refused without --replace.
+
+                Example (from the manual), across two hosts:
+                  ploop copy -s /dev/ploop0 -F 'vzctl chkpnt 101' | ssh dst ploop copy -d /vz/private/101/root.hdd
+                """
+        )
+
+        @Option(name: .short, help: ArgumentHelp("Source device (sender).", valueName: "device"))
+        var source: String?
+        @Option(name: .short, help: ArgumentHelp("Destination image (receiver, or local copy with -s).", valueName: "image"))
+        var destination: String?
+        @Option(name: [.customShort("F")], help: ArgumentHelp("Command to run before the freeze.", valueName: "command"))
+        var stopCommand: String?
+        @Option(name: .short, help: ArgumentHelp("Sender: write the stream to this descriptor.", valueName: "fd"))
+        var output: Int32 = 1
+        @Option(name: .short, help: ArgumentHelp("Receiver: read the stream from this descriptor.", valueName: "fd"))
+        var input: Int32 = 0
+        @Option(name: .short, help: ArgumentHelp("Feedback descriptor for sync answers.", valueName: "fd"))
+        var feedback: Int32?
+        @Flag(help: "Replace an existing destination.")
+        var replace = false
+        @Flag(help: "Print the report as JSON (on stderr when the stream is on stdout).")
+        var json = false
+        @OptionGroup var backend: BackendOptions
+
+        func validate() throws {
+            if source == nil && destination == nil { throw ValidationError("give -s DEVICE (sender), -d IMAGE (receiver) or both (local copy)") }
+        }
+
+        func run() throws {
+            let err = FileHandle.standardError
+            if let dev = source {
+                let be = try backend.backend.resolve()
+                let sink: any CopySink
+                if let d = destination {
+                    sink = try copyErrors { try FileSink(destination: URL(fileURLWithPath: d).standardizedFileURL.path, replace: replace) }
+                } else {
+                    signal(SIGPIPE, SIG_IGN)
+                    sink = StreamSink(fd: output, feedback: feedback)
+                }
+                let sender = CopySender(backend: be, device: dev, mountPoint: Mounts.mountPoints(of: dev).first, stopCommand: stopCommand) { err.write("ploop copy: \($0)\n") }
+                let r = try copyErrors { try sender.run(into: sink) }
+                let line = String(format: "copied %llu bytes in %d passes, %.3f s total, frozen %.3f s (%.1f%%)", r.bytesSent, r.passes, r.totalSeconds, r.frozenSeconds, r.totalSeconds > 0 ? 100 * r.frozenSeconds / r.totalSeconds : 0)
+                if json {
+                    let text = try Output.json(r)
+                    if destination == nil { err.write(text + "\n") } else { print(text) }
+                } else {
+                    err.write("ploop copy: \(line)\n")
+                }
+                return
+            }
+            let receiver = CopyReceiver(destination: URL(fileURLWithPath: destination!).standardizedFileURL.path, replace: replace)
+            let s = try copyErrors { try receiver.receive(input: input, feedback: feedback) }
+            if json { print(try Output.json(s)) } else { err.write("ploop copy: received \(s.bytes) bytes in \(s.records) records\n") }
+        }
+    }
+}
+
+func copyErrors<T>(_ body: () throws -> T) throws -> T {
+    do { return try failing(body) } catch let e as CopyStream.Error {
+        throw CommandFailure(e.description)
+    } catch let e as CopySender.Failure {
+        throw CommandFailure(e.description)
+    }
+}
