@@ -137,7 +137,11 @@ public struct CopySender {
                 while pos < range.upperBound {
                     let n = Int(min(UInt64(cb) - pos % UInt64(cb), range.upperBound - pos))
                     if pos + UInt64(n) > trackPos {
-                        trackPos = pos + UInt64(n)
+                        // Ahead in 64 MiB steps: a position ahead of what was read only means
+                        // more writes get tracked (and sent again), never fewer; and it saves a
+                        // round trip to the device per cluster.
+                        trackPos = min(range.upperBound, pos + UInt64(n) + (64 << 20))
+                        trackPos = max(trackPos, pos + UInt64(n))
                         try backend.trackSetPosition(device, trackPos)
                     }
                     let got = try image.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: pos)
