@@ -29,7 +29,7 @@ struct CopyTests {
         try TestSupport.run("/bin/sh", ["-c", "cd \(dir) && sha256sum $(ls | grep -v lost+found | sort)"]).stdout
     }
 
-    @Test(arguments: ["local", "pipe"])
+    @Test(arguments: ["local", "pipe"] + (TestSupport.which("socat") != nil ? ["tcp"] : []))
     func copyWhileWriting(_ mode: String) throws {
         try DeviceTestLock.run {
             let s = try Stage()
@@ -48,6 +48,20 @@ struct CopyTests {
             let r: TestSupport.Result
             if mode == "local" {
                 r = try TestSupport.ploop("copy", "-s", dev, "-d", copy, "-F", stop, "--json")
+            } else if mode == "tcp" {
+                // Across a loopback TCP connection (no feedback channel: the sender waits 5 s at
+                // its sync point, as the original does).
+                let bin = TestSupport.ploopBinary
+                let port = 20000 + Int(getpid() % 20000)
+                r = try TestSupport.run("/bin/sh", ["-c", """
+                    socat -u TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr STDOUT | \(bin) copy -d \(copy) &
+                    recv=$!
+                    sleep 0.3
+                    \(bin) copy -s \(dev) -F '\(stop)' | socat -u STDIN TCP:127.0.0.1:\(port)
+                    sent=$?
+                    wait $recv
+                    exit $(( sent | $? ))
+                    """])
             } else {
                 let fifo = s.dir.file("feedback")
                 #expect(mkfifo(fifo, 0o600) == 0)
