@@ -33,6 +33,8 @@ let package = Package(
             name: "PloopSimulator",
             dependencies: ["PloopDevice", "PloopImage", "PloopSystem", "CPloopFuse", "CPloopSys"],
             swiftSettings: swiftSettings),
+        // The real kernel driver: ABI constants (from CPloopSys), sysfs. The backend itself is issue 8.
+        .target(name: "PloopKernel", dependencies: ["PloopDevice", "PloopImage", "CPloopSys"], swiftSettings: swiftSettings),
         // Procedures written once against DeviceBackend.
         .target(
             name: "PloopBalloon", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem"],
@@ -63,6 +65,9 @@ let package = Package(
             dependencies: ["PloopDevice", "PloopSimulator", "PloopImage", "PloopFormat", "PloopTestSupport"],
             swiftSettings: swiftSettings
         ),
+        .testTarget(
+            name: "PloopKernelTests", dependencies: ["PloopKernel", "PloopDevice", "CPloopSys", "PloopTestSupport"],
+            swiftSettings: swiftSettings),
         .testTarget(
             name: "PloopCopyTests", dependencies: ["PloopCopy", "PloopTestSupport"], swiftSettings: swiftSettings),
         .testTarget(

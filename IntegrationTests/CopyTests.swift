@@ -10,18 +10,22 @@ import Testing
 struct CopyTests {
     typealias Stage = SimulatorTests.Stage
 
-    /// A shell writer: new random files, and zeros written over earlier ones.
+    /// A shell writer: random data into 40 rotating files, and zeros written over earlier ones.
     static func startWriter(_ mnt: String) throws -> Process {
+        // Foundation starts it as a process group leader: -F stops the group, the shell and any
+        // dd it is running.
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/sh")
         p.arguments = ["-c", """
             i=0; while true; do
-              dd if=/dev/urandom of=\(mnt)/w$i bs=64k count=8 status=none
-              [ $i -gt 2 ] && dd if=/dev/zero of=\(mnt)/w$((i-2)) bs=64k count=4 conv=notrunc status=none
+              dd if=/dev/urandom of=\(mnt)/w$((i % 40)) bs=64k count=8 status=none
+              [ $i -gt 2 ] && dd if=/dev/zero of=\(mnt)/w$(((i - 2) % 40)) bs=64k count=4 conv=notrunc status=none
               i=$((i+1))
+              sleep 0.01
             done
             """]
         try p.run()
+        #expect(getpgid(p.processIdentifier) == p.processIdentifier, "the writer must lead its own process group")
         return p
     }
 
@@ -37,14 +41,14 @@ struct CopyTests {
             #expect(try TestSupport.sh("dd", "if=/dev/urandom", "of=\(mnt)/base", "bs=1M", "count=40", "status=none").code == 0)
             let writer = try Self.startWriter(mnt)
             defer {
-                kill(writer.processIdentifier, SIGKILL)
-                kill(writer.processIdentifier, SIGCONT)
+                kill(-writer.processIdentifier, SIGKILL)
+                kill(-writer.processIdentifier, SIGCONT)
                 writer.waitUntilExit()
             }
             Thread.sleep(forTimeInterval: 0.3)
             let copy = s.dir.file("copy.hdd")
             // -F stops the writer (SIGSTOP keeps it from writing while frozen and after).
-            let stop = "kill -STOP \(writer.processIdentifier)"
+            let stop = "/bin/kill -s STOP -- -\(writer.processIdentifier)"
             let r: TestSupport.Result
             if mode == "local" {
                 r = try TestSupport.ploop("copy", "-s", dev, "-d", copy, "-F", stop, "--json")

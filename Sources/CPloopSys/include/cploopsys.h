@@ -4,6 +4,7 @@
 #include <sys/types.h>
 #include <sys/stat.h>
 #include <stdint.h>
+#include "ploop_abi.h"
 
 /// open(2) flag O_DIRECT (a GNU extension Swift does not see).
 int cploop_o_direct(void);
