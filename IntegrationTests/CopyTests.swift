@@ -29,6 +29,15 @@ struct CopyTests {
         return p
     }
 
+    /// Kills the writer's whole group and waits until every member is gone. Idempotent.
+    static func end(_ writer: Process) {
+        let group = writer.processIdentifier
+        kill(-group, SIGKILL)
+        kill(-group, SIGCONT)
+        writer.waitUntilExit()
+        for _ in 0..<200 where kill(-group, 0) == 0 { usleep(10_000) }
+    }
+
     static func sums(_ dir: String) throws -> String {
         try TestSupport.run("/bin/sh", ["-c", "cd \(dir) && sha256sum $(ls | grep -v lost+found | sort)"]).stdout
     }
@@ -40,11 +49,7 @@ struct CopyTests {
             let (img, dev, mnt) = try s.freshExt4(size: "256m")
             #expect(try TestSupport.sh("dd", "if=/dev/urandom", "of=\(mnt)/base", "bs=1M", "count=40", "status=none").code == 0)
             let writer = try Self.startWriter(mnt)
-            defer {
-                kill(-writer.processIdentifier, SIGKILL)
-                kill(-writer.processIdentifier, SIGCONT)
-                writer.waitUntilExit()
-            }
+            defer { Self.end(writer) }
             Thread.sleep(forTimeInterval: 0.3)
             let copy = s.dir.file("copy.hdd")
             // -F stops the writer (SIGSTOP keeps it from writing while frozen and after).
@@ -82,6 +87,8 @@ struct CopyTests {
             #expect(try TestSupport.sh("sync").code == 0)
             let sourceSums = try Self.sums(mnt)
             #expect(sourceSums.contains("base"))
+            // Gone before the file system is unmounted (a stopped dd still holds a file open).
+            Self.end(writer)
             let check = try TestSupport.ploop("check", "-f", copy)
             #expect(check.code == 0, "\(check)")
             #expect(try !ImageInfo.read(path: copy).inUse)

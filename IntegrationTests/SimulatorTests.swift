@@ -17,7 +17,16 @@ struct SimulatorTests {
         init() throws { dir = try ScratchDirectory("ploop-sim") }
 
         deinit {
-            for m in mounts.reversed() { _ = try? TestSupport.sh("umount", m) }
+            // Even after a failure: our mounts (retrying while something lets go, lazily at the
+            // end) and our devices, each by its exact name.
+            for m in mounts.reversed() {
+                var done = false
+                for _ in 0..<20 where !done {
+                    done = (try? TestSupport.sh("umount", m))?.code == 0
+                    if !done { usleep(100_000) }
+                }
+                if !done { _ = try? TestSupport.sh("umount", "-l", m) }
+            }
             for d in devices.reversed() { _ = try? TestSupport.ploop("umount", "-d", d) }
         }
 

@@ -111,14 +111,21 @@ int cploop_block_numbers(const char *path, unsigned *major, unsigned *minor) {
     return 0;
 }
 
-int cploop_unix_listen(const char *path) {
-    struct sockaddr_un a;
-    if (strlen(path) >= sizeof(a.sun_path)) return -ENAMETOOLONG;
+/// A new Unix stream socket and the address of `path`; fd or -errno.
+static int unix_socket(const char *path, struct sockaddr_un *a) {
+    if (strlen(path) >= sizeof(a->sun_path)) return -ENAMETOOLONG;
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -errno;
-    memset(&a, 0, sizeof(a));
-    a.sun_family = AF_UNIX;
-    strcpy(a.sun_path, path);
+    memset(a, 0, sizeof(*a));
+    a->sun_family = AF_UNIX;
+    strcpy(a->sun_path, path);
+    return fd;
+}
+
+int cploop_unix_listen(const char *path) {
+    struct sockaddr_un a;
+    int fd = unix_socket(path, &a);
+    if (fd < 0) return fd;
     unlink(path);
     if (bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 || chmod(path, 0600) != 0 || listen(fd, 16) != 0) {
         int e = errno;
@@ -130,12 +137,8 @@ int cploop_unix_listen(const char *path) {
 
 int cploop_unix_connect(const char *path) {
     struct sockaddr_un a;
-    if (strlen(path) >= sizeof(a.sun_path)) return -ENAMETOOLONG;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -errno;
-    memset(&a, 0, sizeof(a));
-    a.sun_family = AF_UNIX;
-    strcpy(a.sun_path, path);
+    int fd = unix_socket(path, &a);
+    if (fd < 0) return fd;
     if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
         int e = errno;
         close(fd);
