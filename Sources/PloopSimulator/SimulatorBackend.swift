@@ -3,6 +3,7 @@ import Foundation
 import PloopDevice
 import PloopImage
 import PloopSystem
+import Synchronization
 
 /// `DeviceBackend` for kernels without the ploop module: each device is a daemon (`ploop __serve`)
 /// serving a `DeviceModel` through FUSE and a loop device; this is its client.
@@ -120,21 +121,39 @@ public final class SimulatorBackend: DeviceBackend {
 
     // MARK: - Requests
 
+    /// Idle connections to daemons, by device index: a connection per request would cost a
+    /// connect, an accept and a thread on the daemon's side each time (the copy sender makes
+    /// thousands of tracking calls).
+    private let idle = Mutex<[Int: LineChannel]>([:])
+
     func call(_ device: String, _ req: Wire.Request, progress: (@Sendable (Int, Int) -> Void)? = nil) throws(DeviceError) -> Wire.Response {
         let n = try index(device)
         guard FileManager.default.fileExists(atPath: paths.directory(n)) else { throw .noSuchDevice(device) }
+        // A pooled connection may be stale (its daemon gone): if sending on it fails, the request
+        // never arrived and one fresh connection is tried.
+        if let pooled = idle.withLock({ $0.removeValue(forKey: n) }) {
+            if (try? pooled.send(req)) != nil {
+                return try finish(device, n, pooled, req, progress)
+            }
+        }
         let fd = cploop_unix_connect(paths.socket(n))
         guard fd >= 0 else {
             throw .notRunning("\(device) (its daemon is gone: 'ploop umount -d \(device)' cleans up, then mount again)")
         }
         let ch = LineChannel(fd: fd)
+        do { try ch.send(req) } catch { throw .system("control socket of \(device)", errno: EPIPE) }
+        return try finish(device, n, ch, req, progress)
+    }
+
+    /// Reads the answer (after any progress lines) and puts the connection back.
+    private func finish(_ device: String, _ n: Int, _ ch: LineChannel, _ req: Wire.Request, _ progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> Wire.Response {
         do {
-            try ch.send(req)
             while let resp = try ch.receive(Wire.Response.self) {
                 if let p = resp.progress {
                     progress?(p.done, p.total)
                     continue
                 }
+                if req.op != .umount { idle.withLock { $0[n] = ch } }
                 if let e = resp.error { throw e.deviceError }
                 return resp
             }
