@@ -138,8 +138,7 @@ public struct BalloonProcedure: Sendable {
         }
         say("Successfully inflated balloon from \(old) to \(new) bytes")
         checkpoint("inflate")
-        let freed = try reclaim(balloon, from: old, to: new, result: &result, resetState: &resetState)
-        _ = freed
+        try reclaim(balloon, from: old, to: new, result: &result, resetState: &resetState)
         return result
     }
 

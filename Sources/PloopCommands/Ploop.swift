@@ -121,13 +121,8 @@ final class ProgressLine: @unchecked Sendable {
 
 extension ImageFormat: ExpressibleByArgument {}
 
-/// `-s SIZE` as an argument type.
-struct SizeOption: ExpressibleByArgument {
-    var sectors: UInt64
-    init?(argument: String) {
-        guard let s = try? SizeArgument.sectors(argument) else { return nil }
-        sectors = s
-    }
+/// `-s SIZE`: parsed in `validate()` so the error says what is wrong with it.
+enum SizeOption {
     static func parse(_ text: String) throws -> UInt64 {
         do { return try SizeArgument.sectors(text) } catch { throw ValidationError(error.description) }
     }

@@ -32,7 +32,6 @@ public struct CopyReceiver {
         var summary = Summary(records: 0, bytes: 0, syncs: 0)
         var offset: UInt64 = 0
         var header = [UInt8](repeating: 0, count: CopyStream.headerSize)
-        var payload = [UInt8]()
         while true {
             guard try Self.readFull(input, &header) else { throw CopyStream.Error.truncated(at: offset) }
             let (size, pos) = try CopyStream.parseHeader(header, at: offset)
@@ -44,7 +43,6 @@ public struct CopyReceiver {
                 PathInfo.syncParentDirectory(of: destination)
                 return summary
             }
-            if payload.count < Int(size) { payload = [UInt8](repeating: 0, count: Int(size)) }
             var slice = [UInt8](repeating: 0, count: Int(size))
             guard try Self.readFull(input, &slice) else { throw CopyStream.Error.truncated(at: offset) }
             offset += UInt64(size)
@@ -62,7 +60,7 @@ public struct CopyReceiver {
         }
     }
 
-    /// Fills `buffer`; false if the input ended before the first byte, throws if it ended inside.
+    /// Fills `buffer`; false if the input ended first (the caller reports where).
     static func readFull(_ fd: Int32, _ buffer: inout [UInt8]) throws -> Bool {
         var done = 0
         while done < buffer.count {
@@ -71,10 +69,7 @@ public struct CopyReceiver {
                 if errno == EINTR { continue }
                 throw CopyStream.Error.io("reading the stream: \(String(cString: strerror(errno)))")
             }
-            if n == 0 {
-                if done == 0 { return false }
-                return false
-            }
+            if n == 0 { return false }
             done += n
         }
         return true

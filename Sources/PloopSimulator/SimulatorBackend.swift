@@ -316,57 +316,37 @@ public final class SimulatorBackend: DeviceBackend {
 
     public func openIO(_ device: String) throws(DeviceError) -> any DeviceIO {
         _ = try index(device)
-        let fd = open(device, O_RDWR | O_CLOEXEC)
-        guard fd >= 0 else { throw .system("open \(device)", errno: errno) }
-        return BlockDeviceIO(fd: fd, path: device)
+        do { return BlockDeviceIO(file: try File(path: device, mode: .readWrite)) } catch {
+            throw .system("open \(device)", errno: error.errno)
+        }
     }
 }
 
-/// Block I/O on a device node.
-public final class BlockDeviceIO: DeviceIO, @unchecked Sendable {
-    let fd: Int32
-    let path: String
-    init(fd: Int32, path: String) {
-        self.fd = fd
-        self.path = path
-    }
-    deinit { close(fd) }
+/// Block I/O on a device node, through `PloopSystem.File`'s full positional reads and writes.
+public final class BlockDeviceIO: DeviceIO, Sendable {
+    let file: File
+    init(file: File) { self.file = file }
 
     public var sizeBytes: UInt64 {
         get throws(DeviceError) {
-            let end = lseek(fd, 0, SEEK_END)
-            guard end >= 0 else { throw .system("size of \(path)", errno: errno) }
+            let end = lseek(file.fd, 0, SEEK_END)
+            guard end >= 0 else { throw .system("size of \(file.path)", errno: errno) }
             return UInt64(end)
         }
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DeviceError) {
-        var done = 0
-        while done < buffer.count {
-            let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw .system("read \(path)", errno: errno)
-            }
-            if n == 0 { throw .outOfRange(offset: offset, length: buffer.count, size: (try? sizeBytes) ?? 0) }
-            done += n
-        }
+        let n: Int
+        do { n = try file.read(into: buffer, at: offset) } catch { throw .system("read \(file.path)", errno: error.errno) }
+        // A block device ends at its size: a short read is I/O past the end.
+        if n < buffer.count { throw .outOfRange(offset: offset, length: buffer.count, size: (try? sizeBytes) ?? 0) }
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DeviceError) {
-        var done = 0
-        while done < buffer.count {
-            let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw .system("write \(path)", errno: errno)
-            }
-            if n == 0 { throw .outOfRange(offset: offset, length: buffer.count, size: (try? sizeBytes) ?? 0) }
-            done += n
-        }
+        do { try file.write(buffer, at: offset) } catch { throw .system("write \(file.path)", errno: error.errno) }
     }
 
     public func flush() throws(DeviceError) {
-        if fsync(fd) != 0 { throw .system("fsync \(path)", errno: errno) }
+        do { try file.sync() } catch { throw .system("fsync \(file.path)", errno: error.errno) }
     }
 }
