@@ -27,14 +27,14 @@ let package = Package(
         // Deltas on files and the offline operations (init, merge, grow, check, info).
         .target(name: "PloopImage", dependencies: ["PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
         // The model of the kernel device, the backend protocol, the in-process backend.
-        .target(name: "PloopDevice", dependencies: ["PloopImage", "PloopFormat"], swiftSettings: swiftSettings),
+        .target(name: "PloopDevice", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
         // The FUSE + loop simulator: daemon, control protocol, SimulatorBackend.
         .target(
             name: "PloopSimulator",
             dependencies: ["PloopDevice", "PloopImage", "PloopSystem", "CPloopFuse", "CPloopSys"],
             swiftSettings: swiftSettings),
         // The real kernel driver: ABI constants (from CPloopSys), sysfs. The backend itself is issue 8.
-        .target(name: "PloopKernel", dependencies: ["PloopDevice", "PloopImage", "CPloopSys"], swiftSettings: swiftSettings),
+        .target(name: "PloopKernel", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem", "CPloopSys"], swiftSettings: swiftSettings),
         // Procedures written once against DeviceBackend.
         .target(
             name: "PloopBalloon", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem"],
@@ -46,7 +46,7 @@ let package = Package(
         .target(
             name: "PloopCommands",
             dependencies: [
-                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopBalloon", "PloopCopy", "PloopSystem", "CPloopSys",
+                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopKernel", "PloopBalloon", "PloopCopy", "PloopSystem", "CPloopSys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings
@@ -62,11 +62,11 @@ let package = Package(
         .testTarget(name: "PloopImageTests", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
         .testTarget(
             name: "PloopDeviceTests",
-            dependencies: ["PloopDevice", "PloopSimulator", "PloopImage", "PloopFormat", "PloopTestSupport"],
+            dependencies: ["PloopDevice", "PloopSimulator", "PloopKernel", "PloopImage", "PloopFormat", "PloopTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
-            name: "PloopKernelTests", dependencies: ["PloopKernel", "PloopDevice", "CPloopSys", "PloopTestSupport"],
+            name: "PloopKernelTests", dependencies: ["PloopKernel", "PloopDevice", "PloopImage", "PloopFormat", "PloopCopy", "CPloopSys", "PloopTestSupport"],
             swiftSettings: swiftSettings),
         .testTarget(
             name: "PloopCopyTests", dependencies: ["PloopCopy", "PloopTestSupport"], swiftSettings: swiftSettings),

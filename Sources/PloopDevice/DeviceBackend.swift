@@ -16,6 +16,11 @@ public protocol DeviceBackend: Sendable {
     func merge(_ device: String, levels: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String]
     func grow(_ device: String, sizeSectors: UInt64) throws(DeviceError)
     func sync(_ device: String) throws(DeviceError)
+    /// PLOOP_IOC_DEL_DELTA: a read-only level whose data user space merged into the level below
+    /// leaves the stack (see `DeviceModel.deleteDelta`).
+    func deleteDelta(_ device: String, level: Int) throws(DeviceError)
+    /// PLOOP_IOC_UPDATE_INDEX: clusters of a read-only level moved in its file.
+    func updateIndex(_ device: String, level: Int, maps: [IndexMap]) throws(DeviceError)
 
     func balloon(_ device: String, inflate: Bool, keepIntact: Bool) throws(DeviceError) -> BalloonReply
     func loadFreeBlocks(_ device: String, level: Int, extents: [FreeExtent]) throws(DeviceError) -> UInt32

@@ -270,3 +270,49 @@ extension DeviceModel {
 
     public func sync() throws(DeviceError) { try flush() }
 }
+
+// MARK: - Kernel primitives for merges done by user space
+
+extension DeviceModel {
+    /// PLOOP_IOC_DEL_DELTA: level `l` leaves the running stack and the levels above it renumber.
+    /// User space calls it after merging `l` into the level below offline, so that level is re-read
+    /// from its file (BAT and size may have changed) and serves what `l` served. Level 0 and the
+    /// writable top cannot leave a running stack.
+    public func deleteDelta(level l: Int) throws(DeviceError) {
+        try requireRunning()
+        try control.withLock { c throws(DeviceError) in
+            guard c.machine.state == .off else { throw .busy(c.machine.state) }
+        }
+        try stack.write { s throws(DeviceError) in
+            guard l >= 1, l < s.levels.count - 1 else {
+                throw .invalid("level \(l) cannot leave the running stack: only read-only levels 1...\(s.levels.count - 2) can (the base and the top stay)")
+            }
+            switch s.levels[l - 1].image {
+            case .ploop1(let below):
+                let fresh = try lifting { () throws(ImageError) in try Ploop1Image(file: below.file, writable: false) }
+                s.levels[l - 1].image = .ploop1(fresh)
+            case .raw(let r):
+                s.levels[l - 1].rawBytes = try lifting { () throws(ImageError) in try r.virtualBytes() }
+            }
+            s.levels.remove(at: l)
+        }
+    }
+
+    /// PLOOP_IOC_UPDATE_INDEX: points clusters of the read-only level `l` at new blocks in memory,
+    /// after user space moved them in the file (an offline grow of a merge destination).
+    public func updateIndex(level l: Int, maps: [IndexMap]) throws(DeviceError) {
+        try requireRunning()
+        try stack.write { s throws(DeviceError) in
+            guard l >= 0, l < s.levels.count - 1, case .ploop1(let image) = s.levels[l].image else {
+                throw .invalid("level \(l) is not a read-only ploop1 level of the stack")
+            }
+            let entries = UInt64(image.header.batEntries)
+            for m in maps {
+                guard UInt64(m.cluster) < entries, image.layout.canEncode(ImageBlock(m.block)) else {
+                    throw .invalid("index update \(m.cluster) -> \(m.block) does not fit level \(l)")
+                }
+            }
+            for m in maps { image.commit(cluster: ClusterIndex(UInt64(m.cluster)), block: ImageBlock(m.block)) }
+        }
+    }
+}

@@ -53,6 +53,12 @@ public final class InProcessBackend: DeviceBackend {
 
     public func sync(_ device: String) throws(DeviceError) { try model(device).sync() }
 
+    public func deleteDelta(_ device: String, level: Int) throws(DeviceError) { try model(device).deleteDelta(level: level) }
+
+    public func updateIndex(_ device: String, level: Int, maps: [IndexMap]) throws(DeviceError) {
+        try model(device).updateIndex(level: level, maps: maps)
+    }
+
     public func balloon(_ device: String, inflate: Bool, keepIntact: Bool) throws(DeviceError) -> BalloonReply {
         try model(device).balloon(inflate: inflate, keepIntact: keepIntact)
     }

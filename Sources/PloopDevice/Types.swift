@@ -55,6 +55,11 @@ public struct BalloonReply: Sendable, Codable, Equatable {
     /// The frozen allocation head in FBLOADED/RELOC, else the current one.
     public var allocHead: UInt32
     public var level: Int
+    public init(state: MaintenanceState, allocHead: UInt32, level: Int) {
+        self.state = state
+        self.allocHead = allocHead
+        self.level = level
+    }
 }
 
 public struct LevelInfo: Sendable, Codable, Equatable {
@@ -106,4 +111,14 @@ public protocol DeviceIO: Sendable {
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DeviceError)
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DeviceError)
     func flush() throws(DeviceError)
+}
+
+/// `reloc_map` of PLOOP_IOC_UPDATE_INDEX: virtual cluster `cluster` now lives in image block `block`.
+public struct IndexMap: Sendable, Codable, Equatable, Hashable {
+    public var cluster: UInt32
+    public var block: UInt32
+    public init(cluster: UInt32, block: UInt32) {
+        self.cluster = cluster
+        self.block = block
+    }
 }

@@ -6,7 +6,12 @@ extension Ploop1Image {
     /// file, synced, repointed, synced; then the new BAT area is zeroed and synced; the header,
     /// written last, switches to the new size. Interrupted anywhere, the image still checks clean
     /// (at worst with an unreferenced cluster, trimmed by `check`) and keeps every cluster.
-    public func grow(toSectors requested: UInt64, progress: ((Int, Int) -> Void)? = nil) throws(ImageError) {
+    /// `relocated` hears of each move once the new entry is durable and before the old block is
+    /// zeroed (a running kernel holding this image read-only must learn it then: UPDATE_INDEX).
+    public func grow(
+        toSectors requested: UInt64, progress: ((Int, Int) -> Void)? = nil,
+        relocated: ((ClusterIndex, ImageBlock) throws(ImageError) -> Void)? = nil
+    ) throws(ImageError) {
         guard writable else { throw .readOnly(path) }
         let old = header
         var new: ImageHeader
@@ -42,6 +47,7 @@ extension Ploop1Image {
                 try file.sync()
                 try setEntry(owners[blk]!, to: target)
                 try file.sync()
+                try relocated?(owners[blk]!, target)
                 dest += 1
                 progress?(i + 1, moving.count)
             }

@@ -18,9 +18,10 @@ extension Offline {
     /// `destination` (sources are given top-most first). Growing the destination first if a source
     /// is larger. Whole clusters, as the original does. Idempotent: running it again after an
     /// interruption finishes the job.
+    /// `relocated` is passed to the destination's grow (see `Ploop1Image.grow`).
     public static func merge(
         sources: [Ploop1Image], into destination: MergeDestination, flushEvery: Int = 256,
-        progress: ((Int, Int) -> Void)? = nil
+        progress: ((Int, Int) -> Void)? = nil, relocated: ((ClusterIndex, ImageBlock) throws(ImageError) -> Void)? = nil
     ) throws(ImageError) -> MergeSummary {
         guard let first = sources.first else { throw .noSources }
         let cb = first.clusterBytes
@@ -30,7 +31,7 @@ extension Offline {
         switch destination {
         case .ploop1(let dst):
             if largest > dst.virtualBytes {
-                try dst.grow(toSectors: largest / PloopSpec.sectorSize)
+                try dst.grow(toSectors: largest / PloopSpec.sectorSize, relocated: relocated)
                 grew = true
             }
         case .raw(let dst):

@@ -19,6 +19,8 @@ public struct KernelDeviceState: Sendable, Equatable {
     public var top: Int?
     public var cookie: String?
     public var deltas: [Delta]
+    /// The block device's size in 512-byte sectors (`/sys/block/ploopN/size`).
+    public var sizeSectors: UInt64?
 
     public enum Error: Swift.Error, Equatable, CustomStringConvertible {
         case missing(String)
@@ -62,7 +64,14 @@ public struct KernelDeviceState: Sendable, Equatable {
         }
         return KernelDeviceState(
             running: running, blockSize: bs32, formatVersion: try number("pstate/fmt_version", required: false),
-            top: try number("pstate/top", required: false), cookie: try text("pstate/cookie", required: false), deltas: deltas)
+            top: try number("pstate/top", required: false), cookie: try text("pstate/cookie", required: false), deltas: deltas,
+            sizeSectors: try number("size", required: false).map { UInt64($0) })
+    }
+
+    /// The indexes of the ploop devices sysfs shows (`<root>/block/ploopN`), ascending.
+    public static func indexes(sysfs root: String = "/sys") -> [Int] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "\(root)/block")) ?? []
+        return names.compactMap { DeviceName.index($0) }.sorted()
     }
 
     /// Whether the kernel driver is loaded, and whether it supports large (v2) images.

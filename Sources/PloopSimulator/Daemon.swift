@@ -204,6 +204,10 @@ public final class SimulatorDaemon: @unchecked Sendable {
             try Loop.refreshCapacity(loop)
         case .sync:
             try model.sync()
+        case .deleteDelta:
+            try model.deleteDelta(level: r.level ?? -1)
+        case .updateIndex:
+            try model.updateIndex(level: r.level ?? -1, maps: r.maps ?? [])
         case .balloon:
             out.balloon = try model.balloon(inflate: r.inflate ?? false, keepIntact: r.keepIntact ?? false)
         case .loadFreeBlocks:

@@ -236,6 +236,19 @@ public final class SimulatorBackend: DeviceBackend {
         _ = try call(device, Wire.Request(.sync))
     }
 
+    public func deleteDelta(_ device: String, level: Int) throws(DeviceError) {
+        var r = Wire.Request(.deleteDelta)
+        r.level = level
+        _ = try call(device, r)
+    }
+
+    public func updateIndex(_ device: String, level: Int, maps: [IndexMap]) throws(DeviceError) {
+        var r = Wire.Request(.updateIndex)
+        r.level = level
+        r.maps = maps
+        _ = try call(device, r)
+    }
+
     public func balloon(_ device: String, inflate: Bool, keepIntact: Bool) throws(DeviceError) -> BalloonReply {
         var r = Wire.Request(.balloon)
         r.inflate = inflate
@@ -316,37 +329,6 @@ public final class SimulatorBackend: DeviceBackend {
 
     public func openIO(_ device: String) throws(DeviceError) -> any DeviceIO {
         _ = try index(device)
-        do { return BlockDeviceIO(file: try File(path: device, mode: .readWrite)) } catch {
-            throw .system("open \(device)", errno: error.errno)
-        }
-    }
-}
-
-/// Block I/O on a device node, through `PloopSystem.File`'s full positional reads and writes.
-public final class BlockDeviceIO: DeviceIO, Sendable {
-    let file: File
-    init(file: File) { self.file = file }
-
-    public var sizeBytes: UInt64 {
-        get throws(DeviceError) {
-            let end = lseek(file.fd, 0, SEEK_END)
-            guard end >= 0 else { throw .system("size of \(file.path)", errno: errno) }
-            return UInt64(end)
-        }
-    }
-
-    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DeviceError) {
-        let n: Int
-        do { n = try file.read(into: buffer, at: offset) } catch { throw .system("read \(file.path)", errno: error.errno) }
-        // A block device ends at its size: a short read is I/O past the end.
-        if n < buffer.count { throw .outOfRange(offset: offset, length: buffer.count, size: (try? sizeBytes) ?? 0) }
-    }
-
-    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DeviceError) {
-        do { try file.write(buffer, at: offset) } catch { throw .system("write \(file.path)", errno: error.errno) }
-    }
-
-    public func flush() throws(DeviceError) {
-        do { try file.sync() } catch { throw .system("fsync \(file.path)", errno: error.errno) }
+        return try BlockDeviceIO(device: device)
     }
 }

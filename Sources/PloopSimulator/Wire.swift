@@ -9,7 +9,7 @@ public enum Wire {
     public static let version = 1
 
     public enum Op: String, Codable, Sendable {
-        case info, umount, snapshot, merge, grow, sync
+        case info, umount, snapshot, merge, grow, sync, deleteDelta, updateIndex
         case balloon, loadFreeBlocks, freeBlockList, filterFreeBlocks, dropFreeBlocks, relocateBlocks
         case trackInit, trackSetPosition, trackRead, trackStop, trackAbort
     }
@@ -28,6 +28,7 @@ public enum Wire {
         public var relocExtents: [RelocExtent]?
         public var position: UInt64?
         public var minLength: UInt32?
+        public var maps: [IndexMap]?
 
         public init(_ op: Op) { self.op = op }
     }

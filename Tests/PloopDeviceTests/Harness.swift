@@ -2,6 +2,7 @@ import Foundation
 import PloopDevice
 import PloopFormat
 import PloopImage
+import PloopKernel
 import PloopSimulator
 import PloopTestSupport
 import Synchronization
@@ -13,21 +14,28 @@ struct Harness: Sendable, CustomTestStringConvertible {
     var name: String
     /// nil when available; else why not (printed as the skip reason).
     var unavailable: @Sendable () -> String?
-    var make: @Sendable () throws -> any DeviceBackend
+    /// Makes the backend; its argument is a scratch directory for the backend's own state.
+    var make: @Sendable (String) throws -> any DeviceBackend
     /// Real devices: one test at a time across the whole run.
     var exclusive = false
     var testDescription: String { name }
 
-    static let inProcess = Harness(name: "in-process", unavailable: { nil }, make: { InProcessBackend() })
+    static let inProcess = Harness(name: "in-process", unavailable: { nil }, make: { _ in InProcessBackend() })
+
+    /// `KernelBackend` through a fake kernel that decodes its ioctl bytes and drives a
+    /// `DeviceModel` in this process, with a sysfs tree in the scratch directory.
+    static let kernelFake = Harness(
+        name: "kernel (fake driver)", unavailable: { nil },
+        make: { dir in KernelBackend(transport: FakeKernel(lower: InProcessBackend(), sysfsRoot: dir + "/sys"), umountTimeout: 1) })
 
     /// The simulator through its real stack (FUSE, loop, /dev/ploopN), driven by the built binary.
     static let simulator = Harness(
         name: "simulator", unavailable: { TestSupport.simulatorUnavailable },
-        make: { SimulatorBackend(executable: TestSupport.ploopBinary) }, exclusive: true)
+        make: { _ in SimulatorBackend(executable: TestSupport.ploopBinary) }, exclusive: true)
 
     /// Every backend that can run here. A backend that cannot is reported by
     /// `BackendAvailabilityTests` with the reason.
-    static var all: [Harness] { [inProcess, simulator].filter { $0.unavailable() == nil } }
+    static var all: [Harness] { [inProcess, kernelFake, simulator].filter { $0.unavailable() == nil } }
 }
 
 /// Files for one test and the reference content of the device.
@@ -44,7 +52,7 @@ final class Bench: @unchecked Sendable {
         exclusive = h.exclusive
         if exclusive { DeviceTestLock.acquire() }
         dir = try ScratchDirectory("ploop-conf")
-        backend = try h.make()
+        backend = try h.make(dir.file(".backend"))
     }
 
     deinit {
@@ -233,6 +241,7 @@ struct BackendAvailabilityTests {
         #expect(Harness.all.contains { $0.name == "simulator" })
     }
 
-    @Test(.disabled("conformance through the kernel backend: not part of this build yet (issue 8)"))
-    func kernelJoinsTheConformanceSuite() {}
+    @Test func kernelBackendJoinsTheConformanceSuite() {
+        #expect(Harness.all.contains { $0.name == Harness.kernelFake.name })
+    }
 }
