@@ -44,8 +44,9 @@ struct BalloonTests {
         return try JSONDecoder().decode(Change.self, from: Data(r.stdout.utf8))
     }
 
-    @Test func inflateShrinksTheImageAndKeepsEveryFile() throws {
-        try DeviceTestLock.run {
+    @Test(arguments: TestSupport.cliBackends)
+    func inflateShrinksTheImageAndKeepsEveryFile(_ backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
             let s = try Stage()
             let (img, dev, mnt) = try Self.prepare(s)
             let before = try ImageInfo.read(path: img).fileSize
@@ -76,7 +77,7 @@ struct BalloonTests {
             #expect(fsck.code == 0, "\(fsck)")
             try s.umount(dev)
             #expect(try TestSupport.ploop("check", "-f", "-c", img).code == 0)
-        }
+        } }
     }
 
     @Test func refusals() throws {

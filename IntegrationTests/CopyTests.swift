@@ -42,9 +42,11 @@ struct CopyTests {
         try TestSupport.run("/bin/sh", ["-c", "cd \(dir) && sha256sum $(ls | grep -v lost+found | sort)"]).stdout
     }
 
-    @Test(arguments: ["local", "pipe"] + (TestSupport.which("socat") != nil ? ["tcp"] : []))
-    func copyWhileWriting(_ mode: String) throws {
-        try DeviceTestLock.run {
+    @Test(arguments: ["local", "pipe", "local kernel-fake", "pipe kernel-fake"] + (TestSupport.which("socat") != nil ? ["tcp"] : []))
+    func copyWhileWriting(_ modeAndBackend: String) throws {
+        let mode = String(modeAndBackend.split(separator: " ")[0])
+        let backend = modeAndBackend.hasSuffix("kernel-fake") ? "kernel-fake" : "simulator"
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
             let s = try Stage()
             let (img, dev, mnt) = try s.freshExt4(size: "256m")
             #expect(try TestSupport.sh("dd", "if=/dev/urandom", "of=\(mnt)/base", "bs=1M", "count=40", "status=none").code == 0)
@@ -99,7 +101,7 @@ struct CopyTests {
             try s.umountFS(mnt2)
             try s.umount(dev2)
             try s.finishClean(image: img, device: dev, mount: mnt)
-        }
+        } }
     }
 
     @Test func receiverRefusesAnExistingImage() throws {

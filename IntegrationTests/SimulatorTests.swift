@@ -136,8 +136,11 @@ struct SimulatorTests {
         }
     }
 
-    @Test func manualFlowWithWritersDuringMaintenance() throws {
-        try DeviceTestLock.run {
+    struct DeviceSummary: Decodable { var backend: String }
+
+    @Test(arguments: TestSupport.cliBackends)
+    func manualFlowWithWritersDuringMaintenance(_ backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
             let s = try Stage()
             let (base, dev, mnt) = try s.freshExt4(size: "512m")
             let w = FileWriter(mnt)
@@ -152,6 +155,9 @@ struct SimulatorTests {
             w.stop()
             let list = try TestSupport.ploop("list", "--json")
             #expect(list.stdout.contains(base) && !list.stdout.contains("root.hdd.1\""))
+            // The backend under test served the device.
+            let served = try JSONDecoder().decode([DeviceSummary].self, from: Data(list.stdout.utf8))
+            #expect(served.map(\.backend) == [backend == "kernel-fake" ? "kernel" : "simulator"], "\(list)")
             // Two more snapshots, then 1..2 and 0..1 under the writer.
             w.start(prefix: "b")
             _ = try s.ploop("snapshot", "-d", dev, s.dir.file("root.hdd.3"))
@@ -189,7 +195,7 @@ struct SimulatorTests {
             #expect((UInt64(df.stdout.split(separator: "\n").last.map { $0.trimmingCharacters(in: .whitespaces) } ?? "") ?? 0) > 600 << 20)
             try s.umountFS(mnt2)
             try s.umount(dev2)
-        }
+        } }
     }
 
     @Test func rawBaseWithDeltas() throws {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import PloopDevice
+import PloopKernel
 import PloopSimulator
 
 /// `--backend auto|kernel|simulator` (or `PLOOP_BACKEND`).
@@ -8,17 +9,26 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
     case auto, kernel, simulator
 
     /// The backend to use. `auto` is the kernel driver when its module is loaded, else the
-    /// simulator; the kernel backend is not part of this build yet.
+    /// simulator.
     func resolve() throws -> any DeviceBackend {
-        let env = ProcessInfo.processInfo.environment["PLOOP_BACKEND"].flatMap(BackendChoice.init(rawValue:))
-        let choice = self == .auto ? (env ?? .auto) : self
+        let environment = ProcessInfo.processInfo.environment
+        let env = environment["PLOOP_BACKEND"].flatMap(BackendChoice.init(rawValue:))
+        var choice = self == .auto ? (env ?? .auto) : self
+        if choice == .auto {
+            choice = KernelDeviceState.module().loaded ? .kernel : .simulator
+        }
         switch choice {
         case .kernel:
-            throw CommandFailure("the kernel backend is not available in this build yet; use --backend simulator")
-        case .simulator, .auto:
-            if choice == .auto, FileManager.default.fileExists(atPath: "/sys/module/ploop") {
-                FileHandle.standardError.write("ploop: the ploop kernel module is loaded, but this build serves devices with the simulator\n")
+            // A test hook: the kernel backend's ioctls answered by the fake driver over the
+            // simulator's devices, so the whole tool can run through KernelBackend here.
+            if environment["PLOOP_KERNEL_FAKE"] == "simulator" {
+                if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)") }
+                let paths = RuntimePaths()
+                return KernelBackend(transport: FakeKernel(lower: SimulatorBackend(paths: paths), sysfsRoot: paths.root + "/fake-kernel/sys"))
             }
+            if let why = KernelBackend.unavailableReason() { throw CommandFailure("cannot use the kernel backend: \(why)") }
+            return KernelBackend()
+        case .simulator, .auto:
             if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)") }
             return SimulatorBackend()
         }
@@ -26,7 +36,7 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
 }
 
 struct BackendOptions: ParsableArguments {
-    @Option(help: "Device backend: auto (the kernel driver if loaded, else the simulator), kernel or simulator. Also PLOOP_BACKEND.")
+    @Option(help: "Device backend: auto (the kernel driver if its module is loaded, else the simulator), kernel or simulator. Also PLOOP_BACKEND.")
     var backend: BackendChoice = .auto
 }
 

@@ -187,12 +187,14 @@ public final class KernelBackend: DeviceBackend {
     public func umount(_ device: String) throws(DeviceError) {
         let n = try index(device)
         let st = try sysfs(n)
+        var stopped = false
         if st.running {
             var delay = 0.01
             let deadline = Date().addingTimeInterval(umountTimeout)
             while true {
                 let r = try transport.ioctl(device: n, request: KernelIoctl.stop.request, argument: nil)
-                if r >= 0 || r == -EINVAL { break }
+                if r >= 0 { stopped = true; break }
+                if r == -EINVAL { break }
                 guard r == -EBUSY else { throw standard(n, .stop, -r) }
                 // A maintenance will not end by waiting; a holder (udev, a late close) may.
                 let s = try currentState(n)
@@ -204,10 +206,10 @@ public final class KernelBackend: DeviceBackend {
                 delay = min(delay * 2, 0.5)
             }
         }
-        // Not running (a failed mount, or STOP said EINVAL): the levels go one by one.
-        if let fresh = try? KernelDeviceState.read(sysfs: transport.sysfsRoot, index: n), !fresh.running {
-            var level = UInt32(fresh.deltas.count)
-            while level > 1 {
+        if !stopped {
+            // Not running (a failed start; STOP said EINVAL): the levels go one by one, top first.
+            var level = UInt32(st.deltas.count)
+            while level > 0 {
                 level -= 1
                 _ = try? IoctlArgument.with(&level) { (p) throws(DeviceError) in try transport.ioctl(device: n, request: KernelIoctl.delDelta.request, argument: p) }
             }

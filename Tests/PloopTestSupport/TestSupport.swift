@@ -23,13 +23,27 @@ public enum TestSupport {
         public var description: String { "exit \(code)\nstdout: \(stdout)\nstderr: \(stderr)" }
     }
 
+    /// The device backends the command-level tests run under: the simulator, and the kernel
+    /// backend with its ioctls answered by the fake driver over the simulator's devices.
+    public static let cliBackends = ["simulator", "kernel-fake"]
+
+    /// Environment every program started by `run` gets (the backend under test).
+    @TaskLocal public static var backendEnvironment: [String: String] = [:]
+
+    /// Runs `body` with every `ploop` it starts using the named backend (see `cliBackends`).
+    public static func withBackend<T>(_ name: String, _ body: () throws -> T) rethrows -> T {
+        let env = name == "kernel-fake" ? ["PLOOP_BACKEND": "kernel", "PLOOP_KERNEL_FAKE": "simulator"] : ["PLOOP_BACKEND": name]
+        return try $backendEnvironment.withValue(env, operation: body)
+    }
+
     /// Runs a program to completion, capturing its output.
     public static func run(_ executable: String, _ arguments: [String], cwd: String? = nil, environment: [String: String]? = nil) throws -> Result {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: executable)
         p.arguments = arguments
         if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
-        if let environment { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+        let extra = backendEnvironment.merging(environment ?? [:]) { $1 }
+        if !extra.isEmpty { p.environment = ProcessInfo.processInfo.environment.merging(extra) { $1 } }
         let out = Pipe()
         let err = Pipe()
         p.standardOutput = out
