@@ -25,7 +25,8 @@ public enum TestSupport {
 
     /// The device backends the command-level tests run under: the simulator, and the kernel
     /// backend with its ioctls answered by the fake driver over the simulator's devices.
-    public static let cliBackends = ["simulator", "kernel-fake"]
+    /// Where the ploop kernel module is loaded, the real driver joins them.
+    public static let cliBackends = ["simulator", "kernel-fake"] + (FileManager.default.fileExists(atPath: "/sys/module/ploop") ? ["kernel"] : [])
 
     /// Environment every program started by `run` gets (the backend under test).
     @TaskLocal public static var backendEnvironment: [String: String] = [:]
