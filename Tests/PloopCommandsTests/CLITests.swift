@@ -13,6 +13,20 @@ struct UsageTests {
         for cmd in ["init", "merge", "grow", "check", "info"] { #expect(r.stderr.contains("  \(cmd) ")) }
     }
 
+    /// Asked for the kernel driver where it is not loaded: a clear error, nothing started.
+    @Test(.enabled(if: !FileManager.default.fileExists(atPath: "/sys/module/ploop"), "the ploop module is loaded here"))
+    func kernelBackendWithoutTheModule() throws {
+        let dir = try ScratchDirectory()
+        #expect(try TestSupport.ploop("init", "-s", "16m", dir.file("a.hdd")).code == 0)
+        let before = dir.read("a.hdd")
+        for args in [["list", "--backend", "kernel"], ["mount", "--backend", "kernel", dir.file("a.hdd")]] {
+            let r = try TestSupport.ploop(args)
+            #expect(r.code == 1, "\(r)")
+            #expect(r.stderr.contains("ploop kernel module is not loaded") && r.stderr.contains("--backend simulator"), "\(r)")
+        }
+        #expect(dir.read("a.hdd") == before)
+    }
+
     @Test(arguments: ["init", "merge", "grow", "check", "info"])
     func commandAloneShowsItsUsage(_ cmd: String) throws {
         let r = try TestSupport.ploop([cmd])
