@@ -33,6 +33,9 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
     conn->max_background = 64;
     conn->congestion_threshold = 48;
     if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
+    // Reads answered from the image files are spliced into /dev/fuse (no copy through us).
+    const char *splice = getenv("PLOOP_FUSE_SPLICE");
+    if ((conn->capable & FUSE_CAP_SPLICE_WRITE) && !(splice && splice[0] == '0')) conn->want |= FUSE_CAP_SPLICE_WRITE;
     // No page cache of our own under loop: the device's data lives in the model.
     conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
 }
@@ -91,6 +94,11 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     uint64_t end = f->cb.size(f->cb.ctx);
     if ((uint64_t)off >= end) { fuse_reply_buf(req, NULL, 0); return; }
     if ((uint64_t)off + size > end) size = end - (uint64_t)off;
+    if (f->cb.read_direct && size > 0) {
+        int r = f->cb.read_direct(f->cb.ctx, req, size, (uint64_t)off);
+        if (r == 1) return;
+        if (r < 0) { fuse_reply_err(req, -r); return; }
+    }
     void *buf = thread_buffer(size ? size : 1);
     if (!buf) { fuse_reply_err(req, ENOMEM); return; }
     int64_t n = f->cb.read(f->cb.ctx, buf, size, (uint64_t)off);
@@ -172,6 +180,14 @@ int cploop_fuse_loop(struct cploop_fuse *f, int threads) {
     int r = fuse_session_loop_mt(f->se, cfg);
     fuse_loop_cfg_destroy(cfg);
     return r;
+}
+
+int cploop_fuse_reply_fd(void *req, int fd, uint64_t off, uint64_t size) {
+    struct fuse_bufvec bv = FUSE_BUFVEC_INIT(size);
+    bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    bv.buf[0].fd = fd;
+    bv.buf[0].pos = (off_t)off;
+    return fuse_reply_data((fuse_req_t)req, &bv, 0);
 }
 
 void cploop_fuse_exit(struct cploop_fuse *f) { fuse_session_exit(f->se); }

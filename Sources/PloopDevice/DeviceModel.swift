@@ -195,6 +195,36 @@ public final class DeviceModel: Sendable {
         }
     }
 
+    /// For readers that can hand a file range to the kernel (the FUSE server splices it): when
+    /// [offset, offset+length) lies in one cluster that the top-most level holding it stores in a
+    /// file with a descriptor, calls `body` with that descriptor and position while the stack
+    /// cannot change (blocks move only under the exclusive lock) and returns true. Otherwise
+    /// returns false and the caller reads normally (holes, ranges across clusters).
+    public func withDirectSource(at offset: UInt64, length: Int, _ body: (Int32, UInt64) -> Void) throws(DeviceError) -> Bool {
+        try stack.read { s throws(DeviceError) -> Bool in
+            try checkRange(s, offset, length)
+            let cb = UInt64(clusterBytes)
+            let c = offset / cb
+            let inOff = offset % cb
+            guard inOff + UInt64(length) <= cb else { return false }
+            for level in s.levels.reversed() {
+                switch level.image {
+                case .ploop1(let img):
+                    guard let b = img.block(of: ClusterIndex(c)) else { continue }
+                    guard let fd = img.file.descriptor else { return false }
+                    body(fd, img.blockOffset(b) + inOff)
+                    return true
+                case .raw(let r):
+                    guard c * cb < level.rawBytes else { continue }
+                    guard offset + UInt64(length) <= level.rawBytes, let fd = r.file.descriptor else { return false }
+                    body(fd, offset)
+                    return true
+                }
+            }
+            return false
+        }
+    }
+
     /// Reads a piece of cluster `c` from the top-most of `levels[0..<below]` that has it.
     func readPiece(_ levels: [Level], below: Int, _ c: UInt64, _ inOff: Int, _ dst: UnsafeMutableRawBufferPointer) throws(DeviceError) {
         var i = below - 1
@@ -252,7 +282,7 @@ public final class DeviceModel: Sendable {
     func writeInPlace(_ levels: [Level], _ c: UInt64, _ inOff: Int, _ src: UnsafeRawBufferPointer) throws(DeviceError) -> Bool {
         guard case .ploop1(let img) = levels[levels.count - 1].image, let b = img.block(of: ClusterIndex(c)) else { return false }
         try lifting { () throws(ImageError) in try img.write(block: b, offset: inOff, data: src) }
-        mergeDirty.withLock { d in d?.insert(c) }
+        _ = mergeDirty.withLock { d in d?.insert(c) }
         return true
     }
 
@@ -283,7 +313,7 @@ public final class DeviceModel: Sendable {
                 }
                 img.commit(cluster: ClusterIndex(c), block: b)
             }
-            mergeDirty.withLock { d in d?.insert(c) }
+            _ = mergeDirty.withLock { d in d?.insert(c) }
         }
     }
 

@@ -16,6 +16,7 @@ final class TrackingBlockFile: BlockFile {
     let base: any BlockFile
     let watch: WriteWatch
     var path: String { base.path }
+    var descriptor: Int32? { base.descriptor }
 
     init(_ base: any BlockFile, watch: WriteWatch) {
         self.base = base

@@ -16,9 +16,14 @@ public protocol BlockFile: AnyObject, Sendable {
     func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError)
     /// Gives [offset, offset+length) real space reading as zeros, extending the file if needed.
     func allocate(at offset: UInt64, length: UInt64) throws(ImageError)
+    /// The file descriptor behind the file, for readers that hand it to the kernel (splice); nil
+    /// for files not backed by one.
+    var descriptor: Int32? { get }
 }
 
 extension BlockFile {
+    public var descriptor: Int32? { nil }
+
     public func readBytes(_ count: Int, at offset: UInt64) throws(ImageError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
         let n = try rethrowingImageError { try bytes.withUnsafeMutableBytes { b in try read(into: b, at: offset) } }
@@ -78,6 +83,7 @@ public final class PosixBlockFile: BlockFile {
     public var path: String { file.path }
 
     public init(_ file: File) { self.file = file }
+    public var descriptor: Int32? { file.fd }
 
     public convenience init(path: String, mode: File.OpenMode) throws(ImageError) {
         do { self.init(try File(path: path, mode: mode)) } catch { throw ImageError.from(error) }

@@ -66,6 +66,17 @@ public final class SimulatorDaemon: @unchecked Sendable {
                 return Int64(size)
             } catch { return -Int64(SimulatorDaemon.errno(for: error)) }
         }
+        cb.read_direct = { ctx, req, size, off in
+            do {
+                var result: Int32 = 0
+                _ = try SimulatorDaemon.from(ctx).model.withDirectSource(at: off, length: Int(size)) { fd, at in
+                    // The request is answered (or freed) whatever this returns.
+                    _ = cploop_fuse_reply_fd(req, fd, at, size)
+                    result = 1
+                }
+                return result
+            } catch { return -SimulatorDaemon.errno(for: error) }
+        }
         cb.write = { ctx, buf, size, off in
             let d = SimulatorDaemon.from(ctx)
             do {
