@@ -7,11 +7,35 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <fcntl.h>
+#include <stdio.h>
 
 struct cploop_fuse {
     struct fuse_session *se;
     struct cploop_fuse_callbacks cb;
+    /// Largest read answered by splice: libfuse needs a pipe holding the reply header and the
+    /// data, or it falls back to a fresh buffer per reply (slower than our copy).
+    size_t splice_max;
 };
+
+/// Pipes grow past /proc/sys/fs/pipe-max-size only with CAP_SYS_RESOURCE.
+static size_t splice_limit(void) {
+    int p[2];
+    if (pipe(p) != 0) return 0;
+    size_t limit = (size_t)-1;
+    if (fcntl(p[0], F_SETPIPE_SZ, 4 << 20) < 0) {
+        limit = 0;
+        FILE *m = fopen("/proc/sys/fs/pipe-max-size", "r");
+        unsigned long max = 0;
+        if (m) {
+            if (fscanf(m, "%lu", &max) == 1 && max > 4096) limit = max - 4096;
+            fclose(m);
+        }
+    }
+    close(p[0]);
+    close(p[1]);
+    return limit;
+}
 
 static struct cploop_fuse *F(fuse_req_t req) { return fuse_req_userdata(req); }
 
@@ -94,7 +118,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     uint64_t end = f->cb.size(f->cb.ctx);
     if ((uint64_t)off >= end) { fuse_reply_buf(req, NULL, 0); return; }
     if ((uint64_t)off + size > end) size = end - (uint64_t)off;
-    if (f->cb.read_direct && size > 0) {
+    if (f->cb.read_direct && size > 0 && size <= f->splice_max) {
         int r = f->cb.read_direct(f->cb.ctx, req, size, (uint64_t)off);
         if (r == 1) return;
         if (r < 0) { fuse_reply_err(req, -r); return; }
@@ -158,6 +182,8 @@ struct cploop_fuse *cploop_fuse_mount(const char *mountpoint, const struct cploo
     struct cploop_fuse *f = calloc(1, sizeof(*f));
     if (!f) { *err = -ENOMEM; return NULL; }
     f->cb = *cb;
+    const char *splice = getenv("PLOOP_FUSE_SPLICE");
+    f->splice_max = (splice && splice[0] == '0') ? 0 : splice_limit();
     f->se = fuse_session_new(&args, &ops, sizeof(ops), f);
     if (!f->se) { free(f); *err = -EINVAL; return NULL; }
     if (fuse_session_mount(f->se, mountpoint) != 0) {

@@ -6,6 +6,9 @@ import PloopSystem
 /// Where the sender's records go: a stream (pipe, socket) or a local file.
 public protocol CopySink {
     func data(_ bytes: UnsafeRawBufferPointer, at position: UInt64) throws
+    /// Copies `length` bytes of `file` at `position` to the same position without passing them
+    /// through user space; false when this sink cannot (then `data` is used).
+    func copy(from file: File, at position: UInt64, length: Int) throws -> Bool
     /// A durability point: the stream's sync record (answered on the feedback channel), or fdatasync.
     func sync() throws
     func end() throws
@@ -47,6 +50,10 @@ public final class StreamSink: CopySink {
     public func end() throws { try CopyReceiver.writeAll(fd, CopyStream.encode(.end)) }
 }
 
+extension CopySink {
+    public func copy(from file: File, at position: UInt64, length: Int) throws -> Bool { false }
+}
+
 /// A local destination file, built under a temporary name and published at the end.
 public final class FileSink: CopySink {
     let destination: String
@@ -63,7 +70,42 @@ public final class FileSink: CopySink {
 
     deinit { if !published { unlink(temp) } }
 
-    public func data(_ bytes: UnsafeRawBufferPointer, at position: UInt64) throws { try file.write(bytes, at: position) }
+    /// Bytes written since writeback was last started: the disk works while the copy goes on, so
+    /// the sync point and the end have little left to flush.
+    var unflushed = 0
+
+    func wrote(_ count: Int) {
+        unflushed += count
+        if unflushed >= 32 << 20 {
+            _ = cploop_start_writeback(file.fd, 0, 0)
+            unflushed = 0
+        }
+    }
+
+    public func data(_ bytes: UnsafeRawBufferPointer, at position: UInt64) throws {
+        try file.write(bytes, at: position)
+        wrote(bytes.count)
+    }
+
+    public func copy(from source: File, at position: UInt64, length: Int) throws -> Bool {
+        var inOff = Int64(position)
+        var outOff = Int64(position)
+        var left = length
+        while left > 0 {
+            let n = cploop_copy_file_range(source.fd, &inOff, file.fd, &outOff, UInt64(left))
+            if n > 0 {
+                left -= Int(n)
+                continue
+            }
+            if n == -Int64(EINTR) { continue }
+            // Not possible here (another file system, no support) or the source ended: the
+            // caller sends the range by hand (writing the same bytes again is harmless).
+            return false
+        }
+        wrote(length)
+        return true
+    }
+
     public func sync() throws { try file.dataSync() }
     public func end() throws {
         try file.dataSync()
@@ -98,6 +140,13 @@ public struct CopySender {
         public var passes: Int
         public var totalSeconds: Double
         public var frozenSeconds: Double
+        /// Seconds spent in each step, in order (where the time goes).
+        public var steps: [StepTime] = []
+    }
+
+    public struct StepTime: Codable, Sendable, Equatable {
+        public var step: String
+        public var seconds: Double
     }
 
     public enum Failure: Error, CustomStringConvertible {
@@ -113,6 +162,14 @@ public struct CopySender {
         let start = Date()
         var report = Report(bytesSent: 0, passes: 0, totalSeconds: 0, frozenSeconds: 0)
         var step = "reading the device"
+        var stepStart = Date()
+        /// Moves to the next step, recording how long the last one took.
+        func begin(_ next: String) {
+            let now = Date()
+            report.steps.append(StepTime(step: step, seconds: now.timeIntervalSince(stepStart)))
+            step = next
+            stepStart = now
+        }
         var tracking = false
         var frozen: Int32 = -1
         var frozenAt: Date?
@@ -132,23 +189,57 @@ public struct CopySender {
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: cb, alignment: 4096)
             defer { buffer.deallocate() }
             var trackPos: UInt64 = 0
-            func send(_ range: Range<UInt64>) throws {
+            /// Moves the tracking position to at least `position`: writes below it are tracked
+            /// from now on, writes above will be read later anyway.
+            func track(upTo position: UInt64) throws {
+                guard position > trackPos else { return }
+                trackPos = position
+                try backend.trackSetPosition(device, position)
+            }
+            /// Sends a range of the image (which the tracking position already covers).
+            func sendTracked(_ range: Range<UInt64>) throws {
+                let fileEnd = try image.size()
                 var pos = range.lowerBound
-                while pos < range.upperBound {
-                    let n = Int(min(UInt64(cb) - pos % UInt64(cb), range.upperBound - pos))
-                    if pos + UInt64(n) > trackPos {
-                        // Ahead in 64 MiB steps: a position ahead of what was read only means
-                        // more writes get tracked (and sent again), never fewer; and it saves a
-                        // round trip to the device per cluster.
-                        trackPos = min(range.upperBound, pos + UInt64(n) + (64 << 20))
-                        trackPos = max(trackPos, pos + UInt64(n))
-                        try backend.trackSetPosition(device, trackPos)
+                let end = min(range.upperBound, fileEnd)
+                while pos < end {
+                    let n = Int(min(UInt64(cb) - pos % UInt64(cb), end - pos))
+                    if try !sink.copy(from: image, at: pos, length: n) {
+                        let got = try image.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: pos)
+                        if got == 0 { return }  // the file ends here
+                        try sink.data(UnsafeRawBufferPointer(rebasing: buffer[0..<got]), at: pos)
                     }
-                    let got = try image.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: pos)
-                    if got == 0 { return }  // the file ends here
-                    try sink.data(UnsafeRawBufferPointer(rebasing: buffer[0..<got]), at: pos)
-                    report.bytesSent += UInt64(got)
+                    report.bytesSent += UInt64(n)
                     pos += UInt64(n)
+                }
+            }
+            /// Sends a dirty range, moving the tracking position past it first.
+            func send(_ range: Range<UInt64>) throws {
+                try track(upTo: range.upperBound)
+                try sendTracked(range)
+            }
+            /// The first pass: 64 MiB windows; in each, the position moves first, then only the
+            /// file's data is read (holes of the image file stay holes in the copy). A write landing
+            /// in a hole after the position moved is tracked; one before it is data by then.
+            func fullPass(_ end: UInt64) throws {
+                var pos: UInt64 = 0
+                while pos < end {
+                    let windowEnd = min(end, pos + (64 << 20))
+                    try track(upTo: windowEnd)
+                    // Whole clusters: a cluster the file holds only in part goes dense, as it is
+                    // in the image's own terms.
+                    let c = UInt64(cb)
+                    var ranges: [Range<UInt64>] = []
+                    for r in try image.dataRanges(from: pos, to: windowEnd) {
+                        let lo = max(pos, r.lowerBound / c * c)
+                        let hi = min(windowEnd, (r.upperBound + c - 1) / c * c)
+                        if let last = ranges.last, last.upperBound >= lo {
+                            ranges[ranges.count - 1] = last.lowerBound..<max(last.upperBound, hi)
+                        } else {
+                            ranges.append(lo..<hi)
+                        }
+                    }
+                    for r in ranges { try sendTracked(r) }
+                    pos = windowEnd
                 }
             }
             /// TRACK_READ until nothing is dirty; returns bytes sent. Bounded by wrap-arounds.
@@ -168,13 +259,13 @@ public struct CopySender {
                 }
                 return sent
             }
-            step = "starting dirty tracking"
+            begin("starting dirty tracking")
             let end = try backend.trackInit(device)
             tracking = true
-            step = "the full pass"
-            try send(0..<end)
+            begin("the full pass")
+            try fullPass(end)
             report.passes = 1
-            step = "the iterative passes"
+            begin("the iterative passes")
             var last = UInt64.max
             for _ in 0..<10 {
                 let sent = try drain(maxPasses: 1)
@@ -182,9 +273,22 @@ public struct CopySender {
                 if sent == 0 || sent >= last { break }
                 last = sent
             }
-            step = "the sync point"
+            begin("flushing the source")
+            // What the file system and the device still cache goes down now, while nothing is
+            // frozen, and is sent; the freeze then has only the last moments' writes to flush.
+            if let m = mountPoint {
+                let fd = open(m, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+                if fd >= 0 {
+                    _ = cploop_syncfs(fd)
+                    close(fd)
+                }
+            }
+            try backend.sync(device)
+            _ = try drain(maxPasses: 1)
+            report.passes += 1
+            begin("the sync point")
             try sink.sync()
-            step = "running the stop command"
+            begin("running the stop command")
             if let cmd = stopCommand {
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: "/bin/sh")
@@ -193,7 +297,7 @@ public struct CopySender {
                 p.waitUntilExit()
                 guard p.terminationStatus == 0 else { throw CopyStream.Error.io("'\(cmd)' exited with \(p.terminationStatus)") }
             }
-            step = "freezing the file system"
+            begin("freezing the file system")
             frozenAt = Date()
             if let m = mountPoint {
                 let fd = open(m, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -207,22 +311,32 @@ public struct CopySender {
                 frozen = fd
             }
             try backend.sync(device)
-            step = "the final pass"
+            begin("the final pass")
             _ = try drain(maxPasses: 3)
             report.passes += 1
-            step = "making the copy's header clean"
+            begin("making the copy's header clean")
+            // Read while frozen (the first sector holds BAT entries too), written after the thaw.
+            var head: [UInt8]?
             if top.format == .ploop1 {
-                var head = [UInt8](repeating: 0, count: 512)
-                _ = try head.withUnsafeMutableBytes { try image.read(into: $0, at: 0) }
-                for i in 44..<48 { head[i] = 0 }
-                try head.withUnsafeBytes { try sink.data($0, at: 0) }
+                var bytes = [UInt8](repeating: 0, count: 512)
+                _ = try bytes.withUnsafeMutableBytes { try image.read(into: $0, at: 0) }
+                for i in 44..<48 { bytes[i] = 0 }
+                head = bytes
             }
-            step = "stopping tracking"
+            begin("stopping tracking")
             try backend.trackStop(device)
             tracking = false
-            step = "ending the stream"
-            try sink.end()
+            begin("thawing")
+            if frozen >= 0 {
+                _ = cploop_fithaw(frozen)
+                close(frozen)
+                frozen = -1
+            }
             report.frozenSeconds = frozenAt.map { Date().timeIntervalSince($0) } ?? 0
+            if let head { try head.withUnsafeBytes { try sink.data($0, at: 0) } }
+            begin("ending the stream")
+            try sink.end()
+            begin("done")
             report.totalSeconds = Date().timeIntervalSince(start)
             return report
         } catch {

@@ -268,7 +268,14 @@ extension DeviceModel {
 
     // MARK: - Sync
 
-    public func sync() throws(DeviceError) { try flush() }
+    /// PLOOP_IOC_SYNC: every acknowledged write durable, and the top's header up to date.
+    public func sync() throws(DeviceError) {
+        try flush()
+        try stack.read { s throws(DeviceError) in
+            guard s.running, !s.top.readOnly, case .ploop1(let i) = s.top.image else { return }
+            try lifting { () throws(ImageError) in try i.refreshEmptyFlag() }
+        }
+    }
 }
 
 // MARK: - Kernel primitives for merges done by user space

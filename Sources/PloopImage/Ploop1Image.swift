@@ -72,16 +72,26 @@ public final class Ploop1Image: Sendable {
         }
     }
 
-    /// Writes the in-use mark (or clears it, fixing `CIF_Empty`) and syncs.
+    /// Writes the in-use mark (or clears it), with `CIF_Empty` saying whether data exist, and syncs.
     public func setInUse(_ inUse: Bool) throws(ImageError) {
         guard writable else { throw .readOnly(path) }
         let bytes = state.withLock { s -> [UInt8] in
             s.header.inUse = inUse
-            if !inUse { s.header.flags = Self.flags(s.header.flags, hasData: Self.hasData(s)) }
+            s.header.flags = Self.flags(s.header.flags, hasData: Self.hasData(s))
             return s.header.encode()
         }
         try file.writeBytes(bytes, at: 0)
         try file.sync()
+    }
+
+    /// The header part of PLOOP_IOC_SYNC: rewrites the header (in-use mark kept) once `CIF_Empty`
+    /// no longer says whether the image holds data, so a copy of the file is right about it.
+    public func refreshEmptyFlag() throws(ImageError) {
+        guard writable else { return }
+        let (stale, inUse) = state.withLock { s in
+            (Self.flags(s.header.flags, hasData: Self.hasData(s)) != s.header.flags, s.header.inUse)
+        }
+        if stale { try setInUse(inUse) }
     }
 
     /// Flushes and clears the in-use mark: the image is clean on disk when this returns.

@@ -89,6 +89,21 @@ struct ConformanceTests {
         #expect(try !ImageInfo.read(path: base).inUse)
     }
 
+    /// SYNC makes the top's header on disk true while it runs: in use, and not empty once data exist.
+    @Test(arguments: Harness.all)
+    func syncMakesTheRunningHeaderTrue(_ h: Harness) throws {
+        let b = try Bench(h)
+        let base = try b.image("base", clusters: 8)
+        let d = try b.mount([base])
+        #expect(try ImageInfo.read(path: base).flags.contains("empty"))
+        try b.write(Pattern.bytes(4096, seed: 5), at: 4096)
+        try b.backend.sync(d)
+        let info = try ImageInfo.read(path: base)
+        #expect(info.inUse)
+        #expect(!info.flags.contains("empty"), "\(info.flags)")
+        try b.umount()
+    }
+
     @Test(arguments: Harness.all)
     func snapshotUnderConcurrentWriters(_ h: Harness) throws {
         let b = try Bench(h)
