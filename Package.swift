@@ -69,7 +69,7 @@ let package = Package(
             name: "PloopKernelTests", dependencies: ["PloopKernel", "PloopDevice", "PloopImage", "PloopFormat", "PloopCopy", "CPloopSys", "PloopTestSupport"],
             swiftSettings: swiftSettings),
         .testTarget(
-            name: "PloopCopyTests", dependencies: ["PloopCopy", "PloopTestSupport"], swiftSettings: swiftSettings),
+            name: "PloopCopyTests", dependencies: ["PloopCopy", "PloopDevice", "PloopImage", "PloopFormat", "PloopTestSupport"], swiftSettings: swiftSettings),
         .testTarget(
             name: "PloopCommandsTests",
             dependencies: ["PloopCommands", "PloopImage", "PloopFormat", "PloopTestSupport"],

@@ -167,7 +167,3 @@ void cploop_close_from(int first) {
 }
 
 int cploop_syncfs(int fd) { return syncfs(fd) == 0 ? 0 : -errno; }
-
-int cploop_start_writeback(int fd, int64_t off, int64_t len) {
-    return sync_file_range(fd, off, len, SYNC_FILE_RANGE_WRITE) == 0 ? 0 : -errno;
-}

@@ -70,22 +70,7 @@ public final class FileSink: CopySink {
 
     deinit { if !published { unlink(temp) } }
 
-    /// Bytes written since writeback was last started: the disk works while the copy goes on, so
-    /// the sync point and the end have little left to flush.
-    var unflushed = 0
-
-    func wrote(_ count: Int) {
-        unflushed += count
-        if unflushed >= 32 << 20 {
-            _ = cploop_start_writeback(file.fd, 0, 0)
-            unflushed = 0
-        }
-    }
-
-    public func data(_ bytes: UnsafeRawBufferPointer, at position: UInt64) throws {
-        try file.write(bytes, at: position)
-        wrote(bytes.count)
-    }
+    public func data(_ bytes: UnsafeRawBufferPointer, at position: UInt64) throws { try file.write(bytes, at: position) }
 
     public func copy(from source: File, at position: UInt64, length: Int) throws -> Bool {
         var inOff = Int64(position)
@@ -102,7 +87,6 @@ public final class FileSink: CopySink {
             // caller sends the range by hand (writing the same bytes again is harmless).
             return false
         }
-        wrote(length)
         return true
     }
 
@@ -201,13 +185,17 @@ public struct CopySender {
                 let fileEnd = try image.size()
                 var pos = range.lowerBound
                 let end = min(range.upperBound, fileEnd)
+                guard pos < end else { return }
+                // In-kernel copies take the whole range at once.
+                if try sink.copy(from: image, at: pos, length: Int(end - pos)) {
+                    report.bytesSent += end - pos
+                    return
+                }
                 while pos < end {
                     let n = Int(min(UInt64(cb) - pos % UInt64(cb), end - pos))
-                    if try !sink.copy(from: image, at: pos, length: n) {
-                        let got = try image.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: pos)
-                        if got == 0 { return }  // the file ends here
-                        try sink.data(UnsafeRawBufferPointer(rebasing: buffer[0..<got]), at: pos)
-                    }
+                    let got = try image.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: pos)
+                    if got == 0 { return }  // the file ends here
+                    try sink.data(UnsafeRawBufferPointer(rebasing: buffer[0..<got]), at: pos)
                     report.bytesSent += UInt64(n)
                     pos += UInt64(n)
                 }
@@ -248,14 +236,16 @@ public struct CopySender {
                 var lastEnd: UInt64 = 0
                 var passes = 1
                 while let r = try backend.trackRead(device) {
+                    // TRACK_READ hands an extent over once: it is sent even when it starts a pass
+                    // over the limit (dropping it lost those writes from the copy).
+                    let before = report.bytesSent
+                    try send(r)
+                    sent += report.bytesSent - before
                     if r.lowerBound < lastEnd {
                         passes += 1
                         if passes > maxPasses { break }
                     }
                     lastEnd = r.upperBound
-                    let before = report.bytesSent
-                    try send(r)
-                    sent += report.bytesSent - before
                 }
                 return sent
             }
@@ -273,21 +263,31 @@ public struct CopySender {
                 if sent == 0 || sent >= last { break }
                 last = sent
             }
-            begin("flushing the source")
-            // What the file system and the device still cache goes down now, while nothing is
-            // frozen, and is sent; the freeze then has only the last moments' writes to flush.
-            if let m = mountPoint {
-                let fd = open(m, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-                if fd >= 0 {
-                    _ = cploop_syncfs(fd)
-                    close(fd)
+            // The destination's bulk goes to disk now, outside the frozen window; meanwhile what the
+            // file system and the device still cache goes down too, and is sent after, so the
+            // freeze has only the last moments' writes to flush.
+            begin("the sync point, the source flushed")
+            let flushed = DispatchSemaphore(value: 0)
+            nonisolated(unsafe) var flushError: (any Error)?
+            let flusher = Thread { [backend, device, mountPoint] in
+                if let m = mountPoint {
+                    let fd = open(m, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+                    if fd >= 0 {
+                        _ = cploop_syncfs(fd)
+                        close(fd)
+                    }
                 }
+                do { try backend.sync(device) } catch { flushError = error }
+                flushed.signal()
             }
-            try backend.sync(device)
+            flusher.start()
+            let synced = Result { try sink.sync() }
+            flushed.wait()
+            try synced.get()
+            if let flushError { throw flushError }
+            begin("sending what the flush wrote")
             _ = try drain(maxPasses: 1)
             report.passes += 1
-            begin("the sync point")
-            try sink.sync()
             begin("running the stop command")
             if let cmd = stopCommand {
                 let p = Process()
@@ -302,7 +302,7 @@ public struct CopySender {
             if let m = mountPoint {
                 let fd = open(m, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
                 guard fd >= 0 else { throw CopyStream.Error.io("open \(m): \(String(cString: strerror(errno)))") }
-                _ = cploop_syncfs(fd)
+                // FIFREEZE syncs the file system itself.
                 let r = cploop_fifreeze(fd)
                 guard r == 0 else {
                     close(fd)

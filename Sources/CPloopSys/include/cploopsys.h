@@ -50,10 +50,6 @@ int cploop_peer_credentials(int fd, uint32_t *uid, int32_t *pid);
 int cploop_fifreeze(int fd);
 int cploop_fithaw(int fd);
 
-/// sync_file_range(2) with SYNC_FILE_RANGE_WRITE: starts writeback of a range without waiting;
-/// 0 or -errno.
-int cploop_start_writeback(int fd, int64_t off, int64_t len);
-
 /// syncfs(2); 0 or -errno.
 int cploop_syncfs(int fd);
 /// Closes every file descriptor from `first` up (a daemon must not hold its starter's pipes).
