@@ -346,6 +346,19 @@ public final class KernelBackend: DeviceBackend {
         try call(n, .sync) { (e) throws(DeviceError) in standard(n, .sync, e) }
     }
 
+    /// PLOOP_IOC_FREEZE: the driver freezes the file system mounted on the device (what FIFREEZE
+    /// on its mount point does, for callers that know only the device).
+    public func freeze(_ device: String) throws(DeviceError) {
+        let n = try index(device)
+        try call(n, .freeze) { (e) throws(DeviceError) in standard(n, .freeze, e, invalid: "\(device) has no frozen-able file system mounted, or it is frozen already") }
+    }
+
+    /// PLOOP_IOC_THAW.
+    public func thaw(_ device: String) throws(DeviceError) {
+        let n = try index(device)
+        try call(n, .thaw) { (e) throws(DeviceError) in standard(n, .thaw, e, invalid: "\(device) is not frozen") }
+    }
+
     public func deleteDelta(_ device: String, level: Int) throws(DeviceError) {
         let n = try index(device)
         guard var l = UInt32(exactly: level) else { throw .invalid("level \(level) is not a level") }

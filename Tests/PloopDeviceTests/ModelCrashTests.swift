@@ -101,7 +101,7 @@ struct ModelCrashTests {
                 }
                 completed = true
             } catch {
-                guard let e = error as? DeviceError, e == .image(.injectedCrash) else { throw error }
+                guard error == .image(.injectedCrash) else { throw error }
             }
             budget.remaining.withLock { $0 = nil }
             // What a crash leaves: each image repairs with check -d, and the old stack reads as before.

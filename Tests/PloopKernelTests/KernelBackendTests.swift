@@ -188,6 +188,14 @@ struct KernelBackendBytesTests {
         t.failures[.trackRead] = ECONNABORTED
         #expect(throws: DeviceError.aborted) { try be.trackRead("/dev/ploop1") }
         #expect(throws: DeviceError.invalid("/dev/ploopX is not a ploop device name (/dev/ploopN)")) { try be.sync("/dev/ploopX") }
+        // FREEZE/THAW carry no argument; a driver without them says so.
+        try be.freeze("/dev/ploop1")
+        try be.thaw("/dev/ploop1")
+        #expect(t.last(.freeze)?.value == 0 && t.last(.thaw)?.value == 0)
+        t.failures[.freeze] = ENOTTY
+        #expect(throws: DeviceError.unavailable("/dev/ploop1 does not know PLOOP_IOC_FREEZE (ENOTTY): the loaded driver is too old, or this is not a ploop device")) {
+            try be.freeze("/dev/ploop1")
+        }
     }
 
     @Test func freeBlockCallsFollowTheOriginal() throws {
