@@ -267,8 +267,9 @@ struct SimulatorTests {
         }
     }
 
-    @Test func secondMountAndBadImagesAreRefusedLeavingNothing() throws {
-        try DeviceTestLock.run {
+    @Test(arguments: TestSupport.cliBackends)
+    func secondMountAndBadImagesAreRefusedLeavingNothing(_ backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
             let s = try Stage()
             let base = s.dir.file("root.hdd")
             _ = try s.ploop("init", "-s", "64m", base)
@@ -301,7 +302,7 @@ struct SimulatorTests {
             let mounts = try String(contentsOfFile: "/proc/mounts", encoding: .utf8)
             #expect(!mounts.contains("/run/ploop/ploop"))
             #expect(try s.dir.snapshot() == before)
-        }
+        } }
     }
 
     /// Single 768 KiB and 1 MiB direct-I/O writes through the loop device land byte for byte

@@ -24,7 +24,7 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
             if environment["PLOOP_KERNEL_FAKE"] == "simulator" {
                 if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)") }
                 let paths = RuntimePaths()
-                return KernelBackend(transport: FakeKernel(lower: SimulatorBackend(paths: paths), sysfsRoot: paths.root + "/fake-kernel/sys"))
+                return KernelBackend(transport: FakeKernel(lower: SimulatorBackend(paths: paths), sysfsRoot: paths.root + "/fake-kernel"))
             }
             if let why = KernelBackend.unavailableReason() { throw CommandFailure("cannot use the kernel backend: \(why)") }
             return KernelBackend()

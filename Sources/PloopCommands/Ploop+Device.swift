@@ -4,6 +4,7 @@ import PloopDevice
 import PloopFormat
 import PloopImage
 import PloopSimulator
+import PloopSystem
 import CPloopSys
 
 extension Ploop {
@@ -58,6 +59,15 @@ extension Ploop {
                 var isDir: ObjCBool = false
                 guard FileManager.default.fileExists(atPath: m, isDirectory: &isDir), isDir.boolValue else {
                     throw CommandFailure("mount point \(m) is not a directory")
+                }
+            }
+            // An image a running device holds is not a crash's leftover: refuse it before the
+            // mount-time check would take its in-use mark for one (the kernel driver takes no lock).
+            let held = ((try? be.list()) ?? []).flatMap { d in d.levels.map { (d.device, $0.path) } }
+            for p in paths {
+                guard let id = PathInfo.identity(p) else { continue }
+                if let (dev, _) = held.first(where: { PathInfo.identity($0.1) == id }) {
+                    throw CommandFailure("\(p) is in use by \(dev): unmount it first ('ploop umount -d \(dev)')")
                 }
             }
             try DirtyImages.repair(paths, baseFormat: format)

@@ -114,6 +114,9 @@ public final class FakeKernel: KernelTransport {
             if running(n) != nil { throw .busy(.off) }
             _ = pending.withLock { $0.removeValue(forKey: n) }
             try? FileManager.default.removeItem(atPath: directory(n))
+            // Leave no empty tree behind.
+            rmdir(sysfsRoot + "/block")
+            rmdir(sysfsRoot)
         case .delDelta:
             let level = Int(try a.u32(0))
             if running(n) != nil {
