@@ -1,4 +1,6 @@
 #define _GNU_SOURCE
+#include <spawn.h>
+#include <sys/wait.h>
 #include "cploopsys.h"
 #include <errno.h>
 #include <fcntl.h>
@@ -167,3 +169,18 @@ void cploop_close_from(int first) {
 }
 
 int cploop_syncfs(int fd) { return syncfs(fd) == 0 ? 0 : -errno; }
+
+int cploop_run_shell(const char *command) {
+    extern char **environ;
+    char *argv[] = {"sh", "-c", (char *)command, NULL};
+    pid_t pid;
+    int r = posix_spawn(&pid, "/bin/sh", NULL, NULL, argv, environ);
+    if (r != 0) return -r;
+    int status;
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR) return -errno;
+    }
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return 1;
+}

@@ -290,12 +290,10 @@ public struct CopySender {
             report.passes += 1
             begin("running the stop command")
             if let cmd = stopCommand {
-                let p = Process()
-                p.executableURL = URL(fileURLWithPath: "/bin/sh")
-                p.arguments = ["-c", cmd]
-                try p.run()
-                p.waitUntilExit()
-                guard p.terminationStatus == 0 else { throw CopyStream.Error.io("'\(cmd)' exited with \(p.terminationStatus)") }
+                // posix_spawn: Foundation's Process took 50 ms to start a shell here.
+                let status = cploop_run_shell(cmd)
+                guard status >= 0 else { throw CopyStream.Error.io("cannot run '\(cmd)': \(String(cString: strerror(-status)))") }
+                guard status == 0 else { throw CopyStream.Error.io("'\(cmd)' exited with \(status)") }
             }
             begin("freezing the file system")
             frozenAt = Date()

@@ -97,8 +97,10 @@ public final class PosixBlockFile: BlockFile {
         do { try file.write(buffer, at: offset) } catch { throw .io(error) }
     }
 
+    /// fdatasync: the data and what finding it needs (the size) are durable; the times are not
+    /// worth a journal commit of the host file system on every flush of a device.
     public func sync() throws(ImageError) {
-        do { try file.sync() } catch { throw .io(error) }
+        do { try file.dataSync() } catch { throw .io(error) }
     }
 
     public func truncate(to length: UInt64) throws(ImageError) {

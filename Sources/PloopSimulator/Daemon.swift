@@ -55,7 +55,7 @@ public final class SimulatorDaemon: @unchecked Sendable {
 
     private func start() throws {
         let file = options.paths.fuseFile(options.index)
-        FileManager.default.createFile(atPath: file, contents: nil, attributes: [.posixPermissions: 0o600])
+        _ = FileManager.default.createFile(atPath: file, contents: nil, attributes: [.posixPermissions: 0o600])
         var cb = cploop_fuse_callbacks()
         cb.ctx = Unmanaged.passUnretained(self).toOpaque()
         cb.size = { ctx in SimulatorDaemon.from(ctx).model.sizeBytes }

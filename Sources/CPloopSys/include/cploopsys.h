@@ -50,6 +50,10 @@ int cploop_peer_credentials(int fd, uint32_t *uid, int32_t *pid);
 int cploop_fifreeze(int fd);
 int cploop_fithaw(int fd);
 
+/// Runs `/bin/sh -c command` (posix_spawn, inheriting our descriptors) and waits for it: its exit
+/// status (128+N for a signal N), or -errno when it could not be started.
+int cploop_run_shell(const char *command);
+
 /// syncfs(2); 0 or -errno.
 int cploop_syncfs(int fd);
 /// Closes every file descriptor from `first` up (a daemon must not hold its starter's pipes).
