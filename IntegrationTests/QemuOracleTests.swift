@@ -107,7 +107,7 @@ struct QemuOracleTests {
         #expect(g.code == 0, "\(g)")
         let info = try ImageInfo.read(path: img)
         #expect(info.virtualSize == UInt64(clusters) * 20 * UInt64(cb))
-        FileManager.default.createFile(atPath: dir.file("ref-grown.raw"), contents: nil)
+        _ = FileManager.default.createFile(atPath: dir.file("ref-grown.raw"), contents: nil)
         let h = try FileHandle(forWritingTo: URL(fileURLWithPath: dir.file("ref-grown.raw")))
         try h.write(contentsOf: Data(reference))
         try h.truncate(atOffset: info.virtualSize)
@@ -160,7 +160,7 @@ struct QemuOracleTests {
             let copy = dir.file("img.hds")
             try FileManager.default.copyItem(atPath: src, toPath: copy)
             // The raw destination has the exact virtual size (qemu keeps sizes that are not whole clusters).
-            FileManager.default.createFile(atPath: dir.file("out.raw"), contents: nil)
+            _ = FileManager.default.createFile(atPath: dir.file("out.raw"), contents: nil)
             #expect(truncate(dir.file("out.raw"), off_t(size)) == 0)
             let m = try TestSupport.ploop("merge", "-f", "raw", copy, dir.file("out.raw"))
             #expect(m.code == 0, "\(name): \(m)")

@@ -98,7 +98,7 @@ struct SysfsTests {
         for (path, content) in files {
             let full = dir.file(path)
             try FileManager.default.createDirectory(atPath: (full as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-            FileManager.default.createFile(atPath: full, contents: Data((content + "\n").utf8))
+            _ = FileManager.default.createFile(atPath: full, contents: Data((content + "\n").utf8))
         }
     }
 
