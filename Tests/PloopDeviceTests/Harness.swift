@@ -33,9 +33,15 @@ struct Harness: Sendable, CustomTestStringConvertible {
         name: "simulator", unavailable: { TestSupport.simulatorUnavailable },
         make: { _ in SimulatorBackend(executable: TestSupport.ploopBinary) }, exclusive: true)
 
+    /// The real ploop driver, where its module is loaded (never on the machines this project
+    /// is built on so far; `scripts/kernel-smoke` walks the same ground from the command line).
+    static let kernel = Harness(
+        name: "kernel (real driver)", unavailable: { KernelBackend.unavailableReason() },
+        make: { _ in KernelBackend() }, exclusive: true)
+
     /// Every backend that can run here. A backend that cannot is reported by
     /// `BackendAvailabilityTests` with the reason.
-    static var all: [Harness] { [inProcess, kernelFake, simulator].filter { $0.unavailable() == nil } }
+    static var all: [Harness] { [inProcess, kernelFake, simulator, kernel].filter { $0.unavailable() == nil } }
 }
 
 /// Files for one test and the reference content of the device.
@@ -239,6 +245,11 @@ struct BackendAvailabilityTests {
     @Test(.enabled(if: Harness.simulator.unavailable() == nil, "conformance through the simulator skipped: \(Harness.simulator.unavailable() ?? "")"))
     func simulatorJoinsTheConformanceSuite() {
         #expect(Harness.all.contains { $0.name == "simulator" })
+    }
+
+    @Test(.enabled(if: Harness.kernel.unavailable() == nil, "conformance through the real kernel driver skipped: \(Harness.kernel.unavailable() ?? "")"))
+    func realKernelJoinsTheConformanceSuite() {
+        #expect(Harness.all.contains { $0.name == Harness.kernel.name })
     }
 
     @Test func kernelBackendJoinsTheConformanceSuite() {
