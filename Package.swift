@@ -17,31 +17,31 @@ let package = Package(
     ],
     targets: [
         // Pure values: header codec, BAT geometry, CHS, size parsing. No I/O.
-        .target(name: "PloopFormat", swiftSettings: swiftSettings),
-        // The one place that calls libc for files: pread/pwrite/fsync/flock/fallocate/lseek.
-        .target(name: "CPloopSys"),
+        .target(name: "PloopFormat", exclude: ["README.md"], swiftSettings: swiftSettings),
+        // C for what Swift cannot call: fallocate, copy_file_range, SEEK_DATA, FIEMAP, loop and ploop ioctls.
+        .target(name: "CPloopSys", exclude: ["README.md"]),
         // libfuse3 (pkg-config fuse3) and the small C file that speaks its low-level API.
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
-        .target(name: "CPloopFuse", dependencies: ["CFuse3"]),
-        .target(name: "PloopSystem", dependencies: ["CPloopSys"], swiftSettings: swiftSettings),
+        .target(name: "CPloopFuse", dependencies: ["CFuse3"], exclude: ["README.md"]),
+        .target(name: "PloopSystem", dependencies: ["CPloopSys"], exclude: ["README.md"], swiftSettings: swiftSettings),
         // Deltas on files and the offline operations (init, merge, grow, check, info).
-        .target(name: "PloopImage", dependencies: ["PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
+        .target(name: "PloopImage", dependencies: ["PloopFormat", "PloopSystem"], exclude: ["README.md"], swiftSettings: swiftSettings),
         // The model of the kernel device, the backend protocol, the in-process backend.
-        .target(name: "PloopDevice", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
+        .target(name: "PloopDevice", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], exclude: ["README.md"], swiftSettings: swiftSettings),
         // The FUSE + loop simulator: daemon, control protocol, SimulatorBackend.
         .target(
             name: "PloopSimulator",
             dependencies: ["PloopDevice", "PloopImage", "PloopSystem", "CPloopFuse", "CPloopSys"],
-            swiftSettings: swiftSettings),
-        // The real kernel driver: ABI constants (from CPloopSys), sysfs. The backend itself is issue 8.
-        .target(name: "PloopKernel", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem", "CPloopSys"], swiftSettings: swiftSettings),
+            exclude: ["README.md"], swiftSettings: swiftSettings),
+        // The real kernel driver: KernelBackend over a transport seam (the device node, or a fake driver), sysfs.
+        .target(name: "PloopKernel", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem", "CPloopSys"], exclude: ["README.md"], swiftSettings: swiftSettings),
         // Procedures written once against DeviceBackend.
         .target(
             name: "PloopBalloon", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem"],
-            swiftSettings: swiftSettings),
+            exclude: ["README.md"], swiftSettings: swiftSettings),
         .target(
             name: "PloopCopy", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem", "CPloopSys"],
-            swiftSettings: swiftSettings),
+            exclude: ["README.md"], swiftSettings: swiftSettings),
         // Every subcommand, testable without spawning the binary.
         .target(
             name: "PloopCommands",
@@ -49,7 +49,7 @@ let package = Package(
                 "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopKernel", "PloopBalloon", "PloopCopy", "PloopSystem", "CPloopSys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            swiftSettings: swiftSettings
+            exclude: ["README.md"], swiftSettings: swiftSettings
         ),
         .executableTarget(name: "ploop", dependencies: ["PloopCommands"], swiftSettings: swiftSettings),
         // Benchmarks of the engine in-process (scripts/bench runs it).
