@@ -27,7 +27,7 @@ let package = Package(
         // Deltas on files and the offline operations (init, merge, grow, check, info).
         .target(name: "PloopImage", dependencies: ["PloopFormat", "PloopSystem"], exclude: ["README.md"], swiftSettings: swiftSettings),
         // The model of the kernel device, the backend protocol, the in-process backend.
-        .target(name: "PloopDevice", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], exclude: ["README.md"], swiftSettings: swiftSettings),
+        .target(name: "PloopDevice", dependencies: ["PloopImage", "PloopFormat", "PloopSystem", "CPloopSys"], exclude: ["README.md"], swiftSettings: swiftSettings),
         // The FUSE + loop simulator: daemon, control protocol, SimulatorBackend.
         .target(
             name: "PloopSimulator",
@@ -62,7 +62,7 @@ let package = Package(
         .testTarget(name: "PloopImageTests", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
         .testTarget(
             name: "PloopDeviceTests",
-            dependencies: ["PloopDevice", "PloopSimulator", "PloopKernel", "PloopImage", "PloopFormat", "PloopTestSupport"],
+            dependencies: ["PloopDevice", "PloopSimulator", "PloopKernel", "PloopImage", "PloopFormat", "PloopSystem", "PloopTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
@@ -78,7 +78,7 @@ let package = Package(
         // The real stack: the built `ploop` binary against qemu-img/qemu-io (and, later, FUSE/loop as root).
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["PloopImage", "PloopFormat", "PloopTestSupport"],
+            dependencies: ["PloopImage", "PloopFormat", "PloopSystem", "PloopTestSupport"],
             path: "IntegrationTests",
             swiftSettings: swiftSettings
         ),

@@ -184,3 +184,8 @@ int cploop_run_shell(const char *command) {
     if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
     return 1;
 }
+
+int cploop_blkdiscard(int fd, uint64_t off, uint64_t len) {
+    uint64_t range[2] = {off, len};
+    return ioctl(fd, BLKDISCARD, &range) == 0 ? 0 : -errno;
+}

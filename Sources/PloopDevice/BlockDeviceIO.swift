@@ -1,3 +1,4 @@
+import CPloopSys
 import PloopSystem
 
 #if canImport(Glibc)
@@ -31,6 +32,13 @@ public final class BlockDeviceIO: DeviceIO, Sendable {
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DeviceError) {
         do { try file.write(buffer, at: offset) } catch { throw .system("write \(file.path)", errno: error.errno) }
+    }
+
+    /// BLKDISCARD: the block layer passes it to the driver (for the simulator: loop, then a FUSE
+    /// PUNCH_HOLE).
+    public func discard(at offset: UInt64, length: UInt64) throws(DeviceError) {
+        let r = cploop_blkdiscard(file.fd, offset, length)
+        if r != 0 { throw .system("BLKDISCARD on \(file.path)", errno: -r) }
     }
 
     public func flush() throws(DeviceError) {

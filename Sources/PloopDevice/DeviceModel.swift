@@ -279,6 +279,27 @@ public final class DeviceModel: Sendable {
 
     /// Writes into a cluster the ploop1 top already holds; false if it does not.
     @inline(__always)
+    /// Zeros for a piece of a cluster the top holds: the 4 KiB pages inside it become a hole of the
+    /// image file (their space goes back to the host), the ragged edges are written. Holding the
+    /// cluster lock.
+    func punchInPlace(_ levels: [Level], _ c: UInt64, _ inOff: Int, _ n: Int, zeros: UnsafeRawBufferPointer) throws(DeviceError) -> Bool {
+        guard case .ploop1(let img) = levels[levels.count - 1].image, let b = img.block(of: ClusterIndex(c)) else { return false }
+        let page = 4096
+        let first = (inOff + page - 1) / page * page
+        let last = (inOff + n) / page * page
+        try lifting { () throws(ImageError) in
+            if first < last {
+                if first > inOff { try img.write(block: b, offset: inOff, data: UnsafeRawBufferPointer(rebasing: zeros[0..<first - inOff])) }
+                try img.punch(block: b, offset: first, length: last - first)
+                if inOff + n > last { try img.write(block: b, offset: last, data: UnsafeRawBufferPointer(rebasing: zeros[0..<inOff + n - last])) }
+            } else {
+                try img.write(block: b, offset: inOff, data: UnsafeRawBufferPointer(rebasing: zeros[0..<n]))
+            }
+        }
+        _ = mergeDirty.withLock { d in d?.insert(c) }
+        return true
+    }
+
     func writeInPlace(_ levels: [Level], _ c: UInt64, _ inOff: Int, _ src: UnsafeRawBufferPointer) throws(DeviceError) -> Bool {
         guard case .ploop1(let img) = levels[levels.count - 1].image, let b = img.block(of: ClusterIndex(c)) else { return false }
         try lifting { () throws(ImageError) in try img.write(block: b, offset: inOff, data: src) }
@@ -356,6 +377,7 @@ public final class DeviceModel: Sendable {
                 let c = (offset + done) / UInt64(clusterBytes)
                 let inOff = Int((offset + done) % UInt64(clusterBytes))
                 try locks.with(c) { () throws(DeviceError) in
+                    if try punchInPlace(s.levels, c, inOff, n, zeros: UnsafeRawBufferPointer(zeros)) { return }
                     if lowerHas(s.levels, below: s.levels.count, c) {
                         try writePiece(s.levels, c, inOff, UnsafeRawBufferPointer(rebasing: zeros[0..<n]))
                     }

@@ -108,4 +108,5 @@ public struct ModelIO: DeviceIO {
         try model.write(buffer, at: offset)
     }
     public func flush() throws(DeviceError) { try model.flush() }
+    public func discard(at offset: UInt64, length: UInt64) throws(DeviceError) { try model.writeZeroes(at: offset, length: length) }
 }

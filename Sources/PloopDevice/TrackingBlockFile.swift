@@ -32,6 +32,11 @@ final class TrackingBlockFile: BlockFile {
         watch.record(offset, UInt64(buffer.count))
     }
 
+    func punchHole(at offset: UInt64, length: UInt64) throws(ImageError) {
+        try base.punchHole(at: offset, length: length)
+        watch.record(offset, length)
+    }
+
     func sync() throws(ImageError) { try base.sync() }
     func truncate(to length: UInt64) throws(ImageError) { try base.truncate(to: length) }
     func size() throws(ImageError) -> UInt64 { try base.size() }

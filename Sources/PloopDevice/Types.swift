@@ -111,6 +111,9 @@ public protocol DeviceIO: Sendable {
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DeviceError)
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DeviceError)
     func flush() throws(DeviceError)
+    /// Discard: the range reads as zeros afterwards, and the image gives back the space it can.
+    /// Offset and length in whole sectors.
+    func discard(at offset: UInt64, length: UInt64) throws(DeviceError)
 }
 
 /// `reloc_map` of PLOOP_IOC_UPDATE_INDEX: virtual cluster `cluster` now lives in image block `block`.

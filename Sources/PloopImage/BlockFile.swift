@@ -1,6 +1,10 @@
 import PloopSystem
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The byte store under an image: a real file, or memory in tests. The seam through which
 /// crash tests stop an operation after any write.
 public protocol BlockFile: AnyObject, Sendable {
@@ -19,6 +23,9 @@ public protocol BlockFile: AnyObject, Sendable {
     /// The file descriptor behind the file, for readers that hand it to the kernel (splice); nil
     /// for files not backed by one.
     var descriptor: Int32? { get }
+    /// Makes [offset, offset+length) read as zeros, giving its space back where the file system
+    /// can (a hole); the size does not change.
+    func punchHole(at offset: UInt64, length: UInt64) throws(ImageError)
 }
 
 extension BlockFile {
@@ -46,6 +53,12 @@ extension BlockFile {
             }
             done += UInt64(n)
         }
+    }
+
+    /// Without hole punching: zeros written, up to the end of the file.
+    public func punchHole(at offset: UInt64, length: UInt64) throws(ImageError) {
+        let end = min(offset + length, try size())
+        if end > offset { try writeZeros(at: offset, count: end - offset) }
     }
 
     public func allocate(at offset: UInt64, length: UInt64) throws(ImageError) {
@@ -117,6 +130,15 @@ public final class PosixBlockFile: BlockFile {
             return
         }
         do { try file.copy(from: posix.file, at: sourceOffset, to: offset, length: length, scratch: scratch) } catch { throw .io(error) }
+    }
+
+    public func punchHole(at offset: UInt64, length: UInt64) throws(ImageError) {
+        do { try file.punchHole(at: offset, length: length) } catch {
+            // A file system without holes: zeros do the same for readers.
+            guard error.errno == EOPNOTSUPP else { throw .io(error) }
+            let end = min(offset + length, try size())
+            if end > offset { try writeZeros(at: offset, count: end - offset) }
+        }
     }
 
     public func allocate(at offset: UInt64, length: UInt64) throws(ImageError) {
@@ -222,6 +244,10 @@ public final class CrashingBlockFile: BlockFile {
     public func allocate(at offset: UInt64, length: UInt64) throws(ImageError) {
         try step()
         try base.allocate(at: offset, length: length)
+    }
+    public func punchHole(at offset: UInt64, length: UInt64) throws(ImageError) {
+        try step()
+        try base.punchHole(at: offset, length: length)
     }
     public func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
         try step()

@@ -230,6 +230,13 @@ public final class Ploop1Image: Sendable {
         state.withLock { $0.dataWritten = true }
     }
 
+    /// Makes bytes inside a block read as zeros, giving their space back to the host file system
+    /// where it can (discard). The block stays mapped: it still hides what lower deltas hold.
+    public func punch(block: ImageBlock, offset: Int, length: Int) throws(ImageError) {
+        try file.punchHole(at: blockOffset(block) + UInt64(offset), length: UInt64(length))
+        state.withLock { $0.dataWritten = true }
+    }
+
     /// Reads bytes inside a block; past the end of the file reads zeros.
     public func read(block: ImageBlock, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(ImageError) {
         let n = try file.read(into: buffer, at: blockOffset(block) + UInt64(offset))

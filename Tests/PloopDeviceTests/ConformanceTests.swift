@@ -2,6 +2,7 @@ import Foundation
 import PloopDevice
 import PloopFormat
 import PloopImage
+import PloopSystem
 import PloopTestSupport
 import Testing
 
@@ -87,6 +88,49 @@ struct ConformanceTests {
         #expect(try ImageInfo.read(path: base).inUse)
         try b.umount()
         #expect(try !ImageInfo.read(path: base).inUse)
+    }
+
+    /// Discard reads back as zeros, masks what lower deltas hold, and gives the top's space back
+    /// to the host (holes in the image file); every other byte is kept, across a remount.
+    @Test(arguments: Harness.all)
+    func discardReadsZerosAndFreesSpace(_ h: Harness) throws {
+        let b = try Bench(h)
+        var ref = Reference(size: 8 * Bench.cb)
+        let base = try b.image("base", clusters: 8, fill: Array(0..<8), tag: 1)
+        let top = try b.image("top", clusters: 8, fill: [2, 3, 5], tag: 2)
+        for c in 0..<UInt64(8) { ref.putCluster(c, tag: 1) }
+        for c in [2, 3, 5] as [UInt64] { ref.putCluster(c, tag: 2) }
+        _ = try b.mount([base, top])
+        /// Bytes the top's file holds on disk inside the block of cluster `c`.
+        func stored(_ c: UInt64) throws -> UInt64 {
+            let img = try Ploop1Image(file: try ImagePath.open(top, write: false), writable: false)
+            let at = img.blockOffset(img.block(of: ClusterIndex(c))!)
+            let f = try File(path: top, mode: .readOnly)
+            return try f.allocatedRanges(from: at, to: at + UInt64(Bench.cb)).reduce(0) { $0 + $1.upperBound - $1.lowerBound }
+        }
+        #expect(try [2, 3, 5].map(stored) == [UInt64](repeating: UInt64(Bench.cb), count: 3))
+        let io = try b.io
+        let cb = UInt64(Bench.cb)
+        // Two whole clusters of the top, a ragged piece of another, one only the base holds.
+        for (at, length) in [(2 * cb, 2 * cb), (5 * cb + 1024, 40960), (6 * cb, cb)] {
+            try io.discard(at: at, length: length)
+            ref.put([UInt8](repeating: 0, count: Int(length)), at: Int(at))
+        }
+        try b.backend.sync(b.device!)
+        expectSame(try b.readAll(), ref.bytes)
+        // The whole clusters gave all their space back, the ragged piece its whole pages.
+        let left = try [2, 3, 5].map(stored)
+        #expect(left[0] == 0 && left[1] == 0, "clusters 2, 3 still hold \(left[0]), \(left[1]) bytes")
+        #expect(left[2] <= cb - 36864, "cluster 5 still holds \(left[2]) bytes")
+        try b.umount()
+        try b.expectClean([base, top])
+        // The base is untouched: the zeros over cluster 6 live in the top.
+        let baseImage = try Ploop1Image(file: try ImagePath.open(base, write: false), writable: false)
+        var six = [UInt8](repeating: 0, count: Bench.cb)
+        #expect(try six.withUnsafeMutableBytes { try baseImage.read(cluster: ClusterIndex(6), into: $0) })
+        #expect(six == Pattern.cluster(6, tag: 1, size: Bench.cb))
+        _ = try b.mount([base, top])
+        expectSame(try b.readAll(), ref.bytes)
     }
 
     /// SYNC makes the top's header on disk true while it runs: in use, and not empty once data exist.

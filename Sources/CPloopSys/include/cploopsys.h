@@ -54,6 +54,9 @@ int cploop_fithaw(int fd);
 /// status (128+N for a signal N), or -errno when it could not be started.
 int cploop_run_shell(const char *command);
 
+/// BLKDISCARD of [off, off+len) on a block device; 0 or -errno.
+int cploop_blkdiscard(int fd, uint64_t off, uint64_t len);
+
 /// syncfs(2); 0 or -errno.
 int cploop_syncfs(int fd);
 /// Closes every file descriptor from `first` up (a daemon must not hold its starter's pipes).
