@@ -118,7 +118,9 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     uint64_t end = f->cb.size(f->cb.ctx);
     if ((uint64_t)off >= end) { fuse_reply_buf(req, NULL, 0); return; }
     if ((uint64_t)off + size > end) size = end - (uint64_t)off;
-    if (f->cb.read_direct && size > 0 && size <= f->splice_max) {
+    // libfuse splices only replies of two pages or more; below that it would copy through a
+    // buffer it allocates per reply, worse than ours.
+    if (f->cb.read_direct && size >= 8192 && size <= f->splice_max) {
         int r = f->cb.read_direct(f->cb.ctx, req, size, (uint64_t)off);
         if (r == 1) return;
         if (r < 0) { fuse_reply_err(req, -r); return; }
