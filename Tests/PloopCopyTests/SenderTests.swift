@@ -59,20 +59,6 @@ struct SenderTests {
     static let cs: UInt32 = 128
     static var cb: Int { Int(cs) * 512 }
 
-    static func pattern(_ n: Int, seed: UInt64) -> [UInt8] {
-        var x = seed | 1
-        return (0..<n).map { _ in
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17
-            return UInt8(truncatingIfNeeded: x)
-        }
-    }
-
-    static func readAll(_ io: any DeviceIO) throws -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: Int(try io.sizeBytes))
-        try out.withUnsafeMutableBytes { try io.read(into: $0, at: 0) }
-        return out
-    }
-
     /// A write that lands behind the tracker's cursor while a pass runs makes the next TRACK_READ
     /// wrap around; that extent is handed over once and must reach the copy.
     @Test func anExtentThatWrapsThePassIsSent() throws {
@@ -85,19 +71,19 @@ struct SenderTests {
             case 2: 2 * UInt64(Self.cb)  // behind it: the next read wraps
             default: nil
             }
-            if let at { try Self.pattern(4096, seed: at).withUnsafeBytes { try io.write($0, at: at) } }
+            if let at { try DeviceContent.pattern(4096, seed: at).withUnsafeBytes { try io.write($0, at: at) } }
         }
         let d = try be.mount(MountRequest(images: [base]))
         let io = try be.openIO(d)
-        try Self.pattern(64 * Self.cb, seed: 1).withUnsafeBytes { try io.write($0, at: 0) }
+        try DeviceContent.pattern(64 * Self.cb, seed: 1).withUnsafeBytes { try io.write($0, at: 0) }
         let copy = dir.file("copy")
         let report = try CopySender(backend: be, device: d, mountPoint: nil, stopCommand: nil).run(into: try FileSink(destination: copy))
         #expect(report.passes >= 3)
-        let want = try Self.readAll(io)
+        let want = try DeviceContent.readAll(io)
         try be.umount(d)
         let other = InProcessBackend()
         let d2 = try other.mount(MountRequest(images: [copy], readOnly: true))
-        let got = try Self.readAll(try other.openIO(d2))
+        let got = try DeviceContent.readAll(try other.openIO(d2))
         try other.umount(d2)
         #expect(got.count == want.count)
         let differ = (0..<64).filter { c in got[c * Self.cb..<(c + 1) * Self.cb] != want[c * Self.cb..<(c + 1) * Self.cb] }

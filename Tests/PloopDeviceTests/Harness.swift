@@ -156,15 +156,7 @@ enum Pattern {
         return b
     }
 
-    static func bytes(_ n: Int, seed: UInt64) -> [UInt8] {
-        var b = [UInt8](repeating: 0, count: n)
-        var x = seed | 1
-        for i in 0..<n {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17
-            b[i] = UInt8(truncatingIfNeeded: x)
-        }
-        return b
-    }
+    static func bytes(_ n: Int, seed: UInt64) -> [UInt8] { DeviceContent.pattern(n, seed: seed) }
 }
 
 /// A plain byte array the device must equal.

@@ -80,23 +80,6 @@ extension Array where Element == UInt8 {
     func u64(_ o: Int) -> UInt64 { UInt64(u32(o)) | UInt64(u32(o + 4)) << 32 }
 }
 
-/// Content helpers.
-enum Bytes {
-    static func pattern(_ n: Int, seed: UInt64) -> [UInt8] {
-        var x = seed | 1
-        return (0..<n).map { _ in
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17
-            return UInt8(truncatingIfNeeded: x)
-        }
-    }
-
-    static func readAll(_ io: any DeviceIO) throws -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: Int(try io.sizeBytes))
-        try out.withUnsafeMutableBytes { try io.read(into: $0, at: 0) }
-        return out
-    }
-}
-
 /// What `KernelBackend` sends, byte by byte, and how it reads the driver's errors.
 struct KernelBackendBytesTests {
     static let cs: UInt32 = 128
@@ -254,7 +237,7 @@ struct KernelBackendBytesTests {
         let paths = try images(dir, ["l0", "l1", "l2", "l3"])
         for (i, p) in paths.enumerated() {
             let img = try Ploop1Image(file: try ImagePath.open(p, write: true), writable: true)
-            let data = Bytes.pattern(Int(Self.cs) * 512, seed: UInt64(i + 1))
+            let data = DeviceContent.pattern(Int(Self.cs) * 512, seed: UInt64(i + 1))
             try data.withUnsafeBytes { try img.write(cluster: ClusterIndex(UInt64(i)), data: $0) }
             try img.close()
         }
@@ -262,17 +245,17 @@ struct KernelBackendBytesTests {
         let t = RecordingTransport(sysfsRoot: fake.sysfsRoot, inner: fake)
         let be = KernelBackend(transport: t, umountTimeout: 1)
         let d = try be.mount(MountRequest(images: paths))
-        let before = try Bytes.readAll(try be.openIO(d))
+        let before = try DeviceContent.readAll(try be.openIO(d))
         let start = t.calls.count
         #expect(try be.merge(d, levels: 0...2, progress: nil) == [paths[1], paths[2]])
         let lowerOps = t.calls[start...].map(\.op).filter { $0 != .balloon }
         #expect(lowerOps == [.delDelta, .delDelta])
         #expect(t.calls[start...].filter { $0.op == .delDelta }.map { $0.bytes.u32(0) } == [1, 1])
-        #expect(try Bytes.readAll(try be.openIO(d)) == before)
+        #expect(try DeviceContent.readAll(try be.openIO(d)) == before)
         let mid = t.calls.count
         #expect(try be.merge(d, levels: 0...1, progress: nil) == [paths[3]])
         #expect(t.calls[mid...].map(\.op).filter { $0 != .balloon } == [.merge])
-        #expect(try Bytes.readAll(try be.openIO(d)) == before)
+        #expect(try DeviceContent.readAll(try be.openIO(d)) == before)
         #expect(try be.info(d).levels.map(\.path) == [paths[0]])
         try be.umount(d)
         var o = Checker.Options()
@@ -291,13 +274,13 @@ struct KernelBackendBytesTests {
         try Offline.initialize(.init(path: base, sizeSectors: 16000 * UInt64(Self.cs), clusterSectors: Self.cs))
         let img = try Ploop1Image(file: try ImagePath.open(base, write: true), writable: true)
         for c in 0..<4 as Range<UInt64> {
-            try Bytes.pattern(cb, seed: c + 10).withUnsafeBytes { try img.write(cluster: ClusterIndex(c), data: $0) }
+            try DeviceContent.pattern(cb, seed: c + 10).withUnsafeBytes { try img.write(cluster: ClusterIndex(c), data: $0) }
         }
         try img.close()
         let mid = dir.file("mid")
         try Offline.initialize(.init(path: mid, sizeSectors: 40000 * UInt64(Self.cs), clusterSectors: Self.cs))
         let m = try Ploop1Image(file: try ImagePath.open(mid, write: true), writable: true)
-        try Bytes.pattern(cb, seed: 99).withUnsafeBytes { try m.write(cluster: ClusterIndex(39999), data: $0) }
+        try DeviceContent.pattern(cb, seed: 99).withUnsafeBytes { try m.write(cluster: ClusterIndex(39999), data: $0) }
         try m.close()
         let top = dir.file("top")
         try Offline.initialize(.init(path: top, sizeSectors: 40000 * UInt64(Self.cs), clusterSectors: Self.cs))
@@ -327,7 +310,7 @@ struct KernelBackendBytesTests {
         let be = KernelBackend(transport: FakeKernel(lower: InProcessBackend(), sysfsRoot: dir.file("sys")), umountTimeout: 1)
         let d = try be.mount(MountRequest(images: [base]))
         let io = try be.openIO(d)
-        try Bytes.pattern(4 << 20, seed: 3).withUnsafeBytes { try io.write($0, at: 0) }
+        try DeviceContent.pattern(4 << 20, seed: 3).withUnsafeBytes { try io.write($0, at: 0) }
         // A writer that runs until the stop command asks it to stop, then lets the command return.
         let flag = dir.file("stop")
         let stopped = DispatchSemaphore(value: 0)
@@ -336,7 +319,7 @@ struct KernelBackendBytesTests {
             while !FileManager.default.fileExists(atPath: flag) {
                 x = x &* 6364136223846793005 &+ 1442695040888963407
                 let at = (x >> 20) % UInt64(256 * Int(Self.cs) * 512 - 4096)
-                try? Bytes.pattern(4096, seed: x).withUnsafeBytes { try io.write($0, at: at & ~4095) }
+                try? DeviceContent.pattern(4096, seed: x).withUnsafeBytes { try io.write($0, at: at & ~4095) }
             }
             stopped.signal()
             unlink(flag)
@@ -348,10 +331,10 @@ struct KernelBackendBytesTests {
         let report = try sender.run(into: try FileSink(destination: copy))
         #expect(stopped.wait(timeout: .now()) == .success, "the writer stopped at the stop command")
         #expect(report.passes >= 2)
-        let source = try Bytes.readAll(io)
+        let source = try DeviceContent.readAll(io)
         let other = InProcessBackend()
         let d2 = try other.mount(MountRequest(images: [copy], readOnly: true))
-        #expect(try Bytes.readAll(try other.openIO(d2)) == source)
+        #expect(try DeviceContent.readAll(try other.openIO(d2)) == source)
         try other.umount(d2)
         try be.umount(d)
     }
