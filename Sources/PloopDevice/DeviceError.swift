@@ -57,6 +57,6 @@ import Glibc
 
 /// Lifts an image error into a device error.
 @inline(__always)
-func lifting<T>(_ body: () throws(ImageError) -> T) throws(DeviceError) -> T {
+public func lifting<T>(_ body: () throws(ImageError) -> T) throws(DeviceError) -> T {
     do { return try body() } catch { throw .image(error) }
 }

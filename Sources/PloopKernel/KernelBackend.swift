@@ -88,8 +88,8 @@ public final class KernelBackend: DeviceBackend {
 
     /// What user space checks before handing images to the kernel (the original runs `check` on
     /// each): every file opens, the formats fit, no image is in use, the cluster sizes and header
-    /// versions agree. Returns the cluster size in sectors and the header version.
-    static func validate(_ request: MountRequest) throws(DeviceError) -> (clusterSectors: UInt32, version: FormatVersion?) {
+    /// versions agree. Returns the cluster size in sectors.
+    static func validate(_ request: MountRequest) throws(DeviceError) -> UInt32 {
         guard !request.images.isEmpty else { throw .invalid("no images to mount") }
         if let c = request.clusterSectors, !BATLayout.isValidClusterSize(c) {
             throw .invalid("cluster size \(c) sectors is not a power of two from 64 to 131072")
@@ -97,14 +97,14 @@ public final class KernelBackend: DeviceBackend {
         var cluster = request.clusterSectors
         var version: FormatVersion?
         for (i, path) in request.images.enumerated() {
-            let file = try lift { () throws(ImageError) in try ImagePath.open(path, write: false) }
-            let detected = try lift { () throws(ImageError) in try ImagePath.detectFormat(file) }
+            let file = try lifting { () throws(ImageError) in try ImagePath.open(path, write: false) }
+            let detected = try lifting { () throws(ImageError) in try ImagePath.detectFormat(file) }
             if i == 0 && request.baseFormat == .raw {
                 if detected == .ploop1 { throw .image(.looksLikePloop1(path)) }
                 continue
             }
             guard detected == .ploop1 else { throw .image(.notPloop1(path)) }
-            let image = try lift { () throws(ImageError) in try Ploop1Image(file: file, writable: false) }
+            let image = try lifting { () throws(ImageError) in try Ploop1Image(file: file, writable: false) }
             if image.header.inUse { throw .image(.inUse(path)) }
             if let c = cluster, c != image.header.clusterSectors {
                 throw .image(.clusterSizeMismatch(path, clusterBytes: image.clusterBytes, expected: Int(c) * 512))
@@ -115,7 +115,7 @@ public final class KernelBackend: DeviceBackend {
             cluster = image.header.clusterSectors
             version = image.header.version
         }
-        return (cluster ?? PloopSpec.defaultClusterSectors, version)
+        return cluster ?? PloopSpec.defaultClusterSectors
     }
 
     /// A free device: the kernel's GETDEVICE answer (asked on /dev/ploop0, as the manual allows).
@@ -130,7 +130,7 @@ public final class KernelBackend: DeviceBackend {
     }
 
     public func mount(_ request: MountRequest) throws(DeviceError) -> String {
-        let (clusterSectors, _) = try Self.validate(request)
+        let clusterSectors = try Self.validate(request)
         let n: Int
         if let d = request.device {
             n = try index(d)
@@ -143,7 +143,7 @@ public final class KernelBackend: DeviceBackend {
         do throws(DeviceError) {
             for (i, path) in request.images.enumerated() {
                 let writable = i == request.images.count - 1 && !request.readOnly
-                let file = try lift { () throws(ImageError) in try PosixBlockFile(path: path, mode: writable ? .readWrite : .readOnly) }
+                let file = try lifting { () throws(ImageError) in try PosixBlockFile(path: path, mode: writable ? .readWrite : .readOnly) }
                 let raw = i == 0 && request.baseFormat == .raw
                 try addDelta(n, fd: file.file.fd, format: raw ? KernelABI.formatRaw : KernelABI.formatPloop1,
                     readOnly: !writable, clusterSectors: clusterSectors, path: path)
@@ -154,25 +154,35 @@ public final class KernelBackend: DeviceBackend {
             }
         } catch {
             // As the original: the added levels go top-down, then the device is cleared.
-            var level = UInt32(added)
-            while level > 0 {
-                level -= 1
-                _ = try? IoctlArgument.with(&level) { (p) throws(DeviceError) in try transport.ioctl(device: n, request: KernelIoctl.delDelta.request, argument: p) }
-            }
+            dropLevels(n, count: added)
             _ = try? transport.ioctl(device: n, request: KernelIoctl.clear.request, argument: nil)
             throw error
         }
         return dev
     }
 
-    func addDelta(_ n: Int, fd: Int32, format: UInt32, readOnly: Bool, clusterSectors: UInt32, path: String) throws(DeviceError) {
+    /// DEL_DELTA of levels `count - 1` down to 0, as cleanup: failures are left to CLEAR.
+    func dropLevels(_ n: Int, count: Int) {
+        for level in stride(from: count - 1, through: 0, by: -1) {
+            var l = UInt32(level)
+            _ = try? IoctlArgument.with(&l) { (p) throws(DeviceError) in try transport.ioctl(device: n, request: KernelIoctl.delDelta.request, argument: p) }
+        }
+    }
+
+    /// `ploop_ctl` with its one chunk, for ADD_DELTA and SNAPSHOT.
+    static func deltaControl(format: UInt32, flags: UInt32, clusterSectors: UInt32, fd: Int32) -> cploop_ctl_delta {
         var ctl = cploop_ctl_delta()
         ctl.c.pctl_format = format
-        ctl.c.pctl_flags = readOnly ? KernelABI.flagReadOnly : 0
-        ctl.c.pctl_cluster_log = Self.clusterLog(clusterSectors)
+        ctl.c.pctl_flags = flags
+        ctl.c.pctl_cluster_log = clusterLog(clusterSectors)
         ctl.c.pctl_chunks = 1
         ctl.f.pctl_fd = fd
         ctl.f.pctl_type = KernelABI.ioAuto
+        return ctl
+    }
+
+    func addDelta(_ n: Int, fd: Int32, format: UInt32, readOnly: Bool, clusterSectors: UInt32, path: String) throws(DeviceError) {
+        var ctl = Self.deltaControl(format: format, flags: readOnly ? KernelABI.flagReadOnly : 0, clusterSectors: clusterSectors, fd: fd)
         try IoctlArgument.with(&ctl) { (p) throws(DeviceError) in
             try call(n, .addDelta, p) { (e) throws(DeviceError) in
                 switch e {
@@ -206,14 +216,8 @@ public final class KernelBackend: DeviceBackend {
                 delay = min(delay * 2, 0.5)
             }
         }
-        if !stopped {
-            // Not running (a failed start; STOP said EINVAL): the levels go one by one, top first.
-            var level = UInt32(st.deltas.count)
-            while level > 0 {
-                level -= 1
-                _ = try? IoctlArgument.with(&level) { (p) throws(DeviceError) in try transport.ioctl(device: n, request: KernelIoctl.delDelta.request, argument: p) }
-            }
-        }
+        // Not running (a failed start; STOP said EINVAL): the levels go one by one.
+        if !stopped { dropLevels(n, count: st.deltas.count) }
         try call(n, .clear) { (e) throws(DeviceError) in standard(n, .clear, e) }
     }
 
@@ -234,17 +238,12 @@ public final class KernelBackend: DeviceBackend {
         }
         // User space makes the empty delta; the kernel takes it over by its descriptor.
         if PathInfo.kind(newDelta) != .missing { throw .image(.alreadyExists(newDelta)) }
-        let file = try lift { () throws(ImageError) in try PosixBlockFile(path: newDelta, mode: .createNew) }
+        let file = try lifting { () throws(ImageError) in try PosixBlockFile(path: newDelta, mode: .createNew) }
         do throws(DeviceError) {
-            try lift { () throws(ImageError) in try Ploop1Image.create(on: file, header: header) }
+            try lifting { () throws(ImageError) in try Ploop1Image.create(on: file, header: header) }
             PathInfo.syncParentDirectory(of: newDelta)
-            var ctl = cploop_ctl_delta()
-            ctl.c.pctl_format = KernelABI.formatPloop1
-            ctl.c.pctl_flags = KernelABI.flagFSSync
-            ctl.c.pctl_cluster_log = Self.clusterLog(st.blockSize)
-            ctl.c.pctl_chunks = 1
+            var ctl = Self.deltaControl(format: KernelABI.formatPloop1, flags: KernelABI.flagFSSync, clusterSectors: st.blockSize, fd: file.file.fd)
             ctl.c.pctl_level = UInt8(truncatingIfNeeded: st.deltas.count)
-            ctl.f.pctl_fd = file.file.fd
             try IoctlArgument.with(&ctl) { (p) throws(DeviceError) in
                 try call(n, .snapshot, p) { (e) throws(DeviceError) in standard(n, .snapshot, e) }
             }
@@ -268,14 +267,9 @@ public final class KernelBackend: DeviceBackend {
         // The read-only part of the range, merged by user space.
         let lowerTop = range.upperBound == top ? range.upperBound - 1 : range.upperBound
         if lowerTop > l1 {
-            try mergeOffline(n, into: l1, sources: Array(paths[(l1 + 1)...lowerTop]), raw: st.deltas[l1].format == .raw,
-                clusterSectors: st.blockSize, progress: progress)
-            for _ in (l1 + 1)...lowerTop {
-                var level = UInt32(l1 + 1)
-                try IoctlArgument.with(&level) { (p) throws(DeviceError) in
-                    try call(n, .delDelta, p) { (e) throws(DeviceError) in standard(n, .delDelta, e) }
-                }
-            }
+            try mergeOffline(n, into: st.deltas[l1], sources: Array(paths[(l1 + 1)...lowerTop]), clusterSectors: st.blockSize, progress: progress)
+            // Each merged level leaves; the next one down to l1 + 1 takes its place.
+            for _ in (l1 + 1)...lowerTop { try deleteDelta(device, level: l1 + 1) }
         }
         if range.upperBound == top {
             try call(n, .merge) { (e) throws(DeviceError) in standard(n, .merge, e) }
@@ -283,19 +277,19 @@ public final class KernelBackend: DeviceBackend {
         return Array(paths[(l1 + 1)...range.upperBound])
     }
 
-    /// Copies the clusters of `sources` (read-only levels above `l1`, bottom first) into level
-    /// `l1`'s file while the device runs. Reads keep coming from the sources until they leave the
-    /// stack, so nothing the device serves changes; clusters a growing destination moves are
-    /// reported to the kernel before their old place is reused.
-    func mergeOffline(_ n: Int, into l1: Int, sources: [String], raw: Bool, clusterSectors: UInt32, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) {
-        let st = try sysfs(n)
-        let destPath = st.deltas[l1].image
+    /// Copies the clusters of `sources` (read-only levels above `dest`, bottom first) into the
+    /// level `dest`'s file while the device runs. Reads keep coming from the sources until they
+    /// leave the stack, so nothing the device serves changes; clusters a growing destination moves
+    /// are reported to the kernel before their old place is reused.
+    func mergeOffline(_ n: Int, into dest: KernelDeviceState.Delta, sources: [String], clusterSectors: UInt32, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) {
+        let destPath = dest.image
+        let l1 = dest.level
         var indexFailure: DeviceError?
         do {
             let images = try sources.reversed().map { (p) throws(ImageError) in try Ploop1Image(file: try ImagePath.open(p, write: false), writable: false) }
             let destFile = try ImagePath.open(destPath, write: true)
             let destination: MergeDestination
-            if raw {
+            if dest.format == .raw {
                 destination = .raw(RawImage(file: destFile, clusterBytes: Int(clusterSectors) * 512))
             } else {
                 destination = .ploop1(try Ploop1Image(file: destFile, writable: true))
@@ -530,9 +524,4 @@ public final class KernelBackend: DeviceBackend {
         _ = try sysfs(n)
         return try transport.openIO(device: n)
     }
-}
-
-@inline(__always)
-func lift<T>(_ body: () throws(ImageError) -> T) throws(DeviceError) -> T {
-    do { return try body() } catch { throw .image(error) }
 }
