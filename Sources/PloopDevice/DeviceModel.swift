@@ -207,57 +207,60 @@ public final class DeviceModel: Sendable {
             let c = offset / cb
             let inOff = offset % cb
             guard inOff + UInt64(length) <= cb else { return false }
-            for level in s.levels.reversed() {
-                switch level.image {
-                case .ploop1(let img):
-                    guard let b = img.block(of: ClusterIndex(c)) else { continue }
-                    guard let fd = img.file.descriptor else { return false }
-                    body(fd, img.blockOffset(b) + inOff)
-                    return true
-                case .raw(let r):
-                    guard c * cb < level.rawBytes else { continue }
-                    guard offset + UInt64(length) <= level.rawBytes, let fd = r.file.descriptor else { return false }
-                    body(fd, offset)
-                    return true
-                }
+            switch holder(s.levels, below: s.levels.count, c) {
+            case .ploop1(let img, let b):
+                guard let fd = img.file.descriptor else { return false }
+                body(fd, img.blockOffset(b) + inOff)
+                return true
+            case .raw(let r, let bytes):
+                guard offset + UInt64(length) <= bytes, let fd = r.file.descriptor else { return false }
+                body(fd, offset)
+                return true
+            case nil:
+                return false
             }
-            return false
         }
+    }
+
+    /// Where a cluster's current bytes are: the top-most of some levels holding it.
+    enum Holder {
+        case ploop1(Ploop1Image, ImageBlock)
+        /// A raw level, with the bytes it holds.
+        case raw(RawImage, bytes: UInt64)
+    }
+
+    /// The top-most of `levels[0..<below]` that holds cluster `c`, or nil if none does.
+    @inline(__always)
+    func holder(_ levels: [Level], below: Int, _ c: UInt64) -> Holder? {
+        for i in stride(from: below - 1, through: 0, by: -1) {
+            switch levels[i].image {
+            case .ploop1(let img):
+                if let b = img.block(of: ClusterIndex(c)) { return .ploop1(img, b) }
+            case .raw(let r):
+                if c * UInt64(clusterBytes) < levels[i].rawBytes { return .raw(r, bytes: levels[i].rawBytes) }
+            }
+        }
+        return nil
     }
 
     /// Reads a piece of cluster `c` from the top-most of `levels[0..<below]` that has it.
     func readPiece(_ levels: [Level], below: Int, _ c: UInt64, _ inOff: Int, _ dst: UnsafeMutableRawBufferPointer) throws(DeviceError) {
-        var i = below - 1
-        while i >= 0 {
-            let level = levels[i]
-            switch level.image {
-            case .ploop1(let img):
-                if let b = img.block(of: ClusterIndex(c)) {
-                    try lifting { () throws(ImageError) in try img.read(block: b, offset: inOff, into: dst) }
-                    return
-                }
-            case .raw(let r):
-                let at = c * UInt64(clusterBytes) + UInt64(inOff)
-                if at < level.rawBytes {
-                    let n = try lifting { () throws(ImageError) in try r.file.read(into: dst, at: at) }
-                    if n < dst.count { dst[n...].initializeMemory(as: UInt8.self, repeating: 0) }
-                    return
-                }
-            }
-            i -= 1
+        switch holder(levels, below: below, c) {
+        case .ploop1(let img, let b):
+            try lifting { () throws(ImageError) in try img.read(block: b, offset: inOff, into: dst) }
+        case .raw(let r, let bytes):
+            // A raw level is only ever the base: past its end there is nothing but zeros.
+            let at = c * UInt64(clusterBytes) + UInt64(inOff)
+            let n = at < bytes ? try lifting { () throws(ImageError) in try r.file.read(into: dst, at: at) } : 0
+            if n < dst.count { dst[n...].initializeMemory(as: UInt8.self, repeating: 0) }
+        case nil:
+            dst.initializeMemory(as: UInt8.self, repeating: 0)
         }
-        dst.initializeMemory(as: UInt8.self, repeating: 0)
     }
 
     /// True if some level below `below` holds cluster `c`.
     func lowerHas(_ levels: [Level], below: Int, _ c: UInt64) -> Bool {
-        for i in stride(from: below - 1, through: 0, by: -1) {
-            switch levels[i].image {
-            case .ploop1(let img): if img.block(of: ClusterIndex(c)) != nil { return true }
-            case .raw: if c * UInt64(clusterBytes) < levels[i].rawBytes { return true }
-            }
-        }
-        return false
+        holder(levels, below: below, c) != nil
     }
 
     /// Writes device bytes into the top delta, allocating (and copying up from below) on the first
