@@ -6,9 +6,9 @@ import PloopSystem
 /// Where the sender's records go: a stream (pipe, socket) or a local file.
 public protocol CopySink {
     func data(_ bytes: UnsafeRawBufferPointer, at position: UInt64) throws
-    /// Copies `length` bytes of `file` at `position` to the same position without passing them
-    /// through user space; false when this sink cannot (then `data` is used).
-    func copy(from file: File, at position: UInt64, length: Int) throws -> Bool
+    /// Copies `length` bytes of `file` at `position` to the same position, in the kernel where it
+    /// can (`scratch` for where it cannot); false when this sink takes bytes only through `data`.
+    func copy(from file: File, at position: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws -> Bool
     /// A durability point: the stream's sync record (answered on the feedback channel), or fdatasync.
     func sync() throws
     func end() throws
@@ -51,7 +51,7 @@ public final class StreamSink: CopySink {
 }
 
 extension CopySink {
-    public func copy(from file: File, at position: UInt64, length: Int) throws -> Bool { false }
+    public func copy(from file: File, at position: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws -> Bool { false }
 }
 
 /// A local destination file, built under a temporary name and published at the end.
@@ -72,21 +72,8 @@ public final class FileSink: CopySink {
 
     public func data(_ bytes: UnsafeRawBufferPointer, at position: UInt64) throws { try file.write(bytes, at: position) }
 
-    public func copy(from source: File, at position: UInt64, length: Int) throws -> Bool {
-        var inOff = Int64(position)
-        var outOff = Int64(position)
-        var left = length
-        while left > 0 {
-            let n = cploop_copy_file_range(source.fd, &inOff, file.fd, &outOff, UInt64(left))
-            if n > 0 {
-                left -= Int(n)
-                continue
-            }
-            if n == -Int64(EINTR) { continue }
-            // Not possible here (another file system, no support) or the source ended: the
-            // caller sends the range by hand (writing the same bytes again is harmless).
-            return false
-        }
+    public func copy(from source: File, at position: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws -> Bool {
+        try file.copy(from: source, at: position, to: position, length: length, scratch: scratch)
         return true
     }
 
@@ -187,7 +174,7 @@ public struct CopySender {
                 let end = min(range.upperBound, fileEnd)
                 guard pos < end else { return }
                 // In-kernel copies take the whole range at once.
-                if try sink.copy(from: image, at: pos, length: Int(end - pos)) {
+                if try sink.copy(from: image, at: pos, length: Int(end - pos), scratch: buffer) {
                     report.bytesSent += end - pos
                     return
                 }
