@@ -63,12 +63,10 @@ extension Ploop {
             }
             // An image a running device holds is not a crash's leftover: refuse it before the
             // mount-time check would take its in-use mark for one (the kernel driver takes no lock).
-            let held = ((try? be.list()) ?? []).flatMap { d in d.levels.map { (d.device, $0.path) } }
+            let held = ((try? be.list()) ?? []).flatMap { d in d.levels.compactMap { l in PathInfo.identity(l.path).map { ($0, d.device) } } }
             for p in paths {
-                guard let id = PathInfo.identity(p) else { continue }
-                if let (dev, _) = held.first(where: { PathInfo.identity($0.1) == id }) {
-                    throw CommandFailure("\(p) is in use by \(dev): unmount it first ('ploop umount -d \(dev)')")
-                }
+                guard let id = PathInfo.identity(p), let (_, dev) = held.first(where: { $0.0 == id }) else { continue }
+                throw CommandFailure("\(p) is in use by \(dev): unmount it first ('ploop umount -d \(dev)')")
             }
             try DirtyImages.repair(paths, baseFormat: format)
             let dev = try failing {
