@@ -241,6 +241,11 @@ extension DeviceModel {
     /// PLOOP_IOC_GROW: grows the top delta (moving data clusters out of the BAT's way) and the
     /// device. I/O waits while the header switches; it is never refused.
     public func grow(toSectors sectors: UInt64) throws(DeviceError) {
+        // The size comes from a client (the control socket, an ioctl): checked before any
+        // arithmetic, so a huge value is refused instead of killing the running device.
+        guard sectors <= PloopSpec.maxImageSectors else {
+            throw .invalid("cannot grow to \(sectors) sectors: the largest device ploop supports is \(PloopSpec.maxImageSectors) sectors (50 TiB)")
+        }
         try maintenance(.grow) { () throws(DeviceError) in
             try stack.write { s throws(DeviceError) in
                 let bytes = sectors * PloopSpec.sectorSize

@@ -9,9 +9,9 @@ public enum SizeArgument {
         case notANumber(String)
         case negative(String)
         case zero(String)
-        case overflow(String)
         case unknownSuffix(String)
         case notSectorMultiple(String, bytes: UInt64)
+        case tooLarge(String, limitSectors: UInt64)
 
         public var description: String {
             switch self {
@@ -19,15 +19,23 @@ public enum SizeArgument {
             case .notANumber(let s): "size \"\(s)\" is not a number: use e.g. 2048 (sectors), 64k, 10g or 2t"
             case .negative(let s): "size \"\(s)\" is negative"
             case .zero(let s): "size \"\(s)\" is zero: an image needs at least one sector"
-            case .overflow(let s): "size \"\(s)\" is too large to represent"
             case .unknownSuffix(let s): "size \"\(s)\" has an unknown unit: use k, m, g or t (binary), or b for bytes"
             case .notSectorMultiple(let s, let b): "size \"\(s)\" is \(b) bytes, not a multiple of 512-byte sectors"
+            case .tooLarge(let s, let limit):
+                "size \"\(s)\" is larger than the largest image ploop supports (\(SizeArgument.describe(bytes: limit * PloopSpec.sectorSize)), \(limit) sectors)"
             }
         }
     }
 
-    /// The size in sectors.
+    /// The size in sectors, at most `PloopSpec.maxImageSectors` (50 TiB): every size a command
+    /// takes passes here once, so nothing after it has to fear overflow in `* 512` or `off_t`.
     public static func sectors(_ text: String) throws(ParseError) -> UInt64 {
+        let value = try unboundedSectors(text)
+        guard value <= PloopSpec.maxImageSectors else { throw .tooLarge(text, limitSectors: PloopSpec.maxImageSectors) }
+        return value
+    }
+
+    static func unboundedSectors(_ text: String) throws(ParseError) -> UInt64 {
         let s = text.trimmingSpaces
         guard !s.isEmpty else { throw .empty }
         if s.hasPrefix("-") { throw .negative(text) }
@@ -47,11 +55,11 @@ public enum SizeArgument {
             }
         }
         guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }) else { throw .notANumber(text) }
-        guard let value = UInt64(digits) else { throw .overflow(text) }
+        guard let value = UInt64(digits) else { throw .tooLarge(text, limitSectors: PloopSpec.maxImageSectors) }
         guard value > 0 else { throw .zero(text) }
         guard let m = multiplier else { return value }
         let (bytes, overflow) = value.multipliedReportingOverflow(by: m)
-        guard !overflow else { throw .overflow(text) }
+        guard !overflow else { throw .tooLarge(text, limitSectors: PloopSpec.maxImageSectors) }
         guard bytes % PloopSpec.sectorSize == 0 else { throw .notSectorMultiple(text, bytes: bytes) }
         return bytes / PloopSpec.sectorSize
     }

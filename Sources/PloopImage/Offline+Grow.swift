@@ -53,9 +53,9 @@ extension Ploop1Image {
             }
             setAllocHead(dest)
             // The new BAT area: old slots past the old size, and the clusters just vacated.
-            try file.writeZeros(at: oldBATEnd, count: UInt64(newL1) * cb - oldBATEnd)
+            try file.zeroFill(at: oldBATEnd, count: UInt64(newL1) * cb - oldBATEnd)
         } else {
-            try file.writeZeros(at: oldBATEnd, count: UInt64(oldL1) * cb - oldBATEnd)
+            try file.zeroFill(at: oldBATEnd, count: UInt64(oldL1) * cb - oldBATEnd)
         }
         try file.sync()
         try replaceHeader(new)
@@ -66,6 +66,9 @@ extension Ploop1Image {
 extension Offline {
     /// `ploop grow -s SIZE IMAGE` offline, for either format.
     public static func grow(path: String, toSectors sectors: UInt64, format: ImageFormat?, progress: ((Int, Int) -> Void)? = nil) throws(ImageError) {
+        guard sectors <= PloopSpec.maxImageSectors else {
+            throw .format(path, .sizeTooLarge(sectors: sectors, limit: PloopSpec.maxImageSectors, version: nil))
+        }
         let file = try ImagePath.open(path, write: true)
         try ImagePath.lock(file, exclusive: true)
         let detected = try ImagePath.detectFormat(file)
@@ -77,6 +80,8 @@ extension Offline {
             let probe = try Ploop1Image(file: file, writable: false)
             let current = probe.header
             if current.inUse { throw .inUse(path) }
+            // Moving clusters out of the BAT's way relies on every entry being sound.
+            try Checker.validate(file)
             do {
                 _ = try ImageHeader.new(sizeSectors: sectors, clusterSectors: current.clusterSectors, version: current.version)
             } catch { throw .format(path, error) }

@@ -27,15 +27,29 @@ public final class File: Sendable {
         public static let createNew = OpenMode(write: true, create: true, exclusive: true)
     }
 
-    /// `open(2)`.
+    /// `open(2)`. A mode that may create the file opens only a regular file that is really at
+    /// `path`: a symlink there is not followed (`O_NOFOLLOW`), and a FIFO, device node or
+    /// directory is refused before it is opened, so nothing that is not ours is written or cut.
     public init(path: String, mode: OpenMode, permissions: mode_t = 0o600) throws(SystemError) {
         var flags = (mode.write ? O_RDWR : O_RDONLY) | O_CLOEXEC
-        if mode.create { flags |= O_CREAT }
+        if mode.create {
+            flags |= O_CREAT | O_NOFOLLOW
+            switch PathInfo.entryKind(path) {
+            case .missing, .regular: break
+            case let other: throw SystemError("open", path: path, errno: EEXIST, reason: "exists and is \(other), not a regular file: refusing to write it")
+            }
+        }
         if mode.exclusive { flags |= O_EXCL }
         if mode.direct { flags |= cploop_o_direct() }
         self.fd = try retrying("open", path) { open(path, flags, permissions) }
         self.path = path
         self.writable = mode.write
+        if mode.create {
+            var st = Glibc.stat()
+            if fstat(fd, &st) == 0, st.st_mode & S_IFMT != S_IFREG {
+                throw SystemError("open", path: path, errno: EEXIST, reason: "is not a regular file: refusing to write it")
+            }
+        }
     }
 
     deinit { close(fd) }
@@ -53,9 +67,8 @@ public final class File: Sendable {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
         var done = 0
         while done < buffer.count {
-            let n = try retrying("read", path) {
-                pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-            }
+            let at = try position("read", offset, done)
+            let n = try retrying("read", path) { pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(at)) }
             if n == 0 { break }
             done += n
         }
@@ -66,11 +79,18 @@ public final class File: Sendable {
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
         var done = 0
         while done < buffer.count {
-            let n = try retrying("write", path) {
-                pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-            }
+            let at = try position("write", offset, done)
+            let n = try retrying("write", path) { pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(at)) }
             done += n
         }
+    }
+
+    /// `offset + done` as an `off_t`, or EFBIG: offsets come from on-disk values and arguments,
+    /// and a value past `Int64.max` must fail the call, never trap the process.
+    private func position(_ call: String, _ offset: UInt64, _ done: Int) throws(SystemError) -> Int64 {
+        let (sum, overflow) = offset.addingReportingOverflow(UInt64(done))
+        guard !overflow, let at = Int64(exactly: sum) else { throw SystemError(call, path: path, errno: EFBIG) }
+        return at
     }
 
     /// `fsync(2)`.
@@ -81,8 +101,9 @@ public final class File: Sendable {
 
     /// `fallocate(2)` mode 0 over [0, length): strict (no fallback); false only for EOPNOTSUPP.
     public func allocateStrict(length: UInt64) throws(SystemError) {
+        let len = try position("fallocate", length, 0)
         while true {
-            let r = cploop_fallocate(fd, 0, 0, Int64(length))
+            let r = cploop_fallocate(fd, 0, 0, len)
             if r == 0 { return }
             if r == -EINTR { continue }
             throw SystemError("fallocate", path: path, errno: -r)
@@ -94,7 +115,8 @@ public final class File: Sendable {
 
     /// `ftruncate(2)`.
     public func truncate(to length: UInt64) throws(SystemError) {
-        _ = try retrying("ftruncate", path) { ftruncate(fd, off_t(length)) }
+        let to = try position("ftruncate", length, 0)
+        _ = try retrying("ftruncate", path) { ftruncate(fd, off_t(to)) }
     }
 
     public enum LockKind: Sendable { case shared, exclusive }
@@ -115,14 +137,16 @@ public final class File: Sendable {
 
     /// `fallocate(2)` with `FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE`.
     public func punchHole(at offset: UInt64, length: UInt64) throws(SystemError) {
-        try negErrno("fallocate") { cploop_fallocate(fd, 0x02 | 0x01, Int64(offset), Int64(length)) }
+        let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
+        try negErrno("fallocate") { cploop_fallocate(fd, 0x02 | 0x01, at, len) }
     }
 
     /// `fallocate(2)` mode 0: real space that reads as zeros. Returns false where the file system
     /// cannot (EOPNOTSUPP), so the caller can write zeros instead.
     public func allocate(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
+        let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
         while true {
-            let r = cploop_fallocate(fd, 0, Int64(offset), Int64(length))
+            let r = cploop_fallocate(fd, 0, at, len)
             if r == 0 { return true }
             if r == -EINTR { continue }
             if r == -EOPNOTSUPP || r == -ENOSYS { return false }
@@ -132,8 +156,9 @@ public final class File: Sendable {
 
     /// `fallocate(2)` with `FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE`.
     public func zeroRange(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
+        let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
         while true {
-            let r = cploop_fallocate(fd, 0x10 | 0x01, Int64(offset), Int64(length))
+            let r = cploop_fallocate(fd, 0x10 | 0x01, at, len)
             if r == 0 { return true }
             if r == -EINTR { continue }
             if r == -EOPNOTSUPP || r == -ENOSYS { return false }
@@ -175,8 +200,9 @@ public final class File: Sendable {
     /// `copy_file_range(2)` of exactly `length` bytes (the kernel may copy without a user buffer).
     /// Falls back to read/write when the file systems refuse.
     public func copy(from source: File, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(SystemError) {
-        var inOff = Int64(sourceOffset)
-        var outOff = Int64(offset)
+        var inOff = try position("copy_file_range", sourceOffset, 0)
+        var outOff = try position("copy_file_range", offset, 0)
+        _ = try position("copy_file_range", offset, length)  // the end must be an off_t too
         var left = length
         while left > 0 {
             let n = cploop_copy_file_range(source.fd, &inOff, fd, &outOff, UInt64(left))
@@ -219,7 +245,7 @@ public final class File: Sendable {
     /// The data ranges of the file in [start, end), found with `lseek(SEEK_DATA/SEEK_HOLE)`.
     public func dataRanges(from start: UInt64, to end: UInt64) throws(SystemError) -> [Range<UInt64>] {
         var ranges: [Range<UInt64>] = []
-        var pos = Int64(start)
+        var pos = try position("lseek", start, 0)
         while UInt64(pos) < end {
             let data = cploop_seek_data_hole(fd, pos, 0)
             if data < 0 {
@@ -258,6 +284,84 @@ public enum PathInfo {
         case S_IFBLK: return .blockDevice
         default: return .other
         }
+    }
+
+    /// What is at a path itself, a final symlink not followed (`lstat(2)`).
+    public enum EntryKind: Sendable, Equatable, CustomStringConvertible {
+        case missing, regular, symbolicLink, directory, fifo, device, socket, unknown
+        public var description: String {
+            switch self {
+            case .missing: "missing"
+            case .regular: "a regular file"
+            case .symbolicLink: "a symbolic link"
+            case .directory: "a directory"
+            case .fifo: "a FIFO"
+            case .device: "a device node"
+            case .socket: "a socket"
+            case .unknown: "of an unknown kind"
+            }
+        }
+    }
+
+    public static func entryKind(_ path: String) -> EntryKind {
+        var st = Glibc.stat()
+        guard cploop_lstat(path, &st) == 0 else { return .missing }
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: return .regular
+        case S_IFLNK: return .symbolicLink
+        case S_IFDIR: return .directory
+        case S_IFIFO: return .fifo
+        case S_IFBLK, S_IFCHR: return .device
+        case S_IFSOCK: return .socket
+        default: return .unknown
+        }
+    }
+
+    /// Why `publish` refused.
+    public enum PublishError: Error, Sendable, Equatable, CustomStringConvertible {
+        case exists(String)
+        case notRegular(String, EntryKind)
+        case system(SystemError)
+        public var description: String {
+            switch self {
+            case .exists(let p): "\(p) already exists: remove it, or give --replace"
+            case .notRegular(let p, let k): "\(p) is \(k), not a regular file: it is never replaced; choose another destination"
+            case .system(let e): e.description
+            }
+        }
+    }
+
+    /// Checks that `destination` may receive a file we build: missing, or (with `replace`) a
+    /// regular file. Callers check before they start and `publish` checks again at the end.
+    public static func checkDestination(_ destination: String, replace: Bool) throws(PublishError) {
+        switch entryKind(destination) {
+        case .missing: return
+        case .regular: if !replace { throw .exists(destination) }
+        case let other: throw .notRegular(destination, other)
+        }
+    }
+
+    /// Renames `temp` (a regular file this process made) to `destination` and syncs the folder.
+    /// Only a regular file is ever replaced, and only with `replace`; without it, something that
+    /// appeared at `destination` meanwhile is not replaced either (`RENAME_NOREPLACE`).
+    public static func publish(_ temp: String, as destination: String, replace: Bool) throws(PublishError) {
+        try checkDestination(destination, replace: replace)
+        let r: Int32
+        if replace && entryKind(destination) == .regular {
+            r = rename(temp, destination) == 0 ? 0 : -errno
+        } else {
+            r = cploop_rename_noreplace(temp, destination)
+        }
+        if r == -EEXIST { throw .exists(destination) }
+        if r != 0 { throw .system(SystemError("rename", path: destination, errno: -r)) }
+        syncParentDirectory(of: destination)
+    }
+
+    /// Removes `path` only if it is a regular file (never a link, node or folder someone put there).
+    @discardableResult
+    public static func removeRegularFile(_ path: String) -> Bool {
+        guard entryKind(path) == .regular else { return false }
+        return unlink(path) == 0
     }
 
     /// (device, inode) of a path, to tell whether two names are one file.

@@ -9,14 +9,17 @@ public struct SystemError: Error, Sendable, Equatable, CustomStringConvertible {
     public let call: String
     public let path: String
     public let errno: Int32
+    /// Said instead of strerror's words where the errno alone would mislead.
+    public let reason: String?
 
-    public init(_ call: String, path: String, errno: Int32) {
+    public init(_ call: String, path: String, errno: Int32, reason: String? = nil) {
         self.call = call
         self.path = path
         self.errno = errno
+        self.reason = reason
     }
 
-    public var message: String { String(cString: strerror(errno)) }
+    public var message: String { reason ?? String(cString: strerror(errno)) }
     public var description: String { "\(call) \(path): \(message)" }
 }
 

@@ -216,13 +216,19 @@ struct SizeArgumentTests {
         #expect(try SizeArgument.sectors(text) == sectors)
     }
 
-    @Test func errors() {
+    @Test func errors() throws {
         #expect(throws: SizeArgument.ParseError.empty) { try SizeArgument.sectors("") }
         #expect(throws: SizeArgument.ParseError.zero("0")) { try SizeArgument.sectors("0") }
         #expect(throws: SizeArgument.ParseError.zero("0g")) { try SizeArgument.sectors("0g") }
         #expect(throws: SizeArgument.ParseError.negative("-1g")) { try SizeArgument.sectors("-1g") }
-        #expect(throws: SizeArgument.ParseError.overflow("99999999999999999999")) { try SizeArgument.sectors("99999999999999999999") }
-        #expect(throws: SizeArgument.ParseError.overflow("99999999999t")) { try SizeArgument.sectors("99999999999t") }
+        let limit = PloopSpec.maxImageSectors
+        #expect(throws: SizeArgument.ParseError.tooLarge("99999999999999999999", limitSectors: limit)) { try SizeArgument.sectors("99999999999999999999") }
+        #expect(throws: SizeArgument.ParseError.tooLarge("99999999999t", limitSectors: limit)) { try SizeArgument.sectors("99999999999t") }
+        // Sizes that trapped the tool (issue 12): 2^54 and 2^55 sectors, past off_t once in bytes.
+        for text in ["18014398509481984", "36028797018963968", "51t", "\(limit + 1)"] {
+            #expect(throws: SizeArgument.ParseError.tooLarge(text, limitSectors: limit)) { try SizeArgument.sectors(text) }
+        }
+        #expect(try SizeArgument.sectors("50t") == limit)
         #expect(throws: SizeArgument.ParseError.notSectorMultiple("1000b", bytes: 1000)) { try SizeArgument.sectors("1000b") }
         #expect(throws: SizeArgument.ParseError.unknownSuffix("1x")) { try SizeArgument.sectors("1x") }
         #expect(throws: SizeArgument.ParseError.notANumber("abc")) { try SizeArgument.sectors("abc") }
