@@ -15,6 +15,7 @@
 #include <sys/sysmacros.h>
 #include <sys/un.h>
 #include <sys/syscall.h>
+#include <signal.h>
 
 int cploop_o_direct(void) { return O_DIRECT; }
 
@@ -188,4 +189,33 @@ int cploop_run_shell(const char *command) {
 int cploop_blkdiscard(int fd, uint64_t off, uint64_t len) {
     uint64_t range[2] = {off, len};
     return ioctl(fd, BLKDISCARD, &range) == 0 ? 0 : -errno;
+}
+
+int cploop_lstat(const char *path, struct stat *st) { return lstat(path, st) == 0 ? 0 : -errno; }
+
+int cploop_rename_noreplace(const char *from, const char *to) {
+    return syscall(SYS_renameat2, AT_FDCWD, from, AT_FDCWD, to, 1 /* RENAME_NOREPLACE */) == 0 ? 0 : -errno;
+}
+
+static char cleanup_path[4096];
+static volatile sig_atomic_t cleanup_armed;
+
+static void cleanup_handler(int sig) {
+    if (cleanup_armed) unlink(cleanup_path);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+void cploop_unlink_on_signal(const char *path) {
+    cleanup_armed = 0;
+    if (!path || strlen(path) >= sizeof(cleanup_path)) return;
+    strcpy(cleanup_path, path);
+    cleanup_armed = 1;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = cleanup_handler;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
 }

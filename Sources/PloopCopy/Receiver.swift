@@ -20,15 +20,14 @@ public struct CopyReceiver {
     }
 
     /// Reads records from `input` until the end record. `feedback`, when given, gets the answer to
-    /// each sync record.
+    /// each sync record. The sender going away (EPIPE on `feedback`, the input ending early) is an
+    /// error with the destination left as it was, never a silent death by SIGPIPE.
     public func receive(input: Int32, feedback: Int32? = nil) throws -> Summary {
-        if !replace && FileManager.default.fileExists(atPath: destination) {
-            throw CopyStream.Error.destinationExists(destination)
-        }
-        let temp = destination + ".part-\(getpid())"
-        let out = try File(path: temp, mode: .createNew)
-        var published = false
-        defer { if !published { unlink(temp) } }
+        signal(SIGPIPE, SIG_IGN)
+        try Self.checkOpen(input, "input descriptor (-i)", "the stream to read")
+        if let fb = feedback { try Self.checkOpen(fb, "feedback descriptor (-f)", "the channel back to the sender") }
+        let part = try PartFile(destination: destination, replace: replace)
+        let out = part.file
         var summary = Summary(records: 0, bytes: 0, syncs: 0)
         var offset: UInt64 = 0
         var header = [UInt8](repeating: 0, count: CopyStream.headerSize)
@@ -37,26 +36,34 @@ public struct CopyReceiver {
             let (size, pos) = try CopyStream.parseHeader(header, at: offset)
             offset += UInt64(CopyStream.headerSize)
             if size == 0 {
-                try out.dataSync()
-                guard rename(temp, destination) == 0 else { throw CopyStream.Error.io("rename to \(destination): \(String(cString: strerror(errno)))") }
-                published = true
-                PathInfo.syncParentDirectory(of: destination)
+                try part.publish(replace: replace)
                 return summary
             }
             var slice = [UInt8](repeating: 0, count: Int(size))
             guard try Self.readFull(input, &slice) else { throw CopyStream.Error.truncated(at: offset) }
             offset += UInt64(size)
             if size == CopyStream.syncSize {
-                let ok: Bool
-                do { try out.dataSync(); ok = true } catch { ok = false }
+                var failure: (any Error)?
+                do { try out.dataSync() } catch { failure = error }
                 summary.syncs += 1
-                if let fb = feedback { try Self.writeAll(fb, ok ? CopyStream.success : CopyStream.failure) }
-                if !ok { throw CopyStream.Error.io("fdatasync of \(temp) failed") }
+                if let fb = feedback {
+                    do { try Self.writeAll(fb, failure == nil ? CopyStream.success : CopyStream.failure) } catch {
+                        throw CopyStream.Error.feedback("answering a sync on descriptor \(fb): \(error)")
+                    }
+                }
+                if let failure { throw part.failure("syncing", failure) }
                 continue
             }
-            do { try slice.withUnsafeBytes { try out.write($0, at: pos) } } catch { throw CopyStream.Error.io("\(error)") }
+            do { try slice.withUnsafeBytes { try out.write($0, at: pos) } } catch { throw part.failure("writing", error) }
             summary.records += 1
             summary.bytes += UInt64(size)
+        }
+    }
+
+    /// A descriptor given on the command line must be open, or the error says which one it is.
+    static func checkOpen(_ fd: Int32, _ role: String, _ purpose: String) throws {
+        if fd < 0 || fcntl(fd, F_GETFD) < 0 {
+            throw CopyStream.Error.io("\(role) \(fd) is not open: give the descriptor of \(purpose)")
         }
     }
 
@@ -81,7 +88,7 @@ public struct CopyReceiver {
             let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, $0.count - done) }
             if n < 0 {
                 if errno == EINTR { continue }
-                throw CopyStream.Error.io("writing: \(String(cString: strerror(errno)))")
+                throw CopyStream.Error.io(String(cString: strerror(errno)))
             }
             done += n
         }

@@ -56,19 +56,14 @@ extension CopySink {
 
 /// A local destination file, built under a temporary name and published at the end.
 public final class FileSink: CopySink {
-    let destination: String
-    let temp: String
-    let file: File
-    var published = false
+    let part: PartFile
+    let replace: Bool
+    var file: File { part.file }
 
     public init(destination: String, replace: Bool = false) throws {
-        if !replace && FileManager.default.fileExists(atPath: destination) { throw CopyStream.Error.destinationExists(destination) }
-        self.destination = destination
-        self.temp = destination + ".part-\(getpid())"
-        self.file = try File(path: temp, mode: .createNew)
+        self.replace = replace
+        self.part = try PartFile(destination: destination, replace: replace)
     }
-
-    deinit { if !published { unlink(temp) } }
 
     public func data(_ bytes: UnsafeRawBufferPointer, at position: UInt64) throws { try file.write(bytes, at: position) }
 
@@ -78,12 +73,7 @@ public final class FileSink: CopySink {
     }
 
     public func sync() throws { try file.dataSync() }
-    public func end() throws {
-        try file.dataSync()
-        guard rename(temp, destination) == 0 else { throw CopyStream.Error.io("rename to \(destination): \(String(cString: strerror(errno)))") }
-        published = true
-        PathInfo.syncParentDirectory(of: destination)
-    }
+    public func end() throws { try part.publish(replace: replace) }
 }
 
 /// The copy procedure of the manual's section 7, written once against `DeviceBackend`: a full pass

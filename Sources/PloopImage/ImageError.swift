@@ -1,5 +1,8 @@
 import PloopFormat
 import PloopSystem
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Errors of image files and offline operations. Each message names the file, says what is wrong
 /// and, where there is one, what to do.
@@ -28,6 +31,10 @@ public enum ImageError: Error, Sendable, Equatable, CustomStringConvertible {
     case injectedCrash
     case empty(String)
     case rawNeedsFormat(String)
+    case folderMissing(String, file: String)
+    case notAFolder(String, file: String)
+    case symlinkLoop(String)
+    case nameTooLong(String)
 
     public var description: String {
         switch self {
@@ -61,16 +68,36 @@ public enum ImageError: Error, Sendable, Equatable, CustomStringConvertible {
         case .injectedCrash: "injected crash (test)"
         case .empty(let p): "\(p) is empty (0 bytes): not an image"
         case .rawNeedsFormat(let p): "\(p) has no ploop1 signature: if it is a raw image, say so with -f raw"
+        case .folderMissing(let d, let f): "cannot create \(f): the folder \(d) does not exist (create it first)"
+        case .notAFolder(let d, let f): "cannot use \(f): \(d) is not a folder"
+        case .symlinkLoop(let p): "\(p): too many levels of symbolic links (a symlink loop?)"
+        case .nameTooLong(let p): "\(p): the path or one of its names is too long"
         }
     }
 
     static func from(_ e: SystemError) -> ImageError {
+        if e.reason != nil { return .io(e) }
         switch e.errno {
-        case 2: .notFound(e.path)
-        case 13, 1: .permissionDenied(e.path)
-        case 17: .alreadyExists(e.path)
-        case 21: .isDirectory(e.path)
-        default: .io(e)
+        case ENOENT: return .notFound(e.path)
+        case EACCES, EPERM: return .permissionDenied(e.path)
+        case EEXIST: return .alreadyExists(e.path)
+        case EISDIR: return .isDirectory(e.path)
+        case ELOOP: return .symlinkLoop(e.path)
+        case ENAMETOOLONG: return .nameTooLong(e.path)
+        case ENOTDIR: return .notAFolder(Self.parent(of: e.path), file: e.path)
+        default: return .io(e)
         }
+    }
+
+    static func from(_ e: PathInfo.PublishError, _ path: String) -> ImageError {
+        switch e {
+        case .exists, .notRegular: .alreadyExists(path)
+        case .system(let s): .from(s)
+        }
+    }
+
+    static func parent(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
     }
 }

@@ -1,5 +1,8 @@
 import PloopFormat
 import PloopSystem
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The two delta formats.
 public enum ImageFormat: String, Sendable, CaseIterable, Codable {
@@ -12,12 +15,33 @@ public enum ImagePath {
     /// Opens an existing regular file.
     public static func open(_ path: String, write: Bool) throws(ImageError) -> PosixBlockFile {
         switch PathInfo.kind(path) {
-        case .missing: throw .notFound(path)
+        case .missing:
+            // Say why: a loop, a name too long and a file where a folder should be are not "no such file".
+            var st = stat()
+            if stat(path, &st) != 0 { throw ImageError.from(SystemError("stat", path: path, errno: errno)) }
+            throw .notFound(path)
         case .directory: throw .isDirectory(path)
         case .other, .blockDevice: throw .notRegularFile(path)
         case .regular: break
         }
         return try PosixBlockFile(path: path, mode: write ? .readWrite : .readOnly)
+    }
+
+    /// A path a new image may be created at: nothing there (not even a dangling symlink), in a
+    /// folder that exists.
+    public static func checkNew(_ path: String) throws(ImageError) {
+        let dir = ImageError.parent(of: path)
+        switch PathInfo.kind(dir) {
+        case .directory: break
+        case .missing:
+            var st = stat()
+            if stat(dir, &st) != 0, errno != ENOENT { throw ImageError.from(SystemError("stat", path: dir, errno: errno)) }
+            throw .folderMissing(dir, file: path)
+        default: throw .notAFolder(dir, file: path)
+        }
+        if PathInfo.entryKind(path) != .missing { throw .alreadyExists(path) }
+        if path.utf8.count >= Int(PATH_MAX) { throw .nameTooLong(path) }
+        if let name = path.split(separator: "/").last, name.utf8.count + 16 > Int(NAME_MAX) { throw .nameTooLong(path) }
     }
 
     /// Takes a non-blocking lock, or explains who holds it.

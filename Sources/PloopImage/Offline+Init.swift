@@ -20,26 +20,25 @@ public enum Offline {
         }
     }
 
-    /// Creates a new image. Everything is validated before the file is created; the file is created
-    /// exclusively (an existing file is never touched) and removed again if writing it fails.
+    /// Creates a new image. Everything is validated before anything is created. The image is
+    /// built under a temporary name beside it (`IMAGE.init-PID`, see `TemporaryFile`) and renamed
+    /// into place, never over an existing file, only once it is complete and synced: an
+    /// interrupted `init` leaves no half-made image under the name asked for.
     @discardableResult
     public static func initialize(_ r: InitRequest) throws(ImageError) -> ImageHeader {
         let header: ImageHeader
         do {
             header = try ImageHeader.new(sizeSectors: r.sizeSectors, clusterSectors: r.clusterSectors, version: r.version)
         } catch { throw .format(r.path, error) }
-        if PathInfo.kind(r.path) != .missing { throw .alreadyExists(r.path) }
-        let file = try PosixBlockFile(path: r.path, mode: .createNew)
-        do {
-            switch r.format {
-            case .ploop1: try Ploop1Image.create(on: file, header: header)
-            case .raw: try RawImage.create(on: file, bytes: header.virtualBytes)
-            }
-            PathInfo.syncParentDirectory(of: r.path)
-        } catch {
-            PathInfo.remove(r.path)
-            throw error
+        try ImagePath.checkNew(r.path)
+        let temp: TemporaryFile
+        do { temp = try TemporaryFile(destination: r.path, suffix: "init", replace: false) } catch { throw .from(error, r.path) }
+        let file = PosixBlockFile(temp.file)
+        switch r.format {
+        case .ploop1: try Ploop1Image.create(on: file, header: header)
+        case .raw: try RawImage.create(on: file, bytes: header.virtualBytes)
         }
+        do { try temp.publish(replace: false) } catch { throw .from(error, r.path) }
         return header
     }
 }

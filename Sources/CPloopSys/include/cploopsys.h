@@ -62,4 +62,13 @@ int cploop_syncfs(int fd);
 /// Closes every file descriptor from `first` up (a daemon must not hold its starter's pipes).
 void cploop_close_from(int first);
 
+/// lstat(2) (the final symlink itself, not its target); 0 or -errno.
+int cploop_lstat(const char *path, struct stat *st);
+/// renameat2(2) with RENAME_NOREPLACE: fails with -EEXIST instead of replacing; 0 or -errno.
+int cploop_rename_noreplace(const char *from, const char *to);
+/// While set, SIGINT, SIGTERM and SIGHUP unlink `path` (a temporary file of ours) and then end
+/// the process as the signal would. NULL clears it. Only async-signal-safe calls run in the
+/// handler; the path is copied.
+void cploop_unlink_on_signal(const char *path);
+
 #endif
