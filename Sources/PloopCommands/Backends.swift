@@ -70,6 +70,16 @@ enum Mounts {
         all().filter { $0.source == device }.map(\.target)
     }
 
+    /// Mount points of `device` and of its partitions (`/dev/ploopNpM`), in mount order.
+    static func mountPoints(ofDeviceOrPartitions device: String) -> [String] {
+        all().filter { e in
+            guard e.source.hasPrefix(device) else { return false }
+            let rest = e.source.dropFirst(device.count)
+            let number = rest.dropFirst()
+            return rest.isEmpty || (rest.first == "p" && !number.isEmpty && number.allSatisfy { $0.isASCII && $0.isNumber })
+        }.map(\.target)
+    }
+
     static func run(_ args: [String]) throws {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/" + args[0])

@@ -121,8 +121,25 @@ extension Ploop {
                 dev = d
             }
             let be = try backend.backend.resolve()
-            for m in Mounts.mountPoints(of: dev!).reversed() { try Mounts.run(["umount", m]) }
-            try failing { try be.umount(dev!) }
+            let name = try Self.knownDevice(dev!, backend: be)
+            // Only now, with the name proven to be a device of ours, unmount what is mounted from
+            // it and from its partitions (innermost first).
+            for m in Mounts.mountPoints(ofDeviceOrPartitions: name).reversed() { try Mounts.run(["umount", m]) }
+            try failing { try be.umount(name) }
+        }
+
+        /// `device` as the backend knows it (running, or dead but with its state kept), or a
+        /// refusal that touches nothing: a name that is not a ploop device, or one that is not ours.
+        static func knownDevice(_ device: String, backend be: any DeviceBackend) throws -> String {
+            guard let index = DeviceName.index(device) else {
+                throw CommandFailure("\(device) is not a ploop device name (/dev/ploopN): nothing was unmounted")
+            }
+            let name = DeviceName.name(index)
+            let known = try failing { try be.list() }
+            guard known.contains(where: { $0.device == name }) else {
+                throw CommandFailure("no ploop device \(name) (see 'ploop list'): nothing was unmounted")
+            }
+            return name
         }
     }
 

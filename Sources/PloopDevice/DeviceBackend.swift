@@ -56,7 +56,10 @@ public enum DeviceName {
     /// The N of `/dev/ploopN` (also accepts `ploopN`).
     public static func index(_ name: String) -> Int? {
         let base = name.hasPrefix("/dev/") ? String(name.dropFirst(5)) : name
-        guard base.hasPrefix("ploop"), let n = Int(base.dropFirst(5)), n >= 0, n < 1 << 16 else { return nil }
+        let digits = base.dropFirst(5)
+        guard base.hasPrefix("ploop"), (1...5).contains(digits.count), digits.allSatisfy({ $0.isASCII && $0.isNumber }),
+            let n = Int(digits), n < 1 << 16
+        else { return nil }
         return n
     }
 

@@ -26,10 +26,17 @@ public protocol BlockFile: AnyObject, Sendable {
     /// Makes [offset, offset+length) read as zeros, giving its space back where the file system
     /// can (a hole); the size does not change.
     func punchHole(at offset: UInt64, length: UInt64) throws(ImageError)
+    /// The parts of [start, end) that may hold data (a file system's holes left out); at worst
+    /// the whole range.
+    func dataRanges(from start: UInt64, to end: UInt64) throws(ImageError) -> [Range<UInt64>]
 }
 
 extension BlockFile {
     public var descriptor: Int32? { nil }
+
+    public func dataRanges(from start: UInt64, to end: UInt64) throws(ImageError) -> [Range<UInt64>] {
+        start < end ? [start..<end] : []
+    }
 
     public func readBytes(_ count: Int, at offset: UInt64) throws(ImageError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
@@ -53,6 +60,24 @@ extension BlockFile {
             }
             done += UInt64(n)
         }
+    }
+
+    /// Makes [offset, offset+count) read as zeros, extending the file to its end if it is
+    /// shorter: whole 4 KiB pages become holes (nothing written: a grown BAT area can be
+    /// gigabytes), the ragged edges get zeros.
+    public func zeroFill(at offset: UInt64, count: UInt64) throws(ImageError) {
+        let end = offset + count
+        let lo = (offset + 4095) / 4096 * 4096
+        let hi = end / 4096 * 4096
+        guard lo < hi else {
+            try writeZeros(at: offset, count: count)
+            return
+        }
+        if offset < lo { try writeZeros(at: offset, count: lo - offset) }
+        let size = try size()
+        if lo < size { try punchHole(at: lo, length: min(hi, size) - lo) }
+        if hi < end { try writeZeros(at: hi, count: end - hi) }
+        if try self.size() < end { try truncate(to: end) }
     }
 
     /// Without hole punching: zeros written, up to the end of the file.
@@ -122,6 +147,11 @@ public final class PosixBlockFile: BlockFile {
 
     public func size() throws(ImageError) -> UInt64 {
         do { return try file.size() } catch { throw .io(error) }
+    }
+
+    public func dataRanges(from start: UInt64, to end: UInt64) throws(ImageError) -> [Range<UInt64>] {
+        // SEEK_DATA where the file system has it; else the whole range is read.
+        (try? file.dataRanges(from: start, to: end)) ?? (start < end ? [start..<end] : [])
     }
 
     public func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {

@@ -46,12 +46,12 @@ public enum Checker {
         case beyondEOF(cluster: UInt64, block: UInt32)
         case halfWritten(cluster: UInt64, block: UInt32)
         case usedTwice(cluster: UInt64, block: UInt32, firstCluster: UInt64)
-        case hole(block: UInt32)
+        case holes(first: UInt32, count: UInt32)
         case leakedTail(clusters: UInt64, bytes: UInt64)
         case partialTail(bytes: UInt64)
         case emptyFlagWrong(set: Bool)
         case inUse
-        case sparse(cluster: UInt64?, offset: UInt64, length: UInt64)
+        case sparse(block: UInt32, offset: UInt64, length: UInt64)
         case versionConverting
 
         public var description: String {
@@ -65,13 +65,12 @@ public enum Checker {
             case .beyondEOF(let c, let b): "data cluster \(c) at block \(b) beyond EOF"
             case .halfWritten(let c, let b): "data cluster \(c) at block \(b) is cut short by EOF (half-written last cluster)"
             case .usedTwice(let c, let b, let f): "block \(b) is used more than once (clusters \(f) and \(c))"
-            case .hole(let b): "hole at block \(b)"
+            case .holes(let b, let n): n == 1 ? "hole at block \(b)" : "holes at blocks \(b)..\(b + n - 1) (\(n) clusters)"
             case .leakedTail(let c, let b): "\(c) unreferenced cluster(s) at the tail (\(b) bytes): trimming tail"
             case .partialTail(let b): "\(b) bytes of a partial cluster at the tail: trimming tail"
             case .emptyFlagWrong(let set): "CIF_Empty flag is incorrect (it is \(set ? "set" : "clear"))"
             case .inUse: "dirty flag is set (image was not closed cleanly)"
-            case .sparse(let c, let o, let l):
-                (c.map { "cluster \($0): " } ?? "header/BAT: ") + "hole of \(l) bytes at offset \(o) (image is sparse)"
+            case .sparse(let b, let o, let l): "block \(b): hole of \(l) bytes at offset \(o) (image is sparse)"
             case .versionConverting: "image is in the middle of a v1/v2 conversion"
             }
         }
@@ -150,59 +149,96 @@ public enum Checker {
             report.status = .formatError
             return report
         }
-        // All slots of the BAT area: those past m_Size must be zero.
+        // Every slot of the BAT area, streamed in windows (those past m_Size must be zero). What a
+        // check keeps is one bit per block of the file, never the BAT itself.
         let slots = Int((batAreaEnd - UInt64(PloopSpec.headerSize)) / 4)
-        var bat = [UInt32](repeating: 0, count: slots)
-        try file.readBytes(slots * 4, at: UInt64(PloopSpec.headerSize)).withUnsafeBytes { b in
-            for i in 0..<slots { bat[i] = b.loadLE32(at: i * 4) }
-        }
         let writable = !o.readOnly
-        var zeroed: [Int] = []
-        func softFix(_ p: Problem, _ slot: Int) {
-            if writable { zeroed.append(slot); add(p, .fixed) } else { add(p, .skipped) }
+        var zeroed = 0
+        func zero(_ slot: Int) throws(ImageError) {
+            try file.writeBytes([0, 0, 0, 0], at: UInt64(PloopSpec.headerSize) + 4 * UInt64(slot))
+            zeroed += 1
         }
-        func hardFix(_ p: Problem, _ slot: Int) {
-            if o.hardForce && writable { zeroed.append(slot); add(p, .fixed) } else { add(p, .fatal) }
+        func softFix(_ p: Problem, _ slot: Int) throws(ImageError) {
+            if writable { try zero(slot); add(p, .fixed) } else { add(p, .skipped) }
         }
-        var owner: [UInt32: UInt64] = [:]
+        func hardFix(_ p: Problem, _ slot: Int) throws(ImageError) {
+            if o.hardForce && writable { try zero(slot); add(p, .fixed) } else { add(p, .fatal) }
+        }
+        let fileBlocks = Int(size / cb)
+        var used = Bitmap(count: fileBlocks)
+        var duplicates: [(slot: Int, block: UInt32)] = []
         var allocHead = l1
         var valid = 0
-        for slot in 0..<slots where bat[slot] != 0 {
+        try BATScan.forEachNonZero(file, count: slots) { (slot, entry) throws(ImageError) in
             let clu = UInt64(slot)
-            let entry = bat[slot]
-            if slot >= Int(header.batEntries) { softFix(.slotBeyondSize(cluster: clu), slot); continue }
+            if slot >= Int(header.batEntries) { try softFix(.slotBeyondSize(cluster: clu), slot); return }
             let blk: UInt32
             do { blk = try layout.decode(entry).value } catch {
-                hardFix(.misalignedEntry(cluster: clu, entry: entry), slot)
-                continue
+                try hardFix(.misalignedEntry(cluster: clu, entry: entry), slot)
+                return
             }
-            if blk < l1 { hardFix(.entryInHeader(cluster: clu, block: blk), slot); continue }
+            if blk < l1 { try hardFix(.entryInHeader(cluster: clu, block: blk), slot); return }
             if (UInt64(blk) + 1) * cb > size {
                 if UInt64(blk) * cb < size {
-                    hardFix(.halfWritten(cluster: clu, block: blk), slot)
+                    try hardFix(.halfWritten(cluster: clu, block: blk), slot)
                 } else {
-                    hardFix(.beyondEOF(cluster: clu, block: blk), slot)
+                    try hardFix(.beyondEOF(cluster: clu, block: blk), slot)
                 }
-                continue
+                return
             }
-            if let first = owner[blk] {
-                add(.usedTwice(cluster: clu, block: blk, firstCluster: first), o.hardForce ? .ignored : .fatal)
-                continue
+            if used[Int(blk)] {
+                duplicates.append((slot, blk))
+                return
             }
-            owner[blk] = clu
+            used[Int(blk)] = true
             valid += 1
             allocHead = max(allocHead, blk + 1)
         }
+        if !duplicates.isEmpty {
+            // Who had each shared block first: a second pass, remembering only the shared blocks.
+            var firstOwner: [UInt32: UInt64] = [:]
+            for d in duplicates { firstOwner[d.block] = UInt64.max }
+            try BATScan.forEachNonZero(file, count: Int(header.batEntries)) { (slot, entry) throws(ImageError) in
+                guard let b = try? layout.decode(entry).value, firstOwner[b] == UInt64.max else { return }
+                firstOwner[b] = UInt64(slot)
+            }
+            // A repairing check gives every later owner a copy of the block (data first, then
+            // the entry, each synced), so each cluster keeps the data it read before.
+            var scratch = [UInt8]()
+            for d in duplicates {
+                let problem = Problem.usedTwice(cluster: UInt64(d.slot), block: d.block, firstCluster: firstOwner[d.block] ?? 0)
+                guard o.hardForce && writable else { add(problem, .fatal); continue }
+                // Past every valid block: what lies there (a leaked tail) nothing references.
+                let target = ImageBlock(allocHead)
+                guard layout.canEncode(target) else { add(problem, .fatal); continue }
+                if scratch.isEmpty { scratch = [UInt8](repeating: 0, count: Int(cb)) }
+                try rethrowingImageError {
+                    try scratch.withUnsafeMutableBytes { b in
+                        try file.copy(from: file, at: UInt64(d.block) * cb, to: UInt64(target.value) * cb, length: Int(cb), scratch: b)
+                    }
+                }
+                try file.sync()
+                try file.writeBytes(Self.le32(layout.encode(target)), at: UInt64(PloopSpec.headerSize) + 4 * UInt64(d.slot))
+                try file.sync()
+                allocHead = target.value + 1
+                valid += 1
+                add(problem, .fixed)
+            }
+        }
         report.allocatedClusters = valid
         if o.detailed {
-            for b in l1..<allocHead where owner[b] == nil { add(.hole(block: b), .reported) }
+            // Unreferenced blocks below the allocation head, as ranges (a sparse image with one
+            // far cluster has millions of them).
+            var b = Int(l1)
+            while b < Int(allocHead) {
+                guard !used[b] else { b += 1; continue }
+                var e = b
+                while e < Int(allocHead), !used[e] { e += 1 }
+                add(.holes(first: UInt32(b), count: UInt32(e - b)), .reported)
+                b = e
+            }
         }
-        for slot in zeroed {
-            var bytes = [UInt8](repeating: 0, count: 4)
-            bytes.withUnsafeMutableBytes { $0.storeLE32(0, at: 0) }
-            try file.writeBytes(bytes, at: UInt64(PloopSpec.headerSize) + 4 * UInt64(slot))
-        }
-        if !zeroed.isEmpty { try file.sync() }
+        if zeroed > 0 { try file.sync() }
         if fatal {
             report.status = .formatError
             return report
@@ -240,32 +276,78 @@ public enum Checker {
             try file.sync()
         }
         if let holes {
-            // Holes inside the header/BAT area or inside referenced clusters read as zeros here, but
-            // the kernel's direct I/O paths expect allocated space: report, and fill with -S.
-            var regions: [(UInt64?, Range<UInt64>)] = [(nil, 0..<batAreaEnd)]
-            for (b, c) in owner.sorted(by: { $0.key < $1.key }) {
-                regions.append((c, UInt64(b) * cb..<(UInt64(b) + 1) * cb))
-            }
-            for (cluster, range) in regions {
-                let data = try holes(range.lowerBound, range.upperBound)
-                var pos = range.lowerBound
-                for r in data + [range.upperBound..<range.upperBound] {
-                    if r.lowerBound > pos {
-                        let p = Problem.sparse(cluster: cluster, offset: pos, length: r.lowerBound - pos)
+            // Holes inside referenced clusters read as zeros here, but the kernel's direct I/O
+            // paths expect allocated space: report, and fill with -S. The header/BAT area may be
+            // a hole where it is zero (`init` leaves it so): both engines read it as zeros.
+            var b = Int(l1)
+            while b < fileBlocks {
+                guard used[b] else { b += 1; continue }
+                var e = b
+                while e < fileBlocks, used[e] { e += 1 }
+                var pos = UInt64(b) * cb
+                let runEnd = UInt64(e) * cb
+                for r in try holes(pos, runEnd) + [runEnd..<runEnd] {
+                    while r.lowerBound > pos {
+                        let blockEnd = (pos / cb + 1) * cb
+                        let holeEnd = min(r.lowerBound, blockEnd)
+                        let p = Problem.sparse(block: UInt32(pos / cb), offset: pos, length: holeEnd - pos)
                         if o.repairSparse && writable {
-                            try file.writeZeros(at: pos, count: r.lowerBound - pos)
+                            try file.writeZeros(at: pos, count: holeEnd - pos)
                             add(p, .fixed)
                         } else {
                             add(p, .reported)
                         }
+                        pos = holeEnd
                     }
                     pos = max(pos, r.upperBound)
                 }
+                b = e
             }
             if o.repairSparse && writable { try file.sync() }
         }
         if notClean { report.status = .formatError } else if keepInUse { report.status = .inUse }
         return report
+    }
+
+    /// The checker's rules, read-only, before an operation trusts an image's BAT: anything `check`
+    /// would call fatal (entries into the header, past the end, misaligned, a block used twice)
+    /// or a slot past the virtual size refuses the operation before it writes anything. What a
+    /// crash leaves behind (a leaked or partial tail, a stale `CIF_Empty`) is not corruption.
+    public static func validate(_ file: any BlockFile) throws(ImageError) {
+        var o = Options()
+        o.force = true
+        o.readOnly = true
+        let report = try check(file, options: o)
+        let bad = report.findings.filter { f in
+            if f.action == .fatal { return true }
+            if case .slotBeyondSize = f.problem { return true }
+            return false
+        }
+        guard let first = bad.first else { return }
+        let more = bad.count > 1 ? " (and \(bad.count - 1) more problem\(bad.count > 2 ? "s" : ""))" : ""
+        throw .corrupt(file.path, first.message + more)
+    }
+
+    /// The parts of sorted, disjoint `ranges` inside [from, to).
+    static func clip(_ ranges: [Range<UInt64>], from: UInt64, to: UInt64) -> [Range<UInt64>] {
+        var lo = 0, hi = ranges.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if ranges[mid].upperBound <= from { lo = mid + 1 } else { hi = mid }
+        }
+        var out: [Range<UInt64>] = []
+        var i = lo
+        while i < ranges.count, ranges[i].lowerBound < to {
+            out.append(max(ranges[i].lowerBound, from)..<min(ranges[i].upperBound, to))
+            i += 1
+        }
+        return out
+    }
+
+    static func le32(_ v: UInt32) -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: 4)
+        b.withUnsafeMutableBytes { $0.storeLE32(v, at: 0) }
+        return b
     }
 
     /// `ploop check` on a path: opens read-write unless `-r`, and refuses an image a running
@@ -277,10 +359,11 @@ public enum Checker {
             // A raw image has no metadata to check.
             return Report(path: path)
         }
+        // The file's allocated ranges once (FIEMAP), then answered per run of blocks.
+        let allocated: [Range<UInt64>]
+        do { allocated = try file.file.allocatedRanges(from: 0, to: UInt64.max) } catch { throw .io(error) }
         return try check(file, options: options) { (from, to) throws(ImageError) -> [Range<UInt64>] in
-            do { return try file.file.allocatedRanges(from: from, to: to) } catch let e as SystemError { throw .io(e) } catch {
-                preconditionFailure()
-            }
+            Self.clip(allocated, from: from, to: to)
         }
     }
 }

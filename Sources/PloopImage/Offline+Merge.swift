@@ -46,8 +46,16 @@ extension Offline {
         var scratch = [UInt8](repeating: 0, count: cb)
         var copied = 0
         var sinceFlush = 0
-        for c in 0..<clusters {
-            let cluster = ClusterIndex(UInt64(c))
+        // Only clusters some source maps (a sparse 32 TiB image has a billion that none does).
+        var mapped: [UInt64] = []
+        for s in sources { for (c, _) in s.allocatedClusters() where c.value < UInt64(clusters) { mapped.append(c.value) } }
+        mapped.sort()
+        var unique: [UInt64] = []
+        unique.reserveCapacity(mapped.count)
+        for c in mapped where unique.last != c { unique.append(c) }
+        mapped = []
+        for (i, c) in unique.enumerated() {
+            let cluster = ClusterIndex(c)
             guard let (src, blk) = sources.lazy.compactMap({ s in s.block(of: cluster).map { (s, $0) } }).first else {
                 continue
             }
@@ -69,7 +77,7 @@ extension Offline {
                 try dst.flush()
                 sinceFlush = 0
             }
-            progress?(c + 1, clusters)
+            progress?(i + 1, unique.count)
         }
         switch destination {
         case .ploop1(let dst): try dst.flush()
@@ -113,6 +121,10 @@ extension Offline {
         if format == .ploop1 && detected != .ploop1 { throw .notPloop1(dstPath) }
         for f in files { try ImagePath.lock(f, exclusive: false) }
         try ImagePath.lock(dstFile, exclusive: true)
+        // Nothing is trusted that 'check' would call corrupt: a shared block or an entry past the
+        // end would have the merge copy one cluster's data over another's, or grow the file.
+        for f in files { try Checker.validate(f) }
+        if format == .ploop1, !(try Ploop1Image(file: dstFile, writable: false).header.inUse) { try Checker.validate(dstFile) }
         var repaired = false
         let destination: MergeDestination
         switch format {

@@ -1,8 +1,8 @@
 import PloopFormat
 import Synchronization
 
-/// One ploop1 delta on a file: the header and the whole BAT held in memory (memory is bounded by
-/// the BAT, 4 bytes per virtual cluster, never by the image size).
+/// One ploop1 delta on a file: the header and the BAT held in memory, the BAT's all-zero pages
+/// left out (memory grows with what the image maps, never with its virtual size).
 ///
 /// Crash-safe ordering: a new cluster's data is written first; its BAT entry is written to the file
 /// only by `flush()`, after a sync has made the data durable, and followed by another sync. A crash
@@ -16,7 +16,7 @@ public final class Ploop1Image: Sendable {
 
     struct State {
         var header: ImageHeader
-        var bat: [UInt32]
+        var bat: SparseBAT
         /// First block past the last one in use: new clusters are appended here.
         var allocHead: UInt32
         /// BAT entries changed in memory but not yet written to the file.
@@ -33,12 +33,13 @@ public final class Ploop1Image: Sendable {
 
     // MARK: - Create and open
 
-    /// Writes a new, empty image into an empty file: the header cluster(s) with a zeroed BAT, fully
-    /// written (never sparse), then synced.
+    /// Writes a new, empty image into an empty file: the header, and a BAT area that is a hole
+    /// (zeros need no writing: a 50 TiB image with 32 KiB clusters has a 6.7 GB BAT, all zeros),
+    /// then synced.
     public static func create(on file: any BlockFile, header: ImageHeader) throws(ImageError) {
         let layout = header.layout
         try file.truncate(to: 0)
-        try file.writeZeros(at: 0, count: layout.firstDataOffset)
+        try file.truncate(to: layout.firstDataOffset)
         try file.writeBytes(header.encode(), at: 0)
         try file.sync()
     }
@@ -55,11 +56,8 @@ public final class Ploop1Image: Sendable {
         guard size >= batEnd else { throw .truncated(file.path, size: size, needed: batEnd) }
         if header.inUse && header.flags.contains(.versionConvert) { throw .versionConverting(file.path) }
         if writable && header.inUse && !allowDirty { throw .inUse(file.path) }
-        let raw = try file.readBytes(Int(header.batEntries) * 4, at: UInt64(PloopSpec.headerSize))
-        var bat = [UInt32](repeating: 0, count: Int(header.batEntries))
-        raw.withUnsafeBytes { b in
-            for i in 0..<bat.count { bat[i] = b.loadLE32(at: i * 4) }
-        }
+        var bat = SparseBAT(count: Int(header.batEntries))
+        try BATScan.forEachNonZero(file, count: Int(header.batEntries)) { i, e in bat[i] = e }
         let firstBlock = UInt32(header.firstBlockOffset / header.clusterSectors)
         // A length that is not a whole number of clusters is an interrupted extension: the next
         // allocation overwrites the partial cluster.
@@ -102,7 +100,7 @@ public final class Ploop1Image: Sendable {
     }
 
     static func hasData(_ s: State) -> Bool {
-        s.bat.contains { $0 != 0 }
+        s.bat.nonZero > 0
     }
 
     static func flags(_ flags: ImageFlags, hasData: Bool) -> ImageFlags {
@@ -130,14 +128,14 @@ public final class Ploop1Image: Sendable {
     public func allocatedClusters() -> [(ClusterIndex, ImageBlock)] {
         state.withLock { s in
             var out: [(ClusterIndex, ImageBlock)] = []
-            for i in 0..<s.bat.count where s.bat[i] != 0 {
+            s.bat.forEachNonZero { i, _ in
                 if let b = Self.block(s, ClusterIndex(UInt64(i))) { out.append((ClusterIndex(UInt64(i)), b)) }
             }
             return out
         }
     }
 
-    public var allocatedCount: Int { state.withLock { s in s.bat.reduce(0) { $0 + ($1 != 0 ? 1 : 0) } } }
+    public var allocatedCount: Int { state.withLock { s in s.bat.nonZero } }
 
     public func blockOffset(_ block: ImageBlock) -> UInt64 { UInt64(block.value) * UInt64(clusterBytes) }
 
@@ -270,7 +268,7 @@ public final class Ploop1Image: Sendable {
 
     /// Groups entries into runs no longer than one 4 KiB page, so each write stays within one
     /// page and each 4-byte entry within one sector (never torn).
-    static func entryRuns(_ sorted: [Int], bat: [UInt32]) -> [(Int, [UInt8])] {
+    static func entryRuns(_ sorted: [Int], bat: SparseBAT) -> [(Int, [UInt8])] {
         var runs: [(Int, [UInt8])] = []
         var i = 0
         while i < sorted.count {
@@ -311,9 +309,7 @@ public final class Ploop1Image: Sendable {
     func replaceHeader(_ header: ImageHeader, allocHead: UInt32? = nil) throws(ImageError) {
         state.withLock { s in
             s.header = header
-            if s.bat.count < Int(header.batEntries) {
-                s.bat.append(contentsOf: repeatElement(0, count: Int(header.batEntries) - s.bat.count))
-            }
+            s.bat.grow(to: Int(header.batEntries))
             if let allocHead { s.allocHead = allocHead }
         }
         try file.writeBytes(header.encode(), at: 0)

@@ -48,6 +48,9 @@ struct CheckCatalogueTests {
         Case(name: "two entries share a block", make: {
             let f = try base(); try poke32(f, entry(7), 2); return f
         }, options: opts { _ in }, problem: .usedTwice(cluster: 7, block: 2, firstCluster: 4), action: .fatal, status: .formatError),
+        Case(name: "two entries share a block, -F gives the second its own copy", make: {
+            let f = try base(); try poke32(f, entry(7), 2); return f
+        }, options: opts { $0.hardForce = true }, problem: .usedTwice(cluster: 7, block: 2, firstCluster: 4), action: .fixed, status: .ok),
         Case(name: "leaked clusters at the tail", make: {
             let f = try base(); try f.truncate(to: 7 * UInt64(Fixture.cb)); return f
         }, options: opts { _ in }, problem: .leakedTail(clusters: 3, bytes: 3 * UInt64(Fixture.cb)), action: .fixed, status: .ok),
@@ -152,7 +155,7 @@ struct CheckCatalogueTests {
         let f = try Self.base()
         try Self.poke32(f, Self.entry(4), 0)  // block 2 no longer referenced
         let report = try Checker.check(f, options: Self.opts { $0.detailed = true; $0.readOnly = true })
-        #expect(report.findings.contains(Checker.Finding(problem: .hole(block: 2), action: .reported)))
+        #expect(report.findings.contains(Checker.Finding(problem: .holes(first: 2, count: 1), action: .reported)))
     }
 
     @Test func cleanImageIsSkippedWithoutForce() throws {
