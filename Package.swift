@@ -51,7 +51,7 @@ let package = Package(
             ],
             exclude: ["README.md"], swiftSettings: swiftSettings
         ),
-        .executableTarget(name: "ploop", dependencies: ["PloopCommands"], swiftSettings: swiftSettings),
+        .executableTarget(name: "ploop", dependencies: ["PloopCommands", "PloopSystem"], swiftSettings: swiftSettings),
         // Benchmarks of the engine in-process (scripts/bench runs it).
         .executableTarget(
             name: "ploop-bench", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem"],

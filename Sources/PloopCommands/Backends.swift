@@ -12,7 +12,13 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
     /// simulator.
     func resolve() throws -> any DeviceBackend {
         let environment = ProcessInfo.processInfo.environment
-        let env = environment["PLOOP_BACKEND"].flatMap(BackendChoice.init(rawValue:))
+        var env: BackendChoice?
+        if let text = environment["PLOOP_BACKEND"], !text.isEmpty {
+            guard let choice = BackendChoice(rawValue: text) else {
+                throw CommandFailure("PLOOP_BACKEND=\(text) is not a backend: use auto, kernel or simulator (or unset it)")
+            }
+            env = choice
+        }
         var choice = self == .auto ? (env ?? .auto) : self
         if choice == .auto {
             choice = KernelDeviceState.module().loaded ? .kernel : .simulator

@@ -60,7 +60,7 @@ extension Ploop {
         static let configuration = CommandConfiguration(
             abstract: "Resize the balloon: inflate to give image space back, deflate to give the file system space back.",
             discussion: "Example:\n  ploop balloon change -s 600m -m /mnt")
-        @Option(name: .short, help: ArgumentHelp("New balloon size: sectors, or bytes with k/m/g/t.", valueName: "size"))
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("New balloon size: sectors, or bytes with k/m/g/t.", valueName: "size"))
         var size: String
         @OptionGroup var target: Target
         func validate() throws { _ = try Self.bytes(size) }

@@ -9,8 +9,8 @@ extension Ploop {
             discussion: """
                 Checks the header, every BAT entry (beyond the size, beyond EOF, misaligned, into the \
                 header/BAT area, used twice), the tail of the file and the in-use mark, and says for \
-                each problem what it did: Fixed, Skipped (read-only), FATAL (needs -F), Ignored or \
-                Reported. A clean image is only checked with -f.
+                each problem what it did: Fixed, Skipped (read-only), FATAL (needs -F) or Reported. A \
+                clean image is only checked with -f. With -c, unreferenced blocks are listed as ranges.
 
                 Exit codes: 0 clean or repaired; 11 problems remain (format error); 17 image busy \
                 (version conversion in progress); 37 in-use mark set (use -d); 1 the file could not be \
@@ -23,7 +23,7 @@ extension Ploop {
 
         @Flag(name: [.customShort("f"), .customLong("force")], help: "Check even if the image is marked clean.")
         var force = false
-        @Flag(name: [.customShort("F"), .customLong("hard-force")], help: "Also apply fatal fixes (zero BAT entries that point to invalid places; their data is lost).")
+        @Flag(name: [.customShort("F"), .customLong("hard-force")], help: "Also apply fatal fixes: zero BAT entries that point to invalid places (their data is lost), and give each cluster that shares a block with another its own copy of it.")
         var hardForce = false
         @Flag(name: [.customShort("c"), .customLong("check")], help: "Also report unreferenced blocks (holes).")
         var detailed = false
@@ -35,8 +35,8 @@ extension Ploop {
         var silent = false
         @Flag(name: [.customShort("R"), .customLong("raw")], help: "The image is raw (needs -b).")
         var raw = false
-        @Option(name: [.customShort("b"), .customLong("blocksize")], help: ArgumentHelp("Cluster size in sectors, with -R.", valueName: "sectors"))
-        var blocksize: UInt32?
+        @Option(name: [.customShort("b"), .customLong("blocksize")], parsing: .unconditional, help: ArgumentHelp("Cluster size in sectors, with -R.", valueName: "sectors"))
+        var blocksize: String?
         @Flag(name: [.customShort("S"), .customLong("repair-sparse")], help: "Fill holes inside used clusters with zeros.")
         var repairSparse = false
         @Flag(help: "Print the report as JSON.")
@@ -47,9 +47,7 @@ extension Ploop {
 
         func validate() throws {
             if raw && blocksize == nil { throw ValidationError("-R needs the cluster size: -b SECTORS") }
-            if let b = blocksize, !BATLayout.isValidClusterSize(b) {
-                throw ValidationError("-b \(b): the cluster size must be a power of two from 64 to 131072 sectors")
-            }
+            _ = try ClusterOption.parse(blocksize)
         }
 
         func run() throws {

@@ -38,8 +38,8 @@ extension Ploop {
         var type: String = "ext4"
         @Option(name: .short, help: ArgumentHelp("Mount options for -m.", valueName: "options"))
         var options: String?
-        @Option(name: .short, help: ArgumentHelp("Cluster size in sectors of a lone raw image.", valueName: "blocksize"))
-        var blocksize: UInt32?
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Cluster size in sectors of a lone raw image.", valueName: "blocksize"))
+        var blocksize: String?
         @OptionGroup var backend: BackendOptions
         @Flag(help: "Print the result as JSON.")
         var json = false
@@ -49,6 +49,7 @@ extension Ploop {
         func validate() throws {
             if images.isEmpty { throw ValidationError("give the base image (and any deltas): ploop mount BASE [DELTA...]") }
             if let d = device, DeviceName.index(d) == nil { throw ValidationError("\(d) is not a ploop device name (/dev/ploopN)") }
+            _ = try ClusterOption.parse(blocksize)
         }
 
         func run() throws {
@@ -70,7 +71,7 @@ extension Ploop {
             }
             try DirtyImages.repair(paths, baseFormat: format)
             let dev = try failing {
-                try be.mount(MountRequest(images: paths, baseFormat: format, readOnly: readOnly, device: device, clusterSectors: blocksize))
+                try be.mount(MountRequest(images: paths, baseFormat: format, readOnly: readOnly, device: device, clusterSectors: try ClusterOption.parse(blocksize)))
             }
             if let m = mountPoint {
                 var args = ["mount", "-t", type]
@@ -254,7 +255,13 @@ enum DirtyImages {
     static func repair(_ paths: [String], baseFormat: ImageFormat) throws {
         for (i, p) in paths.enumerated() {
             if i == 0 && baseFormat == .raw { continue }
-            guard let info = try? ImageInfo.read(path: p), info.format == .ploop1, info.inUse else { continue }
+            guard let info = try? ImageInfo.read(path: p), info.format == .ploop1 else { continue }
+            guard info.inUse else {
+                // A device serving a BAT with shared blocks or entries past the end would hand
+                // one cluster's data to another: refuse what 'check' calls corrupt.
+                try failing { try Checker.validate(try ImagePath.open(p, write: false)) }
+                continue
+            }
             var o = Checker.Options()
             o.force = true
             o.dropInUse = true

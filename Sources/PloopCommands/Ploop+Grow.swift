@@ -20,7 +20,7 @@ extension Ploop {
                 """
         )
 
-        @Option(name: .short, help: ArgumentHelp("New virtual size: sectors, or bytes with k/m/g/t.", valueName: "size"))
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("New virtual size: sectors, or bytes with k/m/g/t.", valueName: "size"))
         var size: String
 
         @Option(name: .short, help: ArgumentHelp("Image format (detected when not given).", valueName: "format"))

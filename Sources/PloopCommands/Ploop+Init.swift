@@ -15,34 +15,33 @@ extension Ploop {
                 """
         )
 
-        @Option(name: .short, help: ArgumentHelp("Virtual size: sectors, or bytes with k/m/g/t.", valueName: "size"))
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Virtual size: sectors, or bytes with k/m/g/t.", valueName: "size"))
         var size: String
 
         @Option(name: .short, help: ArgumentHelp("Image format.", valueName: "format"))
         var format: ImageFormat = .ploop1
 
-        @Option(name: .short, help: ArgumentHelp("Cluster size in 512-byte sectors (power of two, 64 to 131072).", valueName: "blocksize"))
-        var blocksize: UInt32 = PloopSpec.defaultClusterSectors
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Cluster size in 512-byte sectors (power of two, 64 to 131072; default 2048 = 1 MiB).", valueName: "blocksize"))
+        var blocksize: String?
 
-        @Option(name: .short, help: ArgumentHelp("Header version 1 or 2. Default: 2, or 1 on a ploop kernel without large-disk support.", valueName: "version"))
-        var version: Int?
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Header version 1 or 2. Default: 2, or 1 on a ploop kernel without large-disk support.", valueName: "version"))
+        var version: String?
 
         @Argument(help: "The image file to create.")
         var image: String
 
         func validate() throws {
-            if let v = version, FormatVersion(rawValue: v) == nil {
-                throw ValidationError("-v takes 1 or 2, not \(v)")
+            if let v = version, Int(v).flatMap(FormatVersion.init(rawValue:)) == nil {
+                throw ValidationError("-v \(v): the header version is 1 or 2")
             }
-            if !BATLayout.isValidClusterSize(blocksize) {
-                throw ValidationError("-b \(blocksize): the cluster size must be a power of two from 64 to 131072 sectors (32 KiB to 64 MiB)")
-            }
+            _ = try ClusterOption.parse(blocksize)
             _ = try SizeOption.parse(size)
         }
 
         func run() throws {
             let sectors = try SizeOption.parse(size)
-            let v = version.flatMap(FormatVersion.init(rawValue:)) ?? DefaultVersion.detect()
+            let v = version.flatMap { Int($0) }.flatMap(FormatVersion.init(rawValue:)) ?? DefaultVersion.detect()
+            let blocksize = try ClusterOption.parse(blocksize) ?? PloopSpec.defaultClusterSectors
             let header = try failing {
                 try Offline.initialize(.init(path: image, sizeSectors: sectors, format: format, clusterSectors: blocksize, version: v))
             }

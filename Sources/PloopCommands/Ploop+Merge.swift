@@ -28,7 +28,7 @@ extension Ploop {
         @Option(name: .short, help: ArgumentHelp("Merge online on this running device.", valueName: "device"))
         var device: String?
 
-        @Option(name: .short, help: ArgumentHelp("Levels to merge online: L1..L2, or L for L..top.", valueName: "levels"))
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Levels to merge online: L1..L2, or L for L..top.", valueName: "levels"))
         var levels: String?
 
         @OptionGroup var backend: BackendOptions
@@ -42,7 +42,7 @@ extension Ploop {
         func validate() throws {
             if device != nil {
                 guard images.isEmpty else { throw ValidationError("an online merge (-d) takes no image arguments") }
-                if let l = levels { _ = try Self.parseLevels(l, top: Int.max) }
+                if let l = levels { _ = try Self.parseLevels(l) }
                 return
             }
             if levels != nil { throw ValidationError("-l needs -d DEVICE (online merge)") }
@@ -51,25 +51,36 @@ extension Ploop {
             }
         }
 
-        static func parseLevels(_ text: String, top: Int) throws -> ClosedRange<Int> {
+        /// `L1..L2` or `L` (nil upper bound: the top).
+        static func parseLevels(_ text: String) throws -> (Int, Int?) {
             let parts = text.split(separator: ".", omittingEmptySubsequences: true)
+            func level(_ s: Substring) -> Int? { s.allSatisfy({ $0.isASCII && $0.isNumber }) && s.count < 6 ? Int(s) : nil }
             guard (1...2).contains(parts.count), text.filter({ $0 == "." }).count == (parts.count == 2 ? 2 : 0),
-                let a = Int(parts[0]), a >= 0
-            else { throw ValidationError("-l takes L1..L2 or L (levels are numbers from 0, the base)") }
-            let b = parts.count == 2 ? Int(parts[1]) : top
-            guard let b, a < b else { throw ValidationError("-l \(text): the first level must be below the second") }
-            return a...b
+                let a = level(parts[0])
+            else { throw ValidationError("-l \(text): give L1..L2 or L (levels are numbers from 0, the base)") }
+            guard parts.count == 2 else { return (a, nil) }
+            guard let b = level(parts[1]) else { throw ValidationError("-l \(text): give L1..L2 or L (levels are numbers from 0, the base)") }
+            guard a < b else { throw ValidationError("-l \(text): the first level must be below the second") }
+            return (a, b)
+        }
+
+        /// The levels asked for, checked against the device's 0...top.
+        static func levelRange(_ text: String?, top: Int, device: String) throws -> ClosedRange<Int> {
+            guard top > 0 else { throw CommandFailure("\(device) has one level (0): there is nothing to merge") }
+            guard let text else { return (top - 1)...top }
+            let (a, b) = try parseLevels(text)
+            let upper = b ?? top
+            guard a < top, upper <= top else {
+                throw CommandFailure("-l \(text): \(device) has levels 0..\(top), so give L1..L2 with L1 < L2 <= \(top)")
+            }
+            return a...upper
         }
 
         func run() throws {
             if let dev = device {
                 let be = try backend.backend.resolve()
                 let info = try failing { try be.info(dev) }
-                let top = info.levels.count - 1
-                let range = try levels.map { try Self.parseLevels($0, top: top) } ?? (top - 1)...top
-                guard range.upperBound <= top, top > 0 else {
-                    throw CommandFailure("\(dev) has levels 0..\(top): -l \(range.lowerBound)..\(range.upperBound) does not fit")
-                }
+                let range = try Self.levelRange(levels, top: info.levels.count - 1, device: dev)
                 let progress = ProgressLine("merging")
                 let removed = try failing { try be.merge(dev, levels: range) { progress.update($0, $1) } }
                 if json {

@@ -3,6 +3,7 @@ import Foundation
 import PloopFormat
 import PloopDevice
 import PloopImage
+import PloopSystem
 
 /// The `ploop` command: the original tool's syntax, one subcommand per file.
 public struct Ploop: ParsableCommand {
@@ -45,9 +46,10 @@ public enum PloopMain {
             FileHandle.standardError.write(Ploop.helpMessage() + "\n")
             return 2
         }
+        // A command alone prints its usage and exits 2, a command group (balloon) included.
         if arguments.count == 1,
             let sub = Ploop.configuration.subcommands.first(where: { $0._commandName == arguments[0] }),
-            (try? Ploop.parseAsRoot(arguments)) == nil
+            !sub.configuration.subcommands.isEmpty || (try? Ploop.parseAsRoot(arguments)) == nil
         {
             FileHandle.standardError.write(Ploop.helpMessage(for: sub) + "\n")
             return 2
@@ -66,14 +68,31 @@ public enum PloopMain {
                 print(message)
                 return 0
             }
+            if code == .validationFailure {
+                // One line: what is wrong, and where the usage is.
+                let what = Ploop.message(for: error).trimmingCharacters(in: .whitespacesAndNewlines)
+                let words = arguments.prefix { !$0.hasPrefix("-") }.prefix(2).filter { w in
+                    Ploop.configuration.subcommands.contains { $0._commandName == w } || Ploop.Balloon.configuration.subcommands.contains { $0._commandName == w }
+                }
+                let command = (["ploop"] + words).joined(separator: " ")
+                FileHandle.standardError.write("ploop: \(what.replacingOccurrences(of: "\n", with: "; ")) (see '\(command) --help')\n")
+                return 2
+            }
             FileHandle.standardError.write(message + "\n")
-            return code == .validationFailure ? 2 : code.rawValue
+            return code.rawValue
         }
     }
 }
 
 extension FileHandle {
-    func write(_ string: String) { write(string.data(using: .utf8)!) }
+    /// Text out, a path's escaped bytes (see `RawPath`) written back as the bytes they stand for.
+    func write(_ string: String) { write(Data(RawPath.bytes(string))) }
+}
+
+/// `print` for this module: as Swift's, but paths come out as the bytes the user typed.
+func print(_ items: Any..., separator: String = " ", terminator: String = "\n") {
+    let text = items.map { "\($0)" }.joined(separator: separator) + terminator
+    FileHandle.standardOutput.write(text)
 }
 
 /// Turns library errors into the one line a user reads.
@@ -120,6 +139,17 @@ final class ProgressLine: @unchecked Sendable {
 }
 
 extension ImageFormat: ExpressibleByArgument {}
+
+/// `-b BLOCKSIZE`: a cluster size in sectors, with the value and the rule when it is wrong.
+enum ClusterOption {
+    static func parse(_ text: String?) throws -> UInt32? {
+        guard let text else { return nil }
+        guard let v = UInt32(text), BATLayout.isValidClusterSize(v) else {
+            throw ValidationError("-b \(text): the cluster size is a power of two from 64 to 131072 sectors (32 KiB to 64 MiB)")
+        }
+        return v
+    }
+}
 
 /// `-s SIZE`: parsed in `validate()` so the error says what is wrong with it.
 enum SizeOption {

@@ -17,8 +17,7 @@ public enum ImagePath {
         switch PathInfo.kind(path) {
         case .missing:
             // Say why: a loop, a name too long and a file where a folder should be are not "no such file".
-            var st = stat()
-            if stat(path, &st) != 0 { throw ImageError.from(SystemError("stat", path: path, errno: errno)) }
+            if let e = PathInfo.statError(path) { throw ImageError.from(SystemError("stat", path: path, errno: e)) }
             throw .notFound(path)
         case .directory: throw .isDirectory(path)
         case .other, .blockDevice: throw .notRegularFile(path)
@@ -34,14 +33,14 @@ public enum ImagePath {
         switch PathInfo.kind(dir) {
         case .directory: break
         case .missing:
-            var st = stat()
-            if stat(dir, &st) != 0, errno != ENOENT { throw ImageError.from(SystemError("stat", path: dir, errno: errno)) }
+            if let e = PathInfo.statError(dir), e != ENOENT { throw ImageError.from(SystemError("stat", path: dir, errno: e)) }
             throw .folderMissing(dir, file: path)
         default: throw .notAFolder(dir, file: path)
         }
         if PathInfo.entryKind(path) != .missing { throw .alreadyExists(path) }
-        if path.utf8.count >= Int(PATH_MAX) { throw .nameTooLong(path) }
-        if let name = path.split(separator: "/").last, name.utf8.count + 16 > Int(NAME_MAX) { throw .nameTooLong(path) }
+        if RawPath.bytes(path).count >= Int(PATH_MAX) { throw .nameTooLong(path) }
+        // Room for the temporary name (".init-PID") beside it.
+        if let name = path.split(separator: "/").last, RawPath.bytes(String(name)).count + 16 > Int(NAME_MAX) { throw .nameTooLong(path) }
     }
 
     /// Takes a non-blocking lock, or explains who holds it.

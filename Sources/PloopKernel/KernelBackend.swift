@@ -248,7 +248,7 @@ public final class KernelBackend: DeviceBackend {
                 try call(n, .snapshot, p) { (e) throws(DeviceError) in standard(n, .snapshot, e) }
             }
         } catch {
-            PathInfo.remove(newDelta)
+            PathInfo.removeRegularFile(newDelta)
             throw error
         }
     }

@@ -1,3 +1,4 @@
+import PloopSystem
 import CPloopSys
 import Foundation
 import PloopDevice
@@ -62,14 +63,18 @@ enum Loop {
     static func linkNode(_ node: String, to loop: String) throws(DeviceError) -> [UInt32]? {
         guard let (maj, min) = numbers(loop) else { throw .system("stat \(loop)", errno: ENODEV) }
         var replaced: [UInt32]?
-        var st = stat()
-        if lstat(node, &st) == 0 {
-            if let (m, n) = numbers(node) {
-                if m == 182 { replaced = [m, n] }
-            } else {
-                throw .invalid("\(node) exists and is not a block device: remove it or choose another device")
+        switch PathInfo.entryKind(node) {
+        case .missing: break
+        case .device:
+            // Only a node of the ploop driver (put back on umount) or of the loop driver (a
+            // simulated device's node left by a crash) is ours to replace.
+            guard let (m, n) = numbers(node), m == 182 || m == maj else {
+                throw .invalid("\(node) is a device node of another driver: it is not replaced; remove it or choose another device")
             }
+            if m == 182 { replaced = [m, n] }
             unlink(node)
+        case let other:
+            throw .invalid("\(node) exists and is \(other), not a block device node: remove it or choose another device")
         }
         let r = cploop_mknod_block(node, maj, min, 0o660)
         if r != 0 { throw .system("mknod \(node)", errno: -r) }

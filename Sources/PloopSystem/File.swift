@@ -41,7 +41,7 @@ public final class File: Sendable {
         }
         if mode.exclusive { flags |= O_EXCL }
         if mode.direct { flags |= cploop_o_direct() }
-        self.fd = try retrying("open", path) { open(path, flags, permissions) }
+        self.fd = try retrying("open", path) { RawPath.withCString(path) { open($0, flags, permissions) } }
         self.path = path
         self.writable = mode.write
         if mode.create {
@@ -277,13 +277,20 @@ public enum PathInfo {
 
     public static func kind(_ path: String) -> Kind {
         var st = Glibc.stat()
-        guard cploop_stat(path, &st) == 0 else { return .missing }
+        guard RawPath.withCString(path, { cploop_stat($0, &st) }) == 0 else { return .missing }
         switch st.st_mode & S_IFMT {
         case S_IFREG: return .regular
         case S_IFDIR: return .directory
         case S_IFBLK: return .blockDevice
         default: return .other
         }
+    }
+
+    /// The errno `stat(2)` fails with on `path`, or nil if it succeeds.
+    public static func statError(_ path: String) -> Int32? {
+        var st = Glibc.stat()
+        let r = RawPath.withCString(path) { cploop_stat($0, &st) }
+        return r == 0 ? nil : -r
     }
 
     /// What is at a path itself, a final symlink not followed (`lstat(2)`).
@@ -305,7 +312,7 @@ public enum PathInfo {
 
     public static func entryKind(_ path: String) -> EntryKind {
         var st = Glibc.stat()
-        guard cploop_lstat(path, &st) == 0 else { return .missing }
+        guard RawPath.withCString(path, { cploop_lstat($0, &st) }) == 0 else { return .missing }
         switch st.st_mode & S_IFMT {
         case S_IFREG: return .regular
         case S_IFLNK: return .symbolicLink
@@ -348,9 +355,9 @@ public enum PathInfo {
         try checkDestination(destination, replace: replace)
         let r: Int32
         if replace && entryKind(destination) == .regular {
-            r = rename(temp, destination) == 0 ? 0 : -errno
+            r = RawPath.withCString(temp) { t in RawPath.withCString(destination) { d in rename(t, d) == 0 ? 0 : -errno } }
         } else {
-            r = cploop_rename_noreplace(temp, destination)
+            r = RawPath.withCString(temp) { t in RawPath.withCString(destination) { d in cploop_rename_noreplace(t, d) } }
         }
         if r == -EEXIST { throw .exists(destination) }
         if r != 0 { throw .system(SystemError("rename", path: destination, errno: -r)) }
@@ -361,26 +368,26 @@ public enum PathInfo {
     @discardableResult
     public static func removeRegularFile(_ path: String) -> Bool {
         guard entryKind(path) == .regular else { return false }
-        return unlink(path) == 0
+        return RawPath.withCString(path) { unlink($0) } == 0
     }
 
     /// (device, inode) of a path, to tell whether two names are one file.
     public static func identity(_ path: String) -> FileIdentity? {
         var st = Glibc.stat()
-        guard cploop_stat(path, &st) == 0 else { return nil }
+        guard RawPath.withCString(path, { cploop_stat($0, &st) }) == 0 else { return nil }
         return FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
     }
 
     /// fsyncs the directory holding `path`, so a create or rename in it is durable.
     public static func syncParentDirectory(of path: String) {
         let dir = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
-        let fd = open(dir.isEmpty ? "/" : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        let fd = RawPath.withCString(dir.isEmpty ? "/" : dir) { open($0, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
         guard fd >= 0 else { return }
         _ = fsync(fd)
         close(fd)
     }
 
-    public static func remove(_ path: String) { unlink(path) }
+    public static func remove(_ path: String) { _ = RawPath.withCString(path) { unlink($0) } }
 }
 
 public struct FileIdentity: Hashable, Sendable {

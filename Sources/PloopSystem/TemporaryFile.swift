@@ -22,7 +22,7 @@ public final class TemporaryFile {
         path = destination + ".\(suffix)-\(getpid())"
         do { file = try File(path: path, mode: .createNew) } catch { throw .system(error) }
         _ = try? file.tryLock(.exclusive)
-        cploop_unlink_on_signal(path)
+        RawPath.withCString(path) { cploop_unlink_on_signal($0) }
     }
 
     deinit {
@@ -42,11 +42,11 @@ public final class TemporaryFile {
         let slash = destination.lastIndex(of: "/")
         let dir = slash.map { String(destination[..<$0]) } ?? "."
         let prefix = (slash.map { String(destination[destination.index(after: $0)...]) } ?? destination) + ".\(suffix)-"
-        guard let d = opendir(dir.isEmpty ? "/" : dir) else { return [] }
+        guard let d = RawPath.withCString(dir.isEmpty ? "/" : dir, { opendir($0) }) else { return [] }
         defer { closedir(d) }
         var removed: [String] = []
         while let entry = readdir(d) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { RawPath.decode($0.prefix { $0 != 0 }) }
             guard name.hasPrefix(prefix) else { continue }
             let pid = name.dropFirst(prefix.count)
             guard !pid.isEmpty, pid.allSatisfy({ $0.isASCII && $0.isNumber }) else { continue }
