@@ -16,6 +16,7 @@
 #include <sys/un.h>
 #include <sys/syscall.h>
 #include <signal.h>
+#include <pthread.h>
 
 int cploop_o_direct(void) { return O_DIRECT; }
 
@@ -218,4 +219,12 @@ void cploop_unlink_on_signal(const char *path) {
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGHUP, &sa, NULL);
+    // A mask inherited from whoever started us (runtimes spawn with signals blocked) must not
+    // keep these signals pending forever.
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }

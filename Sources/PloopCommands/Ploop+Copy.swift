@@ -30,11 +30,11 @@ extension Ploop {
         var destination: String?
         @Option(name: [.customShort("F")], help: ArgumentHelp("Command to run before the freeze.", valueName: "command"))
         var stopCommand: String?
-        @Option(name: .short, help: ArgumentHelp("Sender: write the stream to this descriptor.", valueName: "fd"))
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Sender: write the stream to this descriptor.", valueName: "fd"))
         var output: Int32 = 1
-        @Option(name: .short, help: ArgumentHelp("Receiver: read the stream from this descriptor.", valueName: "fd"))
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Receiver: read the stream from this descriptor.", valueName: "fd"))
         var input: Int32 = 0
-        @Option(name: .short, help: ArgumentHelp("Feedback descriptor for sync answers.", valueName: "fd"))
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Feedback descriptor for sync answers.", valueName: "fd"))
         var feedback: Int32?
         @Flag(help: "Replace an existing destination.")
         var replace = false
@@ -55,6 +55,10 @@ extension Ploop {
                     sink = try copyErrors { try FileSink(destination: URL(fileURLWithPath: d).standardizedFileURL.path, replace: replace) }
                 } else {
                     signal(SIGPIPE, SIG_IGN)
+                    try copyErrors {
+                        try CopyStream.checkOpen(output, "output descriptor (-o)", "the stream to write")
+                        if let fb = feedback { try CopyStream.checkOpen(fb, "feedback descriptor (-f)", "the channel back from the receiver") }
+                    }
                     sink = StreamSink(fd: output, feedback: feedback)
                 }
                 let sender = CopySender(backend: be, device: dev, mountPoint: Mounts.mountPoints(of: dev).first, stopCommand: stopCommand) { err.write("ploop copy: \($0)\n") }

@@ -1,4 +1,7 @@
 import PloopFormat
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The original's classic copy stream (lib/pcopy.c), byte for byte, so our sender can feed the
 /// original receiver and the reverse:
@@ -69,6 +72,13 @@ public enum CopyStream {
             case .io(let s): s
             case .feedback(let s): "feedback channel: \(s)"
             }
+        }
+    }
+
+    /// A descriptor given on the command line must be open, or the error says which one it is.
+    public static func checkOpen(_ fd: Int32, _ role: String, _ purpose: String) throws(Error) {
+        if fd < 0 || fcntl(fd, F_GETFD) < 0 {
+            throw .io("\(role) \(fd) is not open: give the descriptor of \(purpose)")
         }
     }
 

@@ -24,8 +24,8 @@ public struct CopyReceiver {
     /// error with the destination left as it was, never a silent death by SIGPIPE.
     public func receive(input: Int32, feedback: Int32? = nil) throws -> Summary {
         signal(SIGPIPE, SIG_IGN)
-        try Self.checkOpen(input, "input descriptor (-i)", "the stream to read")
-        if let fb = feedback { try Self.checkOpen(fb, "feedback descriptor (-f)", "the channel back to the sender") }
+        try CopyStream.checkOpen(input, "input descriptor (-i)", "the stream to read")
+        if let fb = feedback { try CopyStream.checkOpen(fb, "feedback descriptor (-f)", "the channel back to the sender") }
         let part = try PartFile(destination: destination, replace: replace)
         let out = part.file
         var summary = Summary(records: 0, bytes: 0, syncs: 0)
@@ -57,13 +57,6 @@ public struct CopyReceiver {
             do { try slice.withUnsafeBytes { try out.write($0, at: pos) } } catch { throw part.failure("writing", error) }
             summary.records += 1
             summary.bytes += UInt64(size)
-        }
-    }
-
-    /// A descriptor given on the command line must be open, or the error says which one it is.
-    static func checkOpen(_ fd: Int32, _ role: String, _ purpose: String) throws {
-        if fd < 0 || fcntl(fd, F_GETFD) < 0 {
-            throw CopyStream.Error.io("\(role) \(fd) is not open: give the descriptor of \(purpose)")
         }
     }
 

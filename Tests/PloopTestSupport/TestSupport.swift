@@ -9,6 +9,9 @@ public enum TestSupport {
 
     /// The `ploop` binary `swift build` made next to the tests.
     public static var ploopBinary: String {
+        // PLOOP_TEST_BINARY runs the command-level tests against another build (an older one, to
+        // see a regression test fail there).
+        if let other = ProcessInfo.processInfo.environment["PLOOP_TEST_BINARY"], !other.isEmpty { return other }
         let candidates = [
             packageRoot.appendingPathComponent(".build/debug/ploop").path,
             URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("ploop").path,
@@ -20,7 +23,9 @@ public enum TestSupport {
         public var code: Int32
         public var stdout: String
         public var stderr: String
-        public var description: String { "exit \(code)\nstdout: \(stdout)\nstderr: \(stderr)" }
+        /// The signal that ended the program (a trap is SIGILL or SIGTRAP), if one did.
+        public var signal: Int32? = nil
+        public var description: String { "exit \(code)\(signal.map { " (signal \($0))" } ?? "")\nstdout: \(stdout)\nstderr: \(stderr)" }
     }
 
     /// The device backends the command-level tests run under: the simulator, and the kernel
@@ -62,7 +67,9 @@ public enum TestSupport {
         let outData = out.fileHandleForReading.readDataToEndOfFile()
         group.wait()
         p.waitUntilExit()
-        return Result(code: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
+        return Result(
+            code: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self),
+            signal: p.terminationReason == .uncaughtSignal ? p.terminationStatus : nil)
     }
 
     public static func ploop(_ arguments: String..., cwd: String? = nil) throws -> Result {
@@ -71,6 +78,17 @@ public enum TestSupport {
 
     public static func ploop(_ arguments: [String], cwd: String? = nil) throws -> Result {
         try run(ploopBinary, arguments, cwd: cwd)
+    }
+
+    /// The address-space limit the hostile-input cases run under: an allocation bug fails there
+    /// instead of slowing the machine down.
+    public static let addressSpaceLimitKiB = 3 * 1024 * 1024
+
+    /// `ploop` under `ulimit -v` (3 GiB), with stdin from `input` (else /dev/null). A signal that
+    /// ends it is reported in `signal` (sh execs it, so nothing stands between).
+    public static func ploopLimited(_ arguments: [String], cwd: String? = nil, input: String? = nil) throws -> Result {
+        let redirect = input.map { " < '\($0)'" } ?? ""
+        return try run("/bin/sh", ["-c", "ulimit -v \(addressSpaceLimitKiB); exec \"$0\" \"$@\"\(redirect)", ploopBinary] + arguments, cwd: cwd)
     }
 
     /// The full path of a tool, or nil if it is not installed.
@@ -116,7 +134,7 @@ public final class ScratchDirectory: @unchecked Sendable {
     }
 
     public func write(_ name: String, _ bytes: [UInt8]) {
-        FileManager.default.createFile(atPath: file(name), contents: Data(bytes))
+        _ = FileManager.default.createFile(atPath: file(name), contents: Data(bytes))
     }
 
     public func read(_ name: String) -> [UInt8] {
