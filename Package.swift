@@ -42,11 +42,15 @@ let package = Package(
         .target(
             name: "PloopCopy", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem", "CPloopSys"],
             exclude: ["README.md"], swiftSettings: swiftSettings),
+        // Disks as users manage them: DiskDescriptor.xml and its deltas, snapshots by GUID.
+        .target(
+            name: "PloopDisk", dependencies: ["PloopImage", "PloopFormat", "PloopSystem", "PloopDevice"],
+            exclude: ["README.md"], swiftSettings: swiftSettings),
         // Every subcommand, testable without spawning the binary.
         .target(
             name: "PloopCommands",
             dependencies: [
-                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopKernel", "PloopBalloon", "PloopCopy", "PloopSystem", "CPloopSys",
+                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopKernel", "PloopBalloon", "PloopCopy", "PloopSystem", "CPloopSys", "PloopDisk",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             exclude: ["README.md"], swiftSettings: swiftSettings
@@ -72,7 +76,7 @@ let package = Package(
             name: "PloopCopyTests", dependencies: ["PloopCopy", "PloopDevice", "PloopImage", "PloopFormat", "PloopTestSupport"], swiftSettings: swiftSettings),
         .testTarget(
             name: "PloopCommandsTests",
-            dependencies: ["PloopCommands", "PloopImage", "PloopFormat", "PloopTestSupport"],
+            dependencies: ["PloopCommands", "PloopImage", "PloopFormat", "PloopTestSupport", "PloopDisk", "PloopSystem"],
             swiftSettings: swiftSettings
         ),
         // The real stack: the built `ploop` binary against qemu-img/qemu-io (and, later, FUSE/loop as root).

@@ -1,4 +1,5 @@
 import ArgumentParser
+import PloopDisk
 import PloopFormat
 import PloopImage
 
@@ -42,7 +43,10 @@ extension Ploop {
         @Flag(help: "Print the report as JSON.")
         var json = false
 
-        @Argument(help: "The image to check.")
+        @Option(name: [.customShort("u"), .customLong("uuid")], help: ArgumentHelp("With a disk: check up to this snapshot.", valueName: "GUID"))
+        var uuid: String?
+
+        @Argument(help: "The image to check, or a disk (DiskDescriptor.xml or its folder): every delta of its chain.")
         var image: String
 
         func validate() throws {
@@ -58,6 +62,11 @@ extension Ploop {
             o.readOnly = readOnly
             o.dropInUse = dropInuse
             o.repairSparse = repairSparse
+            if !raw, Disk.descriptorPath(for: image) != nil {
+                try DiskCommands.check(image, uuid: uuid, options: o, silent: silent, json: json)
+                return
+            }
+            if uuid != nil { throw CommandFailure("-u names a snapshot of a disk: give DiskDescriptor.xml") }
             let report = try failing { try Checker.check(path: image, options: o, raw: raw) }
             if json {
                 print(try Output.json(JSONReport(report)))

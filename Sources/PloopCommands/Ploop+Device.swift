@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import PloopDevice
+import PloopDisk
 import PloopFormat
 import PloopImage
 import PloopSimulator
@@ -43,16 +44,25 @@ extension Ploop {
         @OptionGroup var backend: BackendOptions
         @Flag(help: "Print the result as JSON.")
         var json = false
-        @Argument(help: ArgumentHelp("BASE [DELTA...], base first.", valueName: "image"))
+        @Option(name: [.customShort("u"), .customLong("uuid")], help: ArgumentHelp("With a disk: mount up to this snapshot (read-only).", valueName: "GUID"))
+        var uuid: String?
+        @Argument(help: ArgumentHelp("DiskDescriptor.xml (or its folder), or BASE [DELTA...], base first.", valueName: "image"))
         var images: [String] = []
 
         func validate() throws {
-            if images.isEmpty { throw ValidationError("give the base image (and any deltas): ploop mount BASE [DELTA...]") }
+            if images.isEmpty { throw ValidationError("give the disk (DiskDescriptor.xml) or the base image and any deltas: ploop mount BASE [DELTA...]") }
+            if let u = uuid { _ = try parseGUID(u) }
             if let d = device, DeviceName.index(d) == nil { throw ValidationError("\(d) is not a ploop device name (/dev/ploopN)") }
             _ = try ClusterOption.parse(blocksize)
         }
 
         func run() throws {
+            if images.count == 1, Disk.descriptorPath(for: images[0]) != nil {
+                if mountPoint != nil { throw CommandFailure("-m with a disk comes with file-system disks; mount the device it prints with mount(8)") }
+                try DiskCommands.mount(images[0], uuid: uuid, readOnly: readOnly, device: device, backend: backend, json: json)
+                return
+            }
+            if uuid != nil { throw CommandFailure("-u names a snapshot of a disk: give DiskDescriptor.xml") }
             let paths = images.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
             for p in paths { _ = try failing { try ImagePath.open(p, write: false) } }
             let be = try backend.backend.resolve()
@@ -101,6 +111,7 @@ extension Ploop {
                 Examples (from the manual):
                   ploop umount -d /dev/ploop0
                   ploop umount -m /mnt
+                  ploop umount /vz/private/101/root.hdd/DiskDescriptor.xml
                 """
         )
 
@@ -109,13 +120,18 @@ extension Ploop {
         @Option(name: .short, help: ArgumentHelp("The mount point of its file system.", valueName: "mount-point"))
         var mountPoint: String?
         @OptionGroup var backend: BackendOptions
+        @Argument(help: ArgumentHelp("DiskDescriptor.xml (or its folder), or an image the device holds.", valueName: "disk"))
+        var disk: String?
 
         func validate() throws {
-            if (device == nil) == (mountPoint == nil) { throw ValidationError("give either -d DEVICE or -m MOUNT_POINT") }
+            if [device != nil, mountPoint != nil, disk != nil].filter({ $0 }).count != 1 {
+                throw ValidationError("give one of -d DEVICE, -m MOUNT_POINT, or the disk (DiskDescriptor.xml) or an image")
+            }
         }
 
         func run() throws {
             var dev = device
+            if let disk { dev = try DiskCommands.umount(disk, backend: backend) }
             if let m = mountPoint {
                 guard let d = Mounts.device(at: m) else { throw CommandFailure("nothing is mounted at \(m)") }
                 guard DeviceName.index(d) != nil else { throw CommandFailure("\(m) is mounted from \(d), not from a ploop device") }
@@ -151,18 +167,34 @@ extension Ploop {
                 NEWDELTA must not exist. Every write made before the snapshot stays in the old top \
                 (now read-only); later writes go to NEWDELTA.
 
-                Example (from the manual):
+                With a disk (DiskDescriptor.xml or its folder) instead: the current top becomes snapshot \
+                GUID (-u; random when not given) and a new empty delta <base file>.{guid} becomes the top, \
+                offline, or online when a device runs the disk (its file system is synced first).
+
+                Examples (from the manual and the original's usage):
                   ploop snapshot -d /dev/ploop0 root.hdd.1
+                  ploop snapshot -u {11111111-1111-4111-8111-111111111111} DiskDescriptor.xml
                 """
         )
 
         @Option(name: .short, help: ArgumentHelp("The device.", valueName: "device"))
-        var device: String
+        var device: String?
+        @Option(name: [.customShort("u"), .customLong("uuid")], help: ArgumentHelp("With a disk: the new snapshot's GUID.", valueName: "GUID"))
+        var uuid: String?
         @OptionGroup var backend: BackendOptions
-        @Argument(help: "The new delta file.")
+        @Argument(help: "The new delta file (with -d), or DiskDescriptor.xml.")
         var delta: String
 
+        func validate() throws {
+            if let u = uuid { _ = try parseGUID(u) }
+            if device != nil && uuid != nil { throw ValidationError("-u names a snapshot of a disk: give DiskDescriptor.xml instead of -d") }
+        }
+
         func run() throws {
+            guard let device else {
+                try DiskCommands.snapshot(delta, uuid: uuid, backend: backend)
+                return
+            }
             let be = try backend.backend.resolve()
             let path = URL(fileURLWithPath: delta).standardizedFileURL.path
             try failing { try be.snapshot(device, newDelta: path) }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import PloopDisk
 import PloopFormat
 import PloopImage
 
@@ -14,9 +15,13 @@ extension Ploop {
                 With -d the running device grows at once (its new size is visible to the kernel, so \
                 resize2fs can grow a mounted file system right after).
 
+                With a disk (DiskDescriptor.xml or its folder): every image of it and the descriptor \
+                offline, or the device running it online.
+
                 Examples (from the manual):
                   ploop grow -s 20g root.hdd
                   ploop grow -s 20g -d /dev/ploop0
+                  ploop grow -s 20g DiskDescriptor.xml
                 """
         )
 
@@ -49,6 +54,10 @@ extension Ploop {
                 return
             }
             let image = self.image!
+            if Disk.descriptorPath(for: image) != nil {
+                try DiskCommands.grow(image, sectors: sectors, backend: backend)
+                return
+            }
             let progress = ProgressLine("relocating")
             try failing { try Offline.grow(path: image, toSectors: sectors, format: format, progress: progress.update) }
             let info = try failing { try ImageInfo.read(path: image) }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import PloopDisk
 import PloopFormat
 import PloopImage
 
@@ -7,20 +8,34 @@ extension Ploop {
         static let configuration = CommandConfiguration(
             abstract: "Show what an image is: format, sizes, allocation, in-use mark.",
             discussion: """
-                Reads the image without locking or changing it.
+                Reads the image without locking or changing it. With a disk (DiskDescriptor.xml or its \
+                folder): -s prints its size, cluster size and format version as the original does, -d \
+                the device running it.
 
-                Example:
+                Examples:
                   ploop info --json root.hdd
+                  ploop info -s DiskDescriptor.xml
                 """
         )
 
         @Flag(help: "Print as JSON.")
         var json = false
 
-        @Argument(help: "The image to describe.")
+        @Flag(name: .short, help: "With a disk: size, blocksize and format version.")
+        var spec = false
+        @Flag(name: .short, help: "With a disk: the device running it.")
+        var device = false
+        @OptionGroup var backend: BackendOptions
+
+        @Argument(help: "The image to describe, or a disk (DiskDescriptor.xml or its folder).")
         var image: String
 
         func run() throws {
+            if Disk.descriptorPath(for: image) != nil {
+                try DiskCommands.info(image, spec: spec, device: device, json: json, backend: backend)
+                return
+            }
+            if spec || device { throw CommandFailure("-s and -d describe a disk: give DiskDescriptor.xml or its folder") }
             let info = try failing { try ImageInfo.read(path: image) }
             if json {
                 print(try Output.json(info))

@@ -1,4 +1,5 @@
 import ArgumentParser
+import PloopDisk
 import PloopFormat
 import PloopImage
 
@@ -7,11 +8,17 @@ extension Ploop {
         static let configuration = CommandConfiguration(
             abstract: "Create a new image file.",
             discussion: """
-                Creates IMAGE of the given size and writes its header and (empty) BAT. IMAGE must not \
-                exist; nothing is touched if it does. The size is rounded up to a whole cluster.
+                Creates IMAGE of the given size and writes its header and (empty) BAT, and \
+                DiskDescriptor.xml beside it, so the folder is a disk that the descriptor commands \
+                (snapshot, snapshot-list, mount DiskDescriptor.xml ...) manage. IMAGE must not exist and \
+                the folder must not hold a descriptor yet; nothing is touched if either does. The size is \
+                rounded up to a whole cluster. --no-descriptor creates the image only (the manual's init).
+
+                The file system type defaults to none here (as the manual's init); the original v7 \
+                defaults to ext4. File systems on disks (-t ext4|ext3) are not in this build yet.
 
                 Example (from the manual):
-                  ploop init -s 10g /vz/private/123/root.hdd
+                  ploop init -s 10g /vz/private/123/root.hdd/root.hds
                 """
         )
 
@@ -27,6 +34,12 @@ extension Ploop {
         @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Header version 1 or 2. Default: 2, or 1 on a ploop kernel without large-disk support.", valueName: "version"))
         var version: String?
 
+        @Option(name: .short, help: ArgumentHelp("File system to make on the disk: none (ext4 and ext3 are not in this build yet).", valueName: "fstype"))
+        var type: String = "none"
+
+        @Flag(name: .customLong("no-descriptor"), help: "Create the image only, without DiskDescriptor.xml (the manual's init).")
+        var noDescriptor = false
+
         @Argument(help: "The image file to create.")
         var image: String
 
@@ -36,14 +49,26 @@ extension Ploop {
             }
             _ = try ClusterOption.parse(blocksize)
             _ = try SizeOption.parse(size)
+            switch type {
+            case "none": break
+            case "ext4", "ext3": throw ValidationError("-t \(type): disks with a file system are not in this build yet; use -t none and make the file system on the device")
+            default: throw ValidationError("-t \(type): the file system type is none (ext4 and ext3 come later)")
+            }
         }
 
         func run() throws {
             let sectors = try SizeOption.parse(size)
             let v = version.flatMap { Int($0) }.flatMap(FormatVersion.init(rawValue:)) ?? DefaultVersion.detect()
             let blocksize = try ClusterOption.parse(blocksize) ?? PloopSpec.defaultClusterSectors
-            let header = try failing {
-                try Offline.initialize(.init(path: image, sizeSectors: sectors, format: format, clusterSectors: blocksize, version: v))
+            let request = Offline.InitRequest(path: image, sizeSectors: sectors, format: format, clusterSectors: blocksize, version: v)
+            let header: ImageHeader
+            var stored: String?
+            if noDescriptor {
+                header = try failing { try Offline.initialize(request) }
+            } else {
+                let (d, dd) = try diskErrors { try Disk.initialize(request) }
+                header = try failing { try ImageHeader.new(sizeSectors: d.diskSizeSectors, clusterSectors: d.blocksize, version: v) }
+                stored = dd
             }
             switch format {
             case .ploop1:
@@ -51,6 +76,7 @@ extension Ploop {
             case .raw:
                 print("Created \(image): raw, \(Output.size(header.virtualBytes))")
             }
+            if let stored { print("Storing \(stored)") }
         }
     }
 }

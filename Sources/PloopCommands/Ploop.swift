@@ -11,6 +11,9 @@ public struct Ploop: ParsableCommand {
         commandName: "ploop",
         abstract: "Manage ploop container disk images.",
         discussion: """
+            A disk is a folder holding DiskDescriptor.xml and its deltas (what vzctl and prlctl \
+            manage); every disk command takes the descriptor or its folder, and names snapshots by \
+            GUID. The manual's forms on image paths and /dev/ploopN work as well. \
             Images are raw files or ploop1 (Parallels expandable) deltas. Sizes (-s) are 512-byte \
             sectors when given as a bare number, or bytes with a k, m, g or t suffix (binary units): \
             -s 2048 and -s 1m are the same size.
@@ -18,7 +21,10 @@ public struct Ploop: ParsableCommand {
             Exit codes: 0 success, 1 failure, 2 usage error; 'ploop check' uses the original tool's \
             codes (11 format error, 17 busy, 37 image in use).
             """,
-        subcommands: [Init.self, Mount.self, Umount.self, Snapshot.self, Merge.self, Grow.self, Balloon.self, Copy.self, Check.self, Info.self, List.self, Serve.self]
+        subcommands: [
+            Init.self, Mount.self, Umount.self, Snapshot.self, SnapshotList.self, SnapshotDelete.self, SnapshotMerge.self, SnapshotSwitch.self,
+            Merge.self, Grow.self, Balloon.self, Copy.self, Check.self, Info.self, List.self, RestoreDescriptor.self, Serve.self,
+        ]
     )
 
     public init() {}

@@ -1,0 +1,377 @@
+import ArgumentParser
+import Foundation
+import PloopDevice
+import PloopDisk
+import PloopFormat
+import PloopImage
+import PloopSystem
+
+/// Turns disk errors into the one line a user reads.
+func diskErrors<T>(_ body: () throws -> T) throws -> T {
+    do { return try failing(body) } catch let e as DiskError {
+        throw CommandFailure(e.description)
+    }
+}
+
+/// `-u GUID`, with or without braces, in any case.
+func parseGUID(_ text: String) throws -> GUID {
+    guard let g = GUID(parsing: text) else { throw ValidationError(DiskError.badGUID(text).description) }
+    return g
+}
+
+/// The running device of a disk: the one whose top image is the disk's top (nil: not running).
+/// `anyLevel` also finds a device that holds any image of the chain.
+enum DiskDevices {
+    static func device(of disk: Disk, backend be: any DeviceBackend, anyLevel: Bool = false) -> DeviceInfo? {
+        let chain = Set(disk.chainPaths().compactMap(PathInfo.identity))
+        let top = PathInfo.identity(disk.path(of: disk.descriptor.topGUID))
+        return ((try? be.list()) ?? []).first { d in
+            if anyLevel { return d.levels.contains { PathInfo.identity($0.path).map(chain.contains) ?? false } }
+            return d.levels.last.flatMap { PathInfo.identity($0.path) } == top
+        }
+    }
+
+    /// Refuses an offline-only operation on a disk a device runs.
+    static func requireOffline(_ disk: Disk, backend: BackendOptions) throws {
+        guard let be = try? backend.backend.resolve() else { return }
+        if let d = device(of: disk, backend: be, anyLevel: true) {
+            throw CommandFailure(DiskError.mounted(disk.descriptorPath, device: d.device).description)
+        }
+    }
+
+    /// The disk an argument names, opened and locked, or a refusal that says what to give.
+    static func open(_ argument: String) throws -> Disk {
+        guard let dd = Disk.descriptorPath(for: argument) else {
+            throw CommandFailure(DiskError.noDescriptor(argument).description)
+        }
+        return try diskErrors { try Disk.open(dd) { FileHandle.standardError.write("ploop: \($0)\n") } }
+    }
+}
+
+extension Ploop {
+    struct SnapshotList: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "snapshot-list",
+            abstract: "List a disk's snapshots: parent, current mark, GUID, file.",
+            discussion: """
+                Columns (-o, comma-separated, any order): uuid, parent_uuid, current, fname; the default \
+                is parent_uuid,current,uuid,fname. Rows are base first; -u GUID lists that snapshot and \
+                its ancestors (it first); -s hides the top (its parent is then current).
+
+                Example (from the original's usage):
+                  ploop snapshot-list -o uuid,fname /vz/private/101/root.hdd/DiskDescriptor.xml
+                """
+        )
+
+        @Flag(name: [.customShort("H"), .customLong("no-header")], help: "Print no header line.")
+        var noHeader = false
+        @Option(name: [.customShort("o"), .customLong("output")], help: ArgumentHelp("Fields to print.", valueName: "fields"))
+        var output: String?
+        @Flag(name: [.customShort("s"), .customLong("snapshot")], help: "Hide the top delta (the running state), list snapshots only.")
+        var snapshotsOnly = false
+        @Option(name: [.customShort("u"), .customLong("uuid"), .customLong("id")], help: ArgumentHelp("List this snapshot and its ancestors.", valueName: "GUID"))
+        var uuid: String?
+        @Flag(help: "Print as JSON.")
+        var json = false
+        @Argument(help: "DiskDescriptor.xml, or the folder holding it.")
+        var disk: String
+
+        enum Field: String { case uuid, parent_uuid, current, fname }
+
+        static func fields(_ text: String?) throws -> [Field] {
+            guard let text else { return [.parent_uuid, .current, .uuid, .fname] }
+            return try text.split(separator: ",", omittingEmptySubsequences: false).map { f in
+                guard let field = Field(rawValue: f.trimmingCharacters(in: .whitespaces).lowercased()) else {
+                    throw ValidationError("Unknown field: \(f) (fields: uuid, parent_uuid, current, fname)")
+                }
+                return field
+            }
+        }
+
+        func validate() throws {
+            _ = try Self.fields(output)
+            if let u = uuid { _ = try parseGUID(u) }
+        }
+
+        /// The original's layout: GUID columns 38 wide, C 1, FNAME 32, one space between; the header
+        /// ends with a space, rows end with their last column bare.
+        static func render(_ rows: [Disk.ListRow], fields: [Field], header: Bool) -> String {
+            func width(_ f: Field) -> Int { f == .current ? 1 : f == .fname ? 32 : 38 }
+            func title(_ f: Field) -> String { f == .current ? "C" : f == .fname ? "FNAME" : f == .uuid ? "UUID" : "PARENT_UUID" }
+            func pad(_ s: String, _ w: Int) -> String { s.count >= w ? s : s + String(repeating: " ", count: w - s.count) }
+            var out = ""
+            if header { out += fields.map { pad(title($0), width($0)) + " " }.joined() + "\n" }
+            for r in rows {
+                let cells = fields.map { f -> String in
+                    switch f {
+                    case .uuid: r.uuid
+                    case .parent_uuid: r.parentUUID
+                    case .current: r.current ? "*" : " "
+                    case .fname: r.fname
+                    }
+                }
+                out += cells.enumerated().map { i, c in i == cells.count - 1 ? c : pad(c, width(fields[i])) }.joined(separator: " ") + "\n"
+            }
+            return out
+        }
+
+        func run() throws {
+            let d = try DiskDevices.open(disk)
+            let rows = try diskErrors { try d.listRows(from: try uuid.map(parseGUID), hideTop: snapshotsOnly) }
+            if json {
+                print(try Output.json(rows))
+                return
+            }
+            FileHandle.standardOutput.write(Self.render(rows, fields: try Self.fields(output), header: !noHeader))
+        }
+    }
+
+    struct SnapshotDelete: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "snapshot-delete",
+            abstract: "Delete a snapshot of a disk (offline).",
+            discussion: """
+                The snapshot's one child is merged into the snapshot's file, which then carries the child's \
+                GUID; deleting the top delta drops what was written since the last snapshot (its parent \
+                becomes the top). The base of a disk with one image cannot be deleted.
+
+                Example (from the original's usage):
+                  ploop snapshot-delete -u {11111111-1111-4111-8111-111111111111} DiskDescriptor.xml
+                """
+        )
+
+        @Option(name: [.customShort("u"), .customLong("uuid")], help: ArgumentHelp("The snapshot.", valueName: "GUID"))
+        var uuid: String
+        @OptionGroup var backend: BackendOptions
+        @Argument(help: "DiskDescriptor.xml, or the folder holding it.")
+        var disk: String
+
+        func validate() throws { _ = try parseGUID(uuid) }
+
+        func run() throws {
+            let d = try DiskDevices.open(disk)
+            try DiskDevices.requireOffline(d, backend: backend)
+            let g = try parseGUID(uuid)
+            let merged = try diskErrors { try d.deleteSnapshot(g) }
+            print(merged ? "ploop snapshot merged" : "ploop snapshot \(g) has been successfully deleted")
+        }
+    }
+
+    struct SnapshotMerge: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "snapshot-merge",
+            abstract: "Merge a snapshot into its parent (offline).",
+            discussion: """
+                Without -u the top delta is merged into its parent; -u GUID merges that snapshot into its \
+                parent, whose file then carries GUID; -A merges the whole chain into the base. With -n \
+                the result is written to a new file DELTA instead of the parent's.
+
+                Example (from the original's usage):
+                  ploop snapshot-merge -u {22222222-2222-4222-8222-222222222222} DiskDescriptor.xml
+                """
+        )
+
+        @Option(name: [.customShort("u"), .customLong("uuid")], help: ArgumentHelp("The snapshot (default: the top).", valueName: "GUID"))
+        var uuid: String?
+        @Flag(name: [.customShort("A")], help: "Merge every snapshot into the base.")
+        var all = false
+        @Option(name: [.customShort("n"), .customLong("new-delta")], help: ArgumentHelp("Write the result to this new file.", valueName: "DELTA"))
+        var newDelta: String?
+        @OptionGroup var backend: BackendOptions
+        @Argument(help: "DiskDescriptor.xml, or the folder holding it.")
+        var disk: String
+
+        func validate() throws {
+            if let u = uuid { _ = try parseGUID(u) }
+            if all && uuid != nil { throw ValidationError("Options -u and -A can't be used together") }
+        }
+
+        func run() throws {
+            let d = try DiskDevices.open(disk)
+            try DiskDevices.requireOffline(d, backend: backend)
+            try diskErrors { try d.mergeSnapshot(try uuid.map(parseGUID), all: all, newDelta: newDelta) }
+            print("ploop snapshot merged")
+        }
+    }
+
+    struct SnapshotSwitch: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "snapshot-switch",
+            abstract: "Go back to a snapshot (offline): the top delta is dropped, a new empty one starts on GUID.",
+            discussion: """
+                What was written since the last snapshot is lost (the top delta's file is removed); the \
+                other snapshots stay.
+
+                Example (from the original's usage):
+                  ploop snapshot-switch -u {11111111-1111-4111-8111-111111111111} DiskDescriptor.xml
+                """
+        )
+
+        @Option(name: [.customShort("u"), .customLong("uuid")], help: ArgumentHelp("The snapshot to go back to.", valueName: "GUID"))
+        var uuid: String
+        @Flag(name: [.customShort("D")], help: "Remove the top delta's file (always done; accepted for the original's syntax).")
+        var deleteTop = false
+        @OptionGroup var backend: BackendOptions
+        @Argument(help: "DiskDescriptor.xml, or the folder holding it.")
+        var disk: String
+
+        func validate() throws { _ = try parseGUID(uuid) }
+
+        func run() throws {
+            let d = try DiskDevices.open(disk)
+            try DiskDevices.requireOffline(d, backend: backend)
+            try diskErrors { try d.switchSnapshot(try parseGUID(uuid)) }
+            print("ploop snapshot has been successfully switched")
+        }
+    }
+
+    struct RestoreDescriptor: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "restore-descriptor",
+            abstract: "Write the DiskDescriptor.xml that init would have written for an image.",
+            discussion: """
+                IMAGE is a path (relative to the current folder); DIR must not hold a descriptor yet. A raw \
+                image needs -f raw (and -b for its cluster size, default 2048).
+
+                Example (from the original's usage):
+                  ploop restore-descriptor /vz/private/101/root.hdd /vz/private/101/root.hdd/root.hds
+                """
+        )
+
+        @Option(name: .short, help: ArgumentHelp("Image format.", valueName: "format"))
+        var format: ImageFormat?
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Cluster size in sectors (raw images).", valueName: "blocksize"))
+        var blocksize: String?
+        @Argument(help: "The folder to write DiskDescriptor.xml in.")
+        var folder: String
+        @Argument(help: "The base image.")
+        var image: String
+
+        func validate() throws { _ = try ClusterOption.parse(blocksize) }
+
+        func run() throws {
+            let dd = try diskErrors { try Disk.restoreDescriptor(folder: folder, image: image, format: format, blocksize: try ClusterOption.parse(blocksize)) }
+            print("Storing \(dd)")
+        }
+    }
+}
+
+/// The descriptor forms of the manual's commands (snapshot, mount, umount, check, info, grow).
+enum DiskCommands {
+    static func snapshot(_ argument: String, uuid: String?, backend: BackendOptions) throws {
+        let d = try DiskDevices.open(argument)
+        let guid = try uuid.map(parseGUID)
+        let be = try? backend.backend.resolve()
+        let running = be.flatMap { DiskDevices.device(of: d, backend: $0) }
+        if running == nil, let be, let held = DiskDevices.device(of: d, backend: be, anyLevel: true) {
+            throw CommandFailure("\(held.device) runs part of the disk \(d.descriptorPath) (not from its top): unmount it first")
+        }
+        let (g, _) = try diskErrors {
+            try d.snapshot(guid) { (file) throws(DiskError) in
+                guard let dev = running, let be else { return try d.createEmptyDeltaForSnapshot(file) }
+                do { try be.snapshot(dev.device, newDelta: file) } catch let e as DeviceError { throw .refused(e.description) } catch { throw .refused("\(error)") }
+            }
+        }
+        print("ploop snapshot \(g) has been successfully created")
+    }
+
+    static func mount(_ argument: String, uuid: String?, readOnly: Bool, device: String?, backend: BackendOptions, json: Bool) throws {
+        let d = try DiskDevices.open(argument)
+        let be = try backend.backend.resolve()
+        if let running = DiskDevices.device(of: d, backend: be, anyLevel: true) {
+            throw CommandFailure("the disk \(d.descriptorPath) is running on \(running.device) already")
+        }
+        let g = try uuid.map(parseGUID)
+        if let g, d.descriptor.shot(g) == nil { throw CommandFailure(DiskError.unknownGUID(d.descriptorPath, g).description) }
+        // A snapshot below the top is mounted read-only, as the original.
+        let ro = readOnly || (g != nil && g != d.descriptor.topGUID)
+        let paths = d.chainPaths(from: g)
+        try DirtyImages.repair(paths, baseFormat: d.baseFormat)
+        let dev = try failing {
+            try be.mount(MountRequest(images: paths, baseFormat: d.baseFormat, readOnly: ro, device: device, clusterSectors: d.descriptor.blocksize))
+        }
+        if json { print(try Output.json(try failing { try be.info(dev) })) } else { print(dev) }
+    }
+
+    static func umount(_ argument: String, backend: BackendOptions) throws -> String {
+        let be = try backend.backend.resolve()
+        if let dd = Disk.descriptorPath(for: argument) {
+            let d = try diskErrors { try Disk.open(dd) }
+            guard let dev = DiskDevices.device(of: d, backend: be, anyLevel: true) else {
+                throw CommandFailure(DiskError.notMounted(d.descriptorPath).description)
+            }
+            return dev.device
+        }
+        // An image: the device that holds it at any level.
+        guard let id = PathInfo.identity(argument) else { throw CommandFailure("\(argument): no such file (give a device with -d, a mount point with -m, a disk or an image)") }
+        guard let dev = ((try? be.list()) ?? []).first(where: { $0.levels.contains { PathInfo.identity($0.path) == id } }) else {
+            throw CommandFailure("no ploop device holds \(argument)")
+        }
+        return dev.device
+    }
+
+    static func check(_ argument: String, uuid: String?, options: Checker.Options, silent: Bool, json: Bool) throws {
+        let d = try DiskDevices.open(argument)
+        let g = try uuid.map(parseGUID)
+        if let g, d.descriptor.shot(g) == nil { throw CommandFailure(DiskError.unknownGUID(d.descriptorPath, g).description) }
+        var worst: Int32 = 0
+        var reports: [Ploop.JSONReport] = []
+        for (i, p) in d.chainPaths(from: g).enumerated() {
+            if i == 0 && d.baseFormat == .raw { continue }
+            let r = try failing { try Checker.check(path: p, options: options) }
+            reports.append(Ploop.JSONReport(r))
+            if !silent && !json {
+                for f in r.findings { print("\(p): \(f.message): \(f.action.rawValue)") }
+                print("\(p): \(r.status == .ok || r.status == .skipped ? (r.findings.contains { $0.action == .fixed } ? "repaired" : "no problems found") : "problems remain")")
+            }
+            if r.exitCode != 0 && worst == 0 { worst = r.exitCode }
+        }
+        if json { print(try Output.json(reports)) }
+        if worst != 0 { throw CommandFailure("", code: worst) }
+    }
+
+    struct InfoReport: Encodable {
+        var descriptor: String
+        var sizeSectors: UInt64
+        var blocksize: UInt32
+        var fmtVersion: Int?
+        var top: String
+        var images: [String]
+        var device: String?
+    }
+
+    static func info(_ argument: String, spec: Bool, device showDevice: Bool, json: Bool, backend: BackendOptions) throws {
+        let d = try DiskDevices.open(argument)
+        let topPath = d.path(of: d.descriptor.topGUID)
+        let top = try failing { try ImageInfo.read(path: topPath) }
+        let dev = (try? backend.backend.resolve()).flatMap { DiskDevices.device(of: d, backend: $0) }?.device
+        if json {
+            print(try Output.json(InfoReport(
+                descriptor: d.descriptorPath, sizeSectors: d.descriptor.diskSizeSectors, blocksize: d.descriptor.blocksize,
+                fmtVersion: top.version, top: topPath, images: d.chainPaths(), device: dev)))
+            return
+        }
+        if spec || !showDevice {
+            print("size:\t\t\(d.descriptor.diskSizeSectors)")
+            print("blocksize:\t\(d.descriptor.blocksize)")
+            print("fmt_version:\t\(top.version ?? 0)")
+        }
+        if showDevice {
+            print("device:\t\t\(dev ?? "")")
+            print("partition:\t\(dev.map { PathInfo.kind($0 + "p1") == .blockDevice ? $0 + "p1" : "" } ?? "")")
+        }
+    }
+
+    static func grow(_ argument: String, sectors: UInt64, backend: BackendOptions) throws {
+        let d = try DiskDevices.open(argument)
+        if let be = try? backend.backend.resolve(), let dev = DiskDevices.device(of: d, backend: be) {
+            try failing { try be.grow(dev.device, sizeSectors: sectors) }
+            let info = try failing { try be.info(dev.device) }
+            try diskErrors { try d.commitSize(info.sizeBytes / 512) }
+            print("Grown \(dev.device) (\(d.descriptorPath)) to \(Output.size(info.sizeBytes))")
+            return
+        }
+        try diskErrors { try d.grow(toSectors: sectors) }
+        print("Grown \(d.descriptorPath) to \(Output.size(d.descriptor.diskSizeSectors * 512))")
+    }
+}

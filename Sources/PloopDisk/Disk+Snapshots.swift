@@ -1,0 +1,301 @@
+import Foundation
+import PloopFormat
+import PloopImage
+import PloopSystem
+
+extension Disk {
+    // MARK: - init and restore-descriptor
+
+    /// `ploop init` on a disk: the image, then DiskDescriptor.xml beside it (refused, touching
+    /// nothing, when the folder has one already).
+    @discardableResult
+    public static func initialize(_ request: Offline.InitRequest, say: (String) -> Void = { _ in }) throws(DiskError) -> (DiskDescriptor, String) {
+        let image = absolutePath(request.path)
+        let dd = (image as NSString).deletingLastPathComponent + "/" + descriptorName
+        if PathInfo.entryKind(dd) != .missing { throw .alreadyExists(dd) }
+        var r = request
+        r.path = image
+        let header = try imageErrors { () throws(ImageError) in try Offline.initialize(r) }
+        let d = DiskDescriptor.single(
+            file: (image as NSString).lastPathComponent, kind: request.format == .raw ? .plain : .compressed,
+            sizeSectors: header.sizeInSectors, blocksize: header.clusterSectors, cylinders: header.cylinders, heads: header.heads)
+        do { try write(d, to: dd, replace: false) } catch {
+            PathInfo.removeRegularFile(image)
+            throw error
+        }
+        say("Storing \(dd)")
+        return (d, dd)
+    }
+
+    /// `ploop restore-descriptor [-f FORMAT] [-b BLOCKSIZE] DIR IMAGE`: the descriptor `init`
+    /// would have written for IMAGE, in DIR (refused when DIR has one).
+    public static func restoreDescriptor(folder: String, image: String, format: ImageFormat?, blocksize: UInt32?) throws(DiskError) -> String {
+        let dir = absolutePath(folder)
+        guard PathInfo.kind(dir) == .directory else { throw .refused("\(dir) is not a folder") }
+        let dd = dir + "/" + descriptorName
+        if PathInfo.entryKind(dd) != .missing { throw .alreadyExists(dd) }
+        let img = absolutePath(image)
+        let info = try imageErrors { () throws(ImageError) in try ImageInfo.read(path: img) }
+        let kind: DiskDescriptor.Image.Kind
+        let size: UInt64
+        let bs: UInt32
+        let chs: (UInt32, UInt32)
+        switch (format ?? info.format, info.format) {
+        case (.ploop1, .ploop1):
+            kind = .compressed
+            size = info.virtualSize / 512
+            bs = UInt32(info.clusterSize! / 512)
+            if let b = blocksize, b != bs { throw .refused("\(img) has clusters of \(bs) sectors, not \(b)") }
+            chs = (info.cylinders ?? 0, info.heads ?? 0)
+        case (.raw, .raw):
+            kind = .plain
+            size = info.virtualSize / 512
+            bs = blocksize ?? PloopSpec.defaultClusterSectors
+            guard BATLayout.isValidClusterSize(bs) else { throw .refused("-b \(bs): the cluster size is a power of two from 64 to 131072 sectors") }
+            let g = CHSGeometry(sectors: size)
+            chs = (g.cylinders, g.heads)
+        case (.raw, .ploop1): throw .image(.looksLikePloop1(img))
+        case (.ploop1, .raw): throw .image(.notPloop1(img))
+        }
+        let lock = try takeLock(dd, timeout: nil)
+        defer { lock.unlock() }
+        let d = DiskDescriptor.single(file: relative(img, to: dir), kind: kind, sizeSectors: size, blocksize: bs, cylinders: chs.0, heads: chs.1)
+        try write(d, to: dd, replace: false)
+        return dd
+    }
+
+    // MARK: - snapshot
+
+    /// The file a new delta gets: `<base file>.{guid}` beside the base image, as the original.
+    func newDeltaPath() -> String {
+        path(of: descriptor.base!) + "." + GUID.random().text
+    }
+
+    /// The descriptor after a snapshot named `g` whose new top delta is `file`.
+    func afterSnapshot(_ g: GUID, file: String, temporary: Bool = false) -> DiskDescriptor {
+        var d = descriptor
+        let top = d.topGUID
+        d.rename(top, to: g)
+        if temporary, let i = d.shots.firstIndex(where: { $0.guid == g }) { d.shots[i].temporary = true }
+        d.images.append(.init(guid: top, kind: .compressed, file: relative(file)))
+        d.shots.append(.init(guid: top, parent: g))
+        d.topGUID = top
+        return d
+    }
+
+    /// Checks a GUID asked for a new snapshot.
+    func checkNewGUID(_ g: GUID) throws(DiskError) {
+        if g.isNone || g == .top { throw .refused("\(g) cannot name a snapshot: it is reserved") }
+        if descriptor.shot(g) != nil { throw .guidExists(descriptorPath, g) }
+    }
+
+    /// `ploop snapshot [-u G] DD` offline: a new empty top delta; the old top becomes snapshot G.
+    /// `create` makes the delta file (offline: an empty image like the top; online: the
+    /// backend's snapshot); it is journalled so a crash before the descriptor is written leaves
+    /// no stray file.
+    public func snapshot(_ guid: GUID?, temporary: Bool = false, create: ((String) throws(DiskError) -> Void)? = nil) throws(DiskError) -> (GUID, String) {
+        let g = guid ?? GUID.random()
+        try checkNewGUID(g)
+        if descriptor.images.count >= 128 { throw .refused("\(descriptorPath) has 128 images, the most a disk can have: merge or delete snapshots first") }
+        let file = newDeltaPath()
+        let next = afterSnapshot(g, file: file, temporary: temporary)
+        let j = Journal(operation: "snapshot", files: [file])
+        try writeJournal(j)
+        if let create { try create(file) } else { try createEmptyDelta(file, like: descriptor.topGUID) }
+        try commit(next)
+        endJournal(j)
+        return (g, file)
+    }
+
+    /// An empty ploop1 delta of the disk's size and cluster size, of `like`'s version (v2 when
+    /// `like` is raw).
+    func createEmptyDelta(_ file: String, like g: GUID) throws(DiskError) {
+        let version: FormatVersion
+        if descriptor.image(g)?.kind == .compressed, let v = (try? ImageInfo.read(path: path(of: g)))?.version, let fv = FormatVersion(rawValue: v) {
+            version = fv
+        } else {
+            version = DefaultVersion.detect()
+        }
+        _ = try imageErrors { () throws(ImageError) in
+            try Offline.initialize(.init(path: file, sizeSectors: descriptor.diskSizeSectors, format: .ploop1, clusterSectors: descriptor.blocksize, version: version))
+        }
+    }
+
+    // MARK: - merge, delete, switch
+
+    /// Merges `upper` into `lower`'s file (an offline merge), after which `upper`'s image names
+    /// `lower`'s file and `lower` (with the images between them, when `through`) leaves the
+    /// descriptor: the original's rule for snapshot-delete and snapshot-merge. With `into`, the
+    /// result goes to a new file instead and both old files go.
+    func mergeDown(upper: GUID, lower: GUID, operation: String, into newFile: String? = nil) throws(DiskError) {
+        let chain = descriptor.chain(from: upper)
+        guard let lowerAt = chain.firstIndex(of: lower), lowerAt > 0 else { throw .refused("\(lower) is not below \(upper)") }
+        let merged = Array(chain[0..<lowerAt])  // upper first
+        // A snapshot with another child would lose its parent's data.
+        for g in chain[1...lowerAt] where descriptor.children(of: g).count > 1 {
+            throw .refused("snapshot \(g) has \(descriptor.children(of: g).count) children (a branch): delete the other branch first")
+        }
+        var next = descriptor
+        let lowerImage = descriptor.image(lower)!
+        let target = newFile.map { Self.absolutePath($0) } ?? path(of: lower)
+        if let i = next.images.firstIndex(where: { $0.guid == upper }) {
+            next.images[i].file = newFile.map { relative(Self.absolutePath($0)) } ?? lowerImage.file
+            next.images[i].kind = newFile == nil ? lowerImage.kind : .compressed
+        }
+        let lowerParent = descriptor.shot(lower)!.parent
+        for g in chain[1...lowerAt] { next.remove(g) }
+        if let i = next.shots.firstIndex(where: { $0.guid == upper }) { next.shots[i].parent = lowerParent }
+        var sources = merged.map { path(of: $0) }
+        var files = sources
+        var raw = lowerImage.kind == .plain
+        if let newFile {
+            let abs = Self.absolutePath(newFile)
+            if PathInfo.entryKind(abs) != .missing { throw .image(.alreadyExists(abs)) }
+            // The new file starts as a copy of the lower image's geometry; everything merges in.
+            try createEmptyDelta(abs, like: upper)
+            sources.append(path(of: lower))
+            files.append(path(of: lower))
+            files.append(abs)
+            raw = false
+        }
+        let j = Journal(operation: operation, files: files, merge: .init(sources: sources, destination: target, raw: raw), descriptor: next.xml())
+        try writeJournal(j)
+        _ = try imageErrors { () throws(ImageError) in try Offline.merge(sources: sources, destination: target, format: raw ? .raw : .ploop1) }
+        try commit(next)
+        endJournal(j)
+    }
+
+    /// `snapshot-merge [-u G | -A] [-n DELTA]`: G (default: the top) into its parent; `-A`, the
+    /// whole chain into the base.
+    public func mergeSnapshot(_ guid: GUID?, all: Bool, newDelta: String?) throws(DiskError) {
+        let chain = descriptor.chain()
+        if all {
+            guard chain.count > 1 else { throw .refused("\(descriptorPath) has one image: there is nothing to merge") }
+            try mergeDown(upper: chain[0], lower: chain.last!, operation: "snapshot-merge", into: newDelta)
+            return
+        }
+        let g = guid ?? descriptor.topGUID
+        guard let s = descriptor.shot(g) else { throw .unknownGUID(descriptorPath, g) }
+        guard !s.parent.isNone else { throw .refused("\(g) is the base image: it has no parent to merge into (unable to merge the base image)") }
+        try mergeDown(upper: g, lower: s.parent, operation: "snapshot-merge", into: newDelta)
+    }
+
+    /// `snapshot-delete -u G`: the top's file goes (its parent becomes the top); any other G
+    /// takes its one child's data into its file, and the child's GUID.
+    public func deleteSnapshot(_ g: GUID) throws(DiskError) -> Bool {
+        guard let s = descriptor.shot(g) else { throw .unknownGUID(descriptorPath, g) }
+        let kids = descriptor.children(of: g)
+        if kids.isEmpty {
+            guard !s.parent.isNone else { throw .refused("\(g) is the only image of the disk: unable to delete the base image") }
+            // A leaf: its file goes; when it was the top, its parent becomes the top.
+            var next = descriptor
+            let file = path(of: g)
+            next.remove(g)
+            if g == descriptor.topGUID {
+                guard descriptor.children(of: s.parent).count == 1 else {
+                    throw .refused("the top's parent \(s.parent) has other snapshots above it: it cannot become the top; delete them first")
+                }
+                next.rename(s.parent, to: g)
+            }
+            let j = Journal(operation: "snapshot-delete", files: [file])
+            try writeJournal(j)
+            try commit(next)
+            endJournal(j)
+            return false
+        }
+        guard kids.count == 1 else { throw .refused("snapshot \(g) has \(kids.count) children (a branch): delete the other branch first") }
+        try mergeDown(upper: kids[0], lower: g, operation: "snapshot-delete")
+        return true
+    }
+
+    /// `snapshot-switch -u G`: the current top goes; a new empty top on G takes its place.
+    public func switchSnapshot(_ g: GUID) throws(DiskError) {
+        guard descriptor.shot(g) != nil else { throw .unknownGUID(descriptorPath, g) }
+        let top = descriptor.topGUID
+        if g == top { throw .refused("nothing to do: the disk is already on \(g) (its top)") }
+        let old = path(of: top)
+        let file = newDeltaPath()
+        var next = descriptor
+        if let i = next.images.firstIndex(where: { $0.guid == top }) { next.images[i].file = relative(file); next.images[i].kind = .compressed }
+        if let i = next.shots.firstIndex(where: { $0.guid == top }) { next.shots[i].parent = g; next.shots[i].temporary = false }
+        let j = Journal(operation: "snapshot-switch", files: [old, file])
+        try writeJournal(j)
+        try createEmptyDelta(file, like: g)
+        try commit(next)
+        endJournal(j)
+    }
+
+    // MARK: - grow
+
+    /// Offline grow of a disk: every image of the descriptor (the top's header says the size), then
+    /// the descriptor.
+    public func grow(toSectors sectors: UInt64) throws(DiskError) {
+        let header: ImageHeader
+        do { header = try ImageHeader.new(sizeSectors: sectors, clusterSectors: descriptor.blocksize, version: .v2) } catch {
+            throw .image(.format(descriptorPath, error))
+        }
+        let size = header.sizeInSectors
+        guard size >= descriptor.diskSizeSectors else {
+            throw .image(.shrinkRefused(descriptorPath, currentSectors: descriptor.diskSizeSectors, requestedSectors: sectors))
+        }
+        guard size > descriptor.diskSizeSectors else { return }
+        for g in descriptor.chain().reversed() {
+            let raw = descriptor.image(g)!.kind == .plain
+            try imageErrors { () throws(ImageError) in try Offline.grow(path: path(of: g), toSectors: size, format: raw ? .raw : .ploop1) }
+        }
+        try commitSize(size)
+    }
+
+    /// The descriptor with a new size (and the top's CHS).
+    public func commitSize(_ size: UInt64) throws(DiskError) {
+        var next = descriptor
+        next.diskSizeSectors = size
+        let chs = CHSGeometry(sectors: size)
+        if let info = try? ImageInfo.read(path: path(of: descriptor.topGUID)), let c = info.cylinders, let h = info.heads {
+            next.cylinders = c
+            next.heads = h
+        } else {
+            next.cylinders = chs.cylinders
+            next.heads = chs.heads
+        }
+        next.sectors = DiskDescriptor.sectors(size: size, cylinders: next.cylinders, heads: next.heads)
+        try commit(next)
+    }
+
+    // MARK: - snapshot-list
+
+    public struct ListRow: Codable, Sendable, Equatable {
+        public var uuid: String
+        public var parentUUID: String
+        public var current: Bool
+        public var fname: String
+    }
+
+    /// The rows `snapshot-list` prints: base first, or with `from`, that snapshot and its
+    /// ancestors (it first); `hideTop` drops the top and marks its parent current.
+    public func listRows(from: GUID? = nil, hideTop: Bool = false) throws(DiskError) -> [ListRow] {
+        var order: [GUID]
+        if let from {
+            guard descriptor.shot(from) != nil else { throw .unknownGUID(descriptorPath, from) }
+            order = descriptor.chain(from: from)
+        } else {
+            order = descriptor.shots.map(\.guid)
+        }
+        let top = descriptor.topGUID
+        var current = top
+        if hideTop {
+            order.removeAll { $0 == top }
+            current = descriptor.shot(top)!.parent
+        }
+        return order.map { g in
+            ListRow(uuid: descriptor.shot(g)!.guid.text, parentUUID: descriptor.shot(g)!.parent.text, current: g == current, fname: path(of: g))
+        }
+    }
+}
+
+extension Disk {
+    /// The empty delta an offline snapshot adds (like the top: its size, cluster size, version).
+    public func createEmptyDeltaForSnapshot(_ file: String) throws(DiskError) {
+        try createEmptyDelta(file, like: descriptor.topGUID)
+    }
+}

@@ -1,0 +1,269 @@
+import Foundation
+import PloopFormat
+import PloopImage
+import PloopSystem
+
+/// A disk as ploop users manage it: a folder holding DiskDescriptor.xml and its deltas. An open
+/// `Disk` holds `DiskDescriptor.xml.lck` (flock) until it goes away; every change of the
+/// descriptor is written to `DiskDescriptor.xml.tmp`, synced, renamed over the descriptor, and
+/// the folder synced.
+///
+/// Operations that change images and the descriptor together first write a journal
+/// (`DiskDescriptor.xml.journal`): the files whose fate depends on which descriptor survives,
+/// and, for merges, the merge and the descriptor that follows it. The next `Disk.open` finishes
+/// what a crash interrupted: a journalled merge is run again (merges are idempotent) and its
+/// descriptor committed; then every journalled file the descriptor does not name is removed. So
+/// after a kill at any step the disk is the old one or the new one, and the next command on it
+/// completes or rolls back the interrupted one.
+public final class Disk {
+    public static let descriptorName = "DiskDescriptor.xml"
+
+    public let descriptorPath: String
+    public let folder: String
+    public private(set) var descriptor: DiskDescriptor
+    private let lock: File
+    let say: (String) -> Void
+
+    // MARK: - Finding and opening
+
+    /// The descriptor an argument names: `DIR/DiskDescriptor.xml`, or `DIR` holding one. Nil when
+    /// the argument is neither (an image path, say).
+    public static func descriptorPath(for argument: String) -> String? {
+        let absolute = absolutePath(argument)
+        if PathInfo.kind(absolute) == .directory {
+            let p = absolute + "/" + descriptorName
+            return PathInfo.kind(p) == .missing ? nil : p
+        }
+        return (absolute as NSString).lastPathComponent == descriptorName ? absolute : nil
+    }
+
+    static func absolutePath(_ p: String) -> String {
+        let joined = p.hasPrefix("/") ? p : FileManager.default.currentDirectoryPath + "/" + p
+        return normalize(joined)
+    }
+
+    /// `.` and `..` resolved lexically, repeated slashes folded.
+    static func normalize(_ p: String) -> String {
+        var parts: [Substring] = []
+        for c in p.split(separator: "/", omittingEmptySubsequences: true) {
+            if c == "." { continue }
+            if c == ".." { if !parts.isEmpty { parts.removeLast() }; continue }
+            parts.append(c)
+        }
+        return "/" + parts.joined(separator: "/")
+    }
+
+    /// Opens and locks the disk at `descriptorPath`, finishes an interrupted operation, reads and
+    /// checks the descriptor (its tree, and the chain's files against their headers).
+    public static func open(_ descriptorPath: String, lockTimeout: Double? = nil, say: @escaping (String) -> Void = { _ in }) throws(DiskError) -> Disk {
+        let path = absolutePath(descriptorPath)
+        guard PathInfo.kind(path) == .regular else {
+            if PathInfo.kind(path) == .missing { throw .noDescriptor(path) }
+            throw .unreadable(path, "it is not a regular file")
+        }
+        let lock = try Self.takeLock(path, timeout: lockTimeout)
+        let disk = try Disk(path: path, lock: lock, descriptor: try Self.read(path), say: say)
+        try disk.recover()
+        try disk.checkFiles()
+        return disk
+    }
+
+    init(path: String, lock: File, descriptor: DiskDescriptor, say: @escaping (String) -> Void) throws(DiskError) {
+        self.descriptorPath = path
+        self.folder = (path as NSString).deletingLastPathComponent
+        self.lock = lock
+        self.descriptor = descriptor
+        self.say = say
+    }
+
+    static func read(_ path: String) throws(DiskError) -> DiskDescriptor {
+        guard let data = FileManager.default.contents(atPath: path) else { throw .unreadable(path, "permission denied or I/O error") }
+        return try DiskDescriptor.parse(data, path: path)
+    }
+
+    /// `DiskDescriptor.xml.lck`, flocked exclusively; waits up to `timeout` seconds (default 60,
+    /// as the original; `PLOOP_LOCK_TIMEOUT` overrides) and then names the holder if /proc/locks
+    /// tells it.
+    static func takeLock(_ descriptorPath: String, timeout: Double?) throws(DiskError) -> File {
+        let lockPath = descriptorPath + ".lck"
+        let f: File
+        do { f = try File(path: lockPath, mode: .createOrOpen, permissions: 0o644) } catch { throw .io("cannot open the lock \(lockPath): \(error.message)") }
+        let limit = timeout ?? ProcessInfo.processInfo.environment["PLOOP_LOCK_TIMEOUT"].flatMap(Double.init) ?? 60
+        let start = Date()
+        while true {
+            let ok: Bool
+            do { ok = try f.tryLock(.exclusive) } catch { throw .io("cannot lock \(lockPath): \(error.message)") }
+            if ok { return f }
+            if Date().timeIntervalSince(start) >= limit { throw .locked(descriptorPath, holder: lockHolder(of: f)) }
+            usleep(50_000)
+        }
+    }
+
+    /// The process holding a flock on `file`, from /proc/locks (matched by inode).
+    static func lockHolder(of file: File) -> Int32? {
+        guard let st = try? file.stat(), let text = try? String(contentsOfFile: "/proc/locks", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") {
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard f.count >= 6, f[1] == "FLOCK", let pid = Int32(f[4]) else { continue }
+            let id = f[5].split(separator: ":")
+            if id.count == 3, UInt64(id[2]) == UInt64(st.st_ino), pid != getpid() { return pid }
+        }
+        return nil
+    }
+
+    // MARK: - Files
+
+    /// The absolute path of an image's file. A relative `File` may climb out of the folder only
+    /// with leading `../` (as the original writes it); `sub/../x` is refused when the descriptor
+    /// is read (`checkFiles`).
+    public func path(of g: GUID) -> String {
+        guard let i = descriptor.image(g) else { return "" }
+        return resolve(i.file)
+    }
+
+    func resolve(_ file: String) -> String {
+        file.hasPrefix("/") ? Self.normalize(file) : Self.normalize(folder + "/" + file)
+    }
+
+    /// How the descriptor names `path`: relative to the folder, `../` where it lies elsewhere.
+    func relative(_ path: String) -> String { Self.relative(path, to: folder) }
+
+    static func relative(_ path: String, to folder: String) -> String {
+        let target = normalize(path).split(separator: "/")
+        let base = folder.split(separator: "/")
+        var common = 0
+        while common < min(target.count - 1, base.count), target[common] == base[common] { common += 1 }
+        let up = Array(repeating: "..", count: base.count - common)
+        return (up + target[common...].map(String.init)).joined(separator: "/")
+    }
+
+    static func fileIsTidy(_ file: String) -> Bool {
+        if file.hasPrefix("/") { return !file.split(separator: "/").contains { $0 == ".." || $0 == "." } }
+        var climbing = true
+        for c in file.split(separator: "/", omittingEmptySubsequences: false) {
+            if c == ".." { if !climbing { return false }; continue }
+            climbing = false
+            if c.isEmpty || c == "." { return false }
+        }
+        return !climbing
+    }
+
+    /// Every `File` tidy; every image of the running chain present, of the descriptor's cluster
+    /// size, and the top of the descriptor's size.
+    func checkFiles() throws(DiskError) {
+        for i in descriptor.images where !Self.fileIsTidy(i.file) {
+            throw .invalid(descriptorPath, element: "File", "\"\(i.file)\" of image \(i.guid) climbs through '..' or '.' inside the path (the original never writes that; it resolves it to the wrong folder)")
+        }
+        let chain = descriptor.chain()
+        for (n, g) in chain.enumerated() {
+            let i = descriptor.image(g)!
+            let p = path(of: g)
+            guard PathInfo.kind(p) == .regular else {
+                throw .invalid(descriptorPath, element: "File", "\(i.file) of image \(g) " + (PathInfo.kind(p) == .missing ? "does not exist" : "is not a regular file"))
+            }
+            if i.kind == .plain {
+                guard n == chain.count - 1 else { throw .invalid(descriptorPath, element: "Type", "Plain is for the base image only, not \(g)") }
+                continue
+            }
+            let info = try imageErrors { () throws(ImageError) in try ImageInfo.read(path: p) }
+            guard info.format == .ploop1 else { throw .invalid(descriptorPath, element: "Type", "of \(g) is Compressed but \(i.file) is not a ploop1 image") }
+            if let cs = info.clusterSize, cs / 512 != Int(descriptor.blocksize) {
+                throw .invalid(descriptorPath, element: "Blocksize", "is \(descriptor.blocksize) sectors but \(i.file) has clusters of \(cs / 512)")
+            }
+            if n == 0, info.virtualSize / 512 != descriptor.diskSizeSectors {
+                throw .invalid(descriptorPath, element: "Disk_size", "is \(descriptor.diskSizeSectors) sectors but the top image \(i.file) is \(info.virtualSize / 512)")
+            }
+        }
+    }
+
+    /// The chain's files, base first, from the top (or from `upTo`) down.
+    public func chainPaths(from g: GUID? = nil) -> [String] { descriptor.chain(from: g).reversed().map { path(of: $0) } }
+
+    public var baseFormat: ImageFormat { descriptor.image(descriptor.base!)!.kind == .plain ? .raw : .ploop1 }
+
+    // MARK: - Writing the descriptor
+
+    /// Writes `new` atomically (tmp, fsync, rename, fsync the folder) and takes it as current.
+    public func commit(_ new: DiskDescriptor) throws(DiskError) {
+        try Self.write(new, to: descriptorPath, replace: true)
+        descriptor = new
+    }
+
+    static func write(_ d: DiskDescriptor, to path: String, replace: Bool) throws(DiskError) {
+        let tmp = path + ".tmp"
+        PathInfo.removeRegularFile(tmp)
+        do {
+            let f = try File(path: tmp, mode: .createNew, permissions: 0o644)
+            let bytes = Array(d.xml().utf8)
+            try bytes.withUnsafeBytes { try f.write($0, at: 0) }
+            try f.sync()
+        } catch { throw .io("writing \(tmp): \((error as? SystemError)?.message ?? "\(error)")") }
+        do { try PathInfo.publish(tmp, as: path, replace: replace) } catch {
+            PathInfo.removeRegularFile(tmp)
+            if case .exists = error { throw .alreadyExists(path) }
+            throw .io("publishing \(path): \(error)")
+        }
+    }
+
+    // MARK: - The journal
+
+    struct Journal: Codable {
+        var operation: String
+        /// Files whose fate the surviving descriptor decides: kept if it names them.
+        var files: [String]
+        /// A merge to redo before `descriptor` is committed.
+        var merge: Merge?
+        var descriptor: String?
+
+        struct Merge: Codable {
+            var sources: [String]
+            var destination: String
+            var raw: Bool
+        }
+    }
+
+    var journalPath: String { descriptorPath + ".journal" }
+
+    func writeJournal(_ j: Journal) throws(DiskError) {
+        let tmp = journalPath + ".tmp"
+        PathInfo.removeRegularFile(tmp)
+        do {
+            let data = try JSONEncoder().encode(j)
+            let f = try File(path: tmp, mode: .createNew)
+            try data.withUnsafeBytes { try f.write($0, at: 0) }
+            try f.sync()
+            try PathInfo.publish(tmp, as: journalPath, replace: true)
+        } catch { throw .io("writing \(journalPath): \(error)") }
+    }
+
+    func endJournal(_ j: Journal) {
+        for f in j.files where !references(f) { PathInfo.removeRegularFile(f) }
+        PathInfo.removeRegularFile(journalPath)
+        PathInfo.syncParentDirectory(of: journalPath)
+    }
+
+    func references(_ file: String) -> Bool {
+        descriptor.images.contains { resolve($0.file) == Self.normalize(file) }
+    }
+
+    /// Finishes what a crash interrupted (see the type's comment).
+    func recover() throws(DiskError) {
+        guard PathInfo.kind(journalPath) == .regular else { return }
+        guard let data = FileManager.default.contents(atPath: journalPath), let j = try? JSONDecoder().decode(Journal.self, from: data) else {
+            throw .io("\(journalPath) is damaged: read it, finish or undo its operation by hand, then remove it")
+        }
+        if let m = j.merge, let text = j.descriptor {
+            let next = try DiskDescriptor.parse(Data(text.utf8), path: journalPath)
+            if m.sources.allSatisfy({ PathInfo.kind($0) == .regular }) {
+                say("finishing an interrupted \(j.operation): merging again")
+                _ = try imageErrors { () throws(ImageError) in
+                    try Offline.merge(sources: m.sources, destination: m.destination, format: m.raw ? .raw : .ploop1)
+                }
+            }
+            try commit(next)
+        } else {
+            say("rolling back an interrupted \(j.operation)")
+        }
+        endJournal(j)
+    }
+}

@@ -1,0 +1,197 @@
+import Foundation
+#if canImport(FoundationXML)
+import FoundationXML
+#endif
+
+extension DiskDescriptor {
+    // MARK: - Writing: the original's text, byte for byte
+
+    /// The descriptor as the original writes it: `<?xml version="1.0"?>`, two-space indent, LF,
+    /// elements in the order of the layout above, a final newline.
+    public func xml() -> String {
+        var out = "<?xml version=\"1.0\"?>\n<Parallels_disk_image>\n"
+        func line(_ depth: Int, _ s: String) { out += String(repeating: "  ", count: depth) + s + "\n" }
+        func element(_ depth: Int, _ name: String, _ value: String) { line(depth, "<\(name)>\(Self.escape(value))</\(name)>") }
+        line(1, "<Disk_Parameters>")
+        element(2, "Disk_size", "\(diskSizeSectors)")
+        if let m = maxDeltaSizeSectors, m != 0 { element(2, "Max_delta_size", "\(m)") }
+        element(2, "Cylinders", "\(cylinders)")
+        element(2, "Heads", "\(heads)")
+        element(2, "Sectors", "\(sectors)")
+        element(2, "Padding", "0")
+        if let k = encryptionKeyId {
+            line(2, "<Encryption>")
+            element(3, "KeyId", k)
+            line(2, "</Encryption>")
+        }
+        line(1, "</Disk_Parameters>")
+        line(1, "<StorageData>")
+        if let v = volume {
+            line(2, "<Volume>")
+            element(3, "Parent", v.parent)
+            element(3, "SnapshotGUID", v.snapshotGUID)
+            if let r = v.readOnly { element(3, "ReadOnly", r) }
+            line(2, "</Volume>")
+        }
+        line(2, "<Storage>")
+        element(3, "Start", "0")
+        element(3, "End", "\(diskSizeSectors)")
+        element(3, "Blocksize", "\(blocksize)")
+        if preallocated { element(3, "Preallocated", "1") }
+        for i in images {
+            line(3, "<Image>")
+            element(4, "GUID", i.guid.text)
+            element(4, "Type", i.kind.rawValue)
+            element(4, "File", i.file)
+            line(3, "</Image>")
+        }
+        line(2, "</Storage>")
+        line(1, "</StorageData>")
+        line(1, "<Snapshots>")
+        element(2, "TopGUID", topGUID.text)
+        for s in shots {
+            line(2, "<Shot>")
+            element(3, "GUID", s.guid.text)
+            element(3, "ParentGUID", s.parent.text)
+            if s.temporary { line(3, "<Temporary/>") }
+            line(2, "</Shot>")
+        }
+        line(1, "</Snapshots>")
+        out += "</Parallels_disk_image>\n"
+        return out
+    }
+
+    static func escape(_ s: String) -> String {
+        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
+    }
+
+    // MARK: - Reading: strict where the original is lenient
+
+    /// Parses descriptor text. Like the original, an encoding declaration, comments and unknown
+    /// elements are not kept (they are not written back). Unlike it, a descriptor that cannot be
+    /// trusted is refused: another root element, no or two Storage, an Image without a Shot or
+    /// the reverse, two images with one GUID, a ParentGUID naming nothing, a cycle, no TopGUID or
+    /// one that names nothing, numbers that are not numbers. `path` is for messages.
+    public static func parse(_ data: Data, path: String) throws(DiskError) -> DiskDescriptor {
+        let text = String(decoding: data, as: UTF8.self)
+        // No DTDs: a descriptor has no business declaring entities (nor pulling files in).
+        if text.contains("<!DOCTYPE") || text.contains("<!ENTITY") { throw .malformed(path, "it declares a DTD or entities") }
+        let doc: XMLDocument
+        do { doc = try XMLDocument(data: data, options: []) } catch {
+            throw .malformed(path, "the XML does not parse (\((error as NSError).localizedDescription))")
+        }
+        guard let root = doc.rootElement() else { throw .malformed(path, "it has no root element") }
+        guard root.name == "Parallels_disk_image" else { throw .invalid(path, element: root.name ?? "?", "is not Parallels_disk_image") }
+
+        func children(_ e: XMLElement, _ name: String) -> [XMLElement] { e.elements(forName: name) }
+        func one(_ e: XMLElement, _ name: String, in parent: String) throws(DiskError) -> XMLElement {
+            let found = children(e, name)
+            guard found.count == 1 else {
+                throw .invalid(path, element: name, found.isEmpty ? "is missing from <\(parent)>" : "appears \(found.count) times in <\(parent)>")
+            }
+            return found[0]
+        }
+        func optional(_ e: XMLElement, _ name: String, in parent: String) throws(DiskError) -> XMLElement? {
+            let found = children(e, name)
+            guard found.count <= 1 else { throw .invalid(path, element: name, "appears \(found.count) times in <\(parent)>") }
+            return found.first
+        }
+        func value(_ e: XMLElement) -> String { (e.stringValue ?? "").trimmingCharacters(in: .whitespacesAndNewlines) }
+        func number<T: FixedWidthInteger>(_ e: XMLElement, _ type: T.Type) throws(DiskError) -> T {
+            let v = value(e)
+            guard !v.isEmpty, v.allSatisfy({ $0.isASCII && $0.isNumber }), let n = T(v) else {
+                throw .invalid(path, element: e.name ?? "?", "holds \"\(v)\", not a number")
+            }
+            return n
+        }
+        func guid(_ e: XMLElement) throws(DiskError) -> GUID {
+            guard let g = GUID(parsing: value(e)) else { throw .invalid(path, element: e.name ?? "?", "holds \"\(value(e))\", not a GUID") }
+            return g
+        }
+
+        let params = try one(root, "Disk_Parameters", in: "Parallels_disk_image")
+        let size = try number(try one(params, "Disk_size", in: "Disk_Parameters"), UInt64.self)
+        let maxDelta = try optional(params, "Max_delta_size", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt64.self) }
+        let cylinders = try optional(params, "Cylinders", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt32.self) } ?? 0
+        let heads = try optional(params, "Heads", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt32.self) } ?? 0
+        let sectors = try optional(params, "Sectors", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt32.self) }
+        let keyId = try optional(params, "Encryption", in: "Disk_Parameters").map { (e) throws(DiskError) in value(try one(e, "KeyId", in: "Encryption")) }
+
+        let storageData = try one(root, "StorageData", in: "Parallels_disk_image")
+        let storages = children(storageData, "Storage")
+        guard storages.count == 1 else {
+            throw .invalid(path, element: "Storage", storages.isEmpty ? "is missing" : "appears \(storages.count) times (a split disk is not supported)")
+        }
+        let storage = storages[0]
+        var volume: Volume?
+        if let v = try optional(storageData, "Volume", in: "StorageData") {
+            volume = Volume(
+                parent: value(try one(v, "Parent", in: "Volume")), snapshotGUID: value(try one(v, "SnapshotGUID", in: "Volume")),
+                readOnly: try optional(v, "ReadOnly", in: "Volume").map(value))
+        }
+        if let start = try optional(storage, "Start", in: "Storage"), try number(start, UInt64.self) != 0 {
+            throw .invalid(path, element: "Start", "is \(value(start)): only 0 is supported")
+        }
+        if let end = try optional(storage, "End", in: "Storage"), try number(end, UInt64.self) != size {
+            throw .invalid(path, element: "End", "is \(value(end)) but <Disk_size> is \(size)")
+        }
+        let blocksize = try number(try one(storage, "Blocksize", in: "Storage"), UInt32.self)
+        let preallocated = try optional(storage, "Preallocated", in: "Storage").map { (e) throws(DiskError) in try number(e, UInt32.self) != 0 } ?? false
+
+        var images: [Image] = []
+        for e in children(storage, "Image") {
+            let g = try guid(try one(e, "GUID", in: "Image"))
+            let typeText = value(try one(e, "Type", in: "Image"))
+            guard let kind = Image.Kind(rawValue: typeText) else { throw .invalid(path, element: "Type", "holds \"\(typeText)\": Compressed or Plain") }
+            let file = value(try one(e, "File", in: "Image"))
+            guard !file.isEmpty else { throw .invalid(path, element: "File", "of image \(g) is empty") }
+            if images.contains(where: { $0.guid == g }) { throw .invalid(path, element: "Image", "\(g) appears twice") }
+            images.append(Image(guid: g, kind: kind, file: file))
+        }
+        guard !images.isEmpty else { throw .invalid(path, element: "Image", "is missing: the disk has no image") }
+
+        let snapshots = try one(root, "Snapshots", in: "Parallels_disk_image")
+        let top = try guid(try one(snapshots, "TopGUID", in: "Snapshots"))
+        var shots: [Shot] = []
+        for e in children(snapshots, "Shot") {
+            let g = try guid(try one(e, "GUID", in: "Shot"))
+            let parent = try guid(try one(e, "ParentGUID", in: "Shot"))
+            if shots.contains(where: { $0.guid == g }) { throw .invalid(path, element: "Shot", "\(g) appears twice") }
+            shots.append(Shot(guid: g, parent: parent, temporary: !children(e, "Temporary").isEmpty))
+        }
+
+        var d = DiskDescriptor(diskSizeSectors: size, cylinders: cylinders, heads: heads, blocksize: blocksize, images: images, topGUID: top, shots: shots, preallocated: preallocated)
+        if let sectors { d.sectors = sectors }
+        d.maxDeltaSizeSectors = maxDelta
+        d.encryptionKeyId = keyId
+        d.volume = volume
+        try d.checkTree(path: path)
+        return d
+    }
+
+    /// The GUID rules: one Shot per Image, parents that exist, one base, no cycle, a top that
+    /// exists and is a leaf.
+    func checkTree(path: String) throws(DiskError) {
+        for i in images where shot(i.guid) == nil { throw .invalid(path, element: "Image", "\(i.guid) has no <Shot>") }
+        for s in shots where image(s.guid) == nil { throw .invalid(path, element: "Shot", "\(s.guid) names no <Image>") }
+        for s in shots where !s.parent.isNone && shot(s.parent) == nil {
+            throw .invalid(path, element: "ParentGUID", "\(s.parent) of snapshot \(s.guid) names no snapshot")
+        }
+        if shots.contains(where: { $0.guid.isNone }) { throw .invalid(path, element: "GUID", "is the zero GUID, which means 'no parent'") }
+        let bases = shots.filter { $0.parent.isNone }
+        guard bases.count == 1 else {
+            throw .invalid(path, element: "ParentGUID", bases.isEmpty ? "is never the zero GUID: there is no base image (a cycle?)" : "is the zero GUID for \(bases.count) images: a disk has one base")
+        }
+        guard image(topGUID) != nil else { throw .invalid(path, element: "TopGUID", "\(topGUID) names no image") }
+        if !children(of: topGUID).isEmpty { throw .invalid(path, element: "TopGUID", "\(topGUID) has snapshots above it: the top must be a leaf") }
+        // Every image reaches the base without looping.
+        for s in shots {
+            var seen: Set<GUID> = []
+            var g = s.guid
+            while !g.isNone {
+                guard seen.insert(g).inserted, let next = shot(g) else { throw .invalid(path, element: "ParentGUID", "chain from \(s.guid) loops") }
+                g = next.parent
+            }
+        }
+    }
+}
