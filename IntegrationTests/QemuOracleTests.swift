@@ -27,7 +27,7 @@ struct QemuOracleTests {
 
     static func initImage(_ dir: ScratchDirectory, _ name: String, _ s: Shape, size: String? = nil) throws -> String {
         let path = dir.file(name)
-        let r = try TestSupport.ploop("init", "-v", "\(s.version)", "-b", "\(s.clusterSectors)", "-s", size ?? s.size, path)
+        let r = try TestSupport.ploop("init", "--no-descriptor", "-v", "\(s.version)", "-b", "\(s.clusterSectors)", "-s", size ?? s.size, path)
         #expect(r.code == 0, "\(r)")
         return path
     }
@@ -65,7 +65,7 @@ struct QemuOracleTests {
             "write -P 0x44 \(size - 4096) 4k", "write -P 0x55 \(size / 2) 512",
         ]
         #expect(try Qemu.io(img, writes).code == 0)
-        let ours = try TestSupport.ploop("init", "-f", "raw", "-b", "\(s.clusterSectors)", "-s", "\(size / 512)", dir.file("ours.raw"))
+        let ours = try TestSupport.ploop("init", "--no-descriptor", "-f", "raw", "-b", "\(s.clusterSectors)", "-s", "\(size / 512)", dir.file("ours.raw"))
         #expect(ours.code == 0)
         let merge = try TestSupport.ploop("merge", "-f", "raw", img, dir.file("ours.raw"))
         #expect(merge.code == 0, "\(merge)")

@@ -62,7 +62,7 @@ struct SafetyIntegrationTests {
             // A block node of the RAM disk driver (major 1) under a ploop name.
             #expect(try TestSupport.sh("mknod", "-m", "600", node, "b", "1", "0").code == 0)
             defer { if PathInfo.entryKind(node) == .device { unlink(node) } }
-            _ = try TestSupport.ploop("init", "-s", "16m", dir.file("a.hdd"))
+            _ = try TestSupport.ploop("init", "--no-descriptor", "-s", "16m", dir.file("a.hdd"))
             let r = try TestSupport.ploop("mount", "-d", node, dir.file("a.hdd"))
             if r.code == 0 { _ = try TestSupport.ploop("umount", "-d", node) }
             #expect(r.code == 1 && (r.stderr.contains("device node of another driver") || r.stderr.contains("not ploop's")), "\(r)")

@@ -69,7 +69,7 @@ struct SimulatorTests {
         /// A new image of `size` on a device, with ext4 made and mounted. Returns (image, device, mount).
         func freshExt4(size: String, mountName: String = "mnt") throws -> (String, String, String) {
             let image = dir.file("root.hdd")
-            _ = try ploop("init", "-s", size, image)
+            _ = try ploop("init", "--no-descriptor", "-s", size, image)
             let dev = try mount([image])
             #expect(try TestSupport.sh("mkfs.ext4", "-q", "-F", dev).code == 0)
             return (image, dev, try mountFS(dev, mountName))
@@ -203,7 +203,7 @@ struct SimulatorTests {
         try DeviceTestLock.run {
             let s = try Stage()
             let base = s.dir.file("base.raw")
-            _ = try s.ploop("init", "-f", "raw", "-s", "256m", base)
+            _ = try s.ploop("init", "--no-descriptor", "-f", "raw", "-s", "256m", base)
             let dev = try s.mount([base], extra: ["-f", "raw"])
             #expect(try TestSupport.sh("mkfs.ext4", "-q", "-F", dev).code == 0)
             var mnt = try s.mountFS(dev, "m")
@@ -273,9 +273,9 @@ struct SimulatorTests {
         try DeviceTestLock.run { try TestSupport.withBackend(backend) {
             let s = try Stage()
             let base = s.dir.file("root.hdd")
-            _ = try s.ploop("init", "-s", "64m", base)
+            _ = try s.ploop("init", "--no-descriptor", "-s", "64m", base)
             let delta = s.dir.file("root.hdd.1")
-            _ = try s.ploop("init", "-s", "64m", delta)
+            _ = try s.ploop("init", "--no-descriptor", "-s", "64m", delta)
             s.dir.write("corrupt.hdd", [UInt8](repeating: 7, count: 1 << 20))
             let before = try s.dir.snapshot()
             let runBefore = Set((try? FileManager.default.contentsOfDirectory(atPath: "/run/ploop")) ?? [])
@@ -338,7 +338,7 @@ struct SimulatorTests {
         try DeviceTestLock.run {
             let s = try Stage()
             let base = s.dir.file("root.hdd")
-            _ = try s.ploop("init", "-s", "64m", base)
+            _ = try s.ploop("init", "--no-descriptor", "-s", "64m", base)
             let dev = try s.mount([base])
             var expected = [UInt8](repeating: 0, count: 64 << 20)
             for (i, (size, at)) in [(768 << 10, 1 << 20), (1 << 20, 8 << 20), (768 << 10, (20 << 20) + 4096), (4 << 20, 40 << 20)].enumerated() {
@@ -370,7 +370,7 @@ struct SimulatorTests {
         try DeviceTestLock.run {
             let s = try Stage()
             let base = s.dir.file("root.hdd")
-            _ = try s.ploop("init", "-s", "64m", base)
+            _ = try s.ploop("init", "--no-descriptor", "-s", "64m", base)
             // The manual's node for the kernel driver, on a kernel without it.
             let free = (0..<4096).first { !FileManager.default.fileExists(atPath: "/dev/ploop\($0)") && !FileManager.default.fileExists(atPath: "/run/ploop/ploop\($0)") }!
             let node = "/dev/ploop\(free)"

@@ -127,7 +127,9 @@ extension Disk {
     /// `lower`'s file and `lower` (with the images between them, when `through`) leaves the
     /// descriptor: the original's rule for snapshot-delete and snapshot-merge. With `into`, the
     /// result goes to a new file instead and both old files go.
-    func mergeDown(upper: GUID, lower: GUID, operation: String, into newFile: String? = nil) throws(DiskError) {
+    /// `named` is the GUID as the user typed it: the original writes that text for the entry that
+    /// survives.
+    func mergeDown(upper: GUID, lower: GUID, operation: String, into newFile: String? = nil, named: GUID? = nil) throws(DiskError) {
         let chain = descriptor.chain(from: upper)
         guard let lowerAt = chain.firstIndex(of: lower), lowerAt > 0 else { throw .refused("\(lower) is not below \(upper)") }
         let merged = Array(chain[0..<lowerAt])  // upper first
@@ -145,6 +147,11 @@ extension Disk {
         let lowerParent = descriptor.shot(lower)!.parent
         for g in chain[1...lowerAt] { next.remove(g) }
         if let i = next.shots.firstIndex(where: { $0.guid == upper }) { next.shots[i].parent = lowerParent }
+        if let named, named == upper {
+            for i in next.images.indices where next.images[i].guid == upper { next.images[i].guid = named }
+            for i in next.shots.indices where next.shots[i].guid == upper { next.shots[i].guid = named }
+            if next.topGUID == upper { next.topGUID = named }
+        }
         var sources = merged.map { path(of: $0) }
         var files = sources
         var raw = lowerImage.kind == .plain
@@ -177,7 +184,7 @@ extension Disk {
         let g = guid ?? descriptor.topGUID
         guard let s = descriptor.shot(g) else { throw .unknownGUID(descriptorPath, g) }
         guard !s.parent.isNone else { throw .refused("\(g) is the base image: it has no parent to merge into (unable to merge the base image)") }
-        try mergeDown(upper: g, lower: s.parent, operation: "snapshot-merge", into: newDelta)
+        try mergeDown(upper: g, lower: s.parent, operation: "snapshot-merge", into: newDelta, named: guid)
     }
 
     /// `snapshot-delete -u G`: the top's file goes (its parent becomes the top); any other G

@@ -96,7 +96,7 @@ struct BadInputTests {
             ("good.hdd", ["-s", "64m"]), ("small.hdd", ["-s", "64m", "-b", "128"]), ("dirty.hdd", ["-s", "64m"]),
             ("other.hdd", ["-s", "64m"]),
         ] {
-            let r = try TestSupport.ploop(["init"] + args + [d.file(name)])
+            let r = try TestSupport.ploop(["init", "--no-descriptor"] + args + [d.file(name)])
             precondition(r.code == 0, "\(r)")
         }
         let image = try Ploop1Image(file: try ImagePath.open(d.file("good.hdd"), write: true), writable: true)
@@ -106,7 +106,7 @@ struct BadInputTests {
         var dirty = d.read("dirty.hdd")
         dirty[44] = 0x59; dirty[45] = 0x6E; dirty[46] = 0x6F; dirty[47] = 0x74
         d.write("dirty.hdd", dirty)
-        _ = try TestSupport.ploop("init", "-f", "raw", "-s", "64m", d.file("raw.img"))
+        _ = try TestSupport.ploop("init", "--no-descriptor", "-f", "raw", "-s", "64m", d.file("raw.img"))
         d.write("empty", [])
         d.write("trunc.hdd", Array(d.read("good.hdd")[0..<40]))
         d.write("cut.hdd", Array(d.read("good.hdd")[0..<4096]))

@@ -87,7 +87,7 @@ struct HostileInputTests {
     /// A 16 MiB image of 32 KiB clusters with data in clusters 0, 1, 2.
     static func sample(_ dir: ScratchDirectory, _ name: String, version: FormatVersion = .v2, size: String = "16m") throws -> String {
         let p = dir.file(name)
-        let r = try TestSupport.ploop("init", "-s", size, "-b", "64", "-v", "\(version.rawValue)", p)
+        let r = try TestSupport.ploop("init", "--no-descriptor", "-s", size, "-b", "64", "-v", "\(version.rawValue)", p)
         precondition(r.code == 0, "\(r)")
         let image = try Ploop1Image(file: try ImagePath.open(p, write: true), writable: true)
         for c in 0..<3 {
@@ -160,7 +160,7 @@ struct HostileInputTests {
     static func stage() throws -> ScratchDirectory {
         let dir = try ScratchDirectory("ploop-hostile")
         _ = try sample(dir, "other.hdd")
-        let r = try TestSupport.ploop("init", "-f", "raw", "-s", "16m", dir.file("raw.img"))
+        let r = try TestSupport.ploop("init", "--no-descriptor", "-f", "raw", "-s", "16m", dir.file("raw.img"))
         precondition(r.code == 0, "\(r)")
         return dir
     }

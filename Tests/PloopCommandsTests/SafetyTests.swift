@@ -13,7 +13,7 @@ enum Images {
     @discardableResult
     static func make(_ dir: ScratchDirectory, _ name: String, size: String = "16m", blocksize: String = "64", clusters: [UInt64] = []) throws -> String {
         let path = dir.file(name)
-        let r = try TestSupport.ploop("init", "-s", size, "-b", blocksize, path)
+        let r = try TestSupport.ploop("init", "--no-descriptor", "-s", size, "-b", blocksize, path)
         precondition(r.code == 0, "\(r)")
         guard !clusters.isEmpty else { return path }
         let image = try Ploop1Image(file: try ImagePath.open(path, write: true), writable: true)
@@ -53,7 +53,7 @@ struct SafetyRegressionTests {
     ])
     func hugeSizesAreRefusedNotTrapped(_ args: [String]) throws {
         let dir = try ScratchDirectory()
-        _ = try TestSupport.ploop("init", "-f", "raw", "-s", "1m", dir.file("raw.img"))
+        _ = try TestSupport.ploop("init", "--no-descriptor", "-f", "raw", "-s", "1m", dir.file("raw.img"))
         try Images.make(dir, "a.hdd")
         let before = try dir.snapshot()
         let r = try TestSupport.ploopLimited(args, cwd: dir.path)
@@ -229,7 +229,7 @@ struct SafetyRegressionTests {
             let src = try Images.make(dir, "src.hdd", clusters: [0, 1, 2])
             try Images.pokeEntry(src, c.cluster, c.value)
             if format == "raw" {
-                _ = try TestSupport.ploop("init", "-f", "raw", "-s", "16m", dir.file("dst"))
+                _ = try TestSupport.ploop("init", "--no-descriptor", "-f", "raw", "-s", "16m", dir.file("dst"))
             } else {
                 try Images.make(dir, "dst")
             }
@@ -395,7 +395,7 @@ struct SafetyRegressionTests {
         let dir = try ScratchDirectory()
         // A dead init's leftover (nobody holds its lock) is removed by the next init.
         _ = FileManager.default.createFile(atPath: dir.file("big.hdd.init-999999"), contents: Data([1, 2, 3]))
-        let r = try TestSupport.ploopLimited(["init", "-b", "64", "-s", "50t", dir.file("big.hdd")])
+        let r = try TestSupport.ploopLimited(["init", "--no-descriptor", "-b", "64", "-s", "50t", dir.file("big.hdd")])
         #expect(r.code == 0, "\(r)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path) == ["big.hdd"])
         var st = stat()
