@@ -152,6 +152,10 @@ extension Ploop {
             let d = try DiskDevices.open(disk)
             try DiskDevices.requireOffline(d, backend: backend)
             let g = try parseGUID(uuid)
+            if d.finishedOperation == "snapshot-delete \(g.key)" {
+                print("ploop snapshot \(g): the interrupted delete is finished")
+                return
+            }
             let merged = try diskErrors { try d.deleteSnapshot(g) }
             print(merged ? "ploop snapshot merged" : "ploop snapshot \(g) has been successfully deleted")
         }
@@ -189,6 +193,11 @@ extension Ploop {
         func run() throws {
             let d = try DiskDevices.open(disk)
             try DiskDevices.requireOffline(d, backend: backend)
+            let op = all ? "snapshot-merge -A" : "snapshot-merge \(try uuid.map(parseGUID)?.key ?? "top")"
+            if d.finishedOperation == op {
+                print("ploop snapshot merged (an interrupted merge was finished)")
+                return
+            }
             try diskErrors { try d.mergeSnapshot(try uuid.map(parseGUID), all: all, newDelta: newDelta) }
             print("ploop snapshot merged")
         }
@@ -220,6 +229,10 @@ extension Ploop {
         func run() throws {
             let d = try DiskDevices.open(disk)
             try DiskDevices.requireOffline(d, backend: backend)
+            if d.finishedOperation == "snapshot-switch \(try parseGUID(uuid).key)" {
+                print("ploop snapshot has been successfully switched (an interrupted switch was finished)")
+                return
+            }
             try diskErrors { try d.switchSnapshot(try parseGUID(uuid)) }
             print("ploop snapshot has been successfully switched")
         }
@@ -261,6 +274,10 @@ enum DiskCommands {
     static func snapshot(_ argument: String, uuid: String?, backend: BackendOptions) throws {
         let d = try DiskDevices.open(argument)
         let guid = try uuid.map(parseGUID)
+        if let guid, d.finishedOperation == "snapshot \(guid.key)" {
+            print("ploop snapshot \(guid) has been successfully created (an interrupted snapshot was finished)")
+            return
+        }
         let be = try? backend.backend.resolve()
         let running = be.flatMap { DiskDevices.device(of: d, backend: $0) }
         if running == nil, let be, let held = DiskDevices.device(of: d, backend: be, anyLevel: true) {

@@ -99,7 +99,7 @@ extension Disk {
         if descriptor.images.count >= 128 { throw .refused("\(descriptorPath) has 128 images, the most a disk can have: merge or delete snapshots first") }
         let file = newDeltaPath()
         let next = afterSnapshot(g, file: file, temporary: temporary)
-        let j = Journal(operation: "snapshot", files: [file])
+        let j = Journal(operation: "snapshot \(g.key)", files: [file], descriptor: next.xml())
         try writeJournal(j)
         if let create { try create(file) } else { try createEmptyDelta(file, like: descriptor.topGUID) }
         try commit(next)
@@ -158,8 +158,6 @@ extension Disk {
         if let newFile {
             let abs = Self.absolutePath(newFile)
             if PathInfo.entryKind(abs) != .missing { throw .image(.alreadyExists(abs)) }
-            // The new file starts as a copy of the lower image's geometry; everything merges in.
-            try createEmptyDelta(abs, like: upper)
             sources.append(path(of: lower))
             files.append(path(of: lower))
             files.append(abs)
@@ -167,6 +165,9 @@ extension Disk {
         }
         let j = Journal(operation: operation, files: files, merge: .init(sources: sources, destination: target, raw: raw), descriptor: next.xml())
         try writeJournal(j)
+        // A new file starts empty, of the disk's geometry; everything merges into it. Until it is
+        // whole, a crash rolls the merge back (recovery finds no destination).
+        if newFile != nil { try createEmptyDelta(target, like: upper) }
         _ = try imageErrors { () throws(ImageError) in try Offline.merge(sources: sources, destination: target, format: raw ? .raw : .ploop1) }
         try commit(next)
         endJournal(j)
@@ -178,13 +179,13 @@ extension Disk {
         let chain = descriptor.chain()
         if all {
             guard chain.count > 1 else { throw .refused("\(descriptorPath) has one image: there is nothing to merge") }
-            try mergeDown(upper: chain[0], lower: chain.last!, operation: "snapshot-merge", into: newDelta)
+            try mergeDown(upper: chain[0], lower: chain.last!, operation: "snapshot-merge -A", into: newDelta)
             return
         }
         let g = guid ?? descriptor.topGUID
         guard let s = descriptor.shot(g) else { throw .unknownGUID(descriptorPath, g) }
         guard !s.parent.isNone else { throw .refused("\(g) is the base image: it has no parent to merge into (unable to merge the base image)") }
-        try mergeDown(upper: g, lower: s.parent, operation: "snapshot-merge", into: newDelta, named: guid)
+        try mergeDown(upper: g, lower: s.parent, operation: "snapshot-merge \(guid?.key ?? "top")", into: newDelta, named: guid)
     }
 
     /// `snapshot-delete -u G`: the top's file goes (its parent becomes the top); any other G
@@ -204,14 +205,14 @@ extension Disk {
                 }
                 next.rename(s.parent, to: g)
             }
-            let j = Journal(operation: "snapshot-delete", files: [file])
+            let j = Journal(operation: "snapshot-delete \(g.key)", files: [file], descriptor: next.xml())
             try writeJournal(j)
             try commit(next)
             endJournal(j)
             return false
         }
         guard kids.count == 1 else { throw .refused("snapshot \(g) has \(kids.count) children (a branch): delete the other branch first") }
-        try mergeDown(upper: kids[0], lower: g, operation: "snapshot-delete")
+        try mergeDown(upper: kids[0], lower: g, operation: "snapshot-delete \(g.key)")
         return true
     }
 
@@ -225,7 +226,7 @@ extension Disk {
         var next = descriptor
         if let i = next.images.firstIndex(where: { $0.guid == top }) { next.images[i].file = relative(file); next.images[i].kind = .compressed }
         if let i = next.shots.firstIndex(where: { $0.guid == top }) { next.shots[i].parent = g; next.shots[i].temporary = false }
-        let j = Journal(operation: "snapshot-switch", files: [old, file])
+        let j = Journal(operation: "snapshot-switch \(g.key)", files: [old, file], descriptor: next.xml())
         try writeJournal(j)
         try createEmptyDelta(file, like: g)
         try commit(next)
@@ -246,27 +247,32 @@ extension Disk {
             throw .image(.shrinkRefused(descriptorPath, currentSectors: descriptor.diskSizeSectors, requestedSectors: sectors))
         }
         guard size > descriptor.diskSizeSectors else { return }
+        let next = resized(size)
+        let j = Journal(operation: "grow \(size)", files: [], grow: size, descriptor: next.xml())
+        try writeJournal(j)
         for g in descriptor.chain().reversed() {
             let raw = descriptor.image(g)!.kind == .plain
+            if !raw { try repairStaleMark(path(of: g)) }
             try imageErrors { () throws(ImageError) in try Offline.grow(path: path(of: g), toSectors: size, format: raw ? .raw : .ploop1) }
         }
-        try commitSize(size)
+        try commit(next)
+        endJournal(j)
+    }
+
+    /// The descriptor at another size; CHS as a header of that size has it.
+    func resized(_ size: UInt64) -> DiskDescriptor {
+        var next = descriptor
+        next.diskSizeSectors = size
+        let chs = CHSGeometry(sectors: size)
+        next.cylinders = chs.cylinders
+        next.heads = chs.heads
+        next.sectors = DiskDescriptor.sectors(size: size, cylinders: next.cylinders, heads: next.heads)
+        return next
     }
 
     /// The descriptor with a new size (and the top's CHS).
     public func commitSize(_ size: UInt64) throws(DiskError) {
-        var next = descriptor
-        next.diskSizeSectors = size
-        let chs = CHSGeometry(sectors: size)
-        if let info = try? ImageInfo.read(path: path(of: descriptor.topGUID)), let c = info.cylinders, let h = info.heads {
-            next.cylinders = c
-            next.heads = h
-        } else {
-            next.cylinders = chs.cylinders
-            next.heads = chs.heads
-        }
-        next.sectors = DiskDescriptor.sectors(size: size, cylinders: next.cylinders, heads: next.heads)
-        try commit(next)
+        try commit(resized(size))
     }
 
     // MARK: - snapshot-list
@@ -304,5 +310,19 @@ extension Disk {
     /// The empty delta an offline snapshot adds (like the top: its size, cluster size, version).
     public func createEmptyDeltaForSnapshot(_ file: String) throws(DiskError) {
         try createEmptyDelta(file, like: descriptor.topGUID)
+    }
+}
+
+extension Disk {
+    /// An in-use mark on an image of a disk we hold locked and no device runs is a crash's
+    /// leftover (an interrupted grow or merge): check and repair it, as mount does.
+    func repairStaleMark(_ path: String) throws(DiskError) {
+        guard let info = try? ImageInfo.read(path: path), info.format == .ploop1, info.inUse else { return }
+        var o = Checker.Options()
+        o.force = true
+        o.dropInUse = true
+        let r = try imageErrors { () throws(ImageError) in try Checker.check(path: path, options: o) }
+        guard r.status == .ok else { throw .image(.corrupt(path, r.findings.map(\.message).joined(separator: "; "))) }
+        say("\(path) was not closed cleanly (an interrupted operation); checked and repaired")
     }
 }

@@ -21,6 +21,9 @@ public final class Disk {
     public let descriptorPath: String
     public let folder: String
     public private(set) var descriptor: DiskDescriptor
+    /// The operation a crash interrupted and `open` completed (its journal's `operation`), if any:
+    /// a command asked to do it again can say it is done.
+    public private(set) var finishedOperation: String?
     private let lock: File
     let say: (String) -> Void
 
@@ -213,6 +216,8 @@ public final class Disk {
         var files: [String]
         /// A merge to redo before `descriptor` is committed.
         var merge: Merge?
+        /// A grow of every image of the chain to redo (sectors) before `descriptor` is committed.
+        var grow: UInt64?
         var descriptor: String?
 
         struct Merge: Codable {
@@ -237,7 +242,11 @@ public final class Disk {
     }
 
     func endJournal(_ j: Journal) {
-        for f in j.files where !references(f) { PathInfo.removeRegularFile(f) }
+        for f in j.files {
+            // A delta being built when the process died is still under its temporary name.
+            TemporaryFile.removeStale(of: f, suffix: "init")
+            if !references(f) { PathInfo.removeRegularFile(f) }
+        }
         PathInfo.removeRegularFile(journalPath)
         PathInfo.syncParentDirectory(of: journalPath)
     }
@@ -248,12 +257,26 @@ public final class Disk {
 
     /// Finishes what a crash interrupted (see the type's comment).
     func recover() throws(DiskError) {
+        // Half-written temporaries are never worth keeping: the rename that would publish them
+        // did not happen.
+        PathInfo.removeRegularFile(descriptorPath + ".tmp")
+        PathInfo.removeRegularFile(journalPath + ".tmp")
         guard PathInfo.kind(journalPath) == .regular else { return }
         guard let data = FileManager.default.contents(atPath: journalPath), let j = try? JSONDecoder().decode(Journal.self, from: data) else {
             throw .io("\(journalPath) is damaged: read it, finish or undo its operation by hand, then remove it")
         }
-        if let m = j.merge, let text = j.descriptor {
-            let next = try DiskDescriptor.parse(Data(text.utf8), path: journalPath)
+        let next = try j.descriptor.map { (text) throws(DiskError) in try DiskDescriptor.parse(Data(text.utf8), path: journalPath) }
+        if let size = j.grow, let next {
+            say("finishing an interrupted \(j.operation)")
+            for g in descriptor.chain().reversed() {
+                let raw = descriptor.image(g)!.kind == .plain
+                if !raw { try repairStaleMark(path(of: g)) }
+                try imageErrors { () throws(ImageError) in try Offline.grow(path: path(of: g), toSectors: size, format: raw ? .raw : .ploop1) }
+            }
+            try commit(next)
+            finishedOperation = j.operation
+        } else if let m = j.merge, let next, PathInfo.kind(m.destination) == .regular {
+            // The merge had started: images were being written. Finish it.
             if m.sources.allSatisfy({ PathInfo.kind($0) == .regular }) {
                 say("finishing an interrupted \(j.operation): merging again")
                 _ = try imageErrors { () throws(ImageError) in
@@ -261,8 +284,12 @@ public final class Disk {
                 }
             }
             try commit(next)
+            finishedOperation = j.operation
+        } else if let next, next == descriptor {
+            // The new descriptor was committed: only the clean-up was left.
+            finishedOperation = j.operation
         } else {
-            say("rolling back an interrupted \(j.operation)")
+            say("rolled back an interrupted \(j.operation.split(separator: " ").first ?? "")")
         }
         endJournal(j)
     }

@@ -30,7 +30,8 @@ public struct GUID: Hashable, Sendable, CustomStringConvertible, Codable {
     /// A new random (version 4) GUID, lower case.
     public static func random() -> GUID { GUID(uncheckedBraced: "{\(UUID().uuidString.lowercased())}") }
 
-    var key: String { text.lowercased() }
+    /// The GUID in lower case, for comparisons.
+    public var key: String { text.lowercased() }
     public static func == (a: GUID, b: GUID) -> Bool { a.key == b.key }
     public func hash(into h: inout Hasher) { h.combine(key) }
     public var description: String { text }

@@ -77,6 +77,7 @@ public final class File: Sendable {
 
     /// `pwrite(2)` of the whole buffer.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
+        CrashPoint.step()
         var done = 0
         while done < buffer.count {
             let at = try position("write", offset, done)
@@ -94,10 +95,16 @@ public final class File: Sendable {
     }
 
     /// `fsync(2)`.
-    public func sync() throws(SystemError) { _ = try retrying("fsync", path) { fsync(fd) } }
+    public func sync() throws(SystemError) {
+        CrashPoint.step()
+        _ = try retrying("fsync", path) { fsync(fd) }
+    }
 
     /// `fdatasync(2)`.
-    public func dataSync() throws(SystemError) { _ = try retrying("fdatasync", path) { fdatasync(fd) } }
+    public func dataSync() throws(SystemError) {
+        CrashPoint.step()
+        _ = try retrying("fdatasync", path) { fdatasync(fd) }
+    }
 
     /// `fallocate(2)` mode 0 over [0, length): strict (no fallback); false only for EOPNOTSUPP.
     public func allocateStrict(length: UInt64) throws(SystemError) {
@@ -115,6 +122,7 @@ public final class File: Sendable {
 
     /// `ftruncate(2)`.
     public func truncate(to length: UInt64) throws(SystemError) {
+        CrashPoint.step()
         let to = try position("ftruncate", length, 0)
         _ = try retrying("ftruncate", path) { ftruncate(fd, off_t(to)) }
     }
@@ -137,6 +145,7 @@ public final class File: Sendable {
 
     /// `fallocate(2)` with `FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE`.
     public func punchHole(at offset: UInt64, length: UInt64) throws(SystemError) {
+        CrashPoint.step()
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
         try negErrno("fallocate") { cploop_fallocate(fd, 0x02 | 0x01, at, len) }
     }
@@ -353,6 +362,7 @@ public enum PathInfo {
     /// appeared at `destination` meanwhile is not replaced either (`RENAME_NOREPLACE`).
     public static func publish(_ temp: String, as destination: String, replace: Bool) throws(PublishError) {
         try checkDestination(destination, replace: replace)
+        CrashPoint.step()
         let r: Int32
         if replace && entryKind(destination) == .regular {
             r = RawPath.withCString(temp) { t in RawPath.withCString(destination) { d in rename(t, d) == 0 ? 0 : -errno } }
@@ -368,6 +378,7 @@ public enum PathInfo {
     @discardableResult
     public static func removeRegularFile(_ path: String) -> Bool {
         guard entryKind(path) == .regular else { return false }
+        CrashPoint.step()
         return RawPath.withCString(path) { unlink($0) } == 0
     }
 

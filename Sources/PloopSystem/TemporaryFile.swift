@@ -38,7 +38,9 @@ public final class TemporaryFile {
         cploop_unlink_on_signal(nil)
     }
 
-    static func removeStale(of destination: String, suffix: String) -> [String] {
+    /// Removes `DEST.SUFFIX-PID` files whose builder is gone (their lock can be taken).
+    @discardableResult
+    public static func removeStale(of destination: String, suffix: String) -> [String] {
         let slash = destination.lastIndex(of: "/")
         let dir = slash.map { String(destination[..<$0]) } ?? "."
         let prefix = (slash.map { String(destination[destination.index(after: $0)...]) } ?? destination) + ".\(suffix)-"

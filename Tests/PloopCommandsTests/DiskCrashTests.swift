@@ -1,0 +1,112 @@
+import Foundation
+import PloopDisk
+import PloopFormat
+import PloopImage
+import PloopSystem
+import PloopTestSupport
+import Testing
+
+/// Every descriptor command killed before each of its file changes in turn (PLOOP_TEST_CRASH_AT:
+/// `_exit` with nothing cleaned up). After each kill the disk reads as the old disk or the new
+/// one; running the command again completes it; then the disk is the new one, checks clean, and
+/// holds no leftovers (journal, temporary files, stray deltas).
+struct DiskCrashTests {
+    static let g1 = "{11111111-1111-4111-8111-111111111111}"
+    static let g2 = "{22222222-2222-4222-8222-222222222222}"
+    static let g3 = "{33333333-3333-4333-8333-333333333333}"
+
+    /// base ← G1 … : init, then per level a few 64 KiB clusters (overlapping the level below),
+    /// snapshots G1 and G2 between them. Returns the folder.
+    static func stage(_ root: ScratchDirectory) throws -> String {
+        let disk = root.file("disk")
+        try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
+        #expect(try TestSupport.ploop("init", "-s", "64m", "-b", "128", disk + "/root.hds").code == 0)
+        for (level, g) in [(0, g1), (1, g2), (2, nil)] as [(Int, String?)] {
+            let d = try DiskDescriptor.parse(try Data(contentsOf: URL(fileURLWithPath: disk + "/DiskDescriptor.xml")), path: "dd")
+            let top = disk + "/" + d.image(d.topGUID)!.file
+            let image = try Ploop1Image(file: try ImagePath.open(top, write: true), writable: true)
+            for c in [UInt64(level), UInt64(level + 1), UInt64(50 + level)] {
+                let data = [UInt8](repeating: UInt8(0x30 + level), count: image.clusterBytes)
+                try data.withUnsafeBytes { try image.write(cluster: ClusterIndex(c), data: $0) }
+            }
+            try image.close()
+            if let g { #expect(try TestSupport.ploop("snapshot", "-u", g, disk).code == 0) }
+        }
+        return disk
+    }
+
+    /// What the disk reads as (cluster → byte), through the chain its descriptor names now,
+    /// without recovering anything.
+    static func content(_ disk: String) throws -> [UInt64: UInt8] {
+        let d = try DiskDescriptor.parse(try Data(contentsOf: URL(fileURLWithPath: disk + "/DiskDescriptor.xml")), path: "dd")
+        var out: [UInt64: UInt8] = [:]
+        for g in d.chain().reversed() {
+            let p = disk + "/" + d.image(g)!.file
+            #expect(PathInfo.kind(p) == .regular, "the descriptor names \(p), which is gone")
+            let image = try Ploop1Image(file: try ImagePath.open(p, write: false), writable: false)
+            var b = [UInt8](repeating: 0, count: image.clusterBytes)
+            for (c, _) in image.allocatedClusters() {
+                _ = try b.withUnsafeMutableBytes { try image.read(cluster: c, into: $0) }
+                out[c.value] = b[0]
+                #expect(Set(b).count == 1, "cluster \(c.value) of \(p) holds mixed data")
+            }
+        }
+        return out
+    }
+
+    static func copy(_ from: String, to: String) throws {
+        let r = try TestSupport.run("/bin/cp", ["-a", from, to])
+        precondition(r.code == 0, "\(r)")
+    }
+
+    static let commands: [[String]] = [
+        ["snapshot", "-u", g3],
+        ["snapshot-delete", "-u", g2],
+        ["snapshot-delete", "-u", g1],
+        ["snapshot-delete", "-u", "{5fbaabe3-6958-40ff-92a7-860e329aab41}"],
+        ["snapshot-merge"],
+        ["snapshot-merge", "-u", g2],
+        ["snapshot-merge", "-A"],
+        ["snapshot-merge", "-u", g2, "-n", "@/merged.hds"],
+        ["snapshot-switch", "-u", g1],
+        ["grow", "-s", "96m"],
+    ]
+
+    @Test(arguments: commands)
+    func killedAtEveryWrite(_ command: [String]) throws {
+        let root = try ScratchDirectory("ploop-crash")
+        let staged = try Self.stage(root)
+        let old = try Self.content(staged)
+        // The reference: the command run whole.
+        let reference = root.file("reference")
+        try Self.copy(staged, to: reference)
+        let args = { (disk: String) in command.map { $0.replacingOccurrences(of: "@", with: disk) } + [disk + "/DiskDescriptor.xml"] }
+        let whole = try TestSupport.ploop(args(reference))
+        #expect(whole.code == 0, "\(whole)")
+        let new = try Self.content(reference)
+        let files = { (disk: String) throws -> [String] in
+            try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }
+                .map { $0.replacingOccurrences(of: #"\{[0-9a-f-]{36}\}"#, with: "{guid}", options: .regularExpression) }.sorted()
+        }
+        let referenceFiles = try files(reference)
+        var crashes = 0
+        for n in 1...400 {
+            let disk = root.file("run-\(n)")
+            try Self.copy(staged, to: disk)
+            defer { try? FileManager.default.removeItem(atPath: disk) }
+            let r = try TestSupport.run(TestSupport.ploopBinary, args(disk), environment: ["PLOOP_TEST_CRASH_AT": "\(n)"])
+            if r.code == 0 { break }
+            #expect(r.code == 137, "write \(n): \(r)")
+            crashes += 1
+            let now = try Self.content(disk)
+            #expect(now == old || now == new, "after a kill at write \(n) the disk is neither the old nor the new one")
+            let again = try TestSupport.ploop(args(disk))
+            #expect(again.code == 0, "re-run after a kill at write \(n): \(again)")
+            #expect(try Self.content(disk) == new, "after the re-run (kill at write \(n))")
+            let check = try TestSupport.ploop("check", "-f", "-r", disk + "/DiskDescriptor.xml")
+            #expect(check.code == 0, "check after a kill at write \(n): \(check)")
+            #expect(try files(disk) == referenceFiles, "leftovers after a kill at write \(n)")
+        }
+        #expect(crashes > 3, "the command made only \(crashes) changes: the hook is not reached")
+    }
+}
