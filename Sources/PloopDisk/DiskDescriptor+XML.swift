@@ -76,14 +76,19 @@ extension DiskDescriptor {
         let text = String(decoding: data, as: UTF8.self)
         // No DTDs: a descriptor has no business declaring entities (nor pulling files in).
         if text.contains("<!DOCTYPE") || text.contains("<!ENTITY") { throw .malformed(path, "it declares a DTD or entities") }
-        let doc: XMLDocument
-        do { doc = try XMLDocument(data: data, options: []) } catch {
-            throw .malformed(path, "the XML does not parse (\((error as NSError).localizedDescription))")
+        guard !data.isEmpty else { throw .malformed(path, "the XML does not parse (the file is empty)") }
+        let tree = TreeBuilder()
+        let parser = XMLParser(data: data)
+        parser.delegate = tree
+        parser.shouldResolveExternalEntities = false
+        guard parser.parse(), let root = tree.root else {
+            throw .malformed(path, "it is not well-formed XML (near line \(parser.lineNumber))")
         }
-        guard let root = doc.rootElement() else { throw .malformed(path, "it has no root element") }
-        guard root.name == "Parallels_disk_image" else { throw .invalid(path, element: root.name ?? "?", "is not Parallels_disk_image") }
+        if let open = tree.stack.last { throw .malformed(path, "it ends inside <\(open.name)> (the file is cut short)") }
+        guard root.name == "Parallels_disk_image" else { throw .invalid(path, element: root.name, "is not Parallels_disk_image") }
+        typealias XMLElement = TreeBuilder.Element
 
-        func children(_ e: XMLElement, _ name: String) -> [XMLElement] { e.elements(forName: name) }
+        func children(_ e: XMLElement, _ name: String) -> [XMLElement] { e.children.filter { $0.name == name } }
         func one(_ e: XMLElement, _ name: String, in parent: String) throws(DiskError) -> XMLElement {
             let found = children(e, name)
             guard found.count == 1 else {
@@ -96,16 +101,16 @@ extension DiskDescriptor {
             guard found.count <= 1 else { throw .invalid(path, element: name, "appears \(found.count) times in <\(parent)>") }
             return found.first
         }
-        func value(_ e: XMLElement) -> String { (e.stringValue ?? "").trimmingCharacters(in: .whitespacesAndNewlines) }
+        func value(_ e: XMLElement) -> String { e.text.trimmingCharacters(in: .whitespacesAndNewlines) }
         func number<T: FixedWidthInteger>(_ e: XMLElement, _ type: T.Type) throws(DiskError) -> T {
             let v = value(e)
             guard !v.isEmpty, v.allSatisfy({ $0.isASCII && $0.isNumber }), let n = T(v) else {
-                throw .invalid(path, element: e.name ?? "?", "holds \"\(v)\", not a number")
+                throw .invalid(path, element: e.name, "holds \"\(v)\", not a number")
             }
             return n
         }
         func guid(_ e: XMLElement) throws(DiskError) -> GUID {
-            guard let g = GUID(parsing: value(e)) else { throw .invalid(path, element: e.name ?? "?", "holds \"\(value(e))\", not a GUID") }
+            guard let g = GUID(parsing: value(e)) else { throw .invalid(path, element: e.name, "holds \"\(value(e))\", not a GUID") }
             return g
         }
 
@@ -194,4 +199,33 @@ extension DiskDescriptor {
             }
         }
     }
+}
+
+/// Builds an element tree from XMLParser's events (elements and their text; attributes, comments
+/// and processing instructions are not kept, as the original drops them).
+final class TreeBuilder: NSObject, XMLParserDelegate {
+    final class Element {
+        let name: String
+        var text = ""
+        var children: [Element] = []
+        init(name: String) { self.name = name }
+    }
+
+    var root: Element?
+    var stack: [Element] = []
+
+    func parser(_ parser: XMLParser, didStartElement name: String, namespaceURI: String?, qualifiedName: String?, attributes: [String: String] = [:]) {
+        let e = Element(name: name)
+        if let parent = stack.last { parent.children.append(e) } else if root == nil { root = e }
+        stack.append(e)
+    }
+
+    func parser(_ parser: XMLParser, didEndElement name: String, namespaceURI: String?, qualifiedName: String?) {
+        _ = stack.popLast()
+    }
+
+    func parser(_ parser: XMLParser, foundCharacters string: String) { stack.last?.text += string }
+
+    func parser(_ parser: XMLParser, foundCDATA block: Data) { stack.last?.text += String(decoding: block, as: UTF8.self) }
+
 }
