@@ -1,0 +1,127 @@
+import Foundation
+import PloopSystem
+import PloopTestSupport
+import Testing
+
+/// A disk (DiskDescriptor.xml) used as vzctl would, on every backend: mount it, write through the
+/// device, snapshot it online, grow it online, refuse offline-only commands while it runs, unmount
+/// it, mount a snapshot read-only, merge everything offline — with the device's bytes checked
+/// against what was written after each step. Devices are stopped by their exact name even when a
+/// test fails.
+@Suite(.serialized, .enabled(if: TestSupport.simulatorUnavailable == nil, "simulator stack unavailable: \(TestSupport.simulatorUnavailable ?? "")"))
+struct DiskIntegrationTests {
+    static let g1 = "{11111111-1111-4111-8111-111111111111}"
+
+    final class Devices {
+        var names: [String] = []
+        deinit { for d in names.reversed() { _ = try? TestSupport.ploop("umount", "-d", d) } }
+    }
+
+    static func ploop(_ args: String..., sourceLocation: SourceLocation = #_sourceLocation) throws -> TestSupport.Result {
+        let r = try TestSupport.ploop(args)
+        #expect(r.code == 0, "ploop \(args.joined(separator: " ")): \(r)", sourceLocation: sourceLocation)
+        return r
+    }
+
+    static func write(_ device: String, _ bytes: [UInt8], at offset: UInt64) throws {
+        let f = try File(path: device, mode: .readWrite)
+        try bytes.withUnsafeBytes { try f.write($0, at: offset) }
+        try f.sync()
+    }
+
+    static func read(_ device: String, count: Int) throws -> [UInt8] {
+        let f = try File(path: device, mode: .readOnly)
+        var b = [UInt8](repeating: 0, count: count)
+        let n = try b.withUnsafeMutableBytes { try f.read(into: $0, at: 0) }
+        #expect(n == count)
+        return b
+    }
+
+    static func size(_ device: String) throws -> UInt64 {
+        let r = try TestSupport.sh("blockdev", "--getsize64", device)
+        return UInt64(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+    }
+
+    @Test(arguments: TestSupport.cliBackends)
+    func theDiskAsUsersManageIt(_ backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
+            let root = try ScratchDirectory("ploop-disk")
+            let disk = root.file("disk")
+            try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
+            let dd = disk + "/DiskDescriptor.xml"
+            let devices = Devices()
+            _ = try Self.ploop("init", "-s", "64m", "-b", "128", disk + "/root.hds")
+
+            // Mount the disk and write A.
+            let dev = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(dev)
+            var expected = [UInt8](repeating: 0, count: 64 << 20)
+            let a = DeviceContent.pattern(4 << 20, seed: 1)
+            try Self.write(dev, a, at: 0)
+            expected.replaceSubrange(0..<a.count, with: a)
+            let atG1 = expected
+
+            // Online snapshot: the old top becomes G1; B lands in the new top.
+            let snap = try Self.ploop("snapshot", "-u", Self.g1, dd)
+            #expect(snap.stdout.contains("ploop snapshot \(Self.g1) has been successfully created"))
+            let b = DeviceContent.pattern(4 << 20, seed: 2)
+            try Self.write(dev, b, at: 2 << 20)
+            expected.replaceSubrange((2 << 20)..<(6 << 20), with: b)
+            let list = try Self.ploop("snapshot-list", "-H", "-o", "uuid,current", dd)
+            #expect(list.stdout == "\(Self.g1)  \n{5fbaabe3-6958-40ff-92a7-860e329aab41} *\n", "\(list)")
+            #expect(try TestSupport.ploop("list").stdout.contains(dev))
+
+            // While it runs: a second mount and offline-only commands are refused, nothing touched.
+            let state = try ScratchDirectoryState(disk)
+            for args in [["mount", dd], ["snapshot-merge", dd], ["snapshot-delete", "-u", Self.g1, dd], ["snapshot-switch", "-u", Self.g1, dd]] {
+                let r = try TestSupport.ploop(args)
+                #expect(r.code == 1 && r.stderr.contains(dev), "\(args): \(r)")
+            }
+            #expect(try ScratchDirectoryState(disk) == state)
+
+            // Online grow through the disk: the device and the descriptor follow.
+            _ = try Self.ploop("grow", "-s", "128m", dd)
+            #expect(try Self.size(dev) == 128 << 20)
+            #expect(try Self.ploop("info", "-s", dd).stdout.hasPrefix("size:\t\t262144\nblocksize:\t128\n"))
+            let c = DeviceContent.pattern(1 << 20, seed: 3)
+            try Self.write(dev, c, at: 100 << 20)
+            expected += [UInt8](repeating: 0, count: 64 << 20)
+            expected.replaceSubrange((100 << 20)..<(101 << 20), with: c)
+            #expect(try Self.read(dev, count: 128 << 20) == expected)
+            #expect(try Self.ploop("info", "-d", dd).stdout.hasPrefix("device:\t\t\(dev)\n"))
+
+            // Unmount by the descriptor; the disk checks clean.
+            _ = try Self.ploop("umount", dd)
+            devices.names.removeAll { $0 == dev }
+            _ = try Self.ploop("check", "-f", dd)
+
+            // The snapshot, read-only: the disk as it was at G1.
+            let ro = try Self.ploop("mount", "-u", Self.g1, dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(ro)
+            #expect(try Self.read(ro, count: 64 << 20) == atG1)
+            _ = try Self.ploop("umount", "-d", ro)
+            devices.names.removeAll { $0 == ro }
+
+            // Everything merged offline into the base: the same bytes, one image.
+            _ = try Self.ploop("snapshot-merge", "-A", dd)
+            let merged = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(merged)
+            #expect(try Self.read(merged, count: 128 << 20) == expected)
+            _ = try Self.ploop("umount", dd)
+            devices.names.removeAll { $0 == merged }
+            #expect(try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }.sorted() == ["DiskDescriptor.xml", "root.hds"])
+            _ = try Self.ploop("check", "-f", dd)
+        } }
+    }
+}
+
+/// Every file of a folder with its bytes (lock files aside).
+struct ScratchDirectoryState: Equatable {
+    var files: [String: Data]
+    init(_ dir: String) throws {
+        files = [:]
+        for name in try FileManager.default.contentsOfDirectory(atPath: dir) where !name.hasSuffix(".lck") {
+            files[name] = FileManager.default.contents(atPath: dir + "/" + name) ?? Data()
+        }
+    }
+}
