@@ -226,6 +226,7 @@ extension Ploop {
             for d in devices {
                 let state = d.running ? d.state.description : "DEAD (daemon gone: ploop umount -d \(d.device))"
                 print("\(d.device)  \(d.backend)  \(Output.size(d.sizeBytes))  \(Output.size(UInt64(d.clusterBytes))) clusters  \(state)")
+                if let top = d.levels.last?.path, let dd = DiskLookup.descriptor(naming: top) { print("  disk \(dd)") }
                 for l in d.levels {
                     print("  \(l.level)  \(l.readOnly ? "ro" : "rw")  \(l.format.rawValue)  \(l.path)")
                 }
@@ -304,5 +305,18 @@ enum DirtyImages {
                 throw CommandFailure("\(p) needs repair before it can be mounted: run 'ploop check -f \(p)' (\(r.findings.map(\.message).joined(separator: "; ")))")
             }
         }
+    }
+}
+
+/// The DiskDescriptor.xml (beside an image) that names it, if any: read without its lock, only to
+/// tell the user which disk a device runs.
+enum DiskLookup {
+    static func descriptor(naming image: String) -> String? {
+        let folder = (image as NSString).deletingLastPathComponent
+        guard let dd = Disk.descriptorPath(for: folder), let data = FileManager.default.contents(atPath: dd),
+            let d = try? DiskDescriptor.parse(data, path: dd), let id = PathInfo.identity(image)
+        else { return nil }
+        let names = d.images.map { $0.file.hasPrefix("/") ? $0.file : folder + "/" + $0.file }
+        return names.contains { PathInfo.identity($0) == id } ? dd : nil
     }
 }
