@@ -392,3 +392,48 @@ enum DiskCommands {
         print("Grown \(d.descriptorPath) to \(Output.size(d.descriptor.diskSizeSectors * 512))")
     }
 }
+
+extension Ploop {
+    struct Convert: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Convert a disk's images between header versions 1 and 2 (offline).",
+            discussion: """
+                -v 2 lifts v1's limit (2 TiB of 32-bit sectors); -v 1 is refused for a disk or a block it \
+                cannot hold (the original wraps those sizes silently). Each image is converted crash-safe: \
+                the new BAT is staged in IMAGE.convert first; killed half way, the next command on the disk \
+                (or 'ploop check' on the image) finishes it. Data clusters are not moved. Converting the \
+                layout (-f raw|preallocated|expanded) is not in this build yet.
+
+                Example (from the original's usage):
+                  ploop convert -v 2 /vz/private/101/root.hdd/DiskDescriptor.xml
+                """
+        )
+
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("The header version to convert to: 1 or 2.", valueName: "version"))
+        var version: String?
+        @Option(name: .short, help: ArgumentHelp("The layout to convert to (not in this build yet).", valueName: "format"))
+        var format: String?
+        @OptionGroup var backend: BackendOptions
+        @Argument(help: "DiskDescriptor.xml (or its folder), or one ploop1 image.")
+        var disk: String
+
+        func validate() throws {
+            if format != nil { throw ValidationError("-f \(format!): converting the layout (raw, preallocated, expanded) is not in this build yet; -v 1|2 is") }
+            guard let v = version else { throw ValidationError("give -v 1 or -v 2") }
+            if Int(v).flatMap(FormatVersion.init(rawValue:)) == nil { throw ValidationError("-v \(v): the header version is 1 or 2") }
+        }
+
+        func run() throws {
+            let v = FormatVersion(rawValue: Int(version!)!)!
+            guard Disk.descriptorPath(for: disk) != nil else {
+                let changed = try failing { try Offline.convertVersion(path: disk, to: v) }
+                print(changed ? "ploop image has been successfully converted" : "\(disk) is already v\(v.rawValue)")
+                return
+            }
+            let d = try DiskDevices.open(disk)
+            try DiskDevices.requireOffline(d, backend: backend)
+            let done = try diskErrors { try d.convertVersion(to: v) }
+            print(done.isEmpty ? "every image of \(d.descriptorPath) is already v\(v.rawValue)" : "ploop image has been successfully converted")
+        }
+    }
+}

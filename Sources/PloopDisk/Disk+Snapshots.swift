@@ -13,9 +13,7 @@ extension Disk {
         let image = absolutePath(request.path)
         let dd = (image as NSString).deletingLastPathComponent + "/" + descriptorName
         if PathInfo.entryKind(dd) != .missing { throw .alreadyExists(dd) }
-        var r = request
-        r.path = image
-        let header = try imageErrors { () throws(ImageError) in try Offline.initialize(r) }
+        let header = try imageErrors { () throws(ImageError) in try Offline.initialize(request) }
         let d = DiskDescriptor.single(
             file: (image as NSString).lastPathComponent, kind: request.format == .raw ? .plain : .compressed,
             sizeSectors: header.sizeInSectors, blocksize: header.clusterSectors, cylinders: header.cylinders, heads: header.heads)
@@ -324,5 +322,20 @@ extension Disk {
         let r = try imageErrors { () throws(ImageError) in try Checker.check(path: path, options: o) }
         guard r.status == .ok else { throw .image(.corrupt(path, r.findings.map(\.message).joined(separator: "; "))) }
         say("\(path) was not closed cleanly (an interrupted operation); checked and repaired")
+    }
+}
+
+extension Disk {
+    /// `ploop convert -v 1|2 DD`: every ploop1 image of the disk, each crash-safe on its own (see
+    /// `Offline.convertVersion`); the descriptor is the same for both versions. Killed half way, the
+    /// next command on the disk finishes the image under way, and `convert` again the rest.
+    /// Returns the images converted.
+    public func convertVersion(to version: FormatVersion) throws(DiskError) -> [String] {
+        var done: [String] = []
+        for i in descriptor.images where i.kind == .compressed {
+            let p = resolve(i.file)
+            if try imageErrors({ () throws(ImageError) in try Offline.convertVersion(path: p, to: version) }) { done.append(p) }
+        }
+        return done
     }
 }

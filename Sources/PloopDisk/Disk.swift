@@ -261,6 +261,23 @@ public final class Disk {
         // did not happen.
         PathInfo.removeRegularFile(descriptorPath + ".tmp")
         PathInfo.removeRegularFile(journalPath + ".tmp")
+        // Version conversions: finished where the image says one is under way, else the staged
+        // BAT of one that never started is dropped.
+        for i in descriptor.images where i.kind == .compressed {
+            let p = resolve(i.file)
+            let staged = Offline.conversionFile(of: p)
+            PathInfo.removeRegularFile(staged + ".tmp")
+            guard PathInfo.kind(staged) == .regular else { continue }
+            let busy = (try? ImagePath.open(p, write: false)).flatMap { f in try? ImageHeader.decode(f.readBytes(PloopSpec.headerSize, at: 0)) }
+                .map { $0.inUse && $0.flags.contains(.versionConvert) } ?? false
+            if busy {
+                say("finishing an interrupted version conversion of \(p)")
+                let f = try imageErrors { () throws(ImageError) in try ImagePath.open(p, write: true) }
+                try imageErrors { () throws(ImageError) in try Offline.finishVersionConversion(f) }
+            } else {
+                PathInfo.removeRegularFile(staged)
+            }
+        }
         guard PathInfo.kind(journalPath) == .regular else { return }
         guard let data = FileManager.default.contents(atPath: journalPath), let j = try? JSONDecoder().decode(Journal.self, from: data) else {
             throw .io("\(journalPath) is damaged: read it, finish or undo its operation by hand, then remove it")

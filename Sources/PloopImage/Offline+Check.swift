@@ -355,6 +355,18 @@ public enum Checker {
     public static func check(path: String, options: Options, raw: Bool = false) throws(ImageError) -> Report {
         let file = try ImagePath.open(path, write: !options.readOnly)
         try ImagePath.lock(file, exclusive: !options.readOnly)
+        // An interrupted v1/v2 conversion whose staged BAT is there is finished (check is where
+        // the original sends a user with a busy image).
+        var finishedConversion = false
+        if !raw, !options.readOnly, PathInfo.kind(Offline.conversionFile(of: path)) == .regular {
+            if let h = try? readHeader(file, path), h.inUse, h.flags.contains(.versionConvert) {
+                try Offline.finishVersionConversion(file)
+                finishedConversion = true
+            } else {
+                // Staged by a conversion that never started, or left after it ended.
+                PathInfo.removeRegularFile(Offline.conversionFile(of: path))
+            }
+        }
         if raw {
             // A raw image has no metadata to check.
             return Report(path: path)
@@ -362,8 +374,10 @@ public enum Checker {
         // The file's allocated ranges once (FIEMAP), then answered per run of blocks.
         let allocated: [Range<UInt64>]
         do { allocated = try file.file.allocatedRanges(from: 0, to: UInt64.max) } catch { throw .io(error) }
-        return try check(file, options: options) { (from, to) throws(ImageError) -> [Range<UInt64>] in
+        var report = try check(file, options: options) { (from, to) throws(ImageError) -> [Range<UInt64>] in
             Self.clip(allocated, from: from, to: to)
         }
+        if finishedConversion { report.findings.insert(Finding(problem: .versionConverting, action: .fixed), at: 0) }
+        return report
     }
 }

@@ -70,6 +70,7 @@ struct DiskCrashTests {
         ["snapshot-merge", "-u", g2, "-n", "@/merged.hds"],
         ["snapshot-switch", "-u", g1],
         ["grow", "-s", "96m"],
+        ["convert", "-v", "1"],
     ]
 
     @Test(arguments: commands)
@@ -98,8 +99,13 @@ struct DiskCrashTests {
             if r.code == 0 { break }
             #expect(r.code == 137, "write \(n): \(r)")
             crashes += 1
-            let now = try Self.content(disk)
-            #expect(now == old || now == new, "after a kill at write \(n) the disk is neither the old nor the new one")
+            // An image in the middle of a version conversion is "busy" until a command finishes it:
+            // no reader opens it (the original's rule); every other state reads as old or new.
+            if let now = try? Self.content(disk) {
+                #expect(now == old || now == new, "after a kill at write \(n) the disk is neither the old nor the new one")
+            } else {
+                #expect(command.first == "convert", "after a kill at write \(n) the disk cannot be read")
+            }
             let again = try TestSupport.ploop(args(disk))
             #expect(again.code == 0, "re-run after a kill at write \(n): \(again)")
             #expect(try Self.content(disk) == new, "after the re-run (kill at write \(n))")
@@ -108,5 +114,56 @@ struct DiskCrashTests {
             #expect(try files(disk) == referenceFiles, "leftovers after a kill at write \(n)")
         }
         #expect(crashes > 3, "the command made only \(crashes) changes: the hook is not reached")
+    }
+}
+
+/// `convert -v` of one image, killed at every write: `check` finishes (or finds nothing to
+/// finish), and the image then holds the same data in the new or the old version.
+struct ConvertCrashTests {
+    @Test(arguments: [(2, 1), (1, 2)])
+    func checkFinishesAnInterruptedConversion(_ from: Int, _ to: Int) throws {
+        let root = try ScratchDirectory("ploop-convert")
+        let image = root.file("a.hds")
+        #expect(try TestSupport.ploop("init", "--no-descriptor", "-s", "64m", "-b", "128", "-v", "\(from)", image).code == 0)
+        let writer = try Ploop1Image(file: try ImagePath.open(image, write: true), writable: true)
+        for c in [UInt64(0), 7, 900] {
+            let data = [UInt8](repeating: UInt8(c & 0xff) | 1, count: writer.clusterBytes)
+            try data.withUnsafeBytes { try writer.write(cluster: ClusterIndex(c), data: $0) }
+        }
+        try writer.close()
+        let original = try Data(contentsOf: URL(fileURLWithPath: image))
+        func clusters(_ p: String) throws -> [UInt64: [UInt8]] {
+            let i = try Ploop1Image(file: try ImagePath.open(p, write: false), writable: false)
+            var out: [UInt64: [UInt8]] = [:]
+            var b = [UInt8](repeating: 0, count: i.clusterBytes)
+            for (c, _) in i.allocatedClusters() {
+                _ = try b.withUnsafeMutableBytes { try i.read(cluster: c, into: $0) }
+                out[c.value] = b
+            }
+            return out
+        }
+        let expected = try clusters(image)
+        var crashes = 0
+        for n in 1...100 {
+            _ = FileManager.default.createFile(atPath: image, contents: original)
+            for name in try FileManager.default.contentsOfDirectory(atPath: root.path) where name != "a.hds" { PathInfo.removeRegularFile(root.file(name)) }
+            let r = try TestSupport.run(TestSupport.ploopBinary, ["convert", "-v", "\(to)", image], environment: ["PLOOP_TEST_CRASH_AT": "\(n)"])
+            if r.code == 0 { break }
+            #expect(r.code == 137, "\(r)")
+            crashes += 1
+            let check = try TestSupport.ploop("check", "-f", image)
+            #expect(check.code == 0, "kill at write \(n): \(check)")
+            let info = try ImageInfo.read(path: image)
+            #expect(info.version == from || info.version == to)
+            #expect(try clusters(image) == expected, "kill at write \(n): data changed")
+            #expect(try TestSupport.ploop("convert", "-v", "\(to)", image).code == 0)
+            #expect(try ImageInfo.read(path: image).version == to)
+            #expect(try clusters(image) == expected)
+            #expect(try FileManager.default.contentsOfDirectory(atPath: root.path) == ["a.hds"], "kill at write \(n): leftovers")
+            if let qemu = TestSupport.which("qemu-img") {
+                #expect(try TestSupport.run(qemu, ["check", "-f", "parallels", image]).code == 0)
+            }
+        }
+        #expect(crashes > 3)
     }
 }
