@@ -1,4 +1,5 @@
 import Foundation
+import PloopImage
 import PloopSystem
 import PloopTestSupport
 import Testing
@@ -35,6 +36,18 @@ struct DiskIntegrationTests {
         let n = try b.withUnsafeMutableBytes { try f.read(into: $0, at: 0) }
         #expect(n == count)
         return b
+    }
+
+    /// Every stored cluster of an image with its bytes.
+    static func clusters(_ path: String) throws -> [UInt64: [UInt8]] {
+        let image = try Ploop1Image(file: try ImagePath.open(path, write: false), writable: false)
+        var out: [UInt64: [UInt8]] = [:]
+        var b = [UInt8](repeating: 0, count: image.clusterBytes)
+        for (c, _) in image.allocatedClusters() {
+            _ = try b.withUnsafeMutableBytes { try image.read(cluster: c, into: $0) }
+            out[c.value] = b
+        }
+        return out
     }
 
     static func size(_ device: String) throws -> UInt64 {
@@ -90,10 +103,17 @@ struct DiskIntegrationTests {
             #expect(try Self.read(dev, count: 128 << 20) == expected)
             #expect(try Self.ploop("info", "-d", dd).stdout.hasPrefix("device:\t\t\(dev)\n"))
 
-            // Unmount by the descriptor; the disk checks clean.
+            // A copy of the running disk (its top delta, as the original copies it).
+            let copied = root.file("copy.hds")
+            _ = try Self.ploop("copy", "-s", dd, "-d", copied)
+
+            // Unmount by the descriptor; the disk checks clean; the copy is its top delta.
             _ = try Self.ploop("umount", dd)
             devices.names.removeAll { $0 == dev }
             _ = try Self.ploop("check", "-f", dd)
+            _ = try Self.ploop("check", "-f", "-r", copied)
+            let topFile = try FileManager.default.contentsOfDirectory(atPath: disk).first { $0.hasPrefix("root.hds.{") }!
+            #expect(try Self.clusters(copied) == Self.clusters(disk + "/" + topFile))
 
             // The snapshot, read-only: the disk as it was at G1.
             let ro = try Self.ploop("mount", "-u", Self.g1, dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
@@ -112,16 +132,5 @@ struct DiskIntegrationTests {
             #expect(try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }.sorted() == ["DiskDescriptor.xml", "root.hds"])
             _ = try Self.ploop("check", "-f", dd)
         } }
-    }
-}
-
-/// Every file of a folder with its bytes (lock files aside).
-struct ScratchDirectoryState: Equatable {
-    var files: [String: Data]
-    init(_ dir: String) throws {
-        files = [:]
-        for name in try FileManager.default.contentsOfDirectory(atPath: dir) where !name.hasSuffix(".lck") {
-            files[name] = FileManager.default.contents(atPath: dir + "/" + name) ?? Data()
-        }
     }
 }

@@ -2,13 +2,14 @@ import ArgumentParser
 import Foundation
 import PloopCopy
 import PloopDevice
+import PloopDisk
 
 extension Ploop {
     struct Copy: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Copy a running device's image with a short frozen window (live migration).",
             discussion: """
-                Local:    ploop copy -s DEVICE -d IMAGE [-F CMD]
+                Local:    ploop copy -s DEVICE|DiskDescriptor.xml -d IMAGE [-F CMD]
                 Sender:   ploop copy -s DEVICE [-F CMD] [-o FD] [-f FEEDBACK_FD]   (stream on stdout)
                 Receiver: ploop copy -d IMAGE [-i FD] [-f FEEDBACK_FD]             (stream from stdin)
 
@@ -48,8 +49,16 @@ extension Ploop {
 
         func run() throws {
             let err = FileHandle.standardError
-            if let dev = source {
+            if var dev = source {
                 let be = try backend.backend.resolve()
+                // A disk (DiskDescriptor.xml or its folder) is copied from the device running it.
+                if DeviceName.index(dev) == nil, Disk.descriptorPath(for: dev) != nil {
+                    let d = try DiskDevices.open(dev)
+                    guard let running = DiskDevices.device(of: d, backend: be) else {
+                        throw CommandFailure(DiskError.notMounted(d.descriptorPath).description + ": copy the image files instead, or mount it")
+                    }
+                    dev = running.device
+                }
                 let sink: any CopySink
                 if let d = destination {
                     sink = try copyErrors { try FileSink(destination: URL(fileURLWithPath: d).standardizedFileURL.path, replace: replace) }

@@ -39,6 +39,13 @@ enum DiskDevices {
         }
     }
 
+    /// The disk, opened and locked, for an operation that must not run while a device runs it.
+    static func openOffline(_ argument: String, backend: BackendOptions) throws -> Disk {
+        let d = try open(argument)
+        try requireOffline(d, backend: backend)
+        return d
+    }
+
     /// The disk an argument names, opened and locked, or a refusal that says what to give.
     static func open(_ argument: String) throws -> Disk {
         guard let dd = Disk.descriptorPath(for: argument) else {
@@ -149,8 +156,7 @@ extension Ploop {
         func validate() throws { _ = try parseGUID(uuid) }
 
         func run() throws {
-            let d = try DiskDevices.open(disk)
-            try DiskDevices.requireOffline(d, backend: backend)
+            let d = try DiskDevices.openOffline(disk, backend: backend)
             let g = try parseGUID(uuid)
             if d.finishedOperation == "snapshot-delete \(g.key)" {
                 print("ploop snapshot \(g): the interrupted delete is finished")
@@ -191,8 +197,7 @@ extension Ploop {
         }
 
         func run() throws {
-            let d = try DiskDevices.open(disk)
-            try DiskDevices.requireOffline(d, backend: backend)
+            let d = try DiskDevices.openOffline(disk, backend: backend)
             let op = all ? "snapshot-merge -A" : "snapshot-merge \(try uuid.map(parseGUID)?.key ?? "top")"
             if d.finishedOperation == op {
                 print("ploop snapshot merged (an interrupted merge was finished)")
@@ -227,8 +232,7 @@ extension Ploop {
         func validate() throws { _ = try parseGUID(uuid) }
 
         func run() throws {
-            let d = try DiskDevices.open(disk)
-            try DiskDevices.requireOffline(d, backend: backend)
+            let d = try DiskDevices.openOffline(disk, backend: backend)
             if d.finishedOperation == "snapshot-switch \(try parseGUID(uuid).key)" {
                 print("ploop snapshot has been successfully switched (an interrupted switch was finished)")
                 return
@@ -430,8 +434,7 @@ extension Ploop {
                 print(changed ? "ploop image has been successfully converted" : "\(disk) is already v\(v.rawValue)")
                 return
             }
-            let d = try DiskDevices.open(disk)
-            try DiskDevices.requireOffline(d, backend: backend)
+            let d = try DiskDevices.openOffline(disk, backend: backend)
             let done = try diskErrors { try d.convertVersion(to: v) }
             print(done.isEmpty ? "every image of \(d.descriptorPath) is already v\(v.rawValue)" : "ploop image has been successfully converted")
         }

@@ -263,14 +263,3 @@ struct DiskCompatibilityTests {
         #expect(try ScratchDirectoryState(disk) == state)
     }
 }
-
-/// Every file of a folder with its bytes (lock files aside), to prove nothing changed.
-struct ScratchDirectoryState: Equatable {
-    var files: [String: Data]
-    init(_ dir: String) throws {
-        files = [:]
-        for name in try FileManager.default.contentsOfDirectory(atPath: dir) where !name.hasSuffix(".lck") {
-            files[name] = FileManager.default.contents(atPath: dir + "/" + name) ?? Data()
-        }
-    }
-}

@@ -180,3 +180,15 @@ extension TestSupport {
         return caps & (1 << 24) != 0
     }
 }
+
+/// Every file of a folder with its bytes (lock files aside), to prove a refused command changed
+/// nothing.
+public struct ScratchDirectoryState: Equatable {
+    public var files: [String: Data]
+    public init(_ dir: String) throws {
+        files = [:]
+        for name in try FileManager.default.contentsOfDirectory(atPath: dir) where !name.hasSuffix(".lck") {
+            files[name] = FileManager.default.contents(atPath: dir + "/" + name) ?? Data()
+        }
+    }
+}
