@@ -213,8 +213,8 @@ extension Ploop {
             commandName: "snapshot-switch",
             abstract: "Go back to a snapshot (offline): the top delta is dropped, a new empty one starts on GUID.",
             discussion: """
-                What was written since the last snapshot is lost (the top delta's file is removed); the \
-                other snapshots stay.
+                What was written since the last snapshot is lost (the top delta's file is removed, or with \
+                -D kept on disk but no longer part of the disk); the other snapshots stay.
 
                 Example (from the original's usage):
                   ploop snapshot-switch -u {11111111-1111-4111-8111-111111111111} DiskDescriptor.xml
@@ -223,8 +223,8 @@ extension Ploop {
 
         @Option(name: [.customShort("u"), .customLong("uuid")], help: ArgumentHelp("The snapshot to go back to.", valueName: "GUID"))
         var uuid: String
-        @Flag(name: [.customShort("D")], help: "Remove the top delta's file (always done; accepted for the original's syntax).")
-        var deleteTop = false
+        @Flag(name: [.customShort("D")], help: "Keep the old top delta's file on disk (out of the descriptor).")
+        var keepOldTop = false
         @OptionGroup var backend: BackendOptions
         @Argument(help: "DiskDescriptor.xml, or the folder holding it.")
         var disk: String
@@ -237,7 +237,7 @@ extension Ploop {
                 print("ploop snapshot has been successfully switched (an interrupted switch was finished)")
                 return
             }
-            try diskErrors { try d.switchSnapshot(try parseGUID(uuid)) }
+            try diskErrors { try d.switchSnapshot(try parseGUID(uuid), keepOldTop: keepOldTop) }
             print("ploop snapshot has been successfully switched")
         }
     }
@@ -437,6 +437,52 @@ extension Ploop {
             let d = try DiskDevices.openOffline(disk, backend: backend)
             let done = try diskErrors { try d.convertVersion(to: v) }
             print(done.isEmpty ? "every image of \(d.descriptorPath) is already v\(v.rawValue)" : "ploop image has been successfully converted")
+        }
+    }
+}
+
+extension Ploop {
+    struct Replace: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Replace an image of a disk with an equivalent file (offline).",
+            discussion: """
+                The image is chosen by GUID (-u), by level (-l, 0 is the base) or by its current file (-o). \
+                NEWDELTA must be the same kind of image, of the same size and cluster size, and sound \
+                ('ploop check' finds nothing fatal). Without -k the descriptor names NEWDELTA and the old \
+                file stays where it is; with -k NEWDELTA is renamed over the old file.
+
+                Example (from the original's usage):
+                  ploop replace -u {11111111-1111-4111-8111-111111111111} -i /backup/root.hds DiskDescriptor.xml
+                """
+        )
+
+        @Option(name: [.customShort("u"), .customLong("uuid")], help: ArgumentHelp("The image's GUID.", valueName: "GUID"))
+        var uuid: String?
+        @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("The image's level (0 is the base).", valueName: "level"))
+        var level: String?
+        @Option(name: [.customShort("o")], help: ArgumentHelp("The image's current file.", valueName: "file"))
+        var current: String?
+        @Option(name: .short, help: ArgumentHelp("The new file.", valueName: "NEWDELTA"))
+        var input: String
+        @Flag(name: [.customShort("k"), .customLong("keep-name")], help: "Keep the file name: rename NEWDELTA to the current file.")
+        var keepName = false
+        @OptionGroup var backend: BackendOptions
+        @Argument(help: "DiskDescriptor.xml, or the folder holding it.")
+        var disk: String
+
+        func validate() throws {
+            if [uuid != nil, level != nil, current != nil].filter({ $0 }).count != 1 {
+                throw ValidationError("give exactly one of -u GUID, -l LEVEL or -o FILE")
+            }
+            if let u = uuid { _ = try parseGUID(u) }
+            if let l = level, Int(l) == nil || Int(l)! < 0 { throw ValidationError("-l \(l): a level is a number from 0 (the base)") }
+        }
+
+        func run() throws {
+            let d = try DiskDevices.openOffline(disk, backend: backend)
+            let selector: Disk.ImageSelector = try uuid.map { .guid(try parseGUID($0)) } ?? level.map { .level(Int($0)!) } ?? .file(current!)
+            let g = try diskErrors { try d.replace(selector, with: input, keepName: keepName) }
+            print("ploop image \(g) has been successfully replaced")
         }
     }
 }

@@ -23,7 +23,7 @@ public struct Ploop: ParsableCommand {
             """,
         subcommands: [
             Init.self, Mount.self, Umount.self, Snapshot.self, SnapshotList.self, SnapshotDelete.self, SnapshotMerge.self, SnapshotSwitch.self,
-            Merge.self, Grow.self, Convert.self, Balloon.self, Copy.self, Check.self, Info.self, List.self, RestoreDescriptor.self, Serve.self,
+            Merge.self, Grow.self, Convert.self, Balloon.self, Copy.self, Check.self, Info.self, List.self, Replace.self, RestoreDescriptor.self, Serve.self,
         ]
     )
 

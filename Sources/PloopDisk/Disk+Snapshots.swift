@@ -214,8 +214,10 @@ extension Disk {
         return true
     }
 
-    /// `snapshot-switch -u G`: the current top goes; a new empty top on G takes its place.
-    public func switchSnapshot(_ g: GUID) throws(DiskError) {
+    /// `snapshot-switch -u G`: the current top goes; a new empty top on G takes its place. With
+    /// `keepOldTop` (the original's test flag -D) the old top's file stays on disk, out of the
+    /// descriptor (the original keeps it in, under the top GUID beside the new top).
+    public func switchSnapshot(_ g: GUID, keepOldTop: Bool = false) throws(DiskError) {
         guard descriptor.shot(g) != nil else { throw .unknownGUID(descriptorPath, g) }
         let top = descriptor.topGUID
         if g == top { throw .refused("nothing to do: the disk is already on \(g) (its top)") }
@@ -224,7 +226,7 @@ extension Disk {
         var next = descriptor
         if let i = next.images.firstIndex(where: { $0.guid == top }) { next.images[i].file = relative(file); next.images[i].kind = .compressed }
         if let i = next.shots.firstIndex(where: { $0.guid == top }) { next.shots[i].parent = g; next.shots[i].temporary = false }
-        let j = Journal(operation: "snapshot-switch \(g.key)", files: [old, file], descriptor: next.xml())
+        let j = Journal(operation: "snapshot-switch \(g.key)", files: keepOldTop ? [file] : [old, file], descriptor: next.xml())
         try writeJournal(j)
         try createEmptyDelta(file, like: g)
         try commit(next)
@@ -337,5 +339,70 @@ extension Disk {
             if try imageErrors({ () throws(ImageError) in try Offline.convertVersion(path: p, to: version) }) { done.append(p) }
         }
         return done
+    }
+}
+
+extension Disk {
+    /// Which image `replace` means.
+    public enum ImageSelector: Sendable {
+        case guid(GUID)
+        /// Distance from the base along the running chain (0 = base).
+        case level(Int)
+        case file(String)
+    }
+
+    /// The image a selector names.
+    public func select(_ s: ImageSelector) throws(DiskError) -> GUID {
+        switch s {
+        case .guid(let g):
+            guard descriptor.image(g) != nil else { throw .unknownGUID(descriptorPath, g) }
+            return g
+        case .level(let l):
+            let chain = Array(descriptor.chain().reversed())
+            guard l >= 0, l < chain.count else { throw .refused("-l \(l): the disk has levels 0..\(chain.count - 1) (0 is the base)") }
+            return chain[l]
+        case .file(let f):
+            let id = PathInfo.identity(Self.absolutePath(f))
+            guard let id, let i = descriptor.images.first(where: { PathInfo.identity(resolve($0.file)) == id }) else {
+                throw .refused("\(f) is not an image of \(descriptorPath)")
+            }
+            return i.guid
+        }
+    }
+
+    /// `ploop replace {-u GUID | -l LEVEL | -o FILE} [-k] -i NEWDELTA DD` offline: the image's
+    /// file becomes NEWDELTA, which must be an image of the same kind, cluster size and virtual
+    /// size that `check` finds sound. With `keepName`, NEWDELTA is renamed over the old file (the
+    /// descriptor does not change); otherwise the descriptor names NEWDELTA and the old file is
+    /// left where it is. Either way one atomic step (a rename) makes the change.
+    public func replace(_ selector: ImageSelector, with newDelta: String, keepName: Bool) throws(DiskError) -> GUID {
+        let g = try select(selector)
+        let old = path(of: g)
+        let new = Self.absolutePath(newDelta)
+        guard PathInfo.kind(new) == .regular else { throw .image(PathInfo.kind(new) == .missing ? .notFound(new) : .notRegularFile(new)) }
+        if PathInfo.identity(new) == PathInfo.identity(old) { throw .refused("\(new) is already the file of \(g)") }
+        if descriptor.images.contains(where: { PathInfo.identity(resolve($0.file)) == PathInfo.identity(new) }) {
+            throw .refused("\(new) is already an image of \(descriptorPath) (of another snapshot)")
+        }
+        let kind = descriptor.image(g)!.kind
+        let was = try imageErrors { () throws(ImageError) in try ImageInfo.read(path: old) }
+        let now = try imageErrors { () throws(ImageError) in try ImageInfo.read(path: new) }
+        guard now.format == was.format else { throw .refused("\(new) is \(now.format.rawValue), but \(g) is \(was.format.rawValue)") }
+        guard now.virtualSize == was.virtualSize else {
+            throw .refused("\(new) is \(now.virtualSize / 512) sectors, but \(g) is \(was.virtualSize / 512): a replacement must be the same size")
+        }
+        if kind == .compressed {
+            guard now.clusterSize == was.clusterSize else { throw .refused("\(new) has clusters of \((now.clusterSize ?? 0) / 512) sectors, the disk \(descriptor.blocksize)") }
+            if now.inUse { throw .image(.inUse(new)) }
+            try imageErrors { () throws(ImageError) in try Checker.validate(try ImagePath.open(new, write: false)) }
+        }
+        if keepName {
+            do { try PathInfo.publish(new, as: old, replace: true) } catch { throw .io("renaming \(new) to \(old): \(error)") }
+            return g
+        }
+        var next = descriptor
+        if let i = next.images.firstIndex(where: { $0.guid == g }) { next.images[i].file = relative(new) }
+        try commit(next)
+        return g
     }
 }

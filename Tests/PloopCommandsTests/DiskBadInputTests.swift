@@ -189,3 +189,58 @@ struct DiskBadInputTests {
         }
     }
 }
+
+/// `replace`: by GUID, level or file, with and without -k; what is not equivalent is refused.
+struct DiskReplaceTests {
+    @Test func replacesByGUIDLevelAndFile() throws {
+        let (root, disk) = try DiskBadInputTests.stage()
+        let dd = disk + "/DiskDescriptor.xml"
+        let before = try DiskCrashTests.content(disk)
+        // -u: the descriptor names the copy (outside the folder), the old file stays.
+        _ = try TestSupport.run("/bin/cp", [disk + "/root.hds", root.file("copy-base.hds")])
+        let r1 = try TestSupport.ploop("replace", "-u", DiskBadInputTests.g1, "-i", root.file("copy-base.hds"), dd)
+        #expect(r1.code == 0, "\(r1)")
+        #expect(try String(contentsOfFile: dd, encoding: .utf8).contains("<File>../copy-base.hds</File>"))
+        #expect(FileManager.default.fileExists(atPath: disk + "/root.hds"))
+        // -l 1 -k: the copy is renamed over the old file; the descriptor does not change.
+        let text = try String(contentsOfFile: dd, encoding: .utf8)
+        _ = try TestSupport.run("/bin/cp", [disk + "/root.hds.1", root.file("copy-1.hds")])
+        let inode = PathInfo.identity(disk + "/root.hds.1")
+        let r2 = try TestSupport.ploop("replace", "-l", "1", "-k", "-i", root.file("copy-1.hds"), dd)
+        #expect(r2.code == 0, "\(r2)")
+        #expect(try String(contentsOfFile: dd, encoding: .utf8) == text)
+        #expect(PathInfo.identity(disk + "/root.hds.1") != inode)
+        #expect(!FileManager.default.fileExists(atPath: root.file("copy-1.hds")))
+        // -o: by the current file.
+        _ = try TestSupport.run("/bin/cp", [disk + "/root.hds.2", disk + "/top-copy.hds"])
+        let r3 = try TestSupport.ploop("replace", "-o", disk + "/root.hds.2", "-i", disk + "/top-copy.hds", dd)
+        #expect(r3.code == 0, "\(r3)")
+        #expect(try String(contentsOfFile: dd, encoding: .utf8).contains("<File>top-copy.hds</File>"))
+        #expect(try DiskCrashTests.content(disk) == before)
+        #expect(try TestSupport.ploop("check", "-f", "-r", dd).code == 0)
+    }
+
+    @Test func refusesWhatIsNotEquivalent() throws {
+        let (root, disk) = try DiskBadInputTests.stage()
+        let dd = disk + "/DiskDescriptor.xml"
+        #expect(try TestSupport.ploop("init", "--no-descriptor", "-s", "128m", "-b", "128", root.file("bigger.hds")).code == 0)
+        #expect(try TestSupport.ploop("init", "--no-descriptor", "-s", "64m", "-b", "256", root.file("other-cluster.hds")).code == 0)
+        _ = try TestSupport.run("/bin/cp", [disk + "/root.hds.1", root.file("corrupt.hds")])
+        let f = try File(path: root.file("corrupt.hds"), mode: .readWrite)
+        try [UInt8](arrayLiteral: 0xFF, 0xFF, 0xFF, 0x7F).withUnsafeBytes { try f.write($0, at: 64 + 4 * 9) }
+        let cases: [([String], String)] = [
+            (["replace", "-u", DiskBadInputTests.g1, "-i", root.file("bigger.hds"), dd], "must be the same size"),
+            (["replace", "-u", DiskBadInputTests.g1, "-i", root.file("other-cluster.hds"), dd], "has clusters of 256 sectors, the disk 128"),
+            (["replace", "-l", "1", "-i", root.file("corrupt.hds"), dd], "is corrupt"),
+            (["replace", "-l", "7", "-i", root.file("corrupt.hds"), dd], "-l 7: the disk has levels 0..2"),
+            (["replace", "-o", root.file("bigger.hds"), "-i", root.file("corrupt.hds"), dd], "is not an image of"),
+            (["replace", "-l", "0", "-i", disk + "/root.hds.1", dd], "already an image of"),
+            (["replace", "-l", "0", "-i", root.file("missing.hds"), dd], "no such file"),
+            (["replace", "-l", "0", "-u", DiskBadInputTests.g1, "-i", root.file("bigger.hds"), dd], "exactly one of"),
+            (["replace", "-l", "0", dd], "Missing expected argument"),
+        ]
+        for (args, expect) in cases {
+            try DiskBadInputTests.expectRefused(args, expect, root: root, disk: disk, args.joined(separator: " "))
+        }
+    }
+}
