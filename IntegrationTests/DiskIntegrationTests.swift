@@ -122,6 +122,36 @@ struct DiskIntegrationTests {
             _ = try Self.ploop("umount", "-d", ro)
             devices.names.removeAll { $0 == ro }
 
+            // Convert the three images to v1 and back, mounting after each to read every byte.
+            for v in ["1", "2"] {
+                _ = try Self.ploop("convert", "-v", v, dd)
+                #expect(try Self.ploop("info", "-s", dd).stdout.contains("fmt_version:\t\(v)\n"))
+                let m = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+                devices.names.append(m)
+                #expect(try Self.read(m, count: 128 << 20) == expected, "after convert -v \(v)")
+                _ = try Self.ploop("umount", dd)
+                devices.names.removeAll { $0 == m }
+            }
+
+            // A second snapshot, then delete the first: the disk reads the same.
+            _ = try Self.ploop("snapshot", "-u", "{22222222-2222-4222-8222-222222222222}", dd)
+            _ = try Self.ploop("snapshot-delete", "-u", Self.g1, dd)
+            let afterDelete = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(afterDelete)
+            #expect(try Self.read(afterDelete, count: 128 << 20) == expected, "after snapshot-delete")
+            let d = DeviceContent.pattern(1 << 20, seed: 4)
+            try Self.write(afterDelete, d, at: 10 << 20)
+            _ = try Self.ploop("umount", dd)
+            devices.names.removeAll { $0 == afterDelete }
+
+            // Switch back to the snapshot: what was written since (D) is gone.
+            _ = try Self.ploop("snapshot-switch", "-u", "{22222222-2222-4222-8222-222222222222}", dd)
+            let switched = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(switched)
+            #expect(try Self.read(switched, count: 128 << 20) == expected, "after snapshot-switch")
+            _ = try Self.ploop("umount", dd)
+            devices.names.removeAll { $0 == switched }
+
             // Everything merged offline into the base: the same bytes, one image.
             _ = try Self.ploop("snapshot-merge", "-A", dd)
             let merged = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
