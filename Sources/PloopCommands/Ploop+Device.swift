@@ -162,7 +162,7 @@ extension Ploop {
 
     struct Snapshot: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Take a snapshot of a running device: a new empty delta becomes the top.",
+            abstract: "Take a snapshot of a disk (DiskDescriptor.xml) or of a running device: a new empty delta becomes the top.",
             discussion: """
                 NEWDELTA must not exist. Every write made before the snapshot stays in the old top \
                 (now read-only); later writes go to NEWDELTA.
