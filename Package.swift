@@ -61,7 +61,7 @@ let package = Package(
             name: "ploop-bench", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem"],
             swiftSettings: swiftSettings),
 
-        .target(name: "PloopTestSupport", dependencies: ["PloopDevice"], path: "Tests/PloopTestSupport", swiftSettings: swiftSettings),
+        .target(name: "PloopTestSupport", dependencies: ["PloopDevice", "PloopImage"], path: "Tests/PloopTestSupport", swiftSettings: swiftSettings),
         .testTarget(name: "PloopFormatTests", dependencies: ["PloopFormat"], swiftSettings: swiftSettings),
         .testTarget(name: "PloopImageTests", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
         .testTarget(

@@ -38,18 +38,6 @@ struct DiskIntegrationTests {
         return b
     }
 
-    /// Every stored cluster of an image with its bytes.
-    static func clusters(_ path: String) throws -> [UInt64: [UInt8]] {
-        let image = try Ploop1Image(file: try ImagePath.open(path, write: false), writable: false)
-        var out: [UInt64: [UInt8]] = [:]
-        var b = [UInt8](repeating: 0, count: image.clusterBytes)
-        for (c, _) in image.allocatedClusters() {
-            _ = try b.withUnsafeMutableBytes { try image.read(cluster: c, into: $0) }
-            out[c.value] = b
-        }
-        return out
-    }
-
     static func size(_ device: String) throws -> UInt64 {
         let r = try TestSupport.sh("blockdev", "--getsize64", device)
         return UInt64(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
@@ -113,7 +101,7 @@ struct DiskIntegrationTests {
             _ = try Self.ploop("check", "-f", dd)
             _ = try Self.ploop("check", "-f", "-r", copied)
             let topFile = try FileManager.default.contentsOfDirectory(atPath: disk).first { $0.hasPrefix("root.hds.{") }!
-            #expect(try Self.clusters(copied) == Self.clusters(disk + "/" + topFile))
+            #expect(try ImageContent.clusters(copied) == ImageContent.clusters(disk + "/" + topFile))
 
             // The snapshot, read-only: the disk as it was at G1.
             let ro = try Self.ploop("mount", "-u", Self.g1, dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)

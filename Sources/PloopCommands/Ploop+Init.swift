@@ -66,7 +66,7 @@ extension Ploop {
             if noDescriptor {
                 header = try failing { try Offline.initialize(request) }
             } else {
-                let (d, dd) = try diskErrors { try Disk.initialize(request) }
+                let (d, dd) = try diskErrors { try Disk.initialize(request) { print($0) } }
                 header = try failing { try ImageHeader.new(sizeSectors: d.diskSizeSectors, clusterSectors: d.blocksize, version: v) }
                 stored = dd
             }

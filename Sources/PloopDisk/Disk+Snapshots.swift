@@ -13,7 +13,15 @@ extension Disk {
         let image = absolutePath(request.path)
         let dd = (image as NSString).deletingLastPathComponent + "/" + descriptorName
         if PathInfo.entryKind(dd) != .missing { throw .alreadyExists(dd) }
-        let header = try imageErrors { () throws(ImageError) in try Offline.initialize(request) }
+        let header: ImageHeader
+        if let adopted = try interruptedInit(request, image: image) {
+            // The image is published before its descriptor: killed in between, init left exactly
+            // this empty image. Running init again stores the descriptor it did not get to write.
+            say("\(request.path) is the empty image of an interrupted init: storing its descriptor")
+            header = adopted
+        } else {
+            header = try imageErrors { () throws(ImageError) in try Offline.initialize(request) }
+        }
         let d = DiskDescriptor.single(
             file: (image as NSString).lastPathComponent, kind: request.format == .raw ? .plain : .compressed,
             sizeSectors: header.sizeInSectors, blocksize: header.clusterSectors, cylinders: header.cylinders, heads: header.heads)
@@ -23,6 +31,22 @@ extension Disk {
         }
         say("Storing \(dd)")
         return (d, dd)
+    }
+
+    /// The header `request` would write, when `image` is exactly what such an init leaves before
+    /// its descriptor: a ploop1 image of that geometry, clean and empty (nothing to lose by adopting it).
+    static func interruptedInit(_ request: Offline.InitRequest, image: String) throws(DiskError) -> ImageHeader? {
+        guard request.format == .ploop1, PathInfo.entryKind(image) == .regular,
+            let info = try? ImageInfo.read(path: image), info.format == .ploop1, !info.inUse, info.allocatedClusters == 0
+        else { return nil }
+        let want: ImageHeader
+        do { want = try ImageHeader.new(sizeSectors: request.sizeSectors, clusterSectors: request.clusterSectors, version: request.version) } catch {
+            return nil
+        }
+        guard info.version == want.version.rawValue, info.virtualSize == want.virtualBytes, info.clusterSize == want.clusterBytes,
+            info.fileSize == want.layout.firstDataOffset
+        else { return nil }
+        return want
     }
 
     /// `ploop restore-descriptor [-f FORMAT] [-b BLOCKSIZE] DIR IMAGE`: the descriptor `init`

@@ -117,6 +117,32 @@ struct DiskCrashTests {
     }
 }
 
+/// `init` of a disk killed at every write: the folder holds no disk or the whole disk, never a
+/// half-made image under the name asked for, and running init again completes it.
+struct InitCrashTests {
+    @Test func initKilledAtEveryWrite() throws {
+        var crashes = 0
+        for n in 1...50 {
+            let root = try ScratchDirectory("ploop-initcrash")
+            let disk = root.file("disk")
+            try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
+            let args = ["init", "-s", "64m", "-b", "128", disk + "/root.hds"]
+            let r = try TestSupport.run(TestSupport.ploopBinary, args, environment: ["PLOOP_TEST_CRASH_AT": "\(n)"])
+            if r.code == 0 { break }
+            #expect(r.code == 137, "\(r)")
+            crashes += 1
+            let names = try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.contains(".init-") && !$0.hasSuffix(".tmp") }.sorted()
+            #expect(names == [] || names == ["root.hds"] || names == ["DiskDescriptor.xml", "root.hds"], "kill at write \(n): \(names)")
+            if names.contains("root.hds") { #expect(try TestSupport.ploop("check", "-f", "-r", disk + "/root.hds").code == 0) }
+            let again = try TestSupport.ploop(args)
+            #expect(again.code == 0, "re-run after a kill at write \(n): \(again)")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: disk).sorted() == ["DiskDescriptor.xml", "root.hds"], "kill at write \(n): leftovers")
+            #expect(try TestSupport.ploop("snapshot-list", disk).code == 0)
+        }
+        #expect(crashes >= 3)
+    }
+}
+
 /// `convert -v` of one image, killed at every write: `check` finishes (or finds nothing to
 /// finish), and the image then holds the same data in the new or the old version.
 struct ConvertCrashTests {
@@ -132,17 +158,7 @@ struct ConvertCrashTests {
         }
         try writer.close()
         let original = try Data(contentsOf: URL(fileURLWithPath: image))
-        func clusters(_ p: String) throws -> [UInt64: [UInt8]] {
-            let i = try Ploop1Image(file: try ImagePath.open(p, write: false), writable: false)
-            var out: [UInt64: [UInt8]] = [:]
-            var b = [UInt8](repeating: 0, count: i.clusterBytes)
-            for (c, _) in i.allocatedClusters() {
-                _ = try b.withUnsafeMutableBytes { try i.read(cluster: c, into: $0) }
-                out[c.value] = b
-            }
-            return out
-        }
-        let expected = try clusters(image)
+        let expected = try ImageContent.clusters(image)
         var crashes = 0
         for n in 1...100 {
             _ = FileManager.default.createFile(atPath: image, contents: original)
@@ -155,10 +171,10 @@ struct ConvertCrashTests {
             #expect(check.code == 0, "kill at write \(n): \(check)")
             let info = try ImageInfo.read(path: image)
             #expect(info.version == from || info.version == to)
-            #expect(try clusters(image) == expected, "kill at write \(n): data changed")
+            #expect(try ImageContent.clusters(image) == expected, "kill at write \(n): data changed")
             #expect(try TestSupport.ploop("convert", "-v", "\(to)", image).code == 0)
             #expect(try ImageInfo.read(path: image).version == to)
-            #expect(try clusters(image) == expected)
+            #expect(try ImageContent.clusters(image) == expected)
             #expect(try FileManager.default.contentsOfDirectory(atPath: root.path) == ["a.hds"], "kill at write \(n): leftovers")
             if let qemu = TestSupport.which("qemu-img") {
                 #expect(try TestSupport.run(qemu, ["check", "-f", "parallels", image]).code == 0)
