@@ -78,3 +78,52 @@ struct SafetyIntegrationTests {
         return le(UInt32(0x4cc0_ac3d)) + le(UInt32(4096)) + le(UInt64(0)) + data + le(UInt32(0x4cc0_ac3d)) + le(UInt32(0)) + le(UInt64(0))
     }
 }
+
+/// Shutdowns that overlap (two umounts and a SIGTERM at once) end the daemon cleanly every time:
+/// one of them once let the process exit while another thread was still flushing /dev/ploopN,
+/// and the flush then waited forever on FUSE workers that were gone (seen once in CI).
+@Suite(.serialized, .enabled(if: TestSupport.simulatorUnavailable == nil, "simulator stack unavailable: \(TestSupport.simulatorUnavailable ?? "")"))
+struct OverlappingShutdownTests {
+    struct State: Decodable { var pid: Int32 }
+
+    @Test func umountsAndSignalsAtOnce() throws {
+        try DeviceTestLock.run {
+            let dir = try ScratchDirectory("ploop-shutdown")
+            _ = try TestSupport.ploop("init", "--no-descriptor", "-s", "16m", dir.file("a.hdd"))
+            for round in 0..<8 {
+                let m = try TestSupport.ploop("mount", "--backend", "simulator", dir.file("a.hdd"))
+                #expect(m.code == 0, "\(m)")
+                let dev = m.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+                guard let n = Int(dev.dropFirst("/dev/ploop".count)) else { return }
+                let stateFile = (ProcessInfo.processInfo.environment["PLOOP_RUN_DIR"] ?? "/run/ploop") + "/ploop\(n)/state.json"
+                let pid = try JSONDecoder().decode(State.self, from: Data(contentsOf: URL(fileURLWithPath: stateFile))).pid
+                // Two umounts and a SIGTERM, all at once; each bounded in time.
+                let umounts = try (0..<2).map { _ -> Process in
+                    let p = Process()
+                    p.executableURL = URL(fileURLWithPath: TestSupport.ploopBinary)
+                    p.arguments = ["umount", "-d", dev, "--backend", "simulator"]
+                    p.standardOutput = FileHandle.nullDevice
+                    p.standardError = FileHandle.nullDevice
+                    try p.run()
+                    return p
+                }
+                kill(pid, SIGTERM)
+                var waited = 0
+                while (umounts.contains { $0.isRunning } || kill(pid, 0) == 0) && waited < 600 {
+                    usleep(50_000)
+                    waited += 1
+                }
+                let hung = umounts.contains { $0.isRunning } || kill(pid, 0) == 0
+                #expect(!hung, "round \(round): the daemon or a umount did not finish in 30 s")
+                if hung {
+                    for p in umounts where p.isRunning { kill(p.processIdentifier, SIGKILL) }
+                    kill(pid, SIGKILL)
+                    return
+                }
+                for p in umounts { p.waitUntilExit() }
+                #expect(!FileManager.default.fileExists(atPath: stateFile))
+                #expect(try TestSupport.ploop("check", "-f", "-r", dir.file("a.hdd")).code == 0)
+            }
+        }
+    }
+}

@@ -31,6 +31,8 @@ public final class SimulatorDaemon: @unchecked Sendable {
     private var replacedNode: [UInt32]?
     private let stateLock = NSLock()
     private let stopping = Atomic<Bool>(false)
+    /// Whether the device has been torn down; its lock serialises shutdowns (see `shutdown`).
+    private let shutdownDone = Mutex(false)
     private var listenFD: Int32 = -1
 
     /// Builds everything; on failure, tears down what was built and rethrows.
@@ -151,7 +153,7 @@ public final class SimulatorDaemon: @unchecked Sendable {
             var sig: Int32 = 0
             sigwait(&set, &sig)
             try? shutdown(force: true)
-            exit(0)
+            exitAfterShutdown()
         }
         sigs.start()
         while !stopping.load(ordering: .relaxed) {
@@ -169,6 +171,8 @@ public final class SimulatorDaemon: @unchecked Sendable {
             }
             Thread { [self] in serve(LineChannel(fd: c)) }.start()
         }
+        // Stopping: the process ends only once the shutdown that set `stopping` is complete.
+        exitAfterShutdown()
     }
 
     func serve(_ ch: LineChannel) {
@@ -188,7 +192,7 @@ public final class SimulatorDaemon: @unchecked Sendable {
             try? saveState()
             try? ch.send(resp)
             if req.op == .umount && resp.ok {
-                exit(0)
+                exitAfterShutdown()
             }
         }
     }
@@ -250,16 +254,35 @@ public final class SimulatorDaemon: @unchecked Sendable {
     /// Stops the device: refuses while a file system holds it (unless forced by a signal), then
     /// detaches the loop device, removes the node, unmounts FUSE, stops the model (clean images)
     /// and removes the runtime directory.
+    ///
+    /// One shutdown at a time, once: a umount request and a signal (or two umount requests) must
+    /// not overlap. If one thread called exit while another was still flushing /dev/ploopN, that
+    /// flush would wait on FUSE workers that no longer exist, in an uninterruptible sleep that
+    /// keeps the process (and its /dev/fuse descriptor) from ever going away: a device, its mount
+    /// and every client hung for good. Seen once in CI.
     func shutdown(force: Bool) throws {
-        if !force {
-            if Loop.isBusy(device) { throw DeviceError.deviceInUse("\(device) (a file system is mounted on it: umount it first, or use 'ploop umount -m')") }
-            let st = model.state
-            if st != .off { throw DeviceError.busy(st) }
+        let outcome: Result<Void, any Error> = shutdownDone.withLock { done in
+            if done { return .success(()) }
+            if !force {
+                if Loop.isBusy(device) {
+                    return .failure(DeviceError.deviceInUse("\(device) (a file system is mounted on it: umount it first, or use 'ploop umount -m')"))
+                }
+                let st = model.state
+                if st != .off { return .failure(DeviceError.busy(st)) }
+            }
+            stopping.store(true, ordering: .relaxed)
+            // Whatever the block layer still caches for the device goes down to the model first.
+            Loop.flushBlockDevice(device)
+            teardown()
+            done = true
+            return .success(())
         }
-        stopping.store(true, ordering: .relaxed)
-        // Whatever the block layer still caches for the device goes down to the model first.
-        Loop.flushBlockDevice(device)
-        teardown()
+        try outcome.get()
+    }
+
+    /// Ends the process, but only while no shutdown is under way (see `shutdown`).
+    func exitAfterShutdown() -> Never {
+        shutdownDone.withLock { _ in exit(0) }
     }
 
     private func teardown() {
