@@ -63,7 +63,7 @@ extension Ploop {
             o.dropInUse = dropInuse
             o.repairSparse = repairSparse
             if !raw, Disk.descriptorPath(for: image) != nil {
-                try DiskCommands.check(image, uuid: uuid, options: o, silent: silent, json: json)
+                try DiskCommands.check(image, uuid: uuid, options: o, silent: silent, json: json, hardForce: hardForce)
                 return
             }
             if uuid != nil { throw CommandFailure("-u names a snapshot of a disk: give DiskDescriptor.xml") }
@@ -71,27 +71,30 @@ extension Ploop {
             if json {
                 print(try Output.json(JSONReport(report)))
             } else if !silent {
-                if report.status == .skipped {
-                    print("\(image): image is clean, check is skipped (use -f to check anyway)")
-                }
-                for f in report.findings {
-                    print("\(image): \(f.message): \(f.action.rawValue)")
-                }
-                switch report.status {
-                case .ok:
-                    let fixed = report.findings.contains { $0.action == .fixed }
-                    print("\(image): \(fixed ? "repaired" : "no problems found")")
-                case .skipped: break
-                case .formatError: print("\(image): problems remain: image is not repaired\(hardForceHint(report))")
-                case .inUse: print("\(image): in-use mark is set: if no device uses the image, run again with -d")
-                case .busy: print("\(image): image is busy: finish the operation in progress first")
-                }
+                Self.show(report, image: image, hardForce: hardForce)
             }
             if report.exitCode != 0 { throw CommandFailure("", code: report.exitCode) }
         }
 
-        private func hardForceHint(_ r: Checker.Report) -> String {
-            r.findings.contains { $0.action == .fatal } && !hardForce ? " (-F applies fatal fixes, losing those clusters)" : ""
+        /// The report as the user reads it: each finding with what was done, then the outcome.
+        static func show(_ report: Checker.Report, image: String, hardForce: Bool) {
+            if report.status == .skipped {
+                print("\(image): image is clean, check is skipped (use -f to check anyway)")
+            }
+            for f in report.findings {
+                print("\(image): \(f.message): \(f.action.rawValue)")
+            }
+            switch report.status {
+            case .ok:
+                let fixed = report.findings.contains { $0.action == .fixed }
+                print("\(image): \(fixed ? "repaired" : "no problems found")")
+            case .skipped: break
+            case .formatError:
+                let hint = report.findings.contains { $0.action == .fatal } && !hardForce ? " (-F applies fatal fixes, losing those clusters)" : ""
+                print("\(image): problems remain: image is not repaired\(hint)")
+            case .inUse: print("\(image): in-use mark is set: if no device uses the image, run again with -d")
+            case .busy: print("\(image): image is busy: finish the operation in progress first")
+            }
         }
     }
 

@@ -316,7 +316,6 @@ enum DiskLookup {
         guard let dd = Disk.descriptorPath(for: folder), let data = FileManager.default.contents(atPath: dd),
             let d = try? DiskDescriptor.parse(data, path: dd), let id = PathInfo.identity(image)
         else { return nil }
-        let names = d.images.map { $0.file.hasPrefix("/") ? $0.file : folder + "/" + $0.file }
-        return names.contains { PathInfo.identity($0) == id } ? dd : nil
+        return d.images.contains { PathInfo.identity(Disk.resolve($0.file, in: folder)) == id } ? dd : nil
     }
 }

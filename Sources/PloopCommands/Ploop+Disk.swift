@@ -331,7 +331,7 @@ enum DiskCommands {
         return dev.device
     }
 
-    static func check(_ argument: String, uuid: String?, options: Checker.Options, silent: Bool, json: Bool) throws {
+    static func check(_ argument: String, uuid: String?, options: Checker.Options, silent: Bool, json: Bool, hardForce: Bool) throws {
         let d = try DiskDevices.open(argument)
         let g = try uuid.map(parseGUID)
         if let g, d.descriptor.shot(g) == nil { throw CommandFailure(DiskError.unknownGUID(d.descriptorPath, g).description) }
@@ -341,10 +341,7 @@ enum DiskCommands {
             if i == 0 && d.baseFormat == .raw { continue }
             let r = try failing { try Checker.check(path: p, options: options) }
             reports.append(Ploop.JSONReport(r))
-            if !silent && !json {
-                for f in r.findings { print("\(p): \(f.message): \(f.action.rawValue)") }
-                print("\(p): \(r.status == .ok || r.status == .skipped ? (r.findings.contains { $0.action == .fixed } ? "repaired" : "no problems found") : "problems remain")")
-            }
+            if !silent && !json { Ploop.Check.show(r, image: p, hardForce: hardForce) }
             if r.exitCode != 0 && worst == 0 { worst = r.exitCode }
         }
         if json { print(try Output.json(reports)) }

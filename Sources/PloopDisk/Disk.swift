@@ -124,8 +124,11 @@ public final class Disk {
         return resolve(i.file)
     }
 
-    func resolve(_ file: String) -> String {
-        file.hasPrefix("/") ? Self.normalize(file) : Self.normalize(folder + "/" + file)
+    func resolve(_ file: String) -> String { Self.resolve(file, in: folder) }
+
+    /// A descriptor's `File` as a path: absolute as it is, else relative to the descriptor's folder.
+    public static func resolve(_ file: String, in folder: String) -> String {
+        file.hasPrefix("/") ? normalize(file) : normalize(folder + "/" + file)
     }
 
     /// How the descriptor names `path`: relative to the folder, `../` where it lies elsewhere.
@@ -193,18 +196,9 @@ public final class Disk {
     }
 
     static func write(_ d: DiskDescriptor, to path: String, replace: Bool) throws(DiskError) {
-        let tmp = path + ".tmp"
-        PathInfo.removeRegularFile(tmp)
-        do {
-            let f = try File(path: tmp, mode: .createNew, permissions: 0o644)
-            let bytes = Array(d.xml().utf8)
-            try bytes.withUnsafeBytes { try f.write($0, at: 0) }
-            try f.sync()
-        } catch { throw .io("writing \(tmp): \((error as? SystemError)?.message ?? "\(error)")") }
-        do { try PathInfo.publish(tmp, as: path, replace: replace) } catch {
-            PathInfo.removeRegularFile(tmp)
+        do { try PathInfo.writeAtomically(Array(d.xml().utf8), to: path, replace: replace, permissions: 0o644) } catch {
             if case .exists = error { throw .alreadyExists(path) }
-            throw .io("publishing \(path): \(error)")
+            throw .io("writing \(path): \(error)")
         }
     }
 
@@ -230,15 +224,9 @@ public final class Disk {
     var journalPath: String { descriptorPath + ".journal" }
 
     func writeJournal(_ j: Journal) throws(DiskError) {
-        let tmp = journalPath + ".tmp"
-        PathInfo.removeRegularFile(tmp)
-        do {
-            let data = try JSONEncoder().encode(j)
-            let f = try File(path: tmp, mode: .createNew)
-            try data.withUnsafeBytes { try f.write($0, at: 0) }
-            try f.sync()
-            try PathInfo.publish(tmp, as: journalPath, replace: true)
-        } catch { throw .io("writing \(journalPath): \(error)") }
+        let bytes: [UInt8]
+        do { bytes = Array(try JSONEncoder().encode(j)) } catch { throw .io("encoding \(journalPath): \(error)") }
+        do { try PathInfo.writeAtomically(bytes, to: journalPath, replace: true) } catch { throw .io("writing \(journalPath): \(error)") }
     }
 
     func endJournal(_ j: Journal) {

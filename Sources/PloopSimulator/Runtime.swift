@@ -58,14 +58,7 @@ public struct RuntimeState: Codable, Sendable, Equatable {
     public func write(_ path: String) throws {
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-        let data = try enc.encode(self)
-        let tmp = path + ".tmp"
-        let f = try File(path: tmp, mode: .createOrOpen)
-        try f.truncate(to: 0)
-        try data.withUnsafeBytes { try f.write($0, at: 0) }
-        try f.sync()
-        guard rename(tmp, path) == 0 else { throw SystemError("rename", path: path, errno: errno) }
-        PathInfo.syncParentDirectory(of: path)
+        try PathInfo.writeAtomically(Array(try enc.encode(self)), to: path, replace: true)
     }
 }
 

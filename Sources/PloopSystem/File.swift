@@ -374,6 +374,30 @@ public enum PathInfo {
         syncParentDirectory(of: destination)
     }
 
+    /// Writes `bytes` as the whole of `path`, atomically: into `path.tmp` (a leftover one is
+    /// dropped first), synced, published as `publish` does (over a regular file only, and only with
+    /// `replace`), the folder synced. On failure the temporary file is removed and `path` is as it was.
+    public static func writeAtomically(_ bytes: [UInt8], to path: String, replace: Bool, permissions: mode_t = 0o600) throws(PublishError) {
+        let tmp = path + ".tmp"
+        removeRegularFile(tmp)
+        do throws(SystemError) {
+            let f = try File(path: tmp, mode: .createNew, permissions: permissions)
+            var failure: SystemError?
+            bytes.withUnsafeBytes { b in
+                do throws(SystemError) { try f.write(b, at: 0) } catch { failure = error }
+            }
+            if let failure { throw failure }
+            try f.sync()
+        } catch {
+            removeRegularFile(tmp)
+            throw .system(error)
+        }
+        do { try publish(tmp, as: path, replace: replace) } catch {
+            removeRegularFile(tmp)
+            throw error
+        }
+    }
+
     /// Removes `path` only if it is a regular file (never a link, node or folder someone put there).
     @discardableResult
     public static func removeRegularFile(_ path: String) -> Bool {
