@@ -397,34 +397,56 @@ enum DiskCommands {
 extension Ploop {
     struct Convert: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Convert a disk's images between header versions 1 and 2 (offline).",
+            abstract: "Convert a disk's layout (raw, preallocated, expanded) or header version (offline).",
             discussion: """
                 -v 2 lifts v1's limit (2 TiB of 32-bit sectors); -v 1 is refused for a disk or a block it \
                 cannot hold (the original wraps those sizes silently). Each image is converted crash-safe: \
                 the new BAT is staged in IMAGE.convert first; killed half way, the next command on the disk \
-                (or 'ploop check' on the image) finishes it. Data clusters are not moved. Converting the \
-                layout (-f raw|preallocated|expanded) is not in this build yet.
+                (or 'ploop check' on the image) finishes it. Data clusters are not moved.
 
-                Example (from the original's usage):
+                -f changes the layout of a single-image disk (merge snapshots first: the original converts \
+                only the first image and breaks the chain): preallocated gives every cluster its block in \
+                place; expanded only records that new clusters are allocated as written (blocks stay); raw \
+                and back build the new file beside the image (IMAGE.layout, sparse where the disk reads \
+                nothing) and rename it over the image, journalled, so a kill leaves the old or the new disk \
+                and the next command finishes. What the disk reads never changes.
+
+                Examples (from the original's usage):
                   ploop convert -v 2 /vz/private/101/root.hdd/DiskDescriptor.xml
+                  ploop convert -f preallocated /vz/private/101/root.hdd/DiskDescriptor.xml
                 """
         )
 
         @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("The header version to convert to: 1 or 2.", valueName: "version"))
         var version: String?
-        @Option(name: .short, help: ArgumentHelp("The layout to convert to (not in this build yet).", valueName: "format"))
+        @Option(name: .short, help: ArgumentHelp("The layout to convert to: raw, preallocated, expanded (ploop1).", valueName: "format"))
         var format: String?
         @OptionGroup var backend: BackendOptions
         @Argument(help: "DiskDescriptor.xml (or its folder), or one ploop1 image.")
         var disk: String
 
         func validate() throws {
-            if format != nil { throw ValidationError("-f \(format!): converting the layout (raw, preallocated, expanded) is not in this build yet; -v 1|2 is") }
-            guard let v = version else { throw ValidationError("give -v 1 or -v 2") }
+            if let f = format {
+                guard Offline.Layout(argument: f) != nil else { throw ValidationError("-f \(f): the layout is raw, preallocated or expanded (ploop1)") }
+                if version != nil { throw ValidationError("give -f or -v, not both: convert the layout and the version in two runs") }
+                return
+            }
+            guard let v = version else { throw ValidationError("give -f raw|preallocated|expanded or -v 1|2") }
             if Int(v).flatMap(FormatVersion.init(rawValue:)) == nil { throw ValidationError("-v \(v): the header version is 1 or 2") }
         }
 
         func run() throws {
+            if let f = format {
+                let target = Offline.Layout(argument: f)!
+                guard Disk.descriptorPath(for: disk) != nil else {
+                    throw CommandFailure("-f \(f) converts a disk: give its DiskDescriptor.xml or folder (for an image file, use 'ploop merge' or 'qemu-img convert')")
+                }
+                let d = try DiskDevices.openOffline(disk, backend: backend)
+                let progress = ProgressLine("converting")
+                let changed = try diskErrors { try d.convertLayout(to: target, version: DefaultVersion.detect(), progress: progress.update) }
+                print(changed ? "ploop image has been successfully converted" : "\(d.descriptorPath) is already \(target.rawValue)")
+                return
+            }
             let v = FormatVersion(rawValue: Int(version!)!)!
             guard Disk.descriptorPath(for: disk) != nil else {
                 let changed = try failing { try Offline.convertVersion(path: disk, to: v) }

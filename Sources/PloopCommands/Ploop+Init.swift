@@ -12,7 +12,9 @@ extension Ploop {
                 DiskDescriptor.xml beside it, so the folder is a disk that the descriptor commands \
                 (snapshot, snapshot-list, mount DiskDescriptor.xml ...) manage. IMAGE must not exist and \
                 the folder must not hold a descriptor yet; nothing is touched if either does. The size is \
-                rounded up to a whole cluster. --no-descriptor creates the image only (the manual's init).
+                rounded up to a whole cluster. --no-descriptor creates the image only (the manual's init). \
+                -f preallocated gives every cluster its block before the image appears (space reserved with \
+                fallocate, reading zeros), so writes never extend the file; the descriptor records it.
 
                 The file system type defaults to none here (as the manual's init); the original v7 \
                 defaults to ext4. File systems on disks (-t ext4|ext3) are not in this build yet.
@@ -25,8 +27,10 @@ extension Ploop {
         @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Virtual size: sectors, or bytes with k/m/g/t.", valueName: "size"))
         var size: String
 
-        @Option(name: .short, help: ArgumentHelp("Image format.", valueName: "format"))
-        var format: ImageFormat = .ploop1
+        @Option(name: .short, help: ArgumentHelp("Image layout: ploop1 or expanded (grows as written, the default), preallocated (every cluster's space reserved up front), raw (a plain file).", valueName: "format"))
+        var format: String = "ploop1"
+
+        var layout: Offline.Layout { Offline.Layout(argument: format)! }
 
         @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Cluster size in 512-byte sectors (power of two, 64 to 131072; default 2048 = 1 MiB).", valueName: "blocksize"))
         var blocksize: String?
@@ -44,6 +48,9 @@ extension Ploop {
         var image: String
 
         func validate() throws {
+            guard Offline.Layout(argument: format) != nil else {
+                throw ValidationError("-f \(format): the format is ploop1 (= expanded), expanded, preallocated or raw")
+            }
             if let v = version, Int(v).flatMap(FormatVersion.init(rawValue:)) == nil {
                 throw ValidationError("-v \(v): the header version is 1 or 2")
             }
@@ -60,7 +67,7 @@ extension Ploop {
             let sectors = try SizeOption.parse(size)
             let v = version.flatMap { Int($0) }.flatMap(FormatVersion.init(rawValue:)) ?? DefaultVersion.detect()
             let blocksize = try ClusterOption.parse(blocksize) ?? PloopSpec.defaultClusterSectors
-            let request = Offline.InitRequest(path: image, sizeSectors: sectors, format: format, clusterSectors: blocksize, version: v)
+            let request = Offline.InitRequest(path: image, sizeSectors: sectors, format: layout.format, clusterSectors: blocksize, version: v, preallocated: layout == .preallocated)
             let header: ImageHeader
             var stored: String?
             if noDescriptor {
@@ -70,9 +77,10 @@ extension Ploop {
                 header = try failing { try ImageHeader.new(sizeSectors: d.diskSizeSectors, clusterSectors: d.blocksize, version: v) }
                 stored = dd
             }
-            switch format {
+            switch layout.format {
             case .ploop1:
-                print("Created \(image): ploop1 \(v), \(Output.size(header.virtualBytes)), \(Output.size(UInt64(header.clusterBytes))) clusters")
+                let how = layout == .preallocated ? " preallocated" : ""
+                print("Created \(image): ploop1 \(v)\(how), \(Output.size(header.virtualBytes)), \(Output.size(UInt64(header.clusterBytes))) clusters")
             case .raw:
                 print("Created \(image): raw, \(Output.size(header.virtualBytes))")
             }

@@ -24,7 +24,8 @@ extension Disk {
         }
         let d = DiskDescriptor.single(
             file: (image as NSString).lastPathComponent, kind: request.format == .raw ? .plain : .compressed,
-            sizeSectors: header.sizeInSectors, blocksize: header.clusterSectors, cylinders: header.cylinders, heads: header.heads)
+            sizeSectors: header.sizeInSectors, blocksize: header.clusterSectors, cylinders: header.cylinders, heads: header.heads,
+            preallocated: request.preallocated)
         do { try write(d, to: dd, replace: false) } catch {
             PathInfo.removeRegularFile(image)
             throw error
@@ -34,17 +35,19 @@ extension Disk {
     }
 
     /// The header `request` would write, when `image` is exactly what such an init leaves before
-    /// its descriptor: a ploop1 image of that geometry, clean and empty (nothing to lose by adopting it).
+    /// its descriptor: a ploop1 image of that geometry, clean and empty, or (`-f preallocated`)
+    /// clean with every cluster given its block and nothing beyond (nothing to lose by adopting it).
     static func interruptedInit(_ request: Offline.InitRequest, image: String) throws(DiskError) -> ImageHeader? {
         guard request.format == .ploop1, PathInfo.entryKind(image) == .regular,
-            let info = try? ImageInfo.read(path: image), info.format == .ploop1, !info.inUse, info.allocatedClusters == 0
+            let info = try? ImageInfo.read(path: image), info.format == .ploop1, !info.inUse
         else { return nil }
         let want: ImageHeader
         do { want = try ImageHeader.new(sizeSectors: request.sizeSectors, clusterSectors: request.clusterSectors, version: request.version) } catch {
             return nil
         }
+        let blocks = request.preallocated ? Int(want.batEntries) : 0
         guard info.version == want.version.rawValue, info.virtualSize == want.virtualBytes, info.clusterSize == want.clusterBytes,
-            info.fileSize == want.layout.firstDataOffset
+            info.allocatedClusters == blocks, info.fileSize == want.layout.firstDataOffset + UInt64(blocks) * UInt64(want.clusterBytes)
         else { return nil }
         return want
     }
@@ -428,5 +431,92 @@ extension Disk {
         if let i = next.images.firstIndex(where: { $0.guid == g }) { next.images[i].file = relative(new) }
         try commit(next)
         return g
+    }
+}
+
+extension Disk {
+    /// Where a layout conversion builds the image's new file until it is renamed over the image.
+    public static func layoutFile(of image: String) -> String { image + ".layout" }
+
+    /// The disk's layout: raw when the base is Plain, else preallocated or expanded as the
+    /// descriptor says.
+    public var layout: Offline.Layout {
+        baseFormat == .raw ? .raw : (descriptor.preallocated ? .preallocated : .expanded)
+    }
+
+    /// `ploop convert -f raw|preallocated|expanded DD` offline. What it reads is unchanged.
+    ///
+    /// * preallocated → expanded: only the descriptor (the blocks stay, as the original does);
+    /// * expanded → preallocated: every cluster without a block gets one in place
+    ///   (`Offline.preallocate`, crash-safe and idempotent), then the descriptor;
+    /// * to or from raw: the new file is built beside the image (`IMAGE.layout`, synced), a
+    ///   journal names it and the descriptor to follow, it is renamed over the image, the
+    ///   descriptor committed. Killed before the journal, the next command drops `IMAGE.layout`;
+    ///   after it, the next command finishes the rename and the descriptor.
+    ///
+    /// A disk with snapshots is refused (but for → expanded): the original converts only its
+    /// first image and leaves a chain whose deltas no longer fit. Returns false when the disk
+    /// already has that layout.
+    public func convertLayout(to target: Offline.Layout, version: FormatVersion, progress: (@Sendable (Int, Int) -> Void)? = nil) throws(DiskError) -> Bool {
+        let current = layout
+        guard current != target else { return false }
+        guard descriptor.images.count == 1 || (current, target) == (.preallocated, .expanded) else {
+            throw .refused("\(descriptorPath) has snapshots (\(descriptor.images.count) images): converting it to \(target.rawValue) needs a single image; merge them first with 'ploop snapshot-merge -A'")
+        }
+        let g = descriptor.chain()[0]
+        let image = path(of: g)
+        var next = descriptor
+        next.preallocated = target == .preallocated
+        if let i = next.images.firstIndex(where: { $0.guid == g }) { next.images[i].kind = target == .raw ? .plain : .compressed }
+        switch (current, target) {
+        case (.preallocated, .expanded):
+            try commit(next)
+            return true
+        case (.expanded, .preallocated):
+            try repairStaleMark(image)
+            try imageErrors { () throws(ImageError) in
+                let f = try ImagePath.open(image, write: true)
+                try ImagePath.lock(f, exclusive: true)
+                try Offline.preallocate(f, progress: progress)
+            }
+            try commit(next)
+            return true
+        default:
+            break
+        }
+        let staged = Self.layoutFile(of: image)
+        PathInfo.removeRegularFile(staged)
+        if current != .raw { try repairStaleMark(image) }
+        try imageErrors { () throws(ImageError) in
+            do throws(ImageError) {
+                let source = try ImagePath.open(image, write: false)
+                try ImagePath.lock(source, exclusive: true)
+                let out = try PosixBlockFile(path: staged, mode: .createNew)
+                if target == .raw {
+                    try Checker.validate(source)
+                    let old = try Ploop1Image(file: source, writable: false)
+                    try out.truncate(to: old.virtualBytes)
+                    try Offline.expand(old, intoRaw: out, progress: progress)
+                } else {
+                    let header: ImageHeader
+                    do throws(FormatError) { header = try ImageHeader.new(sizeSectors: descriptor.diskSizeSectors, clusterSectors: descriptor.blocksize, version: version) } catch {
+                        throw ImageError.format(image, error)
+                    }
+                    try Ploop1Image.create(on: out, header: header)
+                    try Offline.compact(raw: source, into: try Ploop1Image(file: out, writable: true), progress: progress)
+                    if target == .preallocated { try Offline.preallocate(out) }
+                }
+            } catch {
+                PathInfo.removeRegularFile(staged)
+                throw error
+            }
+        }
+        PathInfo.syncParentDirectory(of: staged)
+        let j = Journal(operation: "convert -f \(target.rawValue)", files: [], publish: .init(from: staged, to: image), descriptor: next.xml())
+        try writeJournal(j)
+        do { try PathInfo.publish(staged, as: image, replace: true) } catch { throw .io("renaming \(staged) to \(image): \(error)") }
+        try commit(next)
+        endJournal(j)
+        return true
     }
 }

@@ -167,11 +167,13 @@ public final class Disk {
             guard PathInfo.kind(p) == .regular else {
                 throw .invalid(descriptorPath, element: "File", "\(i.file) of image \(g) " + (PathInfo.kind(p) == .missing ? "does not exist" : "is not a regular file"))
             }
+            let info = try imageErrors { () throws(ImageError) in try ImageInfo.read(path: p) }
             if i.kind == .plain {
-                guard n == chain.count - 1 else { throw .invalid(descriptorPath, element: "Type", "Plain is for the base image only, not \(g)") }
+                guard info.format == .raw else {
+                    throw .invalid(descriptorPath, element: "Type", "is Plain (a raw disk) but the base \(i.file) is a ploop1 image: write Compressed for every image")
+                }
                 continue
             }
-            let info = try imageErrors { () throws(ImageError) in try ImageInfo.read(path: p) }
             guard info.format == .ploop1 else { throw .invalid(descriptorPath, element: "Type", "of \(g) is Compressed but \(i.file) is not a ploop1 image") }
             if let cs = info.clusterSize, cs / 512 != Int(descriptor.blocksize) {
                 throw .invalid(descriptorPath, element: "Blocksize", "is \(descriptor.blocksize) sectors but \(i.file) has clusters of \(cs / 512)")
@@ -212,7 +214,15 @@ public final class Disk {
         var merge: Merge?
         /// A grow of every image of the chain to redo (sectors) before `descriptor` is committed.
         var grow: UInt64?
+        /// A finished file to rename over an image (a layout conversion) before `descriptor` is
+        /// committed; when it is gone, the rename was done.
+        var publish: Publish?
         var descriptor: String?
+
+        struct Publish: Codable {
+            var from: String
+            var to: String
+        }
 
         struct Merge: Codable {
             var sources: [String]
@@ -266,12 +276,23 @@ public final class Disk {
                 PathInfo.removeRegularFile(staged)
             }
         }
-        guard PathInfo.kind(journalPath) == .regular else { return }
+        guard PathInfo.kind(journalPath) == .regular else {
+            // A layout conversion that never reached its journal left only its staged file.
+            for i in descriptor.images { PathInfo.removeRegularFile(Self.layoutFile(of: resolve(i.file))) }
+            return
+        }
         guard let data = FileManager.default.contents(atPath: journalPath), let j = try? JSONDecoder().decode(Journal.self, from: data) else {
             throw .io("\(journalPath) is damaged: read it, finish or undo its operation by hand, then remove it")
         }
         let next = try j.descriptor.map { (text) throws(DiskError) in try DiskDescriptor.parse(Data(text.utf8), path: journalPath) }
-        if let size = j.grow, let next {
+        if let p = j.publish, let next {
+            say("finishing an interrupted \(j.operation)")
+            if PathInfo.kind(p.from) == .regular {
+                do { try PathInfo.publish(p.from, as: p.to, replace: true) } catch { throw .io("renaming \(p.from) to \(p.to): \(error)") }
+            }
+            try commit(next)
+            finishedOperation = j.operation
+        } else if let size = j.grow, let next {
             say("finishing an interrupted \(j.operation)")
             for g in descriptor.chain().reversed() {
                 let raw = descriptor.image(g)!.kind == .plain

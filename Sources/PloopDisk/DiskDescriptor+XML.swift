@@ -38,10 +38,13 @@ extension DiskDescriptor {
         element(3, "End", "\(diskSizeSectors)")
         element(3, "Blocksize", "\(blocksize)")
         if preallocated { element(3, "Preallocated", "1") }
+        // The original keeps one mode per disk: a raw (Plain) base makes it write Plain for every
+        // image, the ploop1 deltas above included.
+        let rawMode = base.flatMap(image)?.kind == .plain
         for i in images {
             line(3, "<Image>")
             element(4, "GUID", i.guid.text)
-            element(4, "Type", i.kind.rawValue)
+            element(4, "Type", rawMode ? Image.Kind.plain.rawValue : i.kind.rawValue)
             element(4, "File", i.file)
             line(3, "</Image>")
         }
@@ -171,6 +174,14 @@ extension DiskDescriptor {
         d.encryptionKeyId = keyId
         d.volume = volume
         try d.checkTree(path: path)
+        // One Plain image makes the whole disk raw for the original (it writes Plain for every
+        // image of a raw disk, the ploop1 snapshots above the base included): the base is the
+        // raw file and every image above it is a ploop1 delta.
+        if d.images.contains(where: { $0.kind == .plain }) {
+            if preallocated { throw .invalid(path, element: "Preallocated", "is set on a Plain (raw) disk: only ploop1 disks are preallocated") }
+            let base = d.base
+            for k in d.images.indices { d.images[k].kind = d.images[k].guid == base ? .plain : .compressed }
+        }
         return d
     }
 

@@ -10,9 +10,12 @@ public enum Offline {
         public var format: ImageFormat = .ploop1
         public var clusterSectors: UInt32 = PloopSpec.defaultClusterSectors
         public var version: FormatVersion = .v2
+        /// Every cluster of a ploop1 image given its block before the image is published (`-f preallocated`).
+        public var preallocated = false
 
-        public init(path: String, sizeSectors: UInt64, format: ImageFormat = .ploop1, clusterSectors: UInt32 = PloopSpec.defaultClusterSectors, version: FormatVersion = .v2) {
+        public init(path: String, sizeSectors: UInt64, format: ImageFormat = .ploop1, clusterSectors: UInt32 = PloopSpec.defaultClusterSectors, version: FormatVersion = .v2, preallocated: Bool = false) {
             self.path = path
+            self.preallocated = preallocated && format == .ploop1
             self.sizeSectors = sizeSectors
             self.format = format
             self.clusterSectors = clusterSectors
@@ -35,7 +38,9 @@ public enum Offline {
         do { temp = try TemporaryFile(destination: r.path, suffix: "init", replace: false) } catch { throw .from(error, r.path) }
         let file = PosixBlockFile(temp.file)
         switch r.format {
-        case .ploop1: try Ploop1Image.create(on: file, header: header)
+        case .ploop1:
+            try Ploop1Image.create(on: file, header: header)
+            if r.preallocated { try preallocate(file) }
         case .raw: try RawImage.create(on: file, bytes: header.virtualBytes)
         }
         do { try temp.publish(replace: false) } catch { throw .from(error, r.path) }

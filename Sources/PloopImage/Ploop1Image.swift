@@ -44,9 +44,10 @@ public final class Ploop1Image: Sendable {
         try file.sync()
     }
 
-    /// Opens an image. With `writable`, the in-use mark is set (and synced) before this returns;
-    /// an image whose mark is already set is refused unless `allowDirty`.
-    public init(file: any BlockFile, writable: Bool, allowDirty: Bool = false) throws(ImageError) {
+    /// Opens an image. With `writable`, the in-use mark is set (and synced) before this returns
+    /// (unless `markInUse` is false: for changes that keep the image sound at every write, so a
+    /// crash leaves it clean); an image whose mark is already set is refused unless `allowDirty`.
+    public init(file: any BlockFile, writable: Bool, allowDirty: Bool = false, markInUse: Bool = true) throws(ImageError) {
         let size = try file.size()
         let headerBytes = try file.readBytes(PloopSpec.headerSize, at: 0)
         let header: ImageHeader
@@ -65,7 +66,7 @@ public final class Ploop1Image: Sendable {
         self.file = file
         self.writable = writable
         self.state = Mutex(State(header: header, bat: bat, allocHead: head))
-        if writable {
+        if writable && markInUse {
             try setInUse(true)
         }
     }

@@ -82,7 +82,7 @@ struct DiskBadInputTests {
             var t = s
             if let r = t.range(of: "<Type>Compressed</Type>\n        <File>root.hds.2</File>") { t.replaceSubrange(r, with: "<Type>Plain</Type>\n        <File>root.hds.2</File>") }
             return t
-        }, expect: "Plain is for the base image only"),
+        }, expect: "is Plain (a raw disk) but the base root.hds is a ploop1 image"),
         Broken(name: "an empty File", edit: replacing("<File>root.hds.1</File>", "<File></File>"), expect: "<File> of image \(g2) is empty"),
         Broken(name: "a File climbing through sub/..", edit: replacing("<File>root.hds.1</File>", "<File>sub/../root.hds.1</File>"), expect: "climbs through '..'"),
         Broken(name: "a File through ./", edit: replacing("<File>root.hds.1</File>", "<File>./root.hds.1</File>"), expect: "climbs through '..' or '.'"),
