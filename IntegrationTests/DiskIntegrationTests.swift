@@ -72,9 +72,13 @@ struct DiskIntegrationTests {
             #expect(list.stdout == "\(Self.g1)  \n{5fbaabe3-6958-40ff-92a7-860e329aab41} *\n", "\(list)")
             #expect(try TestSupport.ploop("list").stdout.contains(dev))
 
-            // While it runs: a second mount and offline-only commands are refused, nothing touched.
+            // While it runs: a second mount, offline-only commands and deleting the running top are
+            // refused, nothing touched.
             let state = try ScratchDirectoryState(disk)
-            for args in [["mount", dd], ["snapshot-merge", dd], ["snapshot-delete", "-u", Self.g1, dd], ["snapshot-switch", "-u", Self.g1, dd]] {
+            for args in [
+                ["mount", dd], ["snapshot-switch", "-u", Self.g1, dd], ["snapshot-delete", "-u", "{5fbaabe3-6958-40ff-92a7-860e329aab41}", dd],
+                ["snapshot-merge", "-n", root.file("new.hds"), dd], ["convert", "-f", "raw", dd], ["convert", "-v", "1", dd],
+            ] {
                 let r = try TestSupport.ploop(args)
                 #expect(r.code == 1 && r.stderr.contains(dev), "\(args): \(r)")
             }
@@ -149,6 +153,132 @@ struct DiskIntegrationTests {
             devices.names.removeAll { $0 == merged }
             #expect(try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }.sorted() == ["DiskDescriptor.xml", "root.hds"])
             _ = try Self.ploop("check", "-f", dd)
+        } }
+    }
+
+    /// snapshot-delete and snapshot-merge while the disk runs: the merges run on the device, the
+    /// file system (here: raw bytes) stays in use, the descriptor follows, and the bytes are the
+    /// same before, after, and after a remount.
+    @Test(arguments: TestSupport.cliBackends)
+    func onlineDeleteAndMerge(_ backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
+            let root = try ScratchDirectory("ploop-disk")
+            let disk = root.file("disk")
+            try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
+            let dd = disk + "/DiskDescriptor.xml"
+            let devices = Devices()
+            _ = try Self.ploop("init", "-s", "32m", "-b", "128", disk + "/root.hds")
+            let dev = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(dev)
+            var expected = [UInt8](repeating: 0, count: 32 << 20)
+            func write(_ seed: UInt64, at offset: Int, _ count: Int) throws {
+                let p = DeviceContent.pattern(count, seed: seed)
+                try Self.write(dev, p, at: UInt64(offset))
+                expected.replaceSubrange(offset..<(offset + count), with: p)
+            }
+            try write(1, at: 0, 8 << 20)
+            _ = try Self.ploop("snapshot", "-u", Self.g1, dd)
+            try write(2, at: 4 << 20, 8 << 20)
+            _ = try Self.ploop("snapshot", "-u", "{22222222-2222-4222-8222-222222222222}", dd)
+            try write(3, at: 10 << 20, 4 << 20)
+            #expect(try Self.read(dev, count: 32 << 20) == expected)
+
+            // Delete G1 (the base's snapshot): G2's delta merges into root.hds on the device.
+            let del = try Self.ploop("snapshot-delete", "-u", Self.g1, dd)
+            #expect(del.stdout == "ploop snapshot merged\n", "\(del)")
+            #expect(try Self.read(dev, count: 32 << 20) == expected, "after the online snapshot-delete")
+            let afterDelete = try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout
+            #expect(afterDelete == "{22222222-2222-4222-8222-222222222222}\n{5fbaabe3-6958-40ff-92a7-860e329aab41}\n", "\(afterDelete)")
+            #expect(try Self.ploop("info", "-d", dd).stdout.hasPrefix("device:\t\t\(dev)\n"))
+            try write(4, at: 20 << 20, 2 << 20)
+
+            // Merge the top into its parent: one image left, still running.
+            let merge = try Self.ploop("snapshot-merge", dd)
+            #expect(merge.stdout == "ploop snapshot merged\n", "\(merge)")
+            #expect(try Self.read(dev, count: 32 << 20) == expected, "after the online snapshot-merge")
+            #expect(try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout == "{5fbaabe3-6958-40ff-92a7-860e329aab41}\n")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }.sorted() == ["DiskDescriptor.xml", "root.hds"])
+            try write(5, at: 30 << 20, 1 << 20)
+
+            // Merging or deleting the base while running is refused as offline.
+            let base = try TestSupport.ploop("snapshot-merge", dd)
+            #expect(base.code == 1 && base.stderr.contains("base image"), "\(base)")
+
+            _ = try Self.ploop("umount", dd)
+            devices.names.removeAll { $0 == dev }
+            _ = try Self.ploop("check", "-f", dd)
+            let again = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(again)
+            #expect(try Self.read(again, count: 32 << 20) == expected, "after a remount")
+            _ = try Self.ploop("umount", dd)
+            devices.names.removeAll { $0 == again }
+        } }
+    }
+
+    /// Online snapshot and online snapshot-merge killed before each of the command's own file
+    /// changes in turn, while the device keeps running: the next command on the disk finds the
+    /// device's chain and finishes (or, before the journal, has nothing to undo); the device's top
+    /// is always a file the descriptor names (never a removed one), and the bytes never change.
+    @Test(arguments: TestSupport.cliBackends)
+    func onlineCommandsKilledAtEveryWrite(_ backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
+            let root = try ScratchDirectory("ploop-disk")
+            let disk = root.file("disk")
+            try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
+            let dd = disk + "/DiskDescriptor.xml"
+            let devices = Devices()
+            _ = try Self.ploop("init", "-s", "16m", "-b", "128", disk + "/root.hds")
+            let dev = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(dev)
+            var expected = [UInt8](repeating: 0, count: 16 << 20)
+            var seed: UInt64 = 10
+            func write() throws {
+                seed += 1
+                let offset = Int(seed % 12) << 20
+                let p = DeviceContent.pattern(1 << 20, seed: seed)
+                try Self.write(dev, p, at: UInt64(offset))
+                expected.replaceSubrange(offset..<(offset + p.count), with: p)
+            }
+            func images() throws -> Int {
+                try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout.split(separator: "\n").count
+            }
+            try write()
+            for command in [["snapshot"], ["snapshot-merge"]] {
+                var crashes = 0
+                for n in 1...40 {
+                    // Each round starts from one image (merge rounds: two), with fresh data.
+                    if command == ["snapshot-merge"], try images() == 1 { _ = try Self.ploop("snapshot", dd) }
+                    try write()
+                    let before = try images()
+                    let r = try TestSupport.run(TestSupport.ploopBinary, command + [dd], environment: ["PLOOP_TEST_CRASH_AT": "\(n)"])
+                    // The next command on the disk recovers whatever the kill left.
+                    let now = try images()
+                    #expect(try Self.ploop("info", "-d", dd).stdout.hasPrefix("device:\t\t\(dev)\n"), "\(command) killed at write \(n): the device runs no top the descriptor names")
+                    #expect(try Self.read(dev, count: 16 << 20) == expected, "\(command) killed at write \(n): the bytes changed")
+                    try write()
+                    #expect(try Self.read(dev, count: 16 << 20) == expected, "\(command) killed at write \(n): a write after recovery did not land")
+                    if r.code == 0 {
+                        #expect(now == before + (command == ["snapshot"] ? 1 : -1))
+                        break
+                    }
+                    #expect(r.code == 137, "\(command) at write \(n): \(r)")
+                    crashes += 1
+                    #expect(now == before || now == before + (command == ["snapshot"] ? 1 : -1), "\(command) killed at write \(n): \(before) → \(now) images")
+                    // Back to one image for the next snapshot round.
+                    if command == ["snapshot"], now > 1 { _ = try Self.ploop("snapshot-merge", dd) }
+                }
+                #expect(crashes >= 3, "\(command): only \(crashes) changes")
+            }
+            _ = try Self.ploop("umount", dd)
+            devices.names.removeAll { $0 == dev }
+            _ = try Self.ploop("check", "-f", dd)
+            let finalImages = try images()
+            #expect(try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }.count == 1 + finalImages)
+            let again = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(again)
+            #expect(try Self.read(again, count: 16 << 20) == expected, "after a remount")
+            _ = try Self.ploop("umount", dd)
+            devices.names.removeAll { $0 == again }
         } }
     }
 }

@@ -41,17 +41,32 @@ enum DiskDevices {
 
     /// The disk, opened and locked, for an operation that must not run while a device runs it.
     static func openOffline(_ argument: String, backend: BackendOptions) throws -> Disk {
-        let d = try open(argument)
+        let d = try open(argument, backend: backend)
         try requireOffline(d, backend: backend)
         return d
     }
 
-    /// The disk an argument names, opened and locked, or a refusal that says what to give.
-    static func open(_ argument: String) throws -> Disk {
+    /// The disk and the device that runs it from its top (nil: not running), for an operation
+    /// that works both ways. A device that holds only part of the chain is refused.
+    static func openOnline(_ argument: String, backend: BackendOptions) throws -> (Disk, device: String?) {
+        let d = try open(argument, backend: backend)
+        guard let be = try? backend.backend.resolve() else { return (d, nil) }
+        if let running = device(of: d, backend: be) { return (d, running.device) }
+        if let held = device(of: d, backend: be, anyLevel: true) {
+            throw CommandFailure("\(held.device) runs part of the disk \(d.descriptorPath) (not from its top): unmount it first")
+        }
+        return (d, nil)
+    }
+
+    /// The disk an argument names, opened and locked, or a refusal that says what to give. The
+    /// backend (the default one when not given) lets the open recover an interrupted online
+    /// operation by asking its device.
+    static func open(_ argument: String, backend: BackendOptions? = nil) throws -> Disk {
         guard let dd = Disk.descriptorPath(for: argument) else {
             throw CommandFailure(DiskError.noDescriptor(argument).description)
         }
-        return try diskErrors { try Disk.open(dd) { FileHandle.standardError.write("ploop: \($0)\n") } }
+        let be = try? (backend?.backend ?? .auto).resolve()
+        return try diskErrors { try Disk.open(dd, backend: be) { FileHandle.standardError.write("ploop: \($0)\n") } }
     }
 }
 
@@ -136,11 +151,13 @@ extension Ploop {
     struct SnapshotDelete: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "snapshot-delete",
-            abstract: "Delete a snapshot of a disk (offline).",
+            abstract: "Delete a snapshot of a disk (offline or online).",
             discussion: """
                 The snapshot's one child is merged into the snapshot's file, which then carries the child's \
                 GUID; deleting the top delta drops what was written since the last snapshot (its parent \
-                becomes the top). The base of a disk with one image cannot be deleted.
+                becomes the top). The base of a disk with one image cannot be deleted. While a device runs \
+                the disk, the merge runs on the device (the file system stays mounted) and the top cannot \
+                be deleted (as the original).
 
                 Example (from the original's usage):
                   ploop snapshot-delete -u {11111111-1111-4111-8111-111111111111} DiskDescriptor.xml
@@ -156,13 +173,14 @@ extension Ploop {
         func validate() throws { _ = try parseGUID(uuid) }
 
         func run() throws {
-            let d = try DiskDevices.openOffline(disk, backend: backend)
+            let (d, device) = try DiskDevices.openOnline(disk, backend: backend)
             let g = try parseGUID(uuid)
             if d.finishedOperation == "snapshot-delete \(g.key)" {
                 print("ploop snapshot \(g): the interrupted delete is finished")
                 return
             }
-            let merged = try diskErrors { try d.deleteSnapshot(g) }
+            let progress = ProgressLine("merging")
+            let merged = try diskErrors { try d.deleteSnapshot(g, device: device, progress: progress.update) }
             print(merged ? "ploop snapshot merged" : "ploop snapshot \(g) has been successfully deleted")
         }
     }
@@ -170,11 +188,12 @@ extension Ploop {
     struct SnapshotMerge: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "snapshot-merge",
-            abstract: "Merge a snapshot into its parent (offline).",
+            abstract: "Merge a snapshot into its parent (offline or online).",
             discussion: """
                 Without -u the top delta is merged into its parent; -u GUID merges that snapshot into its \
                 parent, whose file then carries GUID; -A merges the whole chain into the base. With -n \
-                the result is written to a new file DELTA instead of the parent's.
+                the result is written to a new file DELTA instead of the parent's (offline only). While a \
+                device runs the disk, the merge runs on the device, as 'ploop merge -d' does.
 
                 Example (from the original's usage):
                   ploop snapshot-merge -u {22222222-2222-4222-8222-222222222222} DiskDescriptor.xml
@@ -197,13 +216,14 @@ extension Ploop {
         }
 
         func run() throws {
-            let d = try DiskDevices.openOffline(disk, backend: backend)
+            let (d, device) = try DiskDevices.openOnline(disk, backend: backend)
             let op = all ? "snapshot-merge -A" : "snapshot-merge \(try uuid.map(parseGUID)?.key ?? "top")"
             if d.finishedOperation == op {
                 print("ploop snapshot merged (an interrupted merge was finished)")
                 return
             }
-            try diskErrors { try d.mergeSnapshot(try uuid.map(parseGUID), all: all, newDelta: newDelta) }
+            let progress = ProgressLine("merging")
+            try diskErrors { try d.mergeSnapshot(try uuid.map(parseGUID), all: all, newDelta: newDelta, device: device, progress: progress.update) }
             print("ploop snapshot merged")
         }
     }
@@ -276,7 +296,7 @@ extension Ploop {
 /// The descriptor forms of the manual's commands (snapshot, mount, umount, check, info, grow).
 enum DiskCommands {
     static func snapshot(_ argument: String, uuid: String?, backend: BackendOptions) throws {
-        let d = try DiskDevices.open(argument)
+        let d = try DiskDevices.open(argument, backend: backend)
         let guid = try uuid.map(parseGUID)
         if let guid, d.finishedOperation == "snapshot \(guid.key)" {
             print("ploop snapshot \(guid) has been successfully created (an interrupted snapshot was finished)")
@@ -288,7 +308,7 @@ enum DiskCommands {
             throw CommandFailure("\(held.device) runs part of the disk \(d.descriptorPath) (not from its top): unmount it first")
         }
         let (g, _) = try diskErrors {
-            try d.snapshot(guid) { (file) throws(DiskError) in
+            try d.snapshot(guid, device: running?.device) { (file) throws(DiskError) in
                 guard let dev = running, let be else { return try d.createEmptyDeltaForSnapshot(file) }
                 do { try be.snapshot(dev.device, newDelta: file) } catch let e as DeviceError { throw .refused(e.description) } catch { throw .refused("\(error)") }
             }
@@ -297,7 +317,7 @@ enum DiskCommands {
     }
 
     static func mount(_ argument: String, uuid: String?, readOnly: Bool, device: String?, backend: BackendOptions, json: Bool) throws {
-        let d = try DiskDevices.open(argument)
+        let d = try DiskDevices.open(argument, backend: backend)
         let be = try backend.backend.resolve()
         if let running = DiskDevices.device(of: d, backend: be, anyLevel: true) {
             throw CommandFailure("the disk \(d.descriptorPath) is running on \(running.device) already")
@@ -359,7 +379,7 @@ enum DiskCommands {
     }
 
     static func info(_ argument: String, spec: Bool, device showDevice: Bool, json: Bool, backend: BackendOptions) throws {
-        let d = try DiskDevices.open(argument)
+        let d = try DiskDevices.open(argument, backend: backend)
         let topPath = d.path(of: d.descriptor.topGUID)
         let top = try failing { try ImageInfo.read(path: topPath) }
         let dev = (try? backend.backend.resolve()).flatMap { DiskDevices.device(of: d, backend: $0) }?.device
@@ -381,7 +401,7 @@ enum DiskCommands {
     }
 
     static func grow(_ argument: String, sectors: UInt64, backend: BackendOptions) throws {
-        let d = try DiskDevices.open(argument)
+        let d = try DiskDevices.open(argument, backend: backend)
         if let be = try? backend.backend.resolve(), let dev = DiskDevices.device(of: d, backend: be) {
             try failing { try be.grow(dev.device, sizeSectors: sectors) }
             let info = try failing { try be.info(dev.device) }

@@ -118,13 +118,13 @@ extension Disk {
     /// `create` makes the delta file (offline: an empty image like the top; online: the
     /// backend's snapshot); it is journalled so a crash before the descriptor is written leaves
     /// no stray file.
-    public func snapshot(_ guid: GUID?, temporary: Bool = false, create: ((String) throws(DiskError) -> Void)? = nil) throws(DiskError) -> (GUID, String) {
+    public func snapshot(_ guid: GUID?, temporary: Bool = false, device: String? = nil, create: ((String) throws(DiskError) -> Void)? = nil) throws(DiskError) -> (GUID, String) {
         let g = guid ?? GUID.random()
         try checkNewGUID(g)
         if descriptor.images.count >= 128 { throw .refused("\(descriptorPath) has 128 images, the most a disk can have: merge or delete snapshots first") }
         let file = newDeltaPath()
         let next = afterSnapshot(g, file: file, temporary: temporary)
-        let j = Journal(operation: "snapshot \(g.key)", files: [file], descriptor: next.xml())
+        let j = Journal(operation: "snapshot \(g.key)", files: [file], device: device, descriptor: next.xml())
         try writeJournal(j)
         if let create { try create(file) } else { try createEmptyDelta(file, like: descriptor.topGUID) }
         try commit(next)
@@ -154,7 +154,12 @@ extension Disk {
     /// result goes to a new file instead and both old files go.
     /// `named` is the GUID as the user typed it: the original writes that text for the entry that
     /// survives.
-    func mergeDown(upper: GUID, lower: GUID, operation: String, into newFile: String? = nil, named: GUID? = nil) throws(DiskError) {
+    /// With `device` (the device that runs the disk), the merge runs on the device (online), which
+    /// drops the merged levels from its stack; `into` is then refused.
+    func mergeDown(upper: GUID, lower: GUID, operation: String, into newFile: String? = nil, named: GUID? = nil, device: String? = nil, progress: (@Sendable (Int, Int) -> Void)? = nil) throws(DiskError) {
+        if let device, newFile != nil {
+            throw .refused("-n (merging into a new file) works offline only, and the disk runs on \(device): unmount it first, or merge without -n")
+        }
         let chain = descriptor.chain(from: upper)
         guard let lowerAt = chain.firstIndex(of: lower), lowerAt > 0 else { throw .refused("\(lower) is not below \(upper)") }
         let merged = Array(chain[0..<lowerAt])  // upper first
@@ -188,35 +193,51 @@ extension Disk {
             files.append(abs)
             raw = false
         }
-        let j = Journal(operation: operation, files: files, merge: .init(sources: sources, destination: target, raw: raw), descriptor: next.xml())
+        let j = Journal(operation: operation, files: files, merge: .init(sources: sources, destination: target, raw: raw), device: device, descriptor: next.xml())
         try writeJournal(j)
+        if let device {
+            try onlineMerge(device: device, sources: sources, destination: target, progress: progress)
+            try commit(next)
+            endJournal(j)
+            return
+        }
         // A new file starts empty, of the disk's geometry; everything merges into it. Until it is
         // whole, a crash rolls the merge back (recovery finds no destination).
         if newFile != nil { try createEmptyDelta(target, like: upper) }
-        _ = try imageErrors { () throws(ImageError) in try Offline.merge(sources: sources, destination: target, format: raw ? .raw : .ploop1) }
+        _ = try imageErrors { () throws(ImageError) in try Offline.merge(sources: sources, destination: target, format: raw ? .raw : .ploop1, progress: progress) }
         try commit(next)
         endJournal(j)
     }
 
     /// `snapshot-merge [-u G | -A] [-n DELTA]`: G (default: the top) into its parent; `-A`, the
     /// whole chain into the base.
-    public func mergeSnapshot(_ guid: GUID?, all: Bool, newDelta: String?) throws(DiskError) {
+    /// With `device`, online (see `mergeDown`).
+    public func mergeSnapshot(_ guid: GUID?, all: Bool, newDelta: String?, device: String? = nil, progress: (@Sendable (Int, Int) -> Void)? = nil) throws(DiskError) {
         let chain = descriptor.chain()
         if all {
             guard chain.count > 1 else { throw .refused("\(descriptorPath) has one image: there is nothing to merge") }
-            try mergeDown(upper: chain[0], lower: chain.last!, operation: "snapshot-merge -A", into: newDelta)
+            try mergeDown(upper: chain[0], lower: chain.last!, operation: "snapshot-merge -A", into: newDelta, device: device, progress: progress)
             return
         }
         let g = guid ?? descriptor.topGUID
         guard let s = descriptor.shot(g) else { throw .unknownGUID(descriptorPath, g) }
         guard !s.parent.isNone else { throw .refused("\(g) is the base image: it has no parent to merge into (unable to merge the base image)") }
-        try mergeDown(upper: g, lower: s.parent, operation: "snapshot-merge \(guid?.key ?? "top")", into: newDelta, named: guid)
+        if let device, !chain.contains(g) {
+            throw .refused("\(g) is not in the chain \(device) runs (another branch): unmount the disk to merge it")
+        }
+        try mergeDown(upper: g, lower: s.parent, operation: "snapshot-merge \(guid?.key ?? "top")", into: newDelta, named: guid, device: device, progress: progress)
     }
 
     /// `snapshot-delete -u G`: the top's file goes (its parent becomes the top); any other G
     /// takes its one child's data into its file, and the child's GUID.
-    public func deleteSnapshot(_ g: GUID) throws(DiskError) -> Bool {
+    /// With `device` (online): the top cannot go (it is the device's top, as the original refuses);
+    /// a snapshot in the running chain takes its child's data through an online merge; a leaf of
+    /// another branch just goes.
+    public func deleteSnapshot(_ g: GUID, device: String? = nil, progress: (@Sendable (Int, Int) -> Void)? = nil) throws(DiskError) -> Bool {
         guard let s = descriptor.shot(g) else { throw .unknownGUID(descriptorPath, g) }
+        if let device, g == descriptor.topGUID {
+            throw .refused("\(g) is the top of the disk running on \(device): unable to delete the active snapshot (unmount the disk first)")
+        }
         let kids = descriptor.children(of: g)
         if kids.isEmpty {
             guard !s.parent.isNone else { throw .refused("\(g) is the only image of the disk: unable to delete the base image") }
@@ -237,7 +258,11 @@ extension Disk {
             return false
         }
         guard kids.count == 1 else { throw .refused("snapshot \(g) has \(kids.count) children (a branch): delete the other branch first") }
-        try mergeDown(upper: kids[0], lower: g, operation: "snapshot-delete \(g.key)")
+        let running = device.flatMap { descriptor.chain().contains(g) ? $0 : nil }
+        if device != nil, running == nil {
+            throw .refused("\(g) is not in the chain \(device!) runs (another branch): unmount the disk to delete it")
+        }
+        try mergeDown(upper: kids[0], lower: g, operation: "snapshot-delete \(g.key)", device: running, progress: progress)
         return true
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import PloopDevice
 import PloopFormat
 import PloopImage
 import PloopSystem
@@ -23,9 +24,11 @@ public final class Disk {
     public private(set) var descriptor: DiskDescriptor
     /// The operation a crash interrupted and `open` completed (its journal's `operation`), if any:
     /// a command asked to do it again can say it is done.
-    public private(set) var finishedOperation: String?
+    public internal(set) var finishedOperation: String?
     private let lock: File
     let say: (String) -> Void
+    /// The devices, for operations on a running disk and for recovering an interrupted one.
+    let backend: (any DeviceBackend)?
 
     // MARK: - Finding and opening
 
@@ -58,20 +61,24 @@ public final class Disk {
 
     /// Opens and locks the disk at `descriptorPath`, finishes an interrupted operation, reads and
     /// checks the descriptor (its tree, and the chain's files against their headers).
-    public static func open(_ descriptorPath: String, lockTimeout: Double? = nil, say: @escaping (String) -> Void = { _ in }) throws(DiskError) -> Disk {
+    /// `backend`, when given, is asked which device runs the disk (online operations, and
+    /// recovering one a crash interrupted); without it, an interrupted online operation is
+    /// recovered as if its device had stopped.
+    public static func open(_ descriptorPath: String, lockTimeout: Double? = nil, backend: (any DeviceBackend)? = nil, say: @escaping (String) -> Void = { _ in }) throws(DiskError) -> Disk {
         let path = absolutePath(descriptorPath)
         guard PathInfo.kind(path) == .regular else {
             if PathInfo.kind(path) == .missing { throw .noDescriptor(path) }
             throw .unreadable(path, "it is not a regular file")
         }
         let lock = try Self.takeLock(path, timeout: lockTimeout)
-        let disk = try Disk(path: path, lock: lock, descriptor: try Self.read(path), say: say)
+        let disk = try Disk(path: path, lock: lock, descriptor: try Self.read(path), backend: backend, say: say)
         try disk.recover()
         try disk.checkFiles()
         return disk
     }
 
-    init(path: String, lock: File, descriptor: DiskDescriptor, say: @escaping (String) -> Void) throws(DiskError) {
+    init(path: String, lock: File, descriptor: DiskDescriptor, backend: (any DeviceBackend)?, say: @escaping (String) -> Void) throws(DiskError) {
+        self.backend = backend
         self.descriptorPath = path
         self.folder = (path as NSString).deletingLastPathComponent
         self.lock = lock
@@ -217,6 +224,8 @@ public final class Disk {
         /// A finished file to rename over an image (a layout conversion) before `descriptor` is
         /// committed; when it is gone, the rename was done.
         var publish: Publish?
+        /// The device an online operation ran on: recovery asks it what it runs now.
+        var device: String?
         var descriptor: String?
 
         struct Publish: Codable {
@@ -285,6 +294,10 @@ public final class Disk {
             throw .io("\(journalPath) is damaged: read it, finish or undo its operation by hand, then remove it")
         }
         let next = try j.descriptor.map { (text) throws(DiskError) in try DiskDescriptor.parse(Data(text.utf8), path: journalPath) }
+        if let device = j.device, let next, try recoverOnline(j, device: device, next: next) {
+            endJournal(j)
+            return
+        }
         if let p = j.publish, let next {
             say("finishing an interrupted \(j.operation)")
             if PathInfo.kind(p.from) == .regular {

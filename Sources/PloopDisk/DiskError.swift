@@ -1,3 +1,4 @@
+import PloopDevice
 import PloopImage
 
 /// Why a disk (a folder with DiskDescriptor.xml) operation was refused or failed. Each message
@@ -17,6 +18,8 @@ public enum DiskError: Error, Sendable, Equatable, CustomStringConvertible {
     case notMounted(String)
     case refused(String)
     case io(String)
+    /// A device operation of an online command failed.
+    case device(String, DeviceError)
 
     public var description: String {
         switch self {
@@ -36,6 +39,7 @@ public enum DiskError: Error, Sendable, Equatable, CustomStringConvertible {
         case .notMounted(let p): "the disk \(p) is not running on any device"
         case .refused(let s): s
         case .io(let s): s
+        case .device(let d, let e): "\(d): \(e)"
         }
     }
 }

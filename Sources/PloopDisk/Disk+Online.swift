@@ -1,0 +1,87 @@
+import Foundation
+import PloopDevice
+import PloopImage
+import PloopSystem
+
+/// Operations on a disk a device runs, and recovering them. The journal of an online operation
+/// names its device; the next open asks that device what it runs now:
+///
+/// * the new chain: the operation reached the device, the descriptor is committed;
+/// * the old chain, the device idle: a snapshot never reached it (rolled back: its new delta is
+///   removed), a merge is run again on the device (merges are idempotent) and committed;
+/// * the old chain, the device still busy: refused until it is done;
+/// * no device (it stopped): a merge is finished offline as an offline merge is; a snapshot's new
+///   delta is kept (the descriptor committed) if it holds data, since only the device writes it.
+extension Disk {
+    /// The files a device runs, base first; nil when it does not run, or runs nothing of this disk.
+    func stack(of device: String, touching files: [String]) -> [String]? {
+        guard let be = backend, let info = try? be.info(device), info.running else { return nil }
+        let paths = info.levels.map(\.path)
+        let ours = Set(files.compactMap(PathInfo.identity))
+        return paths.contains { PathInfo.identity($0).map(ours.contains) ?? false } ? paths : nil
+    }
+
+    /// The files of a descriptor's running chain, base first.
+    func chainFiles(_ d: DiskDescriptor) -> [String] { d.chain().reversed().map { resolve(d.image($0)!.file) } }
+
+    static func sameFiles(_ a: [String], _ b: [String]) -> Bool {
+        a.count == b.count && zip(a, b).allSatisfy { x, y in PathInfo.identity(x).map { $0 == PathInfo.identity(y) } ?? false }
+    }
+
+    /// Recovers an online operation (see the type's comment). False: its device stopped and the
+    /// offline recovery applies.
+    func recoverOnline(_ j: Journal, device: String, next: DiskDescriptor) throws(DiskError) -> Bool {
+        guard backend != nil else {
+            throw .refused("\(descriptorPath): an online \(j.operation) on \(device) was interrupted, and no device backend is available here to ask what \(device) runs: run the command again where it is (as root)")
+        }
+        let old = chainFiles(descriptor)
+        let new = chainFiles(next)
+        let stack = stack(of: device, touching: old + new)
+        if let stack, Self.sameFiles(stack, new) {
+            say("finishing an interrupted \(j.operation): \(device) runs the new chain")
+            try commit(next)
+            finishedOperation = j.operation
+            return true
+        }
+        if let stack {
+            guard Self.sameFiles(stack, old) else {
+                throw .refused("\(device) runs neither the old nor the new chain of \(descriptorPath) after an interrupted \(j.operation): unmount it, then run the command again")
+            }
+            if let info = try? backend?.info(device), info.state != .off {
+                throw .refused("\(device) is still busy (\(info.state)) with the interrupted \(j.operation): run the command again when it is done")
+            }
+            guard let m = j.merge else {
+                say("rolled back an interrupted \(j.operation) (it never reached \(device))")
+                return true
+            }
+            say("finishing an interrupted \(j.operation): merging again on \(device)")
+            try onlineMerge(device: device, sources: m.sources, destination: m.destination, progress: nil)
+            try commit(next)
+            finishedOperation = j.operation
+            return true
+        }
+        if j.merge != nil { return false }
+        // A snapshot whose device stopped: its new delta was the device's top if it holds data.
+        if let f = j.files.first, let info = try? ImageInfo.read(path: f), (info.allocatedClusters ?? 0) > 0 {
+            say("finishing an interrupted \(j.operation): its new delta \(f) holds data the device wrote")
+            try commit(next)
+            finishedOperation = j.operation
+        } else {
+            say("rolled back an interrupted \(j.operation)")
+        }
+        return true
+    }
+
+    /// Merges, on `device`, the levels from `destination` up to `sources[0]` (the topmost) into
+    /// `destination`.
+    func onlineMerge(device: String, sources: [String], destination: String, progress: (@Sendable (Int, Int) -> Void)?) throws(DiskError) {
+        guard let be = backend, let stack = stack(of: device, touching: [destination]) else {
+            throw .refused("\(device) no longer runs \(destination)")
+        }
+        let ids = stack.map(PathInfo.identity)
+        guard let top = sources.first, let lo = ids.firstIndex(of: PathInfo.identity(destination)), let hi = ids.firstIndex(of: PathInfo.identity(top)), lo < hi else {
+            throw .refused("\(device) does not run \(sources.first ?? "?") above \(destination)")
+        }
+        do throws(DeviceError) { _ = try be.merge(device, levels: lo...hi, progress: progress) } catch { throw .device(device, error) }
+    }
+}
