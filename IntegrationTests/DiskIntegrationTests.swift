@@ -281,4 +281,70 @@ struct DiskIntegrationTests {
             devices.names.removeAll { $0 == again }
         } }
     }
+
+    /// tsnapshot as a backup tool uses it: the running disk's state is frozen on a read-only device
+    /// of its own while writes go on; the snapshot is merged back once that device is gone, and
+    /// never while it reads it.
+    @Test(arguments: TestSupport.cliBackends)
+    func temporarySnapshotForBackup(_ backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
+            let root = try ScratchDirectory("ploop-disk")
+            let disk = root.file("disk")
+            try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
+            let dd = disk + "/DiskDescriptor.xml"
+            let devices = Devices()
+            _ = try Self.ploop("init", "-s", "16m", "-b", "128", disk + "/root.hds")
+            let dev = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(dev)
+            var expected = [UInt8](repeating: 0, count: 16 << 20)
+            func write(_ seed: UInt64, at offset: Int, _ count: Int) throws {
+                let p = DeviceContent.pattern(count, seed: seed)
+                try Self.write(dev, p, at: UInt64(offset))
+                expected.replaceSubrange(offset..<(offset + count), with: p)
+            }
+            try write(1, at: 0, 6 << 20)
+            let frozen = expected
+
+            let t = try Self.ploop("tsnapshot", "-u", Self.g1, "-c", "backup", dd)
+            let lines = t.stdout.split(separator: "\n").map(String.init)
+            #expect(lines.count == 2 && lines[0].contains("temporary, for backup"), "\(t)")
+            let ro = lines.last ?? ""
+            devices.names.append(ro)
+            #expect(try String(contentsOfFile: dd, encoding: .utf8).contains("<Temporary/>"))
+            try write(2, at: 2 << 20, 6 << 20)
+            #expect(try Self.read(ro, count: 16 << 20) == frozen, "the temporary snapshot's device changed")
+            #expect(try Self.read(dev, count: 16 << 20) == expected)
+            // The read-only device cannot be written.
+            #expect(throws: (any Error).self) { try Self.write(ro, [1, 2, 3], at: 0) }
+
+            // While it is read: merging into the snapshot is refused (nothing changes, no journal left),
+            // and a new snapshot keeps it.
+            let state = try ScratchDirectoryState(disk)
+            let refused = try TestSupport.ploop("snapshot-merge", dd)
+            #expect(refused.code == 1 && refused.stderr.contains(dev), "\(refused)")
+            #expect(try ScratchDirectoryState(disk) == state)
+            _ = try Self.ploop("snapshot", "-u", "{22222222-2222-4222-8222-222222222222}", dd)
+            #expect(try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout.split(separator: "\n").count == 3)
+            try write(3, at: 12 << 20, 1 << 20)
+            #expect(try Self.read(ro, count: 16 << 20) == frozen)
+
+            // The backup is done: the next delete merges the temporary snapshot back too.
+            _ = try Self.ploop("umount", "-d", ro)
+            devices.names.removeAll { $0 == ro }
+            let del = try Self.ploop("snapshot-delete", "-u", "{22222222-2222-4222-8222-222222222222}", dd)
+            #expect(del.stderr.contains("merging back the temporary snapshot \(Self.g1)"), "\(del)")
+            #expect(try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout == "{5fbaabe3-6958-40ff-92a7-860e329aab41}\n")
+            #expect(try !String(contentsOfFile: dd, encoding: .utf8).contains("Temporary"))
+            #expect(try Self.read(dev, count: 16 << 20) == expected)
+            _ = try Self.ploop("umount", dd)
+            devices.names.removeAll { $0 == dev }
+            _ = try Self.ploop("check", "-f", dd)
+            #expect(try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }.sorted() == ["DiskDescriptor.xml", "root.hds"])
+            let again = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(again)
+            #expect(try Self.read(again, count: 16 << 20) == expected, "after a remount")
+            _ = try Self.ploop("umount", dd)
+            devices.names.removeAll { $0 == again }
+        } }
+    }
 }

@@ -181,6 +181,7 @@ extension Ploop {
             }
             let progress = ProgressLine("merging")
             let merged = try diskErrors { try d.deleteSnapshot(g, device: device, progress: progress.update) }
+            try DiskCommands.mergeTemporaries(d, device: device, backend: try? backend.backend.resolve())
             print(merged ? "ploop snapshot merged" : "ploop snapshot \(g) has been successfully deleted")
         }
     }
@@ -302,18 +303,38 @@ enum DiskCommands {
             print("ploop snapshot \(guid) has been successfully created (an interrupted snapshot was finished)")
             return
         }
+        let g = try take(d, guid: guid, temporary: false, backend: backend)
+        print("ploop snapshot \(g) has been successfully created")
+    }
+
+    /// A snapshot of an open disk, online when a device runs it from its top; temporary
+    /// snapshots nothing holds any more are merged back first, as the original does.
+    static func take(_ d: Disk, guid: GUID?, temporary: Bool, backend: BackendOptions) throws -> GUID {
         let be = try? backend.backend.resolve()
         let running = be.flatMap { DiskDevices.device(of: d, backend: $0) }
         if running == nil, let be, let held = DiskDevices.device(of: d, backend: be, anyLevel: true) {
             throw CommandFailure("\(held.device) runs part of the disk \(d.descriptorPath) (not from its top): unmount it first")
         }
+        try mergeTemporaries(d, device: running?.device, backend: be)
         let (g, _) = try diskErrors {
-            try d.snapshot(guid, device: running?.device) { (file) throws(DiskError) in
+            try d.snapshot(guid, temporary: temporary, device: running?.device) { (file) throws(DiskError) in
                 guard let dev = running, let be else { return try d.createEmptyDeltaForSnapshot(file) }
                 do { try be.snapshot(dev.device, newDelta: file) } catch let e as DeviceError { throw .refused(e.description) } catch { throw .refused("\(error)") }
             }
         }
-        print("ploop snapshot \(g) has been successfully created")
+        return g
+    }
+
+    /// Merges back the disk's temporary snapshots that no device of their own runs.
+    static func mergeTemporaries(_ d: Disk, device: String?, backend be: (any DeviceBackend)?) throws {
+        guard d.descriptor.shots.contains(where: \.temporary) else { return }
+        let devices = ((try? be?.list()) ?? nil) ?? []
+        _ = try diskErrors {
+            try d.mergeTemporarySnapshots(device: device, held: { g in
+                let file = PathInfo.identity(d.path(of: g))
+                return devices.contains { $0.device != device && $0.levels.last.flatMap { PathInfo.identity($0.path) } == file }
+            })
+        }
     }
 
     static func mount(_ argument: String, uuid: String?, readOnly: Bool, device: String?, backend: BackendOptions, json: Bool) throws {
@@ -411,6 +432,71 @@ enum DiskCommands {
         }
         try diskErrors { try d.grow(toSectors: sectors) }
         print("Grown \(d.descriptorPath) to \(Output.size(d.descriptor.diskSizeSectors * 512))")
+    }
+}
+
+extension Ploop {
+    struct TSnapshot: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "tsnapshot",
+            abstract: "Take a temporary snapshot and run it read-only on a device of its own (for backups).",
+            discussion: """
+                The disk's top becomes snapshot GUID, marked <Temporary/>, and a new empty top takes the \
+                writes (online when a device runs the disk). The chain up to GUID is then started \
+                read-only on a new device, printed on stdout, for a backup tool to read. When that device \
+                is unmounted ('ploop umount -d DEV'), the next snapshot, tsnapshot or snapshot-delete \
+                merges the temporary snapshot back, as the original does. If the read-only device cannot \
+                be started, the snapshot is merged back at once. COMPONENT names the holder (the original \
+                keeps it in the device's cookie); it is printed with the device. -m DIR (mounting the \
+                snapshot's file system) needs disks with a file system, which are not in this build yet.
+
+                Example (from the original's usage):
+                  ploop tsnapshot -u {11111111-1111-4111-8111-111111111111} -c backup DiskDescriptor.xml
+                """
+        )
+
+        @Option(name: [.customShort("u"), .customLong("uuid")], help: ArgumentHelp("The temporary snapshot's GUID.", valueName: "GUID"))
+        var uuid: String
+        @Option(name: [.customShort("c"), .customLong("component")], help: ArgumentHelp("Who holds the snapshot (a name, e.g. the backup tool's).", valueName: "COMPONENT"))
+        var component: String
+        @Option(name: [.customShort("m")], help: ArgumentHelp("Mount the snapshot's file system here (not in this build yet).", valueName: "DIR"))
+        var mountPoint: String?
+        @Flag(help: "Print the device and snapshot as JSON.")
+        var json = false
+        @OptionGroup var backend: BackendOptions
+        @Argument(help: "DiskDescriptor.xml, or the folder holding it.")
+        var disk: String
+
+        func validate() throws {
+            _ = try parseGUID(uuid)
+            if component.isEmpty || component.utf8.count > 63 || component.contains(where: { $0.isNewline || $0 == "/" }) {
+                throw ValidationError("-c \(component): a component is a name of 1 to 63 bytes, without '/' or line breaks")
+            }
+            if let m = mountPoint {
+                throw ValidationError("-m \(m): mounting the snapshot's file system needs disks with a file system, which are not in this build yet; leave -m out and mount the printed device read-only yourself")
+            }
+        }
+
+        func run() throws {
+            let d = try DiskDevices.open(disk, backend: backend)
+            let be = try backend.backend.resolve()
+            let g = try DiskCommands.take(d, guid: try parseGUID(uuid), temporary: true, backend: backend)
+            let paths = d.chainPaths(from: g)
+            let request = MountRequest(images: paths, baseFormat: d.baseFormat, readOnly: true, device: nil, clusterSectors: d.descriptor.blocksize)
+            let dev: String
+            do { dev = try be.mount(request) } catch {
+                // As the original: the snapshot goes back at once when it cannot be mounted.
+                let running = DiskDevices.device(of: d, backend: be)?.device
+                try? diskErrors { try d.mergeSnapshot(nil, all: false, newDelta: nil, device: running) }
+                throw CommandFailure("the temporary snapshot \(g) could not be started read-only (\(error)); it was merged back")
+            }
+            if json {
+                print(try Output.json(["device": dev, "uuid": g.text, "component": component]))
+            } else {
+                print("ploop snapshot \(g) (temporary, for \(component)) has been successfully created")
+                print(dev)
+            }
+        }
     }
 }
 

@@ -22,7 +22,7 @@ public struct Ploop: ParsableCommand {
             codes (11 format error, 17 busy, 37 image in use).
             """,
         subcommands: [
-            Init.self, Mount.self, Umount.self, Snapshot.self, SnapshotList.self, SnapshotDelete.self, SnapshotMerge.self, SnapshotSwitch.self,
+            Init.self, Mount.self, Umount.self, Snapshot.self, SnapshotList.self, SnapshotDelete.self, SnapshotMerge.self, SnapshotSwitch.self, TSnapshot.self,
             Merge.self, Grow.self, Convert.self, Balloon.self, Copy.self, Check.self, Info.self, List.self, Replace.self, RestoreDescriptor.self, Serve.self,
         ]
     )

@@ -60,6 +60,8 @@ extension DeviceModel {
                         throw error
                     }
                     s.levels[s.levels.count - 1].readOnly = true
+                    // The old top is shared from now on (another read-only stack may use it).
+                    if let h = s.levels[s.levels.count - 1].holder { try? lifting { () throws(ImageError) in try opener.relock(h, exclusive: false) } }
                     s.levels.append(Level(path: path, image: .ploop1(newTop), readOnly: false, holder: file))
                 }
             } catch {
@@ -83,7 +85,13 @@ extension DeviceModel {
             guard range.lowerBound >= 0, range.upperBound <= top, range.lowerBound < range.upperBound else {
                 throw .invalid("levels \(range.lowerBound)..\(range.upperBound) do not fit the stack 0..\(top): give L1..L2 with L1 < L2 <= \(top)")
             }
-            defer { control.withLock { $0.mergeProgress = nil } }
+            defer {
+                control.withLock { $0.mergeProgress = nil }
+                // Each level's lock back to its kind: the top exclusive, the rest shared.
+                stack.read { st in
+                    for l in st.levels { if let h = l.holder { try? lifting { () throws(ImageError) in try opener.relock(h, exclusive: !l.readOnly) } } }
+                }
+            }
             var removed: [String] = []
             if range.upperBound < top {
                 removed += try mergeLower(range, progress: progress)
@@ -102,6 +110,13 @@ extension DeviceModel {
     func openForMerge(_ l: Int, tracked: Bool) throws(DeviceError) -> DeltaImage {
         try stack.write { s throws(DeviceError) -> DeltaImage in
             let level = s.levels[l]
+            // The destination is written: no other stack may read it meanwhile.
+            if let h = level.holder {
+                do throws(ImageError) { try opener.relock(h, exclusive: true) } catch {
+                    try? lifting { () throws(ImageError) in try opener.relock(h, exclusive: false) }
+                    throw .image(.locked(level.path))
+                }
+            }
             let raw = try lifting { () throws(ImageError) in try opener.open(level.path, writable: true, lock: false) }
             let file: any BlockFile = tracked ? TrackingBlockFile(raw, watch: watch) : raw
             let needed = s.levels[(l + 1)...].map { lv -> UInt64 in

@@ -5,23 +5,39 @@ import Synchronization
 /// How a device opens, creates and removes its image files: real files, or memory in tests (where
 /// crash points are injected).
 public protocol ImageOpener: Sendable {
-    /// Opens a file; with `lock`, holds it exclusively for as long as the returned file lives.
+    /// Opens a file; with `lock`, holds it (exclusively when `writable`, shared when not) for as
+    /// long as the returned file lives.
     func open(_ path: String, writable: Bool, lock: Bool) throws(ImageError) -> any BlockFile
     /// Creates a new file; fails if it exists.
     func create(_ path: String) throws(ImageError) -> any BlockFile
     func remove(_ path: String)
+    /// Changes the lock `open` took on `file` (a level that becomes the top or a merge destination
+    /// takes it exclusively; one that becomes read-only shares it). Fails, keeping the old lock's
+    /// kind where it can, when another holder keeps the file.
+    func relock(_ file: any BlockFile, exclusive: Bool) throws(ImageError)
 }
 
-/// Files on disk. With `locking`, every file is `flock`ed exclusively while open, so no other
-/// process (a second mount, an offline merge) can use an image of a running stack.
+extension ImageOpener {
+    public func relock(_ file: any BlockFile, exclusive: Bool) throws(ImageError) {}
+}
+
+/// Files on disk. With `locking`, every file is `flock`ed while open: the writable top (and a
+/// merge destination) exclusively, read-only levels shared, so no other process can write an
+/// image of a running stack (a second mount, an offline merge), while read-only levels can be
+/// shared with another read-only stack (a temporary snapshot's device).
 public struct PosixOpener: ImageOpener {
     public let locking: Bool
     public init(locking: Bool = false) { self.locking = locking }
 
     public func open(_ path: String, writable: Bool, lock: Bool) throws(ImageError) -> any BlockFile {
         let f = try ImagePath.open(path, write: writable)
-        if locking && lock { try ImagePath.lock(f, exclusive: true) }
+        if locking && lock { try ImagePath.lock(f, exclusive: writable) }
         return f
+    }
+
+    public func relock(_ file: any BlockFile, exclusive: Bool) throws(ImageError) {
+        guard locking, let f = file as? PosixBlockFile else { return }
+        try ImagePath.lock(f, exclusive: exclusive)
     }
 
     public func create(_ path: String) throws(ImageError) -> any BlockFile {

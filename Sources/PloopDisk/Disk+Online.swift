@@ -85,3 +85,22 @@ extension Disk {
         do throws(DeviceError) { _ = try be.merge(device, levels: lo...hi, progress: progress) } catch { throw .device(device, error) }
     }
 }
+
+extension Disk {
+    /// Temporary snapshots (`tsnapshot`) that nothing holds any more are merged back, as the
+    /// original does before each new snapshot and after a delete: each is deleted (its child's
+    /// data merged into its file, on `device` when the disk runs). `held` says whether a device
+    /// of its own still runs a snapshot (its read-only mount). Returns the GUIDs merged.
+    @discardableResult
+    public func mergeTemporarySnapshots(device: String?, held: (GUID) -> Bool, progress: (@Sendable (Int, Int) -> Void)? = nil) throws(DiskError) -> [GUID] {
+        var merged: [GUID] = []
+        while let g = descriptor.shots.first(where: { s in
+            s.temporary && !held(s.guid) && (device == nil || descriptor.chain().contains(s.guid)) && descriptor.children(of: s.guid).count == 1
+        })?.guid {
+            say("merging back the temporary snapshot \(g), which nothing holds any more")
+            _ = try deleteSnapshot(g, device: device, progress: progress)
+            merged.append(g)
+        }
+        return merged
+    }
+}

@@ -196,7 +196,11 @@ extension Disk {
         let j = Journal(operation: operation, files: files, merge: .init(sources: sources, destination: target, raw: raw), device: device, descriptor: next.xml())
         try writeJournal(j)
         if let device {
-            try onlineMerge(device: device, sources: sources, destination: target, progress: progress)
+            do { try onlineMerge(device: device, sources: sources, destination: target, progress: progress) } catch {
+                // Refused by the device with its stack unchanged: nothing to finish later.
+                if let stack = stack(of: device, touching: [target]), Self.sameFiles(stack, chainFiles(descriptor)) { endJournal(j) }
+                throw error
+            }
             try commit(next)
             endJournal(j)
             return
@@ -270,9 +274,10 @@ extension Disk {
     /// `keepOldTop` (the original's test flag -D) the old top's file stays on disk, out of the
     /// descriptor (the original keeps it in, under the top GUID beside the new top).
     public func switchSnapshot(_ g: GUID, keepOldTop: Bool = false) throws(DiskError) {
-        guard descriptor.shot(g) != nil else { throw .unknownGUID(descriptorPath, g) }
+        guard let shot = descriptor.shot(g) else { throw .unknownGUID(descriptorPath, g) }
         let top = descriptor.topGUID
         if g == top { throw .refused("nothing to do: the disk is already on \(g) (its top)") }
+        if shot.temporary { throw .refused("snapshot \(g) is temporary (a tsnapshot, merged back once unmounted): switching to it is refused, as the original refuses it") }
         let old = path(of: top)
         let file = newDeltaPath()
         var next = descriptor

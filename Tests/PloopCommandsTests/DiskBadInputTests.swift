@@ -149,6 +149,12 @@ struct DiskBadInputTests {
         Wrong(args: ["grow", "-s", "1m", "@"], expect: "cannot shrink"),
         Wrong(args: ["check", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot"),
         Wrong(args: ["mount", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot"),
+        Wrong(args: ["tsnapshot", "-u", g1, "-c", "backup", "@"], expect: "already has a snapshot \(g1)"),
+        Wrong(args: ["tsnapshot", "-u", "garbage", "-c", "backup", "@"], expect: "garbage is not a GUID"),
+        Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "Missing expected argument '--component <COMPONENT>'"),
+        Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "-c", "a/b", "@"], expect: "a component is a name of 1 to 63 bytes"),
+        Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "-c", "backup", "-m", "/mnt", "@"], expect: "-m /mnt: mounting the snapshot's file system needs disks with a file system"),
+        Wrong(args: ["convert", "-f", "raw", "@"], expect: "has snapshots (3 images)"),
     ]
 
     @Test(arguments: wrong)
@@ -166,6 +172,16 @@ struct DiskBadInputTests {
         try Self.expectRefused(["snapshot-delete", "-u", Self.top, disk], "unable to delete the base image", root: root, disk: disk, "delete")
         try Self.expectRefused(["snapshot-merge", disk], "is the base image", root: root, disk: disk, "merge")
         try Self.expectRefused(["snapshot-merge", "-A", disk], "has one image", root: root, disk: disk, "merge -A")
+    }
+
+    @Test func switchingToATemporarySnapshotIsRefused() throws {
+        let (root, disk) = try Self.stage()
+        let dd = disk + "/DiskDescriptor.xml"
+        let text = try String(contentsOfFile: dd, encoding: .utf8)
+        let marked = text.replacingOccurrences(of: "<GUID>\(Self.g2)</GUID>\n      <ParentGUID>\(Self.g1)</ParentGUID>\n", with: "<GUID>\(Self.g2)</GUID>\n      <ParentGUID>\(Self.g1)</ParentGUID>\n      <Temporary/>\n")
+        #expect(marked != text)
+        try marked.write(toFile: dd, atomically: false, encoding: .utf8)
+        try Self.expectRefused(["snapshot-switch", "-u", Self.g2, dd], "is temporary", root: root, disk: disk, "switch to a temporary snapshot")
     }
 
     @Test func aLockHeldByAnotherProcessIsNamed() throws {
