@@ -238,16 +238,12 @@ extension Ploop {
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "__serve", abstract: "Serve a simulated device (internal).", shouldDisplay: false)
 
-        @Option var index: Int
-        @Option var readyFd: Int32 = -1
-        @Option var threads: Int = 4
-        @Option var runDir: String?
-        @Option var clusterSectors: UInt32?
-        @Flag var readOnly = false
-        @Flag var raw = false
-        @Argument var images: [String] = []
+        @Option(help: "The daemon's launch description (JSON, written by mount).")
+        var launch: String
 
         func run() throws {
+            let l: Wire.Launch
+            do { l = try Wire.Launch.decode(launch) } catch { throw CommandFailure("__serve --launch: \(error)", code: 2) }
             // Signals go to the daemon's signal thread only.
             var set = sigset_t()
             sigemptyset(&set)
@@ -257,27 +253,19 @@ extension Ploop {
             signal(SIGPIPE, SIG_IGN)
             // Keep only stdin/out/err and the readiness pipe: whatever else the starter had open
             // (its caller's pipes) must not stay open for the daemon's lifetime.
-            cploop_close_from(max(readyFd, 2) + 1)
-            let ready = readyFd >= 0 ? FileHandle(fileDescriptor: readyFd, closeOnDealloc: true) : nil
+            cploop_close_from(max(l.readyFD, 2) + 1)
+            let ready = l.readyFD >= 0 ? FileHandle(fileDescriptor: l.readyFD, closeOnDealloc: true) : nil
             let daemon: SimulatorDaemon
             do {
-                daemon = try SimulatorDaemon(.init(
-                    index: index,
-                    request: MountRequest(images: images, baseFormat: raw ? .raw : .ploop1, readOnly: readOnly, device: DeviceName.name(index), clusterSectors: clusterSectors),
-                    threads: threads, paths: RuntimePaths(root: runDir)))
+                daemon = try SimulatorDaemon(.init(index: l.index, request: l.request, threads: l.threads, paths: RuntimePaths(root: l.runDir)))
             } catch {
                 let message = (error as? DeviceError)?.description ?? "\(error)"
-                ready?.write(String(decoding: try JSONEncoder().encode(ReadyLine(ok: false, error: message)), as: UTF8.self) + "\n")
+                ready?.write(String(decoding: try JSONEncoder().encode(Wire.Ready(ok: false, error: message)), as: UTF8.self) + "\n")
                 throw CommandFailure(message)
             }
-            ready?.write(String(decoding: try JSONEncoder().encode(ReadyLine(ok: true, error: nil)), as: UTF8.self) + "\n")
+            ready?.write(String(decoding: try JSONEncoder().encode(Wire.Ready(ok: true)), as: UTF8.self) + "\n")
             try? ready?.close()
             daemon.run()
-        }
-
-        struct ReadyLine: Codable {
-            var ok: Bool
-            var error: String?
         }
     }
 }

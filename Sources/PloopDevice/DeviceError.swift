@@ -2,7 +2,7 @@ import PloopImage
 
 /// Errors of devices and their backends. The cases follow the errno values of the kernel ABI so a
 /// kernel backend can map each ioctl failure to one of them, and messages say what to do.
-public enum DeviceError: Error, Sendable, Equatable, CustomStringConvertible {
+public enum DeviceError: Error, Sendable, Equatable, Codable, CustomStringConvertible {
     /// EBUSY: another maintenance is running.
     case busy(MaintenanceState)
     /// EINVAL: the request does not fit the device's state or geometry.

@@ -1,5 +1,5 @@
 /// Every way a ploop1 header or a size argument can be wrong. Each case says what to do.
-public enum FormatError: Error, Sendable, Equatable, CustomStringConvertible {
+public enum FormatError: Error, Sendable, Equatable, Codable, CustomStringConvertible {
     case truncatedHeader(length: Int)
     case badSignature(found: String)
     case wrongType(UInt32)

@@ -6,7 +6,7 @@ import Glibc
 
 /// Errors of image files and offline operations. Each message names the file, says what is wrong
 /// and, where there is one, what to do.
-public enum ImageError: Error, Sendable, Equatable, CustomStringConvertible {
+public enum ImageError: Error, Sendable, Equatable, Codable, CustomStringConvertible {
     case notFound(String)
     case isDirectory(String)
     case notRegularFile(String)

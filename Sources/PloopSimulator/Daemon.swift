@@ -176,79 +176,78 @@ public final class SimulatorDaemon: @unchecked Sendable {
     }
 
     func serve(_ ch: LineChannel) {
-        while let req = try? ch.receive(Wire.Request.self) {
-            var resp: Wire.Response
-            if req.version != Wire.version {
-                resp = .failure(.invalid("control protocol version \(req.version) is not \(Wire.version): use the same ploop binary"))
-            } else {
+        while let line = try? ch.receiveLine() {
+            var reply: Wire.Reply
+            var umount = false
+            switch Wire.decodeRequest(line) {
+            case .failure(let e):
+                reply = .failed(e)
+            case .success(let request):
+                umount = request == .umount
                 do {
-                    resp = try handle(req, ch)
+                    reply = try handle(request, ch)
                 } catch let e as DeviceError {
-                    resp = .failure(e)
+                    reply = .failed(e)
                 } catch {
-                    resp = .failure(.invalid("\(error)"))
+                    reply = .failed(.invalid("\(error)"))
                 }
             }
             try? saveState()
-            try? ch.send(resp)
-            if req.op == .umount && resp.ok {
+            try? ch.send(reply)
+            if umount, reply == .done {
                 exitAfterShutdown()
             }
         }
     }
 
-    func handle(_ r: Wire.Request, _ ch: LineChannel) throws -> Wire.Response {
-        var out = Wire.Response()
-        switch r.op {
+    /// Answers one request from the model (every field of the request is there: it decoded).
+    func handle(_ request: Wire.Request, _ ch: LineChannel) throws -> Wire.Reply {
+        switch request {
         case .info:
-            out.info = model.info(device: device, backend: "simulator")
+            return .info(model.info(device: device, backend: "simulator"))
         case .umount:
             try shutdown(force: false)
-        case .snapshot:
-            try model.snapshot(newDelta: r.path ?? "")
-        case .merge:
-            guard let l = r.levels, l.count == 2 else { throw DeviceError.invalid("merge needs two levels") }
-            out.paths = try model.merge(levels: l[0]...l[1]) { done, total in
-                var p = Wire.Response()
-                p.progress = MergeProgress(done: done, total: total)
-                try? ch.send(p)
-            }
-        case .grow:
-            try model.grow(toSectors: r.sizeSectors ?? 0)
+        case .snapshot(let newDelta):
+            try model.snapshot(newDelta: newDelta)
+        case .merge(let from, let to):
+            guard from <= to else { throw DeviceError.invalid("merge of levels \(from)..\(to): the first level must be the lower") }
+            return .paths(try model.merge(levels: from...to) { done, total in
+                try? ch.send(Wire.Reply.progress(MergeProgress(done: done, total: total)))
+            })
+        case .grow(let sizeSectors):
+            try model.grow(toSectors: sizeSectors)
             if let f = fuse { _ = cploop_fuse_invalidate(f) }
             try Loop.refreshCapacity(loop)
         case .sync:
             try model.sync()
-        case .deleteDelta:
-            try model.deleteDelta(level: r.level ?? -1)
-        case .updateIndex:
-            try model.updateIndex(level: r.level ?? -1, maps: r.maps ?? [])
-        case .balloon:
-            out.balloon = try model.balloon(inflate: r.inflate ?? false, keepIntact: r.keepIntact ?? false)
-        case .loadFreeBlocks:
-            out.value = UInt64(try model.loadFreeBlocks(level: r.level ?? -1, extents: r.freeExtents ?? []))
+        case .deleteDelta(let level):
+            try model.deleteDelta(level: level)
+        case .updateIndex(let level, let maps):
+            try model.updateIndex(level: level, maps: maps)
+        case .balloon(let inflate, let keepIntact):
+            return .balloon(try model.balloon(inflate: inflate, keepIntact: keepIntact))
+        case .loadFreeBlocks(let level, let extents):
+            return .blocks(try model.loadFreeBlocks(level: level, extents: extents))
         case .freeBlockList:
-            out.freeExtents = model.freeBlockList()
-        case .filterFreeBlocks:
-            try model.filterFreeBlocks(minLength: r.minLength ?? 0)
+            return .freeExtents(model.freeBlockList())
+        case .filterFreeBlocks(let minLength):
+            try model.filterFreeBlocks(minLength: minLength)
         case .dropFreeBlocks:
             try model.dropFreeBlocks()
-        case .relocateBlocks:
-            out.value = UInt64(try model.relocateBlocks(level: r.level ?? -1, allocHead: r.allocHead ?? 0, extents: r.relocExtents ?? []))
+        case .relocateBlocks(let level, let allocHead, let extents):
+            return .blocks(try model.relocateBlocks(level: level, allocHead: allocHead, extents: extents))
         case .trackInit:
-            out.value = try model.trackInit()
-        case .trackSetPosition:
-            try model.trackSetPosition(r.position ?? 0)
+            return .end(try model.trackInit())
+        case .trackSetPosition(let position):
+            try model.trackSetPosition(position)
         case .trackRead:
-            if let range = try model.trackRead() {
-                out.range = [range.lowerBound, range.upperBound]
-            }
+            return .dirty(try model.trackRead())
         case .trackStop:
             try model.trackStop()
         case .trackAbort:
             try model.trackAbort()
         }
-        return out
+        return .done
     }
 
     /// Stops the device: refuses while a file system holds it (unless forced by a signal), then

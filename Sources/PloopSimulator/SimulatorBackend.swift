@@ -77,11 +77,12 @@ public final class SimulatorBackend: DeviceBackend {
         } catch { throw .system("creating \(dir)", errno: EACCES) }
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw .system("pipe", errno: errno) }
-        var args = [executable, "__serve", "--index", "\(n)", "--ready-fd", "3", "--threads", "\(threads)", "--run-dir", paths.root]
-        if request.readOnly { args.append("--read-only") }
-        if request.baseFormat == .raw { args.append("--raw") }
-        if let c = request.clusterSectors { args += ["--cluster-sectors", "\(c)"] }
-        args += ["--"] + request.images.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+        var launched = request
+        launched.images = request.images.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+        launched.device = DeviceName.name(n)
+        let launch = Wire.Launch(index: n, threads: threads, runDir: paths.root, request: launched, readyFD: 3)
+        let args: [String]
+        do { args = try launch.arguments(executable: executable) } catch { throw .invalid("describing the daemon to start: \(error)") }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -104,7 +105,7 @@ public final class SimulatorBackend: DeviceBackend {
             throw .system("starting \(executable) __serve", errno: r)
         }
         let ch = LineChannel(fd: fds[0])
-        let line = (try? ch.receive(ReadyLine.self)) ?? nil
+        let line = (try? ch.receive(Wire.Ready.self)) ?? nil
         if let line, line.ok { return }
         // Failed: reap the daemon and leave nothing behind.
         var status: Int32 = 0
@@ -114,11 +115,6 @@ public final class SimulatorBackend: DeviceBackend {
         throw .invalid(line?.error ?? "the device daemon exited before it was ready: \(log.trimmingCharacters(in: .whitespacesAndNewlines))")
     }
 
-    struct ReadyLine: Codable {
-        var ok: Bool
-        var error: String?
-    }
-
     // MARK: - Requests
 
     /// Idle connections to daemons, by device index: a connection per request would cost a
@@ -126,13 +122,14 @@ public final class SimulatorBackend: DeviceBackend {
     /// thousands of tracking calls).
     private let idle = Mutex<[Int: LineChannel]>([:])
 
-    func call(_ device: String, _ req: Wire.Request, progress: (@Sendable (Int, Int) -> Void)? = nil) throws(DeviceError) -> Wire.Response {
+    func call(_ device: String, _ req: Wire.Request, progress: (@Sendable (Int, Int) -> Void)? = nil) throws(DeviceError) -> Wire.Reply {
         let n = try index(device)
         guard FileManager.default.fileExists(atPath: paths.directory(n)) else { throw .noSuchDevice(device) }
+        let message = Wire.Message(req)
         // A pooled connection may be stale (its daemon gone): if sending on it fails, the request
         // never arrived and one fresh connection is tried.
         if let pooled = idle.withLock({ $0.removeValue(forKey: n) }) {
-            if (try? pooled.send(req)) != nil {
+            if (try? pooled.send(message)) != nil {
                 return try finish(device, n, pooled, req, progress)
             }
         }
@@ -141,29 +138,40 @@ public final class SimulatorBackend: DeviceBackend {
             throw .notRunning("\(device) (its daemon is gone: 'ploop umount -d \(device)' cleans up, then mount again)")
         }
         let ch = LineChannel(fd: fd)
-        do { try ch.send(req) } catch { throw .system("control socket of \(device)", errno: EPIPE) }
+        do { try ch.send(message) } catch { throw .system("control socket of \(device)", errno: EPIPE) }
         return try finish(device, n, ch, req, progress)
     }
 
     /// Reads the answer (after any progress lines) and puts the connection back.
-    private func finish(_ device: String, _ n: Int, _ ch: LineChannel, _ req: Wire.Request, _ progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> Wire.Response {
+    private func finish(_ device: String, _ n: Int, _ ch: LineChannel, _ req: Wire.Request, _ progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> Wire.Reply {
         do {
-            while let resp = try ch.receive(Wire.Response.self) {
-                if let p = resp.progress {
+            while let reply = try ch.receive(Wire.Reply.self) {
+                if case .progress(let p) = reply {
                     progress?(p.done, p.total)
                     continue
                 }
-                if req.op != .umount { idle.withLock { $0[n] = ch } }
-                if let e = resp.error { throw e.deviceError }
-                return resp
+                if req != .umount { idle.withLock { $0[n] = ch } }
+                if case .failed(let e) = reply { throw e }
+                return reply
             }
         } catch let e as DeviceError {
             throw e
         } catch {
             throw .system("control socket of \(device)", errno: EPROTO)
         }
-        if req.op == .umount { return Wire.Response() }
+        if req == .umount { return .done }
         throw .notRunning("\(device) (its daemon stopped while answering)")
+    }
+
+    /// A reply of the wrong kind: a daemon of another build, or a bug.
+    static func unexpected(_ reply: Wire.Reply, to req: Wire.Request) -> DeviceError {
+        .system("the daemon answered \(req) with \(reply)", errno: EPROTO)
+    }
+
+    /// Calls and expects a plain `done`.
+    func perform(_ device: String, _ req: Wire.Request) throws(DeviceError) {
+        let reply = try call(device, req)
+        guard reply == .done else { throw Self.unexpected(reply, to: req) }
     }
 
     public func umount(_ device: String) throws(DeviceError) {
@@ -177,7 +185,7 @@ public final class SimulatorBackend: DeviceBackend {
         }
         if processAlive(st.pid) {
             do throws(DeviceError) {
-                _ = try call(device, Wire.Request(.umount))
+                try perform(device, .umount)
                 // Wait for the daemon to be gone, so its images are unlocked when we return.
                 for _ in 0..<1000 {
                     if !processAlive(st.pid) { break }
@@ -213,97 +221,85 @@ public final class SimulatorBackend: DeviceBackend {
     }
 
     public func snapshot(_ device: String, newDelta: String) throws(DeviceError) {
-        var r = Wire.Request(.snapshot)
-        r.path = URL(fileURLWithPath: newDelta).standardizedFileURL.path
-        _ = try call(device, r)
+        try perform(device, .snapshot(newDelta: URL(fileURLWithPath: newDelta).standardizedFileURL.path))
     }
 
     public func merge(_ device: String, levels: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] {
-        var r = Wire.Request(.merge)
-        r.levels = [levels.lowerBound, levels.upperBound]
-        return try call(device, r, progress: progress).paths ?? []
+        let req = Wire.Request.merge(from: levels.lowerBound, to: levels.upperBound)
+        let reply = try call(device, req, progress: progress)
+        guard case .paths(let p) = reply else { throw Self.unexpected(reply, to: req) }
+        return p
     }
 
-    public func grow(_ device: String, sizeSectors: UInt64) throws(DeviceError) {
-        var r = Wire.Request(.grow)
-        r.sizeSectors = sizeSectors
-        _ = try call(device, r)
-    }
+    public func grow(_ device: String, sizeSectors: UInt64) throws(DeviceError) { try perform(device, .grow(sizeSectors: sizeSectors)) }
 
     public func sync(_ device: String) throws(DeviceError) {
         // Push what the block layer still caches down to the daemon first.
         Loop.flushBlockDevice(device)
-        _ = try call(device, Wire.Request(.sync))
+        try perform(device, .sync)
     }
 
-    public func deleteDelta(_ device: String, level: Int) throws(DeviceError) {
-        var r = Wire.Request(.deleteDelta)
-        r.level = level
-        _ = try call(device, r)
-    }
+    public func deleteDelta(_ device: String, level: Int) throws(DeviceError) { try perform(device, .deleteDelta(level: level)) }
 
     public func updateIndex(_ device: String, level: Int, maps: [IndexMap]) throws(DeviceError) {
-        var r = Wire.Request(.updateIndex)
-        r.level = level
-        r.maps = maps
-        _ = try call(device, r)
+        try perform(device, .updateIndex(level: level, maps: maps))
     }
 
     public func balloon(_ device: String, inflate: Bool, keepIntact: Bool) throws(DeviceError) -> BalloonReply {
-        var r = Wire.Request(.balloon)
-        r.inflate = inflate
-        r.keepIntact = keepIntact
-        guard let b = try call(device, r).balloon else { throw .system("balloon reply", errno: EPROTO) }
+        let req = Wire.Request.balloon(inflate: inflate, keepIntact: keepIntact)
+        let reply = try call(device, req)
+        guard case .balloon(let b) = reply else { throw Self.unexpected(reply, to: req) }
         return b
     }
 
     public func loadFreeBlocks(_ device: String, level: Int, extents: [FreeExtent]) throws(DeviceError) -> UInt32 {
-        var r = Wire.Request(.loadFreeBlocks)
-        r.level = level
-        r.freeExtents = extents
-        return UInt32(try call(device, r).value ?? 0)
+        try blocks(device, .loadFreeBlocks(level: level, extents: extents))
     }
 
     public func freeBlockList(_ device: String) throws(DeviceError) -> [FreeExtent] {
-        try call(device, Wire.Request(.freeBlockList)).freeExtents ?? []
+        let reply = try call(device, .freeBlockList)
+        guard case .freeExtents(let e) = reply else { throw Self.unexpected(reply, to: .freeBlockList) }
+        return e
     }
 
     public func filterFreeBlocks(_ device: String, minLength: UInt32) throws(DeviceError) {
-        var r = Wire.Request(.filterFreeBlocks)
-        r.minLength = minLength
-        _ = try call(device, r)
+        try perform(device, .filterFreeBlocks(minLength: minLength))
     }
 
-    public func dropFreeBlocks(_ device: String) throws(DeviceError) { _ = try call(device, Wire.Request(.dropFreeBlocks)) }
+    public func dropFreeBlocks(_ device: String) throws(DeviceError) { try perform(device, .dropFreeBlocks) }
 
     public func relocateBlocks(_ device: String, level: Int, allocHead: UInt32, extents: [RelocExtent]) throws(DeviceError) -> UInt32 {
-        var r = Wire.Request(.relocateBlocks)
-        r.level = level
-        r.allocHead = allocHead
-        r.relocExtents = extents
-        return UInt32(try call(device, r).value ?? 0)
+        try blocks(device, .relocateBlocks(level: level, allocHead: allocHead, extents: extents))
     }
 
-    public func trackInit(_ device: String) throws(DeviceError) -> UInt64 { try call(device, Wire.Request(.trackInit)).value ?? 0 }
-
-    public func trackSetPosition(_ device: String, _ position: UInt64) throws(DeviceError) {
-        var r = Wire.Request(.trackSetPosition)
-        r.position = position
-        _ = try call(device, r)
+    private func blocks(_ device: String, _ req: Wire.Request) throws(DeviceError) -> UInt32 {
+        let reply = try call(device, req)
+        guard case .blocks(let n) = reply else { throw Self.unexpected(reply, to: req) }
+        return n
     }
+
+    public func trackInit(_ device: String) throws(DeviceError) -> UInt64 {
+        let reply = try call(device, .trackInit)
+        guard case .end(let end) = reply else { throw Self.unexpected(reply, to: .trackInit) }
+        return end
+    }
+
+    public func trackSetPosition(_ device: String, _ position: UInt64) throws(DeviceError) { try perform(device, .trackSetPosition(position)) }
 
     public func trackRead(_ device: String) throws(DeviceError) -> Range<UInt64>? {
-        guard let r = try call(device, Wire.Request(.trackRead)).range, r.count == 2 else { return nil }
-        return r[0]..<r[1]
+        let reply = try call(device, .trackRead)
+        guard case .dirty(let r) = reply else { throw Self.unexpected(reply, to: .trackRead) }
+        return r
     }
 
-    public func trackStop(_ device: String) throws(DeviceError) { _ = try call(device, Wire.Request(.trackStop)) }
-    public func trackAbort(_ device: String) throws(DeviceError) { _ = try call(device, Wire.Request(.trackAbort)) }
+    public func trackStop(_ device: String) throws(DeviceError) { try perform(device, .trackStop) }
+    public func trackAbort(_ device: String) throws(DeviceError) { try perform(device, .trackAbort) }
 
     public func info(_ device: String) throws(DeviceError) -> DeviceInfo {
         let n = try index(device)
         do throws(DeviceError) {
-            guard let i = try call(device, Wire.Request(.info)).info else { throw DeviceError.system("info reply", errno: EPROTO) }
+            let reply = try call(device, .info)
+            guard case .info(let i) = reply else { throw Self.unexpected(reply, to: .info) }
             return i
         } catch .notRunning {
             guard let st = RuntimeState.read(paths.state(n)) else { throw .noSuchDevice(device) }

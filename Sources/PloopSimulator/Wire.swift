@@ -6,97 +6,112 @@ import PloopImage
 /// each way over a Unix socket (root only, peer credentials checked). Requests carry a version;
 /// long operations answer with progress lines before the final one.
 public enum Wire {
-    public static let version = 1
+    /// Bumped whenever a request or reply changes shape: a daemon started by another build
+    /// answers a request of this one with a clear error instead of misreading it.
+    public static let version = 2
 
-    public enum Op: String, Codable, Sendable {
-        case info, umount, snapshot, merge, grow, sync, deleteDelta, updateIndex
-        case balloon, loadFreeBlocks, freeBlockList, filterFreeBlocks, dropFreeBlocks, relocateBlocks
-        case trackInit, trackSetPosition, trackRead, trackStop, trackAbort
+    /// One request per `DeviceBackend` call that a running device answers (mount, list and
+    /// openIO need no daemon). Every field is required: a request that lacks one does not decode.
+    public enum Request: Codable, Sendable, Equatable {
+        case info
+        case umount
+        case snapshot(newDelta: String)
+        case merge(from: Int, to: Int)
+        case grow(sizeSectors: UInt64)
+        case sync
+        case deleteDelta(level: Int)
+        case updateIndex(level: Int, maps: [IndexMap])
+        case balloon(inflate: Bool, keepIntact: Bool)
+        case loadFreeBlocks(level: Int, extents: [FreeExtent])
+        case freeBlockList
+        case filterFreeBlocks(minLength: UInt32)
+        case dropFreeBlocks
+        case relocateBlocks(level: Int, allocHead: UInt32, extents: [RelocExtent])
+        case trackInit
+        case trackSetPosition(UInt64)
+        case trackRead
+        case trackStop
+        case trackAbort
     }
 
-    public struct Request: Codable, Sendable {
-        public var version = Wire.version
-        public var op: Op
-        public var path: String?
-        public var levels: [Int]?
-        public var sizeSectors: UInt64?
-        public var inflate: Bool?
-        public var keepIntact: Bool?
-        public var level: Int?
-        public var allocHead: UInt32?
-        public var freeExtents: [FreeExtent]?
-        public var relocExtents: [RelocExtent]?
-        public var position: UInt64?
-        public var minLength: UInt32?
-        public var maps: [IndexMap]?
-
-        public init(_ op: Op) { self.op = op }
-    }
-
-    public struct Response: Codable, Sendable {
-        public var ok = true
-        /// A progress line; more lines follow.
-        public var progress: MergeProgress?
-        public var error: WireError?
-        public var info: DeviceInfo?
-        public var balloon: BalloonReply?
-        public var value: UInt64?
-        public var range: [UInt64]?
-        public var paths: [String]?
-        public var freeExtents: [FreeExtent]?
-
-        public init() {}
-        public static func failure(_ e: DeviceError) -> Response {
-            var r = Response()
-            r.ok = false
-            r.error = WireError(e)
-            return r
+    /// What goes on the socket: the request with the protocol version.
+    public struct Message: Codable, Sendable, Equatable {
+        public var version: Int
+        public var request: Request
+        public init(_ request: Request) {
+            self.version = Wire.version
+            self.request = request
         }
     }
 
-    /// `DeviceError` on the wire: its case, its message, and the payload needed to rebuild it.
-    public struct WireError: Codable, Sendable {
-        public var kind: String
-        public var message: String
-        public var state: MaintenanceState?
-        public var errno: Int32?
+    /// The answers. `progress` lines (long operations) come before the final reply.
+    public enum Reply: Codable, Sendable, Equatable {
+        case progress(MergeProgress)
+        case failed(DeviceError)
+        case done
+        case info(DeviceInfo)
+        case balloon(BalloonReply)
+        /// loadFreeBlocks, relocateBlocks: a count of blocks or a new allocation head.
+        case blocks(UInt32)
+        /// trackInit: where tracking ends.
+        case end(UInt64)
+        /// trackRead: the next dirty extent, nil when none is left.
+        case dirty(Range<UInt64>?)
+        /// merge: the files that left the stack.
+        case paths([String])
+        case freeExtents([FreeExtent])
+    }
 
-        public init(_ e: DeviceError) {
-            message = e.description
-            switch e {
-            case .busy(let s): kind = "busy"; state = s
-            case .invalid: kind = "invalid"
-            case .again: kind = "again"
-            case .aborted: kind = "aborted"
-            case .unreadExtents: kind = "unreadExtents"
-            case .notSupported: kind = "notSupported"
-            case .noSuchDevice: kind = "noSuchDevice"
-            case .deviceInUse: kind = "deviceInUse"
-            case .notRunning: kind = "notRunning"
-            case .readOnly: kind = "readOnly"
-            case .outOfRange: kind = "outOfRange"
-            case .image(let i): kind = i == .injectedCrash ? "injectedCrash" : "image"
-            case .system(_, let n): kind = "system"; errno = n
-            case .unavailable: kind = "unavailable"
-            }
+    /// Decodes one request line: a version from another build, and a line that is not a request
+    /// of this version, are errors that say so.
+    public static func decodeRequest(_ line: Data) -> Result<Request, DeviceError> {
+        struct Probe: Decodable { var version: Int }
+        guard let probe = try? JSONDecoder().decode(Probe.self, from: line) else {
+            return .failure(.invalid("not a control request (no protocol version)"))
+        }
+        guard probe.version == version else {
+            return .failure(.invalid("control protocol version \(probe.version) is not \(version): use the same ploop binary for mount and the other commands"))
+        }
+        do { return .success(try JSONDecoder().decode(Message.self, from: line).request) } catch {
+            return .failure(.invalid("malformed control request: \(error)"))
+        }
+    }
+
+    /// How the daemon is started: the one description both the starter (`SimulatorBackend`) and
+    /// the daemon (`ploop __serve --launch JSON`) use.
+    public struct Launch: Codable, Sendable, Equatable {
+        public var index: Int
+        public var threads: Int
+        public var runDir: String
+        public var request: MountRequest
+        /// The descriptor the daemon reports readiness on.
+        public var readyFD: Int32
+
+        public init(index: Int, threads: Int, runDir: String, request: MountRequest, readyFD: Int32 = 3) {
+            self.index = index
+            self.threads = threads
+            self.runDir = runDir
+            self.request = request
+            self.readyFD = readyFD
         }
 
-        public var deviceError: DeviceError {
-            switch kind {
-            case "busy": .busy(state ?? .off)
-            case "again": .again
-            case "aborted": .aborted
-            case "unreadExtents": .unreadExtents
-            case "notSupported": .notSupported(message)
-            case "noSuchDevice": .noSuchDevice(message)
-            case "deviceInUse": .deviceInUse(message)
-            case "notRunning": .notRunning(message)
-            case "readOnly": .readOnly(message)
-            case "system": .system(message, errno: errno ?? 5)
-            case "unavailable": .unavailable(message)
-            // Image errors keep their words; their case stays on the daemon's side.
-            default: .invalid(message)
-            }
+        public func arguments(executable: String) throws -> [String] {
+            let json = String(decoding: try JSONEncoder().encode(self), as: UTF8.self)
+            return [executable, "__serve", "--launch", json]
+        }
+
+        public static func decode(_ json: String) throws -> Launch {
+            try JSONDecoder().decode(Launch.self, from: Data(json.utf8))
+        }
+    }
+
+    /// The daemon's one line on its readiness descriptor.
+    public struct Ready: Codable, Sendable, Equatable {
+        public var ok: Bool
+        public var error: String?
+        public init(ok: Bool, error: String? = nil) {
+            self.ok = ok
+            self.error = error
         }
     }
 }
@@ -126,11 +141,17 @@ final class LineChannel: @unchecked Sendable {
     }
 
     func receive<T: Decodable>(_ type: T.Type) throws -> T? {
+        guard let line = try receiveLine() else { return nil }
+        return try JSONDecoder().decode(T.self, from: line)
+    }
+
+    /// The next line, without its newline; nil at the end of the stream.
+    func receiveLine() throws -> Data? {
         while true {
             if let nl = buffer.firstIndex(of: UInt8(ascii: "\n")) {
                 let line = Data(buffer[..<nl])
                 buffer.removeSubrange(...nl)
-                return try JSONDecoder().decode(T.self, from: line)
+                return line
             }
             var chunk = [UInt8](repeating: 0, count: 65536)
             let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, $0.count) }

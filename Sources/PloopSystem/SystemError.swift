@@ -5,7 +5,7 @@ import Darwin
 #endif
 
 /// A failed system call: which call, on what, and the errno it returned.
-public struct SystemError: Error, Sendable, Equatable, CustomStringConvertible {
+public struct SystemError: Error, Sendable, Equatable, Codable, CustomStringConvertible {
     public let call: String
     public let path: String
     public let errno: Int32
