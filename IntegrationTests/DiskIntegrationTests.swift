@@ -18,6 +18,52 @@ struct DiskIntegrationTests {
         deinit { for d in names.reversed() { _ = try? TestSupport.ploop("umount", "-d", d) } }
     }
 
+    /// A fresh one-image disk (64 KiB clusters) mounted by its descriptor, with the bytes the
+    /// device must hold kept beside it.
+    final class RunningDisk {
+        let root: ScratchDirectory
+        let disk: String
+        let dd: String
+        let devices = Devices()
+        let dev: String
+        let size: Int
+        var expected: [UInt8]
+
+        init(megabytes: Int) throws {
+            root = try ScratchDirectory("ploop-disk")
+            disk = root.file("disk")
+            try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
+            dd = disk + "/DiskDescriptor.xml"
+            size = megabytes << 20
+            expected = [UInt8](repeating: 0, count: size)
+            _ = try DiskIntegrationTests.ploop("init", "-s", "\(megabytes)m", "-b", "128", disk + "/root.hds")
+            dev = try DiskIntegrationTests.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(dev)
+        }
+
+        /// Writes a pattern through the device and into `expected`.
+        func write(seed: UInt64, at offset: Int, _ count: Int) throws {
+            let p = DeviceContent.pattern(count, seed: seed)
+            try DiskIntegrationTests.write(dev, p, at: UInt64(offset))
+            expected.replaceSubrange(offset..<(offset + count), with: p)
+        }
+
+        func matches(_ device: String? = nil) throws -> Bool { try DiskIntegrationTests.read(device ?? dev, count: size) == expected }
+
+        /// Unmounts, checks, mounts again and compares every byte, then unmounts.
+        func remountMatches() throws -> Bool {
+            _ = try DiskIntegrationTests.ploop("umount", dd)
+            devices.names.removeAll { $0 == dev }
+            _ = try DiskIntegrationTests.ploop("check", "-f", dd)
+            let again = try DiskIntegrationTests.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            devices.names.append(again)
+            let same = try matches(again)
+            _ = try DiskIntegrationTests.ploop("umount", dd)
+            devices.names.removeAll { $0 == again }
+            return same
+        }
+    }
+
     static func ploop(_ args: String..., sourceLocation: SourceLocation = #_sourceLocation) throws -> TestSupport.Result {
         let r = try TestSupport.ploop(args)
         #expect(r.code == 0, "ploop \(args.joined(separator: " ")): \(r)", sourceLocation: sourceLocation)
@@ -162,56 +208,36 @@ struct DiskIntegrationTests {
     @Test(arguments: TestSupport.cliBackends)
     func onlineDeleteAndMerge(_ backend: String) throws {
         try DeviceTestLock.run { try TestSupport.withBackend(backend) {
-            let root = try ScratchDirectory("ploop-disk")
-            let disk = root.file("disk")
-            try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
-            let dd = disk + "/DiskDescriptor.xml"
-            let devices = Devices()
-            _ = try Self.ploop("init", "-s", "32m", "-b", "128", disk + "/root.hds")
-            let dev = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-            devices.names.append(dev)
-            var expected = [UInt8](repeating: 0, count: 32 << 20)
-            func write(_ seed: UInt64, at offset: Int, _ count: Int) throws {
-                let p = DeviceContent.pattern(count, seed: seed)
-                try Self.write(dev, p, at: UInt64(offset))
-                expected.replaceSubrange(offset..<(offset + count), with: p)
-            }
-            try write(1, at: 0, 8 << 20)
+            let r = try RunningDisk(megabytes: 32)
+            let (dd, dev) = (r.dd, r.dev)
+            try r.write(seed: 1, at: 0, 8 << 20)
             _ = try Self.ploop("snapshot", "-u", Self.g1, dd)
-            try write(2, at: 4 << 20, 8 << 20)
+            try r.write(seed: 2, at: 4 << 20, 8 << 20)
             _ = try Self.ploop("snapshot", "-u", "{22222222-2222-4222-8222-222222222222}", dd)
-            try write(3, at: 10 << 20, 4 << 20)
-            #expect(try Self.read(dev, count: 32 << 20) == expected)
+            try r.write(seed: 3, at: 10 << 20, 4 << 20)
+            #expect(try r.matches())
 
             // Delete G1 (the base's snapshot): G2's delta merges into root.hds on the device.
             let del = try Self.ploop("snapshot-delete", "-u", Self.g1, dd)
             #expect(del.stdout == "ploop snapshot merged\n", "\(del)")
-            #expect(try Self.read(dev, count: 32 << 20) == expected, "after the online snapshot-delete")
+            #expect(try r.matches(), "after the online snapshot-delete")
             let afterDelete = try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout
             #expect(afterDelete == "{22222222-2222-4222-8222-222222222222}\n{5fbaabe3-6958-40ff-92a7-860e329aab41}\n", "\(afterDelete)")
             #expect(try Self.ploop("info", "-d", dd).stdout.hasPrefix("device:\t\t\(dev)\n"))
-            try write(4, at: 20 << 20, 2 << 20)
+            try r.write(seed: 4, at: 20 << 20, 2 << 20)
 
             // Merge the top into its parent: one image left, still running.
             let merge = try Self.ploop("snapshot-merge", dd)
             #expect(merge.stdout == "ploop snapshot merged\n", "\(merge)")
-            #expect(try Self.read(dev, count: 32 << 20) == expected, "after the online snapshot-merge")
+            #expect(try r.matches(), "after the online snapshot-merge")
             #expect(try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout == "{5fbaabe3-6958-40ff-92a7-860e329aab41}\n")
-            #expect(try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }.sorted() == ["DiskDescriptor.xml", "root.hds"])
-            try write(5, at: 30 << 20, 1 << 20)
+            #expect(try FileManager.default.contentsOfDirectory(atPath: r.disk).filter { !$0.hasSuffix(".lck") }.sorted() == ["DiskDescriptor.xml", "root.hds"])
+            try r.write(seed: 5, at: 30 << 20, 1 << 20)
 
-            // Merging or deleting the base while running is refused as offline.
+            // Merging the base while running is refused as offline.
             let base = try TestSupport.ploop("snapshot-merge", dd)
             #expect(base.code == 1 && base.stderr.contains("base image"), "\(base)")
-
-            _ = try Self.ploop("umount", dd)
-            devices.names.removeAll { $0 == dev }
-            _ = try Self.ploop("check", "-f", dd)
-            let again = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-            devices.names.append(again)
-            #expect(try Self.read(again, count: 32 << 20) == expected, "after a remount")
-            _ = try Self.ploop("umount", dd)
-            devices.names.removeAll { $0 == again }
+            #expect(try r.remountMatches(), "after a remount")
         } }
     }
 
@@ -222,22 +248,12 @@ struct DiskIntegrationTests {
     @Test(arguments: TestSupport.cliBackends)
     func onlineCommandsKilledAtEveryWrite(_ backend: String) throws {
         try DeviceTestLock.run { try TestSupport.withBackend(backend) {
-            let root = try ScratchDirectory("ploop-disk")
-            let disk = root.file("disk")
-            try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
-            let dd = disk + "/DiskDescriptor.xml"
-            let devices = Devices()
-            _ = try Self.ploop("init", "-s", "16m", "-b", "128", disk + "/root.hds")
-            let dev = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-            devices.names.append(dev)
-            var expected = [UInt8](repeating: 0, count: 16 << 20)
+            let r = try RunningDisk(megabytes: 16)
+            let (dd, dev) = (r.dd, r.dev)
             var seed: UInt64 = 10
             func write() throws {
                 seed += 1
-                let offset = Int(seed % 12) << 20
-                let p = DeviceContent.pattern(1 << 20, seed: seed)
-                try Self.write(dev, p, at: UInt64(offset))
-                expected.replaceSubrange(offset..<(offset + p.count), with: p)
+                try r.write(seed: seed, at: Int(seed % 12) << 20, 1 << 20)
             }
             func images() throws -> Int {
                 try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout.split(separator: "\n").count
@@ -250,18 +266,18 @@ struct DiskIntegrationTests {
                     if command == ["snapshot-merge"], try images() == 1 { _ = try Self.ploop("snapshot", dd) }
                     try write()
                     let before = try images()
-                    let r = try TestSupport.run(TestSupport.ploopBinary, command + [dd], environment: ["PLOOP_TEST_CRASH_AT": "\(n)"])
+                    let run = try TestSupport.run(TestSupport.ploopBinary, command + [dd], environment: ["PLOOP_TEST_CRASH_AT": "\(n)"])
                     // The next command on the disk recovers whatever the kill left.
                     let now = try images()
                     #expect(try Self.ploop("info", "-d", dd).stdout.hasPrefix("device:\t\t\(dev)\n"), "\(command) killed at write \(n): the device runs no top the descriptor names")
-                    #expect(try Self.read(dev, count: 16 << 20) == expected, "\(command) killed at write \(n): the bytes changed")
+                    #expect(try r.matches(), "\(command) killed at write \(n): the bytes changed")
                     try write()
-                    #expect(try Self.read(dev, count: 16 << 20) == expected, "\(command) killed at write \(n): a write after recovery did not land")
-                    if r.code == 0 {
+                    #expect(try r.matches(), "\(command) killed at write \(n): a write after recovery did not land")
+                    if run.code == 0 {
                         #expect(now == before + (command == ["snapshot"] ? 1 : -1))
                         break
                     }
-                    #expect(r.code == 137, "\(command) at write \(n): \(r)")
+                    #expect(run.code == 137, "\(command) at write \(n): \(run)")
                     crashes += 1
                     #expect(now == before || now == before + (command == ["snapshot"] ? 1 : -1), "\(command) killed at write \(n): \(before) → \(now) images")
                     // Back to one image for the next snapshot round.
@@ -269,16 +285,9 @@ struct DiskIntegrationTests {
                 }
                 #expect(crashes >= 3, "\(command): only \(crashes) changes")
             }
-            _ = try Self.ploop("umount", dd)
-            devices.names.removeAll { $0 == dev }
-            _ = try Self.ploop("check", "-f", dd)
             let finalImages = try images()
-            #expect(try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }.count == 1 + finalImages)
-            let again = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-            devices.names.append(again)
-            #expect(try Self.read(again, count: 16 << 20) == expected, "after a remount")
-            _ = try Self.ploop("umount", dd)
-            devices.names.removeAll { $0 == again }
+            #expect(try FileManager.default.contentsOfDirectory(atPath: r.disk).filter { !$0.hasSuffix(".lck") }.count == 1 + finalImages)
+            #expect(try r.remountMatches(), "after a remount")
         } }
     }
 
@@ -288,63 +297,44 @@ struct DiskIntegrationTests {
     @Test(arguments: TestSupport.cliBackends)
     func temporarySnapshotForBackup(_ backend: String) throws {
         try DeviceTestLock.run { try TestSupport.withBackend(backend) {
-            let root = try ScratchDirectory("ploop-disk")
-            let disk = root.file("disk")
-            try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
-            let dd = disk + "/DiskDescriptor.xml"
-            let devices = Devices()
-            _ = try Self.ploop("init", "-s", "16m", "-b", "128", disk + "/root.hds")
-            let dev = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-            devices.names.append(dev)
-            var expected = [UInt8](repeating: 0, count: 16 << 20)
-            func write(_ seed: UInt64, at offset: Int, _ count: Int) throws {
-                let p = DeviceContent.pattern(count, seed: seed)
-                try Self.write(dev, p, at: UInt64(offset))
-                expected.replaceSubrange(offset..<(offset + count), with: p)
-            }
-            try write(1, at: 0, 6 << 20)
-            let frozen = expected
+            let r = try RunningDisk(megabytes: 16)
+            let (dd, dev) = (r.dd, r.dev)
+            try r.write(seed: 1, at: 0, 6 << 20)
+            let frozen = r.expected
 
             let t = try Self.ploop("tsnapshot", "-u", Self.g1, "-c", "backup", dd)
             let lines = t.stdout.split(separator: "\n").map(String.init)
             #expect(lines.count == 2 && lines[0].contains("temporary, for backup"), "\(t)")
             let ro = lines.last ?? ""
-            devices.names.append(ro)
+            r.devices.names.append(ro)
             #expect(try String(contentsOfFile: dd, encoding: .utf8).contains("<Temporary/>"))
-            try write(2, at: 2 << 20, 6 << 20)
-            #expect(try Self.read(ro, count: 16 << 20) == frozen, "the temporary snapshot's device changed")
-            #expect(try Self.read(dev, count: 16 << 20) == expected)
+            try r.write(seed: 2, at: 2 << 20, 6 << 20)
+            #expect(try Self.read(ro, count: r.size) == frozen, "the temporary snapshot's device changed")
+            #expect(try r.matches())
             // The read-only device cannot be written.
             #expect(throws: (any Error).self) { try Self.write(ro, [1, 2, 3], at: 0) }
 
             // While it is read: merging into the snapshot is refused (nothing changes, no journal left),
             // and a new snapshot keeps it.
-            let state = try ScratchDirectoryState(disk)
+            let state = try ScratchDirectoryState(r.disk)
             let refused = try TestSupport.ploop("snapshot-merge", dd)
             #expect(refused.code == 1 && refused.stderr.contains(dev), "\(refused)")
-            #expect(try ScratchDirectoryState(disk) == state)
+            #expect(try ScratchDirectoryState(r.disk) == state)
             _ = try Self.ploop("snapshot", "-u", "{22222222-2222-4222-8222-222222222222}", dd)
             #expect(try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout.split(separator: "\n").count == 3)
-            try write(3, at: 12 << 20, 1 << 20)
-            #expect(try Self.read(ro, count: 16 << 20) == frozen)
+            try r.write(seed: 3, at: 12 << 20, 1 << 20)
+            #expect(try Self.read(ro, count: r.size) == frozen)
 
             // The backup is done: the next delete merges the temporary snapshot back too.
             _ = try Self.ploop("umount", "-d", ro)
-            devices.names.removeAll { $0 == ro }
+            r.devices.names.removeAll { $0 == ro }
             let del = try Self.ploop("snapshot-delete", "-u", "{22222222-2222-4222-8222-222222222222}", dd)
             #expect(del.stderr.contains("merging back the temporary snapshot \(Self.g1)"), "\(del)")
             #expect(try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout == "{5fbaabe3-6958-40ff-92a7-860e329aab41}\n")
             #expect(try !String(contentsOfFile: dd, encoding: .utf8).contains("Temporary"))
-            #expect(try Self.read(dev, count: 16 << 20) == expected)
-            _ = try Self.ploop("umount", dd)
-            devices.names.removeAll { $0 == dev }
-            _ = try Self.ploop("check", "-f", dd)
-            #expect(try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }.sorted() == ["DiskDescriptor.xml", "root.hds"])
-            let again = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-            devices.names.append(again)
-            #expect(try Self.read(again, count: 16 << 20) == expected, "after a remount")
-            _ = try Self.ploop("umount", dd)
-            devices.names.removeAll { $0 == again }
+            #expect(try r.matches())
+            #expect(try r.remountMatches(), "after a remount")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: r.disk).filter { !$0.hasSuffix(".lck") }.sorted() == ["DiskDescriptor.xml", "root.hds"])
         } }
     }
 }

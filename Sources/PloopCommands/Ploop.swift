@@ -21,6 +21,7 @@ public struct Ploop: ParsableCommand {
             Exit codes: 0 success, 1 failure, 2 usage error; 'ploop check' uses the original tool's \
             codes (11 format error, 17 busy, 37 image in use).
             """,
+        version: PloopVersion.string,
         subcommands: [
             Init.self, Mount.self, Umount.self, Snapshot.self, SnapshotList.self, SnapshotDelete.self, SnapshotMerge.self, SnapshotSwitch.self, TSnapshot.self,
             Merge.self, Grow.self, Convert.self, Balloon.self, Copy.self, Check.self, Info.self, List.self, Replace.self, RestoreDescriptor.self, Serve.self,

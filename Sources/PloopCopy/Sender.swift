@@ -1,6 +1,7 @@
 import CPloopSys
 import Foundation
 import PloopDevice
+import PloopFormat
 import PloopSystem
 
 /// Where the sender's records go: a stream (pipe, socket) or a local file.
@@ -295,7 +296,8 @@ public struct CopySender {
             if top.format == .ploop1 {
                 var bytes = [UInt8](repeating: 0, count: 512)
                 _ = try bytes.withUnsafeMutableBytes { try image.read(into: $0, at: 0) }
-                for i in 44..<48 { bytes[i] = 0 }
+                let mark = ImageHeader.diskInUseOffset
+                for i in mark..<mark + 4 { bytes[i] = 0 }
                 head = bytes
             }
             begin("stopping tracking")

@@ -151,17 +151,4 @@ extension DeviceModel {
         let newHead = top.allocHead
         return oldHead > newHead ? oldHead - newHead : 0
     }
-
-    /// PLOOP_IOC_TRUNCATE (legacy): cuts the top image at `allocHead` blocks; refused if any block
-    /// there is still in use.
-    public func truncate(level: Int, allocHead: UInt32) throws(DeviceError) {
-        let (top, topLevel) = try topPloop1()
-        guard level == topLevel else { throw .invalid("truncate targets the top delta (level \(topLevel))") }
-        try stack.write { _ throws(DeviceError) in
-            for (c, b) in top.allocatedClusters() where b.value >= allocHead {
-                throw .invalid("block \(b.value) of \(c) lies past \(allocHead)")
-            }
-            try lifting { () throws(ImageError) in try top.truncate(toBlocks: max(allocHead, top.firstDataBlock)) }
-        }
-    }
 }

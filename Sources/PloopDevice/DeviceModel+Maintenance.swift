@@ -61,8 +61,8 @@ extension DeviceModel {
                     }
                     s.levels[s.levels.count - 1].readOnly = true
                     // The old top is shared from now on (another read-only stack may use it).
-                    if let h = s.levels[s.levels.count - 1].holder { try? lifting { () throws(ImageError) in try opener.relock(h, exclusive: false) } }
-                    s.levels.append(Level(path: path, image: .ploop1(newTop), readOnly: false, holder: file))
+                    if let h = s.levels[s.levels.count - 1].lockedFile { try? lifting { () throws(ImageError) in try opener.relock(h, exclusive: false) } }
+                    s.levels.append(Level(path: path, image: .ploop1(newTop), readOnly: false, lockedFile: file))
                 }
             } catch {
                 opener.remove(path)
@@ -89,7 +89,7 @@ extension DeviceModel {
                 control.withLock { $0.mergeProgress = nil }
                 // Each level's lock back to its kind: the top exclusive, the rest shared.
                 stack.read { st in
-                    for l in st.levels { if let h = l.holder { try? lifting { () throws(ImageError) in try opener.relock(h, exclusive: !l.readOnly) } } }
+                    for l in st.levels { if let h = l.lockedFile { try? lifting { () throws(ImageError) in try opener.relock(h, exclusive: !l.readOnly) } } }
                 }
             }
             var removed: [String] = []
@@ -111,7 +111,7 @@ extension DeviceModel {
         try stack.write { s throws(DeviceError) -> DeltaImage in
             let level = s.levels[l]
             // The destination is written: no other stack may read it meanwhile.
-            if let h = level.holder {
+            if let h = level.lockedFile {
                 do throws(ImageError) { try opener.relock(h, exclusive: true) } catch {
                     try? lifting { () throws(ImageError) in try opener.relock(h, exclusive: false) }
                     throw .image(.locked(level.path))

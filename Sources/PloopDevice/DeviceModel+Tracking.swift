@@ -55,7 +55,4 @@ extension DeviceModel {
         watch.tracker.withLock { $0 = nil }
         try control.withLock { c throws(DeviceError) in try c.machine.stopTracking() }
     }
-
-    /// Path of the top image (what a copier reads).
-    public var topImagePath: String? { stack.read { $0.levels.last?.path } }
 }

@@ -28,7 +28,7 @@ struct Level: Sendable {
     var readOnly: Bool
     /// The file opened (and locked) when the level joined the stack; kept open so the lock holds
     /// while other instances of the file come and go (merge reopens a level for writing).
-    var holder: (any BlockFile)?
+    var lockedFile: (any BlockFile)?
     /// For a raw delta: the bytes it holds (clusters past it read from below, i.e. zeros).
     var rawBytes: UInt64 = 0
 }
@@ -104,10 +104,10 @@ public final class DeviceModel: Sendable {
             switch format {
             case .raw:
                 let bytes = try lifting { () throws(ImageError) in try RawImage(file: f, clusterBytes: cb).virtualBytes() }
-                levels.append(Level(path: path, image: .raw(RawImage(file: f, clusterBytes: cb)), readOnly: !writable, holder: file, rawBytes: bytes))
+                levels.append(Level(path: path, image: .raw(RawImage(file: f, clusterBytes: cb)), readOnly: !writable, lockedFile: file, rawBytes: bytes))
             case .ploop1:
                 let image = try lifting { () throws(ImageError) in try Ploop1Image(file: f, writable: writable) }
-                levels.append(Level(path: path, image: .ploop1(image), readOnly: !writable, holder: file))
+                levels.append(Level(path: path, image: .ploop1(image), readOnly: !writable, lockedFile: file))
             }
         }
         let size: UInt64 =

@@ -120,13 +120,14 @@ struct DiskCrashTests {
 /// `init` of a disk killed at every write: the folder holds no disk or the whole disk, never a
 /// half-made image under the name asked for, and running init again completes it.
 struct InitCrashTests {
-    @Test func initKilledAtEveryWrite() throws {
+    @Test(arguments: ["ploop1", "preallocated"])
+    func initKilledAtEveryWrite(_ layout: String) throws {
         var crashes = 0
-        for n in 1...50 {
+        for n in 1...100 {
             let root = try ScratchDirectory("ploop-initcrash")
             let disk = root.file("disk")
             try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
-            let args = ["init", "-s", "64m", "-b", "128", disk + "/root.hds"]
+            let args = ["init", "-f", layout, "-s", layout == "preallocated" ? "8m" : "64m", "-b", "128", disk + "/root.hds"]
             let r = try TestSupport.run(TestSupport.ploopBinary, args, environment: ["PLOOP_TEST_CRASH_AT": "\(n)"])
             if r.code == 0 { break }
             #expect(r.code == 137, "\(r)")
@@ -138,6 +139,7 @@ struct InitCrashTests {
             #expect(again.code == 0, "re-run after a kill at write \(n): \(again)")
             #expect(try FileManager.default.contentsOfDirectory(atPath: disk).sorted() == ["DiskDescriptor.xml", "root.hds"], "kill at write \(n): leftovers")
             #expect(try TestSupport.ploop("snapshot-list", disk).code == 0)
+            #expect(try DiskLayoutTests.layout(disk) == (layout == "ploop1" ? "expanded" : layout))
         }
         #expect(crashes >= 3)
     }
