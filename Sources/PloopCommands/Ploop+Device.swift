@@ -259,11 +259,11 @@ extension Ploop {
             do {
                 daemon = try SimulatorDaemon(.init(index: l.index, request: l.request, threads: l.threads, paths: RuntimePaths(root: l.runDir)))
             } catch {
-                let message = (error as? DeviceError)?.description ?? "\(error)"
-                ready?.write(String(decoding: try JSONEncoder().encode(Wire.Ready(ok: false, error: message)), as: UTF8.self) + "\n")
-                throw CommandFailure(message)
+                let e = (error as? DeviceError) ?? .unavailable("\(error)")
+                ready?.write(String(decoding: try JSONEncoder().encode(Wire.Ready(error: e)), as: UTF8.self) + "\n")
+                throw CommandFailure(e.description)
             }
-            ready?.write(String(decoding: try JSONEncoder().encode(Wire.Ready(ok: true)), as: UTF8.self) + "\n")
+            ready?.write(String(decoding: try JSONEncoder().encode(Wire.Ready()), as: UTF8.self) + "\n")
             try? ready?.close()
             daemon.run()
         }

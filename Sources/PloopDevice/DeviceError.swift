@@ -26,6 +26,34 @@ public enum DeviceError: Error, Sendable, Equatable, Codable, CustomStringConver
     /// A backend cannot be used here (no module, no FUSE, not root …).
     case unavailable(String)
 
+    // The refusals every backend gives for the same request, whatever carries it (the model, a
+    // daemon, the kernel's ioctls): one case each, so callers and tests match the case and the
+    // words are written once, here.
+
+    /// A merge range that does not fit the stack 0...top (or names one level).
+    case levelsOutOfRange(ClosedRange<Int>, top: Int)
+    /// An operation that works on the top delta only was given another level.
+    case notTopLevel(DeviceOperation, level: Int, top: Int)
+    /// A level that cannot take part (not a read-only ploop1 level, the base of a raw stack …).
+    case unsuitableLevel(DeviceOperation, level: Int)
+    /// An operation that needs another maintenance state.
+    case wrongState(DeviceOperation, MaintenanceState)
+    /// A device is never made smaller.
+    case cannotShrink(fromSectors: UInt64, toSectors: UInt64)
+    /// A size beyond what ploop (or the image format) can address.
+    case sizeTooLarge(sectors: UInt64, limit: UInt64)
+    /// A size that is not a whole number of clusters where one must be.
+    case notClusterMultiple(bytes: UInt64, clusterBytes: Int)
+    case invalidClusterSize(sectors: UInt32)
+    /// A mount request without images.
+    case noImages
+    /// A name that is not `/dev/ploopN`.
+    case badDeviceName(String)
+    /// Flags that exclude each other in one request.
+    case conflictingFlags(String)
+    /// A control message that is not a request of this version (the simulator's socket).
+    case protocolMismatch(String)
+
     public var description: String {
         switch self {
         case .busy(let s):
@@ -47,6 +75,49 @@ public enum DeviceError: Error, Sendable, Equatable, Codable, CustomStringConver
         case .image(let e): e.description
         case .system(let what, let e): "\(what): \(String(cString: strerror(e)))"
         case .unavailable(let s): s
+        case .levelsOutOfRange(let r, let top):
+            "levels \(r.lowerBound)..\(r.upperBound) do not fit the stack 0..\(top): give L1..L2 with L1 < L2 <= \(top)"
+        case .notTopLevel(let op, let l, let top): "\(op) works on the top delta (level \(top)), not level \(l)"
+        case .unsuitableLevel(let op, let l): "level \(l) cannot be used for \(op): \(op.levelRule)"
+        case .wrongState(let op, let st): "\(op) \(op.stateRule) (the device is in state \(st))"
+        case .cannotShrink(let from, let to):
+            "cannot shrink the device from \(from) to \(to) sectors: ploop only grows (inflate a balloon to give space back)"
+        case .sizeTooLarge(let s, let limit): "\(s) sectors is beyond the largest device ploop supports (\(limit) sectors)"
+        case .notClusterMultiple(let b, let c):
+            "the size \(b) bytes is not a whole number of clusters of \(c) bytes: grow the device to a whole cluster first"
+        case .invalidClusterSize(let c): "cluster size \(c) sectors is not a power of two from 64 to 131072"
+        case .noImages: "no images to mount"
+        case .badDeviceName(let d): "\(d) is not a ploop device name (/dev/ploopN)"
+        case .conflictingFlags(let s): s
+        case .protocolMismatch(let s): s
+        }
+    }
+}
+
+/// The device operations refusals name.
+public enum DeviceOperation: String, Sendable, Codable, CustomStringConvertible {
+    case merge, snapshot, grow, deleteDelta = "delete-delta", updateIndex = "index update"
+    case loadFreeBlocks = "loading free blocks", freeBlockList = "the free block list", relocateBlocks = "relocation"
+    case tracking = "dirty tracking"
+
+    public var description: String { rawValue }
+
+    /// What a level must be for the operation.
+    var levelRule: String {
+        switch self {
+        case .deleteDelta: "only read-only ploop1 levels above the base and below the top leave a running stack"
+        case .updateIndex: "the level must be a read-only ploop1 level of the stack"
+        default: "it must be a ploop1 level"
+        }
+    }
+
+    /// Which state the operation needs.
+    var stateRule: String {
+        switch self {
+        case .loadFreeBlocks: "needs the BALLOON state (enter it first)"
+        case .relocateBlocks, .freeBlockList: "needs loaded free blocks (state FBLOADED or RELOC)"
+        case .tracking: "needs dirty tracking to be running"
+        default: "cannot run in this state"
         }
     }
 }

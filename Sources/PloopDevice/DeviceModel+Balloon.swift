@@ -31,7 +31,7 @@ extension DeviceModel {
     /// take them before appending. Returns the allocation head, frozen for RELOCBLKS.
     public func loadFreeBlocks(level: Int, extents: [FreeExtent]) throws(DeviceError) -> UInt32 {
         let (top, topLevel) = try topPloop1()
-        guard level == topLevel else { throw .invalid("free blocks must belong to the top delta (level \(topLevel)), not \(level)") }
+        guard level == topLevel else { throw .notTopLevel(.loadFreeBlocks, level: level, top: topLevel) }
         var pairs: [(cluster: UInt32, block: UInt32)] = []
         for e in extents {
             for i in 0..<e.length {
@@ -71,7 +71,7 @@ extension DeviceModel {
     public func filterFreeBlocks(minLength: UInt32) throws(DeviceError) {
         try control.withLock { c throws(DeviceError) in
             guard c.machine.state == .fbloaded || c.machine.state == .discard else {
-                throw .invalid("no free blocks are loaded (state \(c.machine.state))")
+                throw .wrongState(.freeBlockList, c.machine.state)
             }
             let keep = Self.coalesce(c.freeList).filter { $0.length >= minLength }
             c.freeList = keep.flatMap { e in (0..<e.length).map { (e.cluster + $0, e.block + $0) } }
@@ -92,10 +92,10 @@ extension DeviceModel {
     /// number of clusters cut. Interrupted, the state stays RELOC and the same call finishes it.
     public func relocateBlocks(level: Int, allocHead: UInt32, extents: [RelocExtent]) throws(DeviceError) -> UInt32 {
         let (top, topLevel) = try topPloop1()
-        guard level == topLevel else { throw .invalid("relocation must target the top delta (level \(topLevel)), not \(level)") }
+        guard level == topLevel else { throw .notTopLevel(.relocateBlocks, level: level, top: topLevel) }
         let frees = try control.withLock { c throws(DeviceError) -> [(cluster: UInt32, block: UInt32)] in
             guard c.machine.state == .fbloaded || c.machine.state == .reloc else {
-                throw .invalid("relocation needs loaded free blocks (state FBLOADED or RELOC), state is \(c.machine.state)")
+                throw .wrongState(.relocateBlocks, c.machine.state)
             }
             guard c.frozenAllocHead == allocHead else {
                 throw .invalid("allocation head \(allocHead) does not match the frozen one \(c.frozenAllocHead.map(String.init) ?? "none")")

@@ -26,7 +26,7 @@ extension DeviceModel {
                 return (s.sizeBytes, .v2)
             }
             guard size % UInt64(clusterBytes) == 0 else {
-                throw .invalid("the device size \(size) is not a multiple of the cluster size \(clusterBytes): a delta cannot match it (grow the device to a whole cluster first)")
+                throw .notClusterMultiple(bytes: size, clusterBytes: clusterBytes)
             }
             let header: ImageHeader
             switch Result(catching: { () throws(FormatError) in
@@ -83,7 +83,7 @@ extension DeviceModel {
         try maintenance(.merge) { () throws(DeviceError) in
             let top = stack.read { $0.levels.count - 1 }
             guard range.lowerBound >= 0, range.upperBound <= top, range.lowerBound < range.upperBound else {
-                throw .invalid("levels \(range.lowerBound)..\(range.upperBound) do not fit the stack 0..\(top): give L1..L2 with L1 < L2 <= \(top)")
+                throw .levelsOutOfRange(range, top: top)
             }
             defer {
                 control.withLock { $0.mergeProgress = nil }
@@ -259,13 +259,13 @@ extension DeviceModel {
         // The size comes from a client (the control socket, an ioctl): checked before any
         // arithmetic, so a huge value is refused instead of killing the running device.
         guard sectors <= PloopSpec.maxImageSectors else {
-            throw .invalid("cannot grow to \(sectors) sectors: the largest device ploop supports is \(PloopSpec.maxImageSectors) sectors (50 TiB)")
+            throw .sizeTooLarge(sectors: sectors, limit: PloopSpec.maxImageSectors)
         }
         try maintenance(.grow) { () throws(DeviceError) in
             try stack.write { s throws(DeviceError) in
                 let bytes = sectors * PloopSpec.sectorSize
                 guard bytes >= s.sizeBytes else {
-                    throw .invalid("cannot shrink the device from \(s.sizeBytes / 512) to \(sectors) sectors: inflate a balloon instead ('ploop balloon change')")
+                    throw .cannotShrink(fromSectors: s.sizeBytes / 512, toSectors: sectors)
                 }
                 guard bytes > s.sizeBytes else { return }
                 guard !s.top.readOnly else { throw .readOnly("device") }
@@ -312,7 +312,7 @@ extension DeviceModel {
         }
         try stack.write { s throws(DeviceError) in
             guard l >= 1, l < s.levels.count - 1 else {
-                throw .invalid("level \(l) cannot leave the running stack: only read-only levels 1...\(s.levels.count - 2) can (the base and the top stay)")
+                throw .unsuitableLevel(.deleteDelta, level: l)
             }
             switch s.levels[l - 1].image {
             case .ploop1(let below):
@@ -331,7 +331,7 @@ extension DeviceModel {
         try requireRunning()
         try stack.write { s throws(DeviceError) in
             guard l >= 0, l < s.levels.count - 1, case .ploop1(let image) = s.levels[l].image else {
-                throw .invalid("level \(l) is not a read-only ploop1 level of the stack")
+                throw .unsuitableLevel(.updateIndex, level: l)
             }
             let entries = UInt64(image.header.batEntries)
             for m in maps {

@@ -22,7 +22,7 @@ extension DeviceModel {
 
     func withTracker<T>(_ body: (inout DirtyTracker) throws(DeviceError) -> T) throws(DeviceError) -> T {
         try watch.tracker.withLock { t throws(DeviceError) -> T in
-            guard var tracker = t else { throw .invalid("dirty tracking is not running") }
+            guard var tracker = t else { throw .wrongState(.tracking, .off) }
             defer { t = tracker }
             return try body(&tracker)
         }

@@ -69,11 +69,11 @@ public final class DeviceModel: Sendable {
     /// Opens the images (base first) and starts the device. Every header is validated before the
     /// top is opened for writing, so a refused start leaves every file as it was.
     public init(_ request: MountRequest, opener: any ImageOpener = PosixOpener()) throws(DeviceError) {
-        guard !request.images.isEmpty else { throw .invalid("no images to mount") }
+        guard !request.images.isEmpty else { throw .noImages }
         self.opener = opener
         var cluster: Int? = request.clusterSectors.map { Int($0) * 512 }
         if let c = request.clusterSectors, !BATLayout.isValidClusterSize(c) {
-            throw .invalid("cluster size \(c) sectors is not a power of two from 64 to 131072")
+            throw .invalidClusterSize(sectors: c)
         }
         var probes: [(String, any BlockFile, ImageFormat)] = []
         for (i, path) in request.images.enumerated() {

@@ -18,7 +18,7 @@ public final class InProcessBackend: DeviceBackend {
     public func mount(_ request: MountRequest) throws(DeviceError) -> String {
         var wanted: Int?
         if let d = request.device {
-            guard let n = DeviceName.index(d) else { throw .invalid("\(d) is not a ploop device name (/dev/ploopN)") }
+            guard let n = DeviceName.index(d) else { throw .badDeviceName(d) }
             wanted = n
         }
         // One image may be in one running stack only.

@@ -51,7 +51,7 @@ public struct MaintenanceMachine: Sendable, Equatable {
     /// PLOOP_IOC_BALLOON. `keepIntact` is a pure query; `inflate` enters BALLOON from OFF;
     /// neither leaves BALLOON for OFF. Other states are reported, not changed.
     public mutating func balloon(inflate: Bool, keepIntact: Bool) throws(DeviceError) -> MaintenanceState {
-        if inflate && keepIntact { throw .invalid("inflate and keep-intact together") }
+        if inflate && keepIntact { throw .conflictingFlags("inflate and keep-intact together") }
         if keepIntact { return state }
         if inflate {
             if state == .off { state = .balloon }
@@ -65,7 +65,7 @@ public struct MaintenanceMachine: Sendable, Equatable {
     public mutating func loadFreeBlocks() throws(DeviceError) {
         switch state {
         case .balloon: state = .fbloaded
-        case .off: throw .invalid("free blocks can only be loaded in BALLOON state (enter it first)")
+        case .off: throw .wrongState(.loadFreeBlocks, .off)
         default: throw .busy(state)
         }
     }
@@ -73,7 +73,7 @@ public struct MaintenanceMachine: Sendable, Equatable {
     /// PLOOP_IOC_RELOCBLKS: from FBLOADED (or a RELOC being resumed).
     public mutating func startRelocation() throws(DeviceError) {
         guard state == .fbloaded || state == .reloc else {
-            throw .invalid("relocation needs loaded free blocks (state FBLOADED or RELOC), state is \(state)")
+            throw .wrongState(.relocateBlocks, state)
         }
         state = .reloc
     }
@@ -96,7 +96,7 @@ public struct MaintenanceMachine: Sendable, Equatable {
     public mutating func startTracking() throws(DeviceError) { try begin(.track) }
 
     public mutating func stopTracking() throws(DeviceError) {
-        guard state == .track else { throw .invalid("dirty tracking is not running (state \(state))") }
+        guard state == .track else { throw .wrongState(.tracking, state) }
         state = .off
     }
 }

@@ -57,6 +57,10 @@ public final class FakeKernel: KernelTransport {
         switch e {
         case .busy, .unreadExtents, .deviceInUse: EBUSY
         case .invalid, .notRunning, .outOfRange, .noSuchDevice: EINVAL
+        case .levelsOutOfRange, .notTopLevel, .unsuitableLevel, .wrongState, .cannotShrink, .notClusterMultiple, .invalidClusterSize,
+            .noImages, .badDeviceName, .conflictingFlags, .protocolMismatch:
+            EINVAL
+        case .sizeTooLarge: EFBIG
         case .again: EAGAIN
         case .aborted: ECONNABORTED
         case .notSupported: EOPNOTSUPP

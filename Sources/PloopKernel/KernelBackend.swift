@@ -33,7 +33,7 @@ public final class KernelBackend: DeviceBackend {
     // MARK: - Calls
 
     func index(_ device: String) throws(DeviceError) -> Int {
-        guard let n = DeviceName.index(device) else { throw .invalid("\(device) is not a ploop device name (/dev/ploopN)") }
+        guard let n = DeviceName.index(device) else { throw .badDeviceName(device) }
         return n
     }
 
@@ -90,9 +90,9 @@ public final class KernelBackend: DeviceBackend {
     /// each): every file opens, the formats fit, no image is in use, the cluster sizes and header
     /// versions agree. Returns the cluster size in sectors.
     static func validate(_ request: MountRequest) throws(DeviceError) -> UInt32 {
-        guard !request.images.isEmpty else { throw .invalid("no images to mount") }
+        guard !request.images.isEmpty else { throw .noImages }
         if let c = request.clusterSectors, !BATLayout.isValidClusterSize(c) {
-            throw .invalid("cluster size \(c) sectors is not a power of two from 64 to 131072")
+            throw .invalidClusterSize(sectors: c)
         }
         var cluster = request.clusterSectors
         var version: FormatVersion?
@@ -230,7 +230,7 @@ public final class KernelBackend: DeviceBackend {
         guard let sectors = st.sizeSectors else { throw .invalid("\(transport.sysfsRoot)/block/ploop\(n)/size is missing") }
         let version: FormatVersion = st.formatVersion == 1 ? .v1 : .v2
         guard sectors % UInt64(st.blockSize) == 0 else {
-            throw .invalid("the device size \(sectors * 512) is not a multiple of the cluster size \(Int(st.blockSize) * 512): a delta cannot match it (grow the device to a whole cluster first)")
+            throw .notClusterMultiple(bytes: sectors * 512, clusterBytes: Int(st.blockSize) * 512)
         }
         let header: ImageHeader
         do { header = try ImageHeader.new(sizeSectors: sectors, clusterSectors: st.blockSize, version: version) } catch {
@@ -260,7 +260,7 @@ public final class KernelBackend: DeviceBackend {
         guard state == .off else { throw .busy(state) }
         let top = st.deltas.count - 1
         guard range.lowerBound >= 0, range.upperBound <= top, range.lowerBound < range.upperBound else {
-            throw .invalid("levels \(range.lowerBound)..\(range.upperBound) do not fit the stack 0..\(top): give L1..L2 with L1 < L2 <= \(top)")
+            throw .levelsOutOfRange(range, top: top)
         }
         let paths = st.deltas.map(\.image)
         let l1 = range.lowerBound
@@ -313,7 +313,7 @@ public final class KernelBackend: DeviceBackend {
         let st = try sysfs(n)
         let current = st.sizeSectors ?? 0
         if sizeSectors < current {
-            throw .invalid("\(device) is \(current) sectors: it cannot shrink to \(sizeSectors) (ploop grows only)")
+            throw .cannotShrink(fromSectors: current, toSectors: sizeSectors)
         }
         var ctl = cploop_ctl()
         ctl.pctl_cluster_log = Self.clusterLog(st.blockSize)
@@ -381,7 +381,7 @@ public final class KernelBackend: DeviceBackend {
         try IoctlArgument.with(&ctl) { (p) throws(DeviceError) in
             try call(n, .balloon, p) { (e) throws(DeviceError) in
                 switch e {
-                case EINVAL where inflate && keepIntact: .invalid("inflate and keep-intact together")
+                case EINVAL where inflate && keepIntact: .conflictingFlags("inflate and keep-intact together")
                 case EBUSY: .busy(MaintenanceState(rawValue: p.load(as: UInt32.self)) ?? .off)
                 default: standard(n, .balloon, e)
                 }
@@ -405,9 +405,7 @@ public final class KernelBackend: DeviceBackend {
         var tail = extents.map { cploop_freeblks_ctl_extent(clu: $0.cluster, iblk: $0.block, len: $0.length) }
         try IoctlArgument.with(&ctl, tail: &tail) { (p) throws(DeviceError) in
             try call(n, .freeBlocks, p) { (e) throws(DeviceError) in
-                if e == EINVAL, (try? currentState(n)) == .off {
-                    return .invalid("free blocks can only be loaded in BALLOON state (enter it first)")
-                }
+                if e == EINVAL, (try? currentState(n)) == .off { return .wrongState(.loadFreeBlocks, .off) }
                 return standard(n, .freeBlocks, e, invalid: "the kernel refused the free blocks of level \(level) (EINVAL): the level must be the top")
             }
         }
@@ -449,7 +447,8 @@ public final class KernelBackend: DeviceBackend {
         var tail = extents.map { cploop_relocblks_ctl_extent(clu: $0.cluster, iblk: $0.block, len: $0.length, free: $0.free ? 1 : 0) }
         try IoctlArgument.with(&ctl, tail: &tail) { (p) throws(DeviceError) in
             try call(n, .relocBlocks, p) { (e) throws(DeviceError) in
-                standard(n, .relocBlocks, e, invalid: "the kernel refused the relocation (EINVAL): free blocks must be loaded first, and the level and allocation head must be the frozen ones")
+                if e == EINVAL, let st = try? currentState(n), st != .fbloaded, st != .reloc { return .wrongState(.relocateBlocks, st) }
+                return standard(n, .relocBlocks, e, invalid: "the kernel refused the relocation (EINVAL): free blocks must be loaded first, and the level and allocation head must be the frozen ones")
             }
         }
         return ctl.alloc_head

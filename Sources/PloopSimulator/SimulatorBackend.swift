@@ -53,7 +53,7 @@ public final class SimulatorBackend: DeviceBackend {
         defer { lock.unlock() }
         let n: Int
         if let d = request.device {
-            guard let i = DeviceName.index(d) else { throw .invalid("\(d) is not a ploop device name (/dev/ploopN)") }
+            guard let i = DeviceName.index(d) else { throw .badDeviceName(d) }
             if FileManager.default.fileExists(atPath: paths.directory(i)) { throw .deviceInUse(d) }
             if let (major, _) = Loop.numbers(d), major != 182 {
                 throw .deviceInUse("\(d) (a block device that is not ploop's)")
@@ -106,13 +106,13 @@ public final class SimulatorBackend: DeviceBackend {
         }
         let ch = LineChannel(fd: fds[0])
         let line = (try? ch.receive(Wire.Ready.self)) ?? nil
-        if let line, line.ok { return }
+        if let line, line.error == nil { return }
         // Failed: reap the daemon and leave nothing behind.
         var status: Int32 = 0
         waitpid(pid, &status, 0)
         let log = (try? String(contentsOfFile: paths.log(n), encoding: .utf8)) ?? ""
         try? FileManager.default.removeItem(atPath: dir)
-        throw .invalid(line?.error ?? "the device daemon exited before it was ready: \(log.trimmingCharacters(in: .whitespacesAndNewlines))")
+        throw line?.error ?? .unavailable("the device daemon exited before it was ready: \(log.trimmingCharacters(in: .whitespacesAndNewlines))")
     }
 
     // MARK: - Requests

@@ -67,13 +67,13 @@ public enum Wire {
     public static func decodeRequest(_ line: Data) -> Result<Request, DeviceError> {
         struct Probe: Decodable { var version: Int }
         guard let probe = try? JSONDecoder().decode(Probe.self, from: line) else {
-            return .failure(.invalid("not a control request (no protocol version)"))
+            return .failure(.protocolMismatch("not a control request (no protocol version)"))
         }
         guard probe.version == version else {
-            return .failure(.invalid("control protocol version \(probe.version) is not \(version): use the same ploop binary for mount and the other commands"))
+            return .failure(.protocolMismatch("control protocol version \(probe.version) is not \(version): use the same ploop binary for mount and the other commands"))
         }
         do { return .success(try JSONDecoder().decode(Message.self, from: line).request) } catch {
-            return .failure(.invalid("malformed control request: \(error)"))
+            return .failure(.protocolMismatch("malformed control request: \(error)"))
         }
     }
 
@@ -105,14 +105,11 @@ public enum Wire {
         }
     }
 
-    /// The daemon's one line on its readiness descriptor.
+    /// The daemon's one line on its readiness descriptor: nil, or why it could not start (the
+    /// model's own error, so a refused mount reads the same on every backend).
     public struct Ready: Codable, Sendable, Equatable {
-        public var ok: Bool
-        public var error: String?
-        public init(ok: Bool, error: String? = nil) {
-            self.ok = ok
-            self.error = error
-        }
+        public var error: DeviceError?
+        public init(error: DeviceError? = nil) { self.error = error }
     }
 }
 

@@ -47,7 +47,9 @@ struct WireTests {
     func whatIsNotARequestIsRefused(_ line: String, _ expect: String) {
         switch Wire.decodeRequest(Data(line.utf8)) {
         case .success(let r): Issue.record("\(line) decoded as \(r)")
-        case .failure(let e): #expect(e.description.contains(expect), "\(e)")
+        case .failure(let e):
+            guard case .protocolMismatch(let why) = e else { Issue.record("\(e) is not a protocol mismatch"); return }
+            #expect(why.contains(expect), "\(e)")
         }
     }
 

@@ -170,7 +170,7 @@ struct KernelBackendBytesTests {
         #expect(throws: DeviceError.unreadExtents) { try be.trackStop("/dev/ploop1") }
         t.failures[.trackRead] = ECONNABORTED
         #expect(throws: DeviceError.aborted) { try be.trackRead("/dev/ploop1") }
-        #expect(throws: DeviceError.invalid("/dev/ploopX is not a ploop device name (/dev/ploopN)")) { try be.sync("/dev/ploopX") }
+        #expect(throws: DeviceError.badDeviceName("/dev/ploopX")) { try be.sync("/dev/ploopX") }
         // FREEZE/THAW carry no argument; a driver without them says so.
         try be.freeze("/dev/ploop1")
         try be.thaw("/dev/ploop1")
