@@ -14,6 +14,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
     ],
     targets: [
         // Pure values: header codec, BAT geometry, CHS, size parsing. No I/O.
@@ -31,7 +32,7 @@ let package = Package(
         // The FUSE + loop simulator: daemon, control protocol, SimulatorBackend.
         .target(
             name: "PloopSimulator",
-            dependencies: ["PloopDevice", "PloopImage", "PloopSystem", "CPloopFuse", "CPloopSys"],
+            dependencies: ["PloopDevice", "PloopImage", "PloopSystem", "CPloopFuse", "CPloopSys", .product(name: "Logging", package: "swift-log")],
             exclude: ["README.md"], swiftSettings: swiftSettings),
         // The real kernel driver: KernelBackend over a transport seam (the device node, or a fake driver), sysfs.
         .target(name: "PloopKernel", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem", "CPloopSys"], exclude: ["README.md"], swiftSettings: swiftSettings),

@@ -1,6 +1,7 @@
 import CPloopFuse
 import CPloopSys
 import Foundation
+import Logging
 import PloopDevice
 import PloopImage
 import PloopSystem
@@ -9,7 +10,7 @@ import Synchronization
 /// The daemon behind one simulated device: it holds the `DeviceModel`, serves it as a FUSE file,
 /// attaches a loop device to that file, makes `/dev/ploopN` lead to the loop device, and answers
 /// maintenance requests on its control socket. Started by `ploop mount` as `ploop __serve`.
-public final class SimulatorDaemon: @unchecked Sendable {
+public final class SimulatorDaemon: Sendable {
     public struct Options: Sendable {
         public var index: Int
         public var request: MountRequest
@@ -26,19 +27,40 @@ public final class SimulatorDaemon: @unchecked Sendable {
     let options: Options
     let model: DeviceModel
     let device: String
-    private var fuse: OpaquePointer?
-    private var loop = ""
-    private var replacedNode: [UInt32]?
-    private let stateLock = NSLock()
-    private let stopping = Atomic<Bool>(false)
-    /// Whether the device has been torn down; its lock serialises shutdowns (see `shutdown`).
-    private let shutdownDone = Mutex(false)
-    private var listenFD: Int32 = -1
+    /// The daemon's log: its stderr, which `SimulatorBackend` points at the device's log file.
+    let log: Logger
+
+    /// Where the daemon is in its life.
+    enum Phase: Equatable {
+        case starting, serving, stopped
+    }
+
+    /// What the daemon built (each undone by `teardown`), with its phase. The signal thread, the
+    /// accept loop and every serving thread reach these only under `life`'s lock; holding it also
+    /// serialises shutdowns (see `shutdown`).
+    struct Life {
+        var phase = Phase.starting
+        var fuse: FuseSession?
+        var loop = ""
+        var replacedNode: [UInt32]?
+        var listenFD: Int32 = -1
+    }
+
+    private let life = Mutex(Life())
+
+    /// libfuse's session. Its owner is `Life` (under the lock); the loop thread only runs it, and
+    /// libfuse lets another thread end it (`fuse_session_exit`).
+    struct FuseSession: @unchecked Sendable {
+        let pointer: OpaquePointer
+    }
 
     /// Builds everything; on failure, tears down what was built and rethrows.
     public init(_ options: Options) throws {
         self.options = options
         self.device = DeviceName.name(options.index)
+        var log = Logger(label: "ploop.daemon") { label in StreamLogHandler.standardError(label: label) }
+        log[metadataKey: "device"] = .string(DeviceName.name(options.index))
+        self.log = log
         let dir = options.paths.directory(options.index)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         do {
@@ -50,7 +72,7 @@ public final class SimulatorDaemon: @unchecked Sendable {
         do {
             try start()
         } catch {
-            teardown()
+            life.withLock { teardown(&$0) }
             throw error
         }
     }
@@ -106,16 +128,22 @@ public final class SimulatorDaemon: @unchecked Sendable {
         guard let f = cploop_fuse_mount(file, &cb, &err) else {
             throw DeviceError.system("FUSE mount at \(file) (is /dev/fuse there and are you root?)", errno: -err)
         }
-        fuse = f
+        let session = FuseSession(pointer: f)
+        life.withLock { $0.fuse = session }
         let threads = Int32(options.threads)
-        nonisolated(unsafe) let session = f
-        Thread { cploop_fuse_loop(session, threads) }.start()
-        loop = try Loop.attach(file, readOnly: options.request.readOnly)
-        replacedNode = try Loop.linkNode(device, to: loop)
+        Thread { cploop_fuse_loop(session.pointer, threads) }.start()
+        let loop = try Loop.attach(file, readOnly: options.request.readOnly)
+        life.withLock { $0.loop = loop }
+        let replaced = try Loop.linkNode(device, to: loop)
+        life.withLock { $0.replacedNode = replaced }
         try saveState()
         let fd = cploop_unix_listen(options.paths.socket(options.index))
         guard fd >= 0 else { throw DeviceError.system("control socket", errno: -fd) }
-        listenFD = fd
+        life.withLock {
+            $0.listenFD = fd
+            $0.phase = .serving
+        }
+        log.info("serving", metadata: ["images": .array(options.request.images.map { .string($0) }), "loop": .string(loop)])
     }
 
     static func from(_ ctx: UnsafeMutableRawPointer?) -> SimulatorDaemon {
@@ -131,17 +159,27 @@ public final class SimulatorDaemon: @unchecked Sendable {
         }
     }
 
+    /// Writes state.json (what `ploop list` and a later cleanup read). Under `life`'s lock, so two
+    /// threads never write it at once and a torn-down device is not written back.
     func saveState() throws {
-        stateLock.lock()
-        defer { stateLock.unlock() }
-        let info = model.info(device: device, backend: "simulator")
-        let st = RuntimeState(
-            device: device, index: options.index, pid: getpid(), images: info.levels.map(\.path),
-            baseFormat: info.levels.first?.format ?? .ploop1, readOnly: options.request.readOnly,
-            clusterBytes: info.clusterBytes, sizeBytes: info.sizeBytes, loop: loop,
-            fuseFile: options.paths.fuseFile(options.index), state: info.state, replacedNode: replacedNode)
-        try st.write(options.paths.state(options.index))
+        try life.withLock { l throws in
+            guard l.phase != .stopped else { return }
+            let info = model.info(device: device, backend: "simulator")
+            let st = RuntimeState(
+                device: device, index: options.index, pid: getpid(), images: info.levels.map(\.path),
+                baseFormat: info.levels.first?.format ?? .ploop1, readOnly: options.request.readOnly,
+                clusterBytes: info.clusterBytes, sizeBytes: info.sizeBytes, loop: l.loop,
+                fuseFile: options.paths.fuseFile(options.index), state: info.state, replacedNode: l.replacedNode)
+            try st.write(options.paths.state(options.index))
+        }
     }
+
+    /// `saveState`, logging a failure (the device keeps serving; `ploop list` may show old facts).
+    func saveStateLogged() {
+        do { try saveState() } catch { log.error("cannot write the device's state file", metadata: ["error": "\(error)"]) }
+    }
+
+    var phase: Phase { life.withLock { $0.phase } }
 
     /// Accepts control connections until umount; each connection is served on its own thread.
     public func run() {
@@ -152,15 +190,18 @@ public final class SimulatorDaemon: @unchecked Sendable {
             sigaddset(&set, SIGINT)
             var sig: Int32 = 0
             sigwait(&set, &sig)
-            try? shutdown(force: true)
+            log.notice("signal \(sig): stopping")
+            do { try shutdown(force: true) } catch { log.error("forced shutdown failed", metadata: ["error": "\(error)"]) }
             exitAfterShutdown()
         }
         sigs.start()
-        while !stopping.load(ordering: .relaxed) {
+        let listenFD = life.withLock { $0.listenFD }
+        while phase == .serving {
             let c = accept(listenFD, nil, nil)
             if c < 0 {
                 if Glibc.errno == EINTR { continue }
-                if stopping.load(ordering: .relaxed) { break }
+                if phase != .serving { break }
+                log.warning("accept failed", metadata: ["errno": "\(Glibc.errno)"])
                 continue
             }
             var uid: UInt32 = 0
@@ -171,7 +212,7 @@ public final class SimulatorDaemon: @unchecked Sendable {
             }
             Thread { [self] in serve(LineChannel(fd: c)) }.start()
         }
-        // Stopping: the process ends only once the shutdown that set `stopping` is complete.
+        // Stopped serving: the process ends only once the shutdown that ended it is complete.
         exitAfterShutdown()
     }
 
@@ -192,8 +233,8 @@ public final class SimulatorDaemon: @unchecked Sendable {
                     reply = .failed(.invalid("\(error)"))
                 }
             }
-            try? saveState()
-            try? ch.send(reply)
+            saveStateLogged()
+            do { try ch.send(reply) } catch { log.warning("cannot answer a request", metadata: ["request": "\(line.count) bytes", "error": "\(error)"]) }
             if umount, reply == .done {
                 exitAfterShutdown()
             }
@@ -216,8 +257,10 @@ public final class SimulatorDaemon: @unchecked Sendable {
             })
         case .grow(let sizeSectors):
             try model.grow(toSectors: sizeSectors)
-            if let f = fuse { _ = cploop_fuse_invalidate(f) }
-            try Loop.refreshCapacity(loop)
+            try life.withLock { l throws in
+                if let f = l.fuse { _ = cploop_fuse_invalidate(f.pointer) }
+                try Loop.refreshCapacity(l.loop)
+            }
         case .sync:
             try model.sync()
         case .deleteDelta(let level):
@@ -260,43 +303,47 @@ public final class SimulatorDaemon: @unchecked Sendable {
     /// keeps the process (and its /dev/fuse descriptor) from ever going away: a device, its mount
     /// and every client hung for good. Seen once in CI.
     func shutdown(force: Bool) throws {
-        let outcome: Result<Void, any Error> = shutdownDone.withLock { done in
-            if done { return .success(()) }
+        try life.withLock { l throws in
+            if l.phase == .stopped { return }
             if !force {
                 if Loop.isBusy(device) {
-                    return .failure(DeviceError.deviceInUse("\(device) (a file system is mounted on it: umount it first, or use 'ploop umount -m')"))
+                    throw DeviceError.deviceInUse("\(device) (a file system is mounted on it: umount it first, or use 'ploop umount -m')")
                 }
                 let st = model.state
-                if st != .off { return .failure(DeviceError.busy(st)) }
+                if st != .off { throw DeviceError.busy(st) }
             }
-            stopping.store(true, ordering: .relaxed)
             // Whatever the block layer still caches for the device goes down to the model first.
             Loop.flushBlockDevice(device)
-            teardown()
-            done = true
-            return .success(())
+            teardown(&l)
+            log.info("stopped")
         }
-        try outcome.get()
     }
 
     /// Ends the process, but only while no shutdown is under way (see `shutdown`).
     func exitAfterShutdown() -> Never {
-        shutdownDone.withLock { _ in exit(0) }
+        life.withLock { _ in exit(0) }
     }
 
-    private func teardown() {
-        if !loop.isEmpty {
-            try? Loop.detach(loop)
-            Loop.unlinkNode(device, restoring: replacedNode)
-            loop = ""
+    /// Undoes what `start` built, in reverse; every failure is logged and the rest still done.
+    private func teardown(_ l: inout Life) {
+        l.phase = .stopped
+        if !l.loop.isEmpty {
+            do { try Loop.detach(l.loop) } catch { log.error("cannot detach the loop device", metadata: ["loop": .string(l.loop), "error": "\(error)"]) }
+            Loop.unlinkNode(device, restoring: l.replacedNode)
+            l.loop = ""
         }
-        if let f = fuse {
-            cploop_fuse_exit(f)
-            cploop_fuse_destroy(f)
-            fuse = nil
+        if let f = l.fuse {
+            cploop_fuse_exit(f.pointer)
+            cploop_fuse_destroy(f.pointer)
+            l.fuse = nil
         }
-        try? model.stop()
-        if listenFD >= 0 { close(listenFD) }
-        try? FileManager.default.removeItem(atPath: options.paths.directory(options.index))
+        do { try model.stop() } catch { log.error("stopping the model left an image unclean", metadata: ["error": "\(error)"]) }
+        if l.listenFD >= 0 {
+            close(l.listenFD)
+            l.listenFD = -1
+        }
+        do { try FileManager.default.removeItem(atPath: options.paths.directory(options.index)) } catch {
+            log.warning("cannot remove the runtime folder", metadata: ["error": "\(error)"])
+        }
     }
 }
