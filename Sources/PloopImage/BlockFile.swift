@@ -231,29 +231,56 @@ public final class MemoryBlockFile: BlockFile {
     }
 }
 
-/// Passes everything to another file, but fails with `injectedCrash` at the Nth mutating call
-/// (write, truncate or sync), leaving the earlier ones done: the state a process killed at that
-/// point leaves behind.
-public final class CrashingBlockFile: BlockFile {
-    public let base: any BlockFile
-    private let remaining: Mutex<Int>
-    public var path: String { base.path }
+/// A count of mutating file calls (write, sync, truncate, allocate, punch, copy) that may still
+/// happen; the next one fails with `injectedCrash`. One budget can be shared by every file of an
+/// operation, so "the Nth change anywhere" is a crash point. Unarmed, it never fires.
+public final class CrashBudget: Sendable {
+    private let remaining: Mutex<Int?>
 
-    public init(_ base: any BlockFile, crashAt: Int) {
-        self.base = base
-        self.remaining = Mutex(crashAt)
-    }
+    public init(_ calls: Int? = nil) { remaining = Mutex(calls) }
 
-    /// How many mutating calls were left when the operation ended (negative: it crashed).
-    public var callsLeft: Int { remaining.withLock { $0 } }
+    /// Allows `n` more calls, then fails the next.
+    public func arm(_ n: Int) { remaining.withLock { $0 = n } }
 
-    private func step() throws(ImageError) {
-        let ok = remaining.withLock { r in
-            r -= 1
-            return r >= 0
+    /// Never fires again.
+    public func disarm() { remaining.withLock { $0 = nil } }
+
+    public func step() throws(ImageError) {
+        let ok = remaining.withLock { r -> Bool in
+            guard let left = r else { return true }
+            r = left - 1
+            return left > 0
         }
         if !ok { throw .injectedCrash }
     }
+
+    /// Whether a call failed.
+    public var fired: Bool { remaining.withLock { ($0 ?? 0) < 0 } }
+    /// How many calls were left (negative: it fired); nil when unarmed.
+    public var callsLeft: Int? { remaining.withLock { $0 } }
+}
+
+/// Passes everything to another file, but fails with `injectedCrash` once its `CrashBudget` is
+/// spent, leaving the earlier calls done: the state a process killed at that point leaves behind.
+public final class CrashingBlockFile: BlockFile {
+    public let base: any BlockFile
+    public let budget: CrashBudget
+    public var path: String { base.path }
+
+    /// A budget of its own: the Nth mutating call on this file fails.
+    public convenience init(_ base: any BlockFile, crashAt: Int) {
+        self.init(base, budget: CrashBudget(crashAt))
+    }
+
+    public init(_ base: any BlockFile, budget: CrashBudget) {
+        self.base = base
+        self.budget = budget
+    }
+
+    /// How many mutating calls were left when the operation ended (negative: it crashed).
+    public var callsLeft: Int { budget.callsLeft ?? 0 }
+
+    private func step() throws(ImageError) { try budget.step() }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(ImageError) -> Int {
         try base.read(into: buffer, at: offset)

@@ -76,11 +76,8 @@ struct HostileInputTests {
         case "1": return [1] + [UInt8](repeating: 0, count: width - 1)
         case "max": return [UInt8](repeating: 0xFF, count: width)
         default:
-            var x = UInt64(truncatingIfNeeded: seed) &* 0x9E37_79B9_7F4A_7C15 | 1
-            return (0..<width).map { _ in
-                x ^= x << 13; x ^= x >> 7; x ^= x << 17
-                return UInt8(truncatingIfNeeded: x)
-            }
+            var x = XorShift(seed: UInt64(truncatingIfNeeded: seed) &* 0x9E37_79B9_7F4A_7C15)
+            return x.bytes(width)
         }
     }
 
@@ -327,11 +324,8 @@ struct HostileInputTests {
         }
         let m: UInt32 = 0x4cc0_ac3d
         let valid = CopyStreamBytes.valid()
-        var x: UInt64 = 0x1234_5678
-        let random = (0..<10_000).map { _ -> UInt8 in
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17
-            return UInt8(truncatingIfNeeded: x)
-        }
+        var x = XorShift(seed: 0x1234_5678)
+        let random = x.bytes(10_000)
         return [
             ("empty", []),
             ("random bytes", random),

@@ -125,8 +125,8 @@ struct ReceiverTests {
     /// receive never leaves a file behind. `scripts/fuzz` runs it longer.
     @Test func fuzzMutatedStreams() throws {
         let iterations = Int(ProcessInfo.processInfo.environment["PLOOP_FUZZ_ITERATIONS"] ?? "300")!
-        var x: UInt64 = 0x1234_5678_9abc_def1
-        func next() -> UInt64 { x ^= x << 13; x ^= x >> 7; x ^= x << 17; return x }
+        var rng = XorShift(seed: 0x1234_5678_9abc_def1)
+        func next() -> UInt64 { rng.next() }
         let base = Self.stream([.data(position: 4096, bytes: [UInt8](repeating: 3, count: 2000)), .sync, .data(position: 0, bytes: [UInt8](repeating: 5, count: 300)), .end])
         for i in 0..<iterations {
             var s = base

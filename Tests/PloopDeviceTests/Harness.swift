@@ -148,10 +148,10 @@ final class Bench: @unchecked Sendable {
 enum Pattern {
     static func cluster(_ c: UInt64, tag: UInt8, size: Int) -> [UInt8] {
         var b = [UInt8](repeating: 0, count: size)
-        var x = c &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(tag) &* 0xD6E8_FEB8_6659_FD93
+        var x = XorShift(seed: c &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(tag) &* 0xD6E8_FEB8_6659_FD93)
         for i in stride(from: 0, to: size, by: 8) {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17
-            withUnsafeBytes(of: x) { b.replaceSubrange(i..<min(i + 8, size), with: $0.prefix(size - i)) }
+            let v = x.next()
+            withUnsafeBytes(of: v) { b.replaceSubrange(i..<min(i + 8, size), with: $0.prefix(size - i)) }
         }
         return b
     }
@@ -193,9 +193,9 @@ final class Writer: @unchecked Sendable {
 
     func start(seed: UInt64) {
         let t = Thread { [self] in
-            var x = seed | 1
+            var rng = XorShift(seed: seed)
             while !stopFlag.load(ordering: .relaxed) {
-                x ^= x << 13; x ^= x >> 7; x ^= x << 17
+                let x = rng.next()
                 let slots = (range.upperBound - range.lowerBound) / UInt64(chunk)
                 let at = range.lowerBound + (x % slots) * UInt64(chunk)
                 let data = zeros && x % 3 == 0 ? [UInt8](repeating: 0, count: chunk) : Pattern.bytes(chunk, seed: x)

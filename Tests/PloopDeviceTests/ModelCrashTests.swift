@@ -4,38 +4,6 @@ import PloopImage
 import Synchronization
 import Testing
 
-/// A crash budget shared by every file of a device: the Nth mutating call anywhere fails.
-final class CrashBudget: Sendable {
-    let remaining = Mutex<Int?>(nil)
-    func arm(_ n: Int) { remaining.withLock { $0 = n } }
-    func step() throws(ImageError) {
-        let ok = remaining.withLock { r -> Bool in
-            guard let left = r else { return true }
-            r = left - 1
-            return left > 0
-        }
-        if !ok { throw .injectedCrash }
-    }
-    var fired: Bool { remaining.withLock { ($0 ?? 0) < 0 } }
-}
-
-final class BudgetedFile: BlockFile {
-    let base: any BlockFile
-    let budget: CrashBudget
-    var path: String { base.path }
-    init(_ base: any BlockFile, _ budget: CrashBudget) { self.base = base; self.budget = budget }
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(ImageError) -> Int { try base.read(into: buffer, at: offset) }
-    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageError) { try budget.step(); try base.write(buffer, at: offset) }
-    func sync() throws(ImageError) { try budget.step(); try base.sync() }
-    func truncate(to length: UInt64) throws(ImageError) { try budget.step(); try base.truncate(to: length) }
-    func size() throws(ImageError) -> UInt64 { try base.size() }
-    func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
-        try budget.step()
-        try base.copy(from: source, at: sourceOffset, to: offset, length: length, scratch: scratch)
-    }
-    func allocate(at offset: UInt64, length: UInt64) throws(ImageError) { try budget.step(); try base.allocate(at: offset, length: length) }
-}
-
 /// Stops the model after each of its writes to the files during snapshot, merge and grow. Every
 /// state left behind passes `check` (as mount runs it) and the stack as it was before the operation
 /// still reads every flushed write.
@@ -79,7 +47,7 @@ struct ModelCrashTests {
         var completed = false
         while !completed {
             let budget = CrashBudget()
-            let opener = MemoryOpener(wrap: { BudgetedFile($0, budget) })
+            let opener = MemoryOpener(wrap: { CrashingBlockFile($0, budget: budget) })
             for (p, bytes) in files { opener.add(p, MemoryBlockFile(path: p, bytes: bytes)) }
             let model = try DeviceModel(MountRequest(images: ["l0", "l1", "l2"]), opener: opener)
             let data = Pattern.bytes(3 * Self.cb, seed: 77)
@@ -103,7 +71,7 @@ struct ModelCrashTests {
             } catch {
                 guard error == .image(.injectedCrash) else { throw error }
             }
-            budget.remaining.withLock { $0 = nil }
+            budget.disarm()
             // What a crash leaves: each image repairs with check -d, and the old stack reads as before.
             for p in opener.paths {
                 guard let f = opener.file(p), (try? ImagePath.detectFormat(f)) == .ploop1, (try? f.size()) ?? 0 >= 64 else { continue }

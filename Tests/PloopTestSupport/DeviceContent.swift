@@ -1,17 +1,35 @@
 import PloopDevice
 import PloopImage
 
+/// The tests' one pseudo-random sequence (xorshift64): the same seed, the same numbers, so a
+/// failing seed reproduces exactly.
+public struct XorShift: Sendable {
+    public private(set) var state: UInt64
+
+    /// A zero seed would stay zero: it is made odd.
+    public init(seed: UInt64) { state = seed | 1 }
+
+    public mutating func next() -> UInt64 {
+        state ^= state << 13
+        state ^= state >> 7
+        state ^= state << 17
+        return state
+    }
+
+    /// A number in 0..<n (0 when n is 0).
+    public mutating func below(_ n: Int) -> Int { Int(next() % UInt64(max(n, 1))) }
+
+    public mutating func byte() -> UInt8 { UInt8(truncatingIfNeeded: next()) }
+
+    public mutating func bytes(_ n: Int) -> [UInt8] { (0..<n).map { _ in byte() } }
+}
+
 /// Known contents for device tests, and whole-device reads to compare them with.
 public enum DeviceContent {
     /// `n` bytes of a xorshift sequence: the same seed, the same bytes.
     public static func pattern(_ n: Int, seed: UInt64) -> [UInt8] {
-        var b = [UInt8](repeating: 0, count: n)
-        var x = seed | 1
-        for i in 0..<n {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17
-            b[i] = UInt8(truncatingIfNeeded: x)
-        }
-        return b
+        var x = XorShift(seed: seed)
+        return x.bytes(n)
     }
 
     /// Every byte of a device.
