@@ -283,15 +283,15 @@ enum DirtyImages {
                 try failing { try Checker.validate(try ImagePath.open(p, write: false)) }
                 continue
             }
-            var o = Checker.Options()
-            o.force = true
-            o.dropInUse = true
-            let r = try failing { try Checker.check(path: p, options: o) }
+            let r: Checker.Report
+            do { r = try Checker.repairStaleMark(path: p) } catch {
+                if case .corrupt(_, let why) = error {
+                    throw CommandFailure("\(p) needs repair before it can be mounted: run 'ploop check -f \(p)' (\(why))")
+                }
+                throw CommandFailure(error.description)
+            }
             let fixed = r.findings.filter { $0.action == .fixed }.map(\.message)
             FileHandle.standardError.write("ploop: \(p) was not closed cleanly; checked: \(fixed.joined(separator: "; "))\n")
-            guard r.status == .ok else {
-                throw CommandFailure("\(p) needs repair before it can be mounted: run 'ploop check -f \(p)' (\(r.findings.map(\.message).joined(separator: "; ")))")
-            }
         }
     }
 }

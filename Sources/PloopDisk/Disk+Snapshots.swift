@@ -375,11 +375,7 @@ extension Disk {
     /// leftover (an interrupted grow or merge): check and repair it, as mount does.
     func repairStaleMark(_ path: String) throws(DiskError) {
         guard let info = try? ImageInfo.read(path: path), info.format == .ploop1, info.inUse else { return }
-        var o = Checker.Options()
-        o.force = true
-        o.dropInUse = true
-        let r = try imageErrors { () throws(ImageError) in try Checker.check(path: path, options: o) }
-        guard r.status == .ok else { throw .image(.corrupt(path, r.findings.map(\.message).joined(separator: "; "))) }
+        _ = try imageErrors { () throws(ImageError) in try Checker.repairStaleMark(path: path) }
         say("\(path) was not closed cleanly (an interrupted operation); checked and repaired")
     }
 }

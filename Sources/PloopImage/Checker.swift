@@ -350,6 +350,28 @@ public enum Checker {
         return b
     }
 
+    /// Repairs an in-use mark no live writer can hold (the caller holds the image's lock, or knows
+    /// no device runs it): a crash's leftover, checked and repaired as the original's mount does,
+    /// the mark dropped. Throws `.corrupt` with the findings when problems remain. Returns the
+    /// report (its `.fixed` findings say what was repaired).
+    @discardableResult
+    public static func repairStaleMark(_ file: any BlockFile) throws(ImageError) -> Report {
+        var o = Options()
+        o.force = true
+        o.dropInUse = true
+        let report = try check(file, options: o)
+        guard report.status == .ok else { throw .corrupt(file.path, report.findings.map(\.message).joined(separator: "; ")) }
+        return report
+    }
+
+    /// `repairStaleMark` by path (opened read-write and locked for the repair).
+    @discardableResult
+    public static func repairStaleMark(path: String) throws(ImageError) -> Report {
+        let file = try ImagePath.open(path, write: true)
+        try ImagePath.lock(file, exclusive: true)
+        return try repairStaleMark(file)
+    }
+
     /// `ploop check` on a path: opens read-write unless `-r`, and refuses an image a running
     /// device or another ploop process holds.
     public static func check(path: String, options: Options, raw: Bool = false) throws(ImageError) -> Report {

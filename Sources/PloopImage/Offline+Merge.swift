@@ -145,13 +145,7 @@ extension Offline {
             if probe.header.inUse {
                 // We hold the lock, so no live writer has it: the mark is stale (an earlier merge or
                 // device died). Check and repair it, as mount does, then carry on.
-                var o = Checker.Options()
-                o.force = true
-                o.dropInUse = true
-                let report = try Checker.check(dstFile, options: o)
-                guard report.status == .ok else {
-                    throw .corrupt(dstPath, report.findings.map(\.message).joined(separator: "; "))
-                }
+                try Checker.repairStaleMark(dstFile)
                 repaired = true
             }
             destination = .ploop1(try Ploop1Image(file: dstFile, writable: true))
