@@ -69,39 +69,19 @@ public final class DeviceModel: Sendable {
     /// Opens the images (base first) and starts the device. Every header is validated before the
     /// top is opened for writing, so a refused start leaves every file as it was.
     public init(_ request: MountRequest, opener: any ImageOpener = PosixOpener()) throws(DeviceError) {
-        guard !request.images.isEmpty else { throw .noImages }
         self.opener = opener
-        var cluster: Int? = request.clusterSectors.map { Int($0) * 512 }
-        if let c = request.clusterSectors, !BATLayout.isValidClusterSize(c) {
-            throw .invalidClusterSize(sectors: c)
+        let (probes, clusterSectors) = try request.probe(oneVersion: false) { (path, writable) throws(ImageError) in
+            try opener.open(path, writable: writable, lock: true)
         }
-        var probes: [(String, any BlockFile, ImageFormat)] = []
-        for (i, path) in request.images.enumerated() {
-            let writable = i == request.images.count - 1 && !request.readOnly
-            let file = try lifting { () throws(ImageError) in try opener.open(path, writable: writable, lock: true) }
-            let detected = try lifting { () throws(ImageError) in try ImagePath.detectFormat(file) }
-            if i == 0 && request.baseFormat == .raw {
-                if detected == .ploop1 { throw .image(.looksLikePloop1(path)) }
-                probes.append((path, file, .raw))
-                continue
-            }
-            guard detected == .ploop1 else { throw .image(.notPloop1(path)) }
-            let image = try lifting { () throws(ImageError) in try Ploop1Image(file: file, writable: false) }
-            if image.header.inUse { throw .image(.inUse(path)) }
-            if let c = cluster, c != image.clusterBytes {
-                throw .image(.clusterSizeMismatch(path, clusterBytes: image.clusterBytes, expected: c))
-            }
-            cluster = image.clusterBytes
-            probes.append((path, file, .ploop1))
-        }
-        let cb = cluster ?? Int(PloopSpec.defaultClusterSectors) * 512
+        let cb = Int(clusterSectors) * 512
         self.clusterBytes = cb
         var levels: [Level] = []
         let topIndex = probes.count - 1
-        for (i, (path, file, format)) in probes.enumerated() {
+        for (i, p) in probes.enumerated() {
+            let (path, file) = (p.path, p.file)
             let writable = i == topIndex && !request.readOnly
             let f: any BlockFile = writable ? TrackingBlockFile(file, watch: watch) : file
-            switch format {
+            switch p.format {
             case .raw:
                 let bytes = try lifting { () throws(ImageError) in try RawImage(file: f, clusterBytes: cb).virtualBytes() }
                 levels.append(Level(path: path, image: .raw(RawImage(file: f, clusterBytes: cb)), readOnly: !writable, lockedFile: file, rawBytes: bytes))

@@ -87,35 +87,9 @@ public final class KernelBackend: DeviceBackend {
     // MARK: - Mount and umount
 
     /// What user space checks before handing images to the kernel (the original runs `check` on
-    /// each): every file opens, the formats fit, no image is in use, the cluster sizes and header
-    /// versions agree. Returns the cluster size in sectors.
+    /// each): `MountRequest.probe`, with one header version. Returns the cluster size in sectors.
     static func validate(_ request: MountRequest) throws(DeviceError) -> UInt32 {
-        guard !request.images.isEmpty else { throw .noImages }
-        if let c = request.clusterSectors, !BATLayout.isValidClusterSize(c) {
-            throw .invalidClusterSize(sectors: c)
-        }
-        var cluster = request.clusterSectors
-        var version: FormatVersion?
-        for (i, path) in request.images.enumerated() {
-            let file = try lifting { () throws(ImageError) in try ImagePath.open(path, write: false) }
-            let detected = try lifting { () throws(ImageError) in try ImagePath.detectFormat(file) }
-            if i == 0 && request.baseFormat == .raw {
-                if detected == .ploop1 { throw .image(.looksLikePloop1(path)) }
-                continue
-            }
-            guard detected == .ploop1 else { throw .image(.notPloop1(path)) }
-            let image = try lifting { () throws(ImageError) in try Ploop1Image(file: file, writable: false) }
-            if image.header.inUse { throw .image(.inUse(path)) }
-            if let c = cluster, c != image.header.clusterSectors {
-                throw .image(.clusterSizeMismatch(path, clusterBytes: image.clusterBytes, expected: Int(c) * 512))
-            }
-            if let v = version, v != image.header.version {
-                throw .invalid("\(path) is a \(image.header.version) image but the levels below are \(v): the kernel stacks one version only (convert with 'ploop convert')")
-            }
-            cluster = image.header.clusterSectors
-            version = image.header.version
-        }
-        return cluster ?? PloopSpec.defaultClusterSectors
+        try request.probe(oneVersion: true) { (path, _) throws(ImageError) in try ImagePath.open(path, write: false) }.clusterSectors
     }
 
     /// A free device: the kernel's GETDEVICE answer (asked on /dev/ploop0, as the manual allows).
