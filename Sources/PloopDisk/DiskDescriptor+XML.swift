@@ -76,6 +76,26 @@ extension DiskDescriptor {
     /// the reverse, two images with one GUID, a ParentGUID naming nothing, a cycle, no TopGUID or
     /// one that names nothing, numbers that are not numbers. `path` is for messages.
     public static func parse(_ data: Data, path: String) throws(DiskError) -> DiskDescriptor {
+        let root = try elementTree(data, path: path)
+        let r = ElementReader(path: path)
+        var d = try r.parameters(of: root)
+        try r.storage(of: root, into: &d)
+        try r.snapshots(of: root, into: &d)
+        try d.checkTree(path: path)
+        // One Plain image makes the whole disk raw for the original (it writes Plain for every
+        // image of a raw disk, the ploop1 snapshots above the base included): the base is the
+        // raw file and every image above it is a ploop1 delta.
+        if d.images.contains(where: { $0.kind == .plain }) {
+            if d.preallocated { throw .invalid(path, element: "Preallocated", "is set on a Plain (raw) disk: only ploop1 disks are preallocated") }
+            let base = d.base
+            for k in d.images.indices { d.images[k].kind = d.images[k].guid == base ? .plain : .compressed }
+        }
+        return d
+    }
+
+    /// The element tree of descriptor text; refuses DTDs, what is not well-formed XML, text cut
+    /// short, and another root element.
+    static func elementTree(_ data: Data, path: String) throws(DiskError) -> TreeBuilder.Element {
         let text = String(decoding: data, as: UTF8.self)
         // No DTDs: a descriptor has no business declaring entities (nor pulling files in).
         if text.contains("<!DOCTYPE") || text.contains("<!ENTITY") { throw .malformed(path, "it declares a DTD or entities") }
@@ -89,100 +109,7 @@ extension DiskDescriptor {
         }
         if let open = tree.stack.last { throw .malformed(path, "it ends inside <\(open.name)> (the file is cut short)") }
         guard root.name == "Parallels_disk_image" else { throw .invalid(path, element: root.name, "is not Parallels_disk_image") }
-        typealias XMLElement = TreeBuilder.Element
-
-        func children(_ e: XMLElement, _ name: String) -> [XMLElement] { e.children.filter { $0.name == name } }
-        func one(_ e: XMLElement, _ name: String, in parent: String) throws(DiskError) -> XMLElement {
-            let found = children(e, name)
-            guard found.count == 1 else {
-                throw .invalid(path, element: name, found.isEmpty ? "is missing from <\(parent)>" : "appears \(found.count) times in <\(parent)>")
-            }
-            return found[0]
-        }
-        func optional(_ e: XMLElement, _ name: String, in parent: String) throws(DiskError) -> XMLElement? {
-            let found = children(e, name)
-            guard found.count <= 1 else { throw .invalid(path, element: name, "appears \(found.count) times in <\(parent)>") }
-            return found.first
-        }
-        func value(_ e: XMLElement) -> String { e.text.trimmingCharacters(in: .whitespacesAndNewlines) }
-        func number<T: FixedWidthInteger>(_ e: XMLElement, _ type: T.Type) throws(DiskError) -> T {
-            let v = value(e)
-            guard !v.isEmpty, v.allSatisfy({ $0.isASCII && $0.isNumber }), let n = T(v) else {
-                throw .invalid(path, element: e.name, "holds \"\(v)\", not a number")
-            }
-            return n
-        }
-        func guid(_ e: XMLElement) throws(DiskError) -> GUID {
-            guard let g = GUID(parsing: value(e)) else { throw .invalid(path, element: e.name, "holds \"\(value(e))\", not a GUID") }
-            return g
-        }
-
-        let params = try one(root, "Disk_Parameters", in: "Parallels_disk_image")
-        let size = try number(try one(params, "Disk_size", in: "Disk_Parameters"), UInt64.self)
-        let maxDelta = try optional(params, "Max_delta_size", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt64.self) }
-        let cylinders = try optional(params, "Cylinders", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt32.self) } ?? 0
-        let heads = try optional(params, "Heads", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt32.self) } ?? 0
-        let sectors = try optional(params, "Sectors", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt32.self) }
-        let keyId = try optional(params, "Encryption", in: "Disk_Parameters").map { (e) throws(DiskError) in value(try one(e, "KeyId", in: "Encryption")) }
-
-        let storageData = try one(root, "StorageData", in: "Parallels_disk_image")
-        let storages = children(storageData, "Storage")
-        guard storages.count == 1 else {
-            throw .invalid(path, element: "Storage", storages.isEmpty ? "is missing" : "appears \(storages.count) times (a split disk is not supported)")
-        }
-        let storage = storages[0]
-        var volume: Volume?
-        if let v = try optional(storageData, "Volume", in: "StorageData") {
-            volume = Volume(
-                parent: value(try one(v, "Parent", in: "Volume")), snapshotGUID: value(try one(v, "SnapshotGUID", in: "Volume")),
-                readOnly: try optional(v, "ReadOnly", in: "Volume").map(value))
-        }
-        if let start = try optional(storage, "Start", in: "Storage"), try number(start, UInt64.self) != 0 {
-            throw .invalid(path, element: "Start", "is \(value(start)): only 0 is supported")
-        }
-        if let end = try optional(storage, "End", in: "Storage"), try number(end, UInt64.self) != size {
-            throw .invalid(path, element: "End", "is \(value(end)) but <Disk_size> is \(size)")
-        }
-        let blocksize = try number(try one(storage, "Blocksize", in: "Storage"), UInt32.self)
-        let preallocated = try optional(storage, "Preallocated", in: "Storage").map { (e) throws(DiskError) in try number(e, UInt32.self) != 0 } ?? false
-
-        var images: [Image] = []
-        for e in children(storage, "Image") {
-            let g = try guid(try one(e, "GUID", in: "Image"))
-            let typeText = value(try one(e, "Type", in: "Image"))
-            guard let kind = Image.Kind(rawValue: typeText) else { throw .invalid(path, element: "Type", "holds \"\(typeText)\": Compressed or Plain") }
-            let file = value(try one(e, "File", in: "Image"))
-            guard !file.isEmpty else { throw .invalid(path, element: "File", "of image \(g) is empty") }
-            if images.contains(where: { $0.guid == g }) { throw .invalid(path, element: "Image", "\(g) appears twice") }
-            images.append(Image(guid: g, kind: kind, file: file))
-        }
-        guard !images.isEmpty else { throw .invalid(path, element: "Image", "is missing: the disk has no image") }
-
-        let snapshots = try one(root, "Snapshots", in: "Parallels_disk_image")
-        let top = try guid(try one(snapshots, "TopGUID", in: "Snapshots"))
-        var shots: [Shot] = []
-        for e in children(snapshots, "Shot") {
-            let g = try guid(try one(e, "GUID", in: "Shot"))
-            let parent = try guid(try one(e, "ParentGUID", in: "Shot"))
-            if shots.contains(where: { $0.guid == g }) { throw .invalid(path, element: "Shot", "\(g) appears twice") }
-            shots.append(Shot(guid: g, parent: parent, temporary: !children(e, "Temporary").isEmpty))
-        }
-
-        var d = DiskDescriptor(diskSizeSectors: size, cylinders: cylinders, heads: heads, blocksize: blocksize, images: images, topGUID: top, shots: shots, preallocated: preallocated)
-        if let sectors { d.sectors = sectors }
-        d.maxDeltaSizeSectors = maxDelta
-        d.encryptionKeyId = keyId
-        d.volume = volume
-        try d.checkTree(path: path)
-        // One Plain image makes the whole disk raw for the original (it writes Plain for every
-        // image of a raw disk, the ploop1 snapshots above the base included): the base is the
-        // raw file and every image above it is a ploop1 delta.
-        if d.images.contains(where: { $0.kind == .plain }) {
-            if preallocated { throw .invalid(path, element: "Preallocated", "is set on a Plain (raw) disk: only ploop1 disks are preallocated") }
-            let base = d.base
-            for k in d.images.indices { d.images[k].kind = d.images[k].guid == base ? .plain : .compressed }
-        }
-        return d
+        return root
     }
 
     /// The GUID rules: one Shot per Image, parents that exist, one base, no cycle, a top that
@@ -209,6 +136,117 @@ extension DiskDescriptor {
                 g = next.parent
             }
         }
+    }
+}
+
+/// Reads a descriptor's elements strictly: each rule broken names the element and what is wrong.
+struct ElementReader {
+    typealias XMLElement = TreeBuilder.Element
+    let path: String
+
+    func children(_ e: XMLElement, _ name: String) -> [XMLElement] { e.children.filter { $0.name == name } }
+
+    func one(_ e: XMLElement, _ name: String, in parent: String) throws(DiskError) -> XMLElement {
+        let found = children(e, name)
+        guard found.count == 1 else {
+            throw .invalid(path, element: name, found.isEmpty ? "is missing from <\(parent)>" : "appears \(found.count) times in <\(parent)>")
+        }
+        return found[0]
+    }
+
+    func optional(_ e: XMLElement, _ name: String, in parent: String) throws(DiskError) -> XMLElement? {
+        let found = children(e, name)
+        guard found.count <= 1 else { throw .invalid(path, element: name, "appears \(found.count) times in <\(parent)>") }
+        return found.first
+    }
+
+    func value(_ e: XMLElement) -> String { e.text.trimmingCharacters(in: .whitespacesAndNewlines) }
+
+    func number<T: FixedWidthInteger>(_ e: XMLElement, _ type: T.Type) throws(DiskError) -> T {
+        let v = value(e)
+        guard !v.isEmpty, v.allSatisfy({ $0.isASCII && $0.isNumber }), let n = T(v) else {
+            throw .invalid(path, element: e.name, "holds \"\(v)\", not a number")
+        }
+        return n
+    }
+
+    func guid(_ e: XMLElement) throws(DiskError) -> GUID {
+        guard let g = GUID(parsing: value(e)) else { throw .invalid(path, element: e.name, "holds \"\(value(e))\", not a GUID") }
+        return g
+    }
+
+    /// <Disk_Parameters>: the size and geometry (the images and snapshots come later).
+    func parameters(of root: XMLElement) throws(DiskError) -> DiskDescriptor {
+        let params = try one(root, "Disk_Parameters", in: "Parallels_disk_image")
+        let size = try number(try one(params, "Disk_size", in: "Disk_Parameters"), UInt64.self)
+        let maxDelta = try optional(params, "Max_delta_size", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt64.self) }
+        let cylinders = try optional(params, "Cylinders", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt32.self) } ?? 0
+        let heads = try optional(params, "Heads", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt32.self) } ?? 0
+        let sectors = try optional(params, "Sectors", in: "Disk_Parameters").map { (e) throws(DiskError) in try number(e, UInt32.self) }
+        let keyId = try optional(params, "Encryption", in: "Disk_Parameters").map { (e) throws(DiskError) in value(try one(e, "KeyId", in: "Encryption")) }
+        var d = DiskDescriptor(diskSizeSectors: size, cylinders: cylinders, heads: heads, blocksize: 0, images: [], topGUID: .top, shots: [])
+        if let sectors { d.sectors = sectors }
+        d.maxDeltaSizeSectors = maxDelta
+        d.encryptionKeyId = keyId
+        return d
+    }
+
+    /// <StorageData>: the volume, the one <Storage> with its block size, mode and images.
+    func storage(of root: XMLElement, into d: inout DiskDescriptor) throws(DiskError) {
+        let size = d.diskSizeSectors
+        let storageData = try one(root, "StorageData", in: "Parallels_disk_image")
+        let storages = children(storageData, "Storage")
+        guard storages.count == 1 else {
+            throw .invalid(path, element: "Storage", storages.isEmpty ? "is missing" : "appears \(storages.count) times (a split disk is not supported)")
+        }
+        let storage = storages[0]
+        var volume: DiskDescriptor.Volume?
+        if let v = try optional(storageData, "Volume", in: "StorageData") {
+            volume = DiskDescriptor.Volume(
+                parent: value(try one(v, "Parent", in: "Volume")), snapshotGUID: value(try one(v, "SnapshotGUID", in: "Volume")),
+                readOnly: try optional(v, "ReadOnly", in: "Volume").map(value))
+        }
+        if let start = try optional(storage, "Start", in: "Storage"), try number(start, UInt64.self) != 0 {
+            throw .invalid(path, element: "Start", "is \(value(start)): only 0 is supported")
+        }
+        if let end = try optional(storage, "End", in: "Storage"), try number(end, UInt64.self) != size {
+            throw .invalid(path, element: "End", "is \(value(end)) but <Disk_size> is \(size)")
+        }
+        let blocksize = try number(try one(storage, "Blocksize", in: "Storage"), UInt32.self)
+        let preallocated = try optional(storage, "Preallocated", in: "Storage").map { (e) throws(DiskError) in try number(e, UInt32.self) != 0 } ?? false
+
+        var images: [DiskDescriptor.Image] = []
+        for e in children(storage, "Image") {
+            let g = try guid(try one(e, "GUID", in: "Image"))
+            let typeText = value(try one(e, "Type", in: "Image"))
+            guard let kind = DiskDescriptor.Image.Kind(rawValue: typeText) else { throw .invalid(path, element: "Type", "holds \"\(typeText)\": Compressed or Plain") }
+            let file = value(try one(e, "File", in: "Image"))
+            guard !file.isEmpty else { throw .invalid(path, element: "File", "of image \(g) is empty") }
+            if images.contains(where: { $0.guid == g }) { throw .invalid(path, element: "Image", "\(g) appears twice") }
+            images.append(DiskDescriptor.Image(guid: g, kind: kind, file: file))
+        }
+        guard !images.isEmpty else { throw .invalid(path, element: "Image", "is missing: the disk has no image") }
+
+        d.blocksize = blocksize
+        d.preallocated = preallocated
+        d.volume = volume
+        d.images = images
+    }
+
+    /// <Snapshots>: the top GUID and one <Shot> per image.
+    func snapshots(of root: XMLElement, into d: inout DiskDescriptor) throws(DiskError) {
+        let snapshots = try one(root, "Snapshots", in: "Parallels_disk_image")
+        let top = try guid(try one(snapshots, "TopGUID", in: "Snapshots"))
+        var shots: [DiskDescriptor.Shot] = []
+        for e in children(snapshots, "Shot") {
+            let g = try guid(try one(e, "GUID", in: "Shot"))
+            let parent = try guid(try one(e, "ParentGUID", in: "Shot"))
+            if shots.contains(where: { $0.guid == g }) { throw .invalid(path, element: "Shot", "\(g) appears twice") }
+            shots.append(DiskDescriptor.Shot(guid: g, parent: parent, temporary: !children(e, "Temporary").isEmpty))
+        }
+
+        d.topGUID = top
+        d.shots = shots
     }
 }
 
