@@ -99,7 +99,26 @@ public final class FakeKernel: KernelTransport {
 
     func running(_ n: Int) -> DeviceInfo? { try? lower.info(DeviceName.name(n)) }
 
+    /// One ioctl, routed by kind to the functions below (each decodes its argument at the kernel
+    /// header's offsets and drives the lower backend).
     func perform(_ n: Int, _ op: KernelIoctl, _ a: Bytes) throws(DeviceError) -> Int32 {
+        switch op {
+        case .getDevice, .addDelta, .start, .stop, .clear, .delDelta, .snapshot:
+            try stackRequest(n, op, a)
+        case .merge, .grow, .sync, .updateIndex:
+            try maintenanceRequest(n, op, a)
+        case .balloon, .freeBlocks, .fbGet, .fbFilter, .fbDrop, .relocBlocks:
+            try balloonRequest(n, op, a)
+        case .trackInit, .trackSetPos, .trackRead, .trackStop, .trackAbort:
+            try trackingRequest(n, op, a)
+        case .replaceDelta, .truncate, .internal, .discardInit, .discardFini, .discardWait, .maxDeltaSize,
+            .pushBackupInit, .pushBackupIO, .pushBackupStop, .freeze, .thaw:
+            -ENOTTY
+        }
+    }
+
+    /// Building, starting, stopping and changing the delta stack.
+    private func stackRequest(_ n: Int, _ op: KernelIoctl, _ a: Bytes) throws(DeviceError) -> Int32 {
         let dev = DeviceName.name(n)
         switch op {
         case .getDevice:
@@ -131,6 +150,16 @@ public final class FakeKernel: KernelTransport {
             }
         case .snapshot:
             try snapshot(n, a)
+        default:
+            preconditionFailure("\(op) is routed elsewhere by perform")
+        }
+        return 0
+    }
+
+    /// Merge, grow, sync and index updates of a running device.
+    private func maintenanceRequest(_ n: Int, _ op: KernelIoctl, _ a: Bytes) throws(DeviceError) -> Int32 {
+        let dev = DeviceName.name(n)
+        switch op {
         case .merge:
             guard let info = running(n) else { throw .notRunning(dev) }
             let top = info.levels.count - 1
@@ -153,6 +182,16 @@ public final class FakeKernel: KernelTransport {
             var maps: [IndexMap] = []
             for i in 0..<count { maps.append(IndexMap(cluster: try a.u32(8 + 8 * i), block: try a.u32(12 + 8 * i))) }
             try lower.updateIndex(dev, level: level, maps: maps)
+        default:
+            preconditionFailure("\(op) is routed elsewhere by perform")
+        }
+        return 0
+    }
+
+    /// The balloon, free-block and relocation requests.
+    private func balloonRequest(_ n: Int, _ op: KernelIoctl, _ a: Bytes) throws(DeviceError) -> Int32 {
+        let dev = DeviceName.name(n)
+        switch op {
         case .balloon:
             do {
                 let r = try lower.balloon(dev, inflate: try a.u8(9) != 0, keepIntact: try a.u8(10) != 0)
@@ -200,6 +239,16 @@ public final class FakeKernel: KernelTransport {
                 extents.append(RelocExtent(cluster: try a.u32(o), block: try a.u32(o + 4), length: try a.u32(o + 8), free: try a.u32(o + 12) != 0))
             }
             try a.put(try lower.relocateBlocks(dev, level: level, allocHead: head, extents: extents), 8)
+        default:
+            preconditionFailure("\(op) is routed elsewhere by perform")
+        }
+        return 0
+    }
+
+    /// Dirty tracking.
+    private func trackingRequest(_ n: Int, _ op: KernelIoctl, _ a: Bytes) throws(DeviceError) -> Int32 {
+        let dev = DeviceName.name(n)
+        switch op {
         case .trackInit:
             let end = try lower.trackInit(dev)
             try a.put(UInt64(0), 0)
@@ -214,9 +263,8 @@ public final class FakeKernel: KernelTransport {
             try lower.trackStop(dev)
         case .trackAbort:
             try lower.trackAbort(dev)
-        case .replaceDelta, .truncate, .internal, .discardInit, .discardFini, .discardWait, .maxDeltaSize,
-            .pushBackupInit, .pushBackupIO, .pushBackupStop, .freeze, .thaw:
-            return -ENOTTY
+        default:
+            preconditionFailure("\(op) is routed elsewhere by perform")
         }
         return 0
     }
