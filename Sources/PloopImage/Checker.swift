@@ -106,98 +106,156 @@ public enum Checker {
         }
     }
 
-    /// Checks (and unless read-only, repairs) the image in `file`.
+    /// Checks (and unless read-only, repairs) the image in `file`, in the phases of `CheckRun`:
+    /// the header, the BAT (one streamed pass), blocks two clusters share, unreferenced blocks
+    /// (detailed), the tail, the header's flags, holes inside clusters.
     public static func check(_ file: any BlockFile, options o: Options, holes: ((UInt64, UInt64) throws(ImageError) -> [Range<UInt64>])? = nil) throws(ImageError) -> Report {
-        var report = Report(path: file.path)
+        let run = try CheckRun(file, options: o)
+        guard try run.readHeader() else { return run.report }
+        try run.scanBAT()
+        try run.separateSharedBlocks()
+        run.report.allocatedClusters = run.valid
+        if o.detailed { run.reportUnreferencedBlocks() }
+        if run.zeroed > 0 { try file.sync() }
+        if run.fatal {
+            run.report.status = .formatError
+            return run.report
+        }
+        try run.trimTail()
+        let keepInUse = try run.rewriteHeader()
+        if let holes { try run.checkHoles(holes) }
+        if run.notClean { run.report.status = .formatError } else if keepInUse { run.report.status = .inUse }
+        return run.report
+    }
+
+    /// One check's state, shared by its phases.
+    final class CheckRun {
+        let file: any BlockFile
+        let o: Options
+        let size: UInt64
+        var report: Report
+        /// A finding no repair asked for can fix: the image is refused.
         var fatal = false
+        /// A finding left as it is (read-only check): the image is not clean.
         var notClean = false
+        var header: ImageHeader!
+        var layout: BATLayout { header.layout }
+        var cb: UInt64 { UInt64(header.layout.clusterBytes) }
+        /// The first data block.
+        var l1: UInt32 = 0
+        var writable: Bool { !o.readOnly }
+        /// One bit per block of the file: referenced by a valid entry.
+        var used = Bitmap(count: 0)
+        var duplicates: [(slot: Int, block: UInt32)] = []
+        var allocHead: UInt32 = 0
+        var valid = 0
+        var zeroed = 0
+
+        init(_ file: any BlockFile, options: Options) throws(ImageError) {
+            self.file = file
+            self.o = options
+            self.size = try file.size()
+            self.report = Report(path: file.path)
+        }
+
         func add(_ p: Problem, _ a: Action) {
             report.findings.append(Finding(problem: p, action: a))
             if a == .fatal { fatal = true }
             if a == .skipped { notClean = true }
         }
-        let size = try file.size()
-        guard size >= UInt64(PloopSpec.headerSize) else {
-            add(.truncatedHeader(bytes: size), .fatal)
-            report.status = .formatError
-            return report
+
+        /// Reads and decodes the header; false (the report says why) when the check ends here:
+        /// a cut or bad header, a clean image without `force`, a conversion under way, a BAT area
+        /// the file does not hold.
+        func readHeader() throws(ImageError) -> Bool {
+            guard size >= UInt64(PloopSpec.headerSize) else {
+                add(.truncatedHeader(bytes: size), .fatal)
+                report.status = .formatError
+                return false
+            }
+            let bytes = try file.readBytes(PloopSpec.headerSize, at: 0)
+            do throws(FormatError) { header = try ImageHeader.decode(bytes) } catch {
+                add(.badHeader(error.description), .fatal)
+                report.status = .formatError
+                return false
+            }
+            report.version = header.version
+            if !header.inUse && !o.force {
+                report.status = .skipped
+                return false
+            }
+            if header.inUse && header.flags.contains(.versionConvert) {
+                add(.versionConverting, .fatal)
+                report.status = .busy
+                return false
+            }
+            l1 = header.firstBlockOffset / header.clusterSectors
+            let batAreaEnd = UInt64(l1) * cb
+            guard size >= batAreaEnd else {
+                add(.batCutShort(fileBytes: size, needed: batAreaEnd), .fatal)
+                report.status = .formatError
+                return false
+            }
+            return true
         }
-        let header: ImageHeader
-        let headerBytes = try file.readBytes(PloopSpec.headerSize, at: 0)
-        do { header = try ImageHeader.decode(headerBytes) } catch {
-            add(.badHeader(error.description), .fatal)
-            report.status = .formatError
-            return report
-        }
-        report.version = header.version
-        let inUse = header.inUse
-        if !inUse && !o.force {
-            report.status = .skipped
-            return report
-        }
-        if inUse && header.flags.contains(.versionConvert) {
-            add(.versionConverting, .fatal)
-            report.status = .busy
-            return report
-        }
-        let layout = header.layout
-        let cb = UInt64(layout.clusterBytes)
-        let l1 = header.firstBlockOffset / header.clusterSectors
-        let batAreaEnd = UInt64(l1) * cb
-        guard size >= batAreaEnd else {
-            add(.batCutShort(fileBytes: size, needed: batAreaEnd), .fatal)
-            report.status = .formatError
-            return report
-        }
-        // Every slot of the BAT area, streamed in windows (those past m_Size must be zero). What a
-        // check keeps is one bit per block of the file, never the BAT itself.
-        let slots = Int((batAreaEnd - UInt64(PloopSpec.headerSize)) / 4)
-        let writable = !o.readOnly
-        var zeroed = 0
-        func zero(_ slot: Int) throws(ImageError) {
+
+        private func zero(_ slot: Int) throws(ImageError) {
             try file.writeBytes([0, 0, 0, 0], at: UInt64(PloopSpec.headerSize) + 4 * UInt64(slot))
             zeroed += 1
         }
-        func softFix(_ p: Problem, _ slot: Int) throws(ImageError) {
+
+        /// A slot that may be dropped without losing data (zeroed unless read-only).
+        private func softFix(_ p: Problem, _ slot: Int) throws(ImageError) {
             if writable { try zero(slot); add(p, .fixed) } else { add(p, .skipped) }
         }
-        func hardFix(_ p: Problem, _ slot: Int) throws(ImageError) {
+
+        /// A slot whose data is lost if dropped: only with -F.
+        private func hardFix(_ p: Problem, _ slot: Int) throws(ImageError) {
             if o.hardForce && writable { try zero(slot); add(p, .fixed) } else { add(p, .fatal) }
         }
-        let fileBlocks = Int(size / cb)
-        var used = Bitmap(count: fileBlocks)
-        var duplicates: [(slot: Int, block: UInt32)] = []
-        var allocHead = l1
-        var valid = 0
-        try BATScan.forEachNonZero(file, count: slots) { (slot, entry) throws(ImageError) in
-            let clu = UInt64(slot)
-            if slot >= Int(header.batEntries) { try softFix(.slotBeyondSize(cluster: clu), slot); return }
-            let blk: UInt32
-            do { blk = try layout.decode(entry).value } catch {
-                try hardFix(.misalignedEntry(cluster: clu, entry: entry), slot)
-                return
-            }
-            if blk < l1 { try hardFix(.entryInHeader(cluster: clu, block: blk), slot); return }
-            if (UInt64(blk) + 1) * cb > size {
-                if UInt64(blk) * cb < size {
-                    try hardFix(.halfWritten(cluster: clu, block: blk), slot)
-                } else {
-                    try hardFix(.beyondEOF(cluster: clu, block: blk), slot)
+
+        /// Every slot of the BAT area, streamed in windows (those past m_Size must be zero). What a
+        /// check keeps is one bit per block of the file, never the BAT itself.
+        func scanBAT() throws(ImageError) {
+            let batAreaEnd = UInt64(l1) * cb
+            let slots = Int((batAreaEnd - UInt64(PloopSpec.headerSize)) / 4)
+            used = Bitmap(count: Int(size / cb))
+            allocHead = l1
+            let entries = Int(header.batEntries)
+            try BATScan.forEachNonZero(file, count: slots) { (slot, entry) throws(ImageError) in
+                let clu = UInt64(slot)
+                if slot >= entries { try softFix(.slotBeyondSize(cluster: clu), slot); return }
+                let blk: UInt32
+                do { blk = try layout.decode(entry).value } catch {
+                    try hardFix(.misalignedEntry(cluster: clu, entry: entry), slot)
+                    return
                 }
-                return
+                if blk < l1 { try hardFix(.entryInHeader(cluster: clu, block: blk), slot); return }
+                if (UInt64(blk) + 1) * cb > size {
+                    if UInt64(blk) * cb < size {
+                        try hardFix(.halfWritten(cluster: clu, block: blk), slot)
+                    } else {
+                        try hardFix(.beyondEOF(cluster: clu, block: blk), slot)
+                    }
+                    return
+                }
+                if used[Int(blk)] {
+                    duplicates.append((slot, blk))
+                    return
+                }
+                used[Int(blk)] = true
+                valid += 1
+                allocHead = max(allocHead, blk + 1)
             }
-            if used[Int(blk)] {
-                duplicates.append((slot, blk))
-                return
-            }
-            used[Int(blk)] = true
-            valid += 1
-            allocHead = max(allocHead, blk + 1)
         }
-        if !duplicates.isEmpty {
+
+        /// Blocks two clusters share: fatal, or with -F every later owner gets its own copy.
+        func separateSharedBlocks() throws(ImageError) {
+            guard !duplicates.isEmpty else { return }
             // Who had each shared block first: a second pass, remembering only the shared blocks.
             var firstOwner: [UInt32: UInt64] = [:]
             for d in duplicates { firstOwner[d.block] = UInt64.max }
+            let layout = self.layout
             try BATScan.forEachNonZero(file, count: Int(header.batEntries)) { (slot, entry) throws(ImageError) in
                 guard let b = try? layout.decode(entry).value, firstOwner[b] == UInt64.max else { return }
                 firstOwner[b] = UInt64(slot)
@@ -212,23 +270,24 @@ public enum Checker {
                 let target = ImageBlock(allocHead)
                 guard layout.canEncode(target) else { add(problem, .fatal); continue }
                 if scratch.isEmpty { scratch = [UInt8](repeating: 0, count: Int(cb)) }
+                let (file, cb) = (self.file, self.cb)
                 try rethrowingImageError {
                     try scratch.withUnsafeMutableBytes { b in
                         try file.copy(from: file, at: UInt64(d.block) * cb, to: UInt64(target.value) * cb, length: Int(cb), scratch: b)
                     }
                 }
                 try file.sync()
-                try file.writeBytes(Self.le32(layout.encode(target)), at: UInt64(PloopSpec.headerSize) + 4 * UInt64(d.slot))
+                try file.writeBytes(Checker.le32(layout.encode(target)), at: UInt64(PloopSpec.headerSize) + 4 * UInt64(d.slot))
                 try file.sync()
                 allocHead = target.value + 1
                 valid += 1
                 add(problem, .fixed)
             }
         }
-        report.allocatedClusters = valid
-        if o.detailed {
-            // Unreferenced blocks below the allocation head, as ranges (a sparse image with one
-            // far cluster has millions of them).
+
+        /// Unreferenced blocks below the allocation head, as ranges (a sparse image with one far
+        /// cluster has millions of them).
+        func reportUnreferencedBlocks() {
             var b = Int(l1)
             while b < Int(allocHead) {
                 guard !used[b] else { b += 1; continue }
@@ -238,13 +297,11 @@ public enum Checker {
                 b = e
             }
         }
-        if zeroed > 0 { try file.sync() }
-        if fatal {
-            report.status = .formatError
-            return report
-        }
-        let end = UInt64(allocHead) * cb
-        if size > end {
+
+        /// What lies past the last referenced block: cut off (a partial cluster or a leaked tail).
+        func trimTail() throws(ImageError) {
+            let end = UInt64(allocHead) * cb
+            guard size > end else { return }
             let extra = size - end
             let problem: Problem = extra < cb ? .partialTail(bytes: extra) : .leakedTail(clusters: (extra + cb - 1) / cb, bytes: extra)
             if writable {
@@ -255,30 +312,38 @@ public enum Checker {
                 add(problem, .skipped)
             }
         }
-        var newHeader = header
-        let hasData = valid > 0
-        if header.flags.contains(.empty) == hasData {
-            add(.emptyFlagWrong(set: header.flags.contains(.empty)), writable ? .fixed : .skipped)
-            if hasData { newHeader.flags.remove(.empty) } else { newHeader.flags.insert(.empty) }
-        }
-        var keepInUse = false
-        if inUse {
-            if o.dropInUse {
-                add(.inUse, writable ? .fixed : .skipped)
-                newHeader.inUse = false
-            } else {
-                add(.inUse, .reported)
-                keepInUse = true
+
+        /// CIF_Empty made true, the in-use mark dropped when asked; the header rewritten if either
+        /// changed. Returns whether the in-use mark stays (and is reported).
+        func rewriteHeader() throws(ImageError) -> Bool {
+            var newHeader = header!
+            let hasData = valid > 0
+            if header.flags.contains(.empty) == hasData {
+                add(.emptyFlagWrong(set: header.flags.contains(.empty)), writable ? .fixed : .skipped)
+                if hasData { newHeader.flags.remove(.empty) } else { newHeader.flags.insert(.empty) }
             }
+            var keepInUse = false
+            if header.inUse {
+                if o.dropInUse {
+                    add(.inUse, writable ? .fixed : .skipped)
+                    newHeader.inUse = false
+                } else {
+                    add(.inUse, .reported)
+                    keepInUse = true
+                }
+            }
+            if writable && newHeader != header {
+                try file.writeBytes(newHeader.encode(), at: 0)
+                try file.sync()
+            }
+            return keepInUse
         }
-        if writable && newHeader != header {
-            try file.writeBytes(newHeader.encode(), at: 0)
-            try file.sync()
-        }
-        if let holes {
-            // Holes inside referenced clusters read as zeros here, but the kernel's direct I/O
-            // paths expect allocated space: report, and fill with -S. The header/BAT area may be
-            // a hole where it is zero (`init` leaves it so): both engines read it as zeros.
+
+        /// Holes inside referenced clusters read as zeros here, but the kernel's direct I/O paths
+        /// expect allocated space: report, and fill with -S. The header/BAT area may be a hole where
+        /// it is zero (`init` leaves it so): both engines read it as zeros.
+        func checkHoles(_ holes: (UInt64, UInt64) throws(ImageError) -> [Range<UInt64>]) throws(ImageError) {
+            let fileBlocks = Int(size / cb)
             var b = Int(l1)
             while b < fileBlocks {
                 guard used[b] else { b += 1; continue }
@@ -305,8 +370,6 @@ public enum Checker {
             }
             if o.repairSparse && writable { try file.sync() }
         }
-        if notClean { report.status = .formatError } else if keepInUse { report.status = .inUse }
-        return report
     }
 
     /// The checker's rules, read-only, before an operation trusts an image's BAT: anything `check`
