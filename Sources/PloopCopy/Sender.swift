@@ -120,204 +120,269 @@ public struct CopySender {
         }
     }
 
+    /// Runs the procedure's phases in order (see the type's comment and `CopyRun`); whatever it
+    /// ends with, the file system is thawed and tracking aborted.
     public func run(into sink: any CopySink) throws -> Report {
-        let start = Date()
-        var report = Report(bytesSent: 0, passes: 0, totalSeconds: 0, frozenSeconds: 0)
-        var step = "reading the device"
-        var stepStart = Date()
-        /// Moves to the next step, recording how long the last one took.
-        func begin(_ next: String) {
-            let now = Date()
-            report.steps.append(StepTime(step: step, seconds: now.timeIntervalSince(stepStart)))
-            step = next
-            stepStart = now
-        }
-        var tracking = false
-        var frozen: Int32 = -1
-        var frozenAt: Date?
-        func fail(_ e: any Error) -> Failure { .step(step, e) }
-        defer {
-            if frozen >= 0 {
-                _ = cploop_fithaw(frozen)
-                close(frozen)
-            }
-            if tracking { try? backend.trackAbort(device) }
-        }
+        let info: DeviceInfo
+        let image: File
         do {
-            let info = try backend.info(device)
+            info = try backend.info(device)
             guard let top = info.levels.last else { throw DeviceError.notRunning(device) }
-            let cb = info.clusterBytes
-            let image = try File(path: top.path, mode: .readOnly)
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: cb, alignment: 4096)
-            defer { buffer.deallocate() }
-            var trackPos: UInt64 = 0
-            /// Moves the tracking position to at least `position`: writes below it are tracked
-            /// from now on, writes above will be read later anyway.
-            func track(upTo position: UInt64) throws {
-                guard position > trackPos else { return }
-                trackPos = position
-                try backend.trackSetPosition(device, position)
+            image = try File(path: top.path, mode: .readOnly)
+        } catch { throw Failure.step("reading the device", error) }
+        let run = CopyRun(self, sink: sink, image: image, clusterBytes: info.clusterBytes)
+        defer { run.release() }
+        do {
+            try run.startTracking()
+            try run.fullPass()
+            try run.iterativePasses()
+            try run.syncPoint()
+            try run.stopAndFreeze()
+            run.begin("the final pass")
+            _ = try run.drain(maxPasses: 3)
+            run.report.passes += 1
+            let head = try run.cleanHeader(ploop1: info.levels.last?.format == .ploop1)
+            try run.stopTrackingAndThaw()
+            if let head { try head.withUnsafeBytes { try sink.data($0, at: 0) } }
+            run.begin("ending the stream")
+            try sink.end()
+            run.begin("done")
+            run.report.totalSeconds = Date().timeIntervalSince(run.start)
+            return run.report
+        } catch {
+            throw Failure.step(run.step, error)
+        }
+    }
+}
+
+/// One copy's state, shared by its phases: the report, the step under way, the tracking position,
+/// whether tracking runs and what is frozen.
+final class CopyRun {
+    let sender: CopySender
+    let sink: any CopySink
+    let image: File
+    let cb: Int
+    let buffer: UnsafeMutableRawBufferPointer
+    let start = Date()
+    var report = CopySender.Report(bytesSent: 0, passes: 0, totalSeconds: 0, frozenSeconds: 0)
+    var step = "reading the device"
+    var stepStart = Date()
+    var tracking = false
+    var trackPos: UInt64 = 0
+    var trackEnd: UInt64 = 0
+    var frozen: Int32 = -1
+    var frozenAt: Date?
+
+    var backend: any DeviceBackend { sender.backend }
+    var device: String { sender.device }
+
+    init(_ sender: CopySender, sink: any CopySink, image: File, clusterBytes: Int) {
+        self.sender = sender
+        self.sink = sink
+        self.image = image
+        self.cb = clusterBytes
+        self.buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterBytes, alignment: 4096)
+    }
+
+    deinit { buffer.deallocate() }
+
+    /// Moves to the next step, recording how long the last one took.
+    func begin(_ next: String) {
+        let now = Date()
+        report.steps.append(CopySender.StepTime(step: step, seconds: now.timeIntervalSince(stepStart)))
+        step = next
+        stepStart = now
+    }
+
+    /// Thaws and aborts tracking if the run ended before doing so itself.
+    func release() {
+        thaw()
+        if tracking { try? backend.trackAbort(device) }
+    }
+
+    func thaw() {
+        guard frozen >= 0 else { return }
+        _ = cploop_fithaw(frozen)
+        close(frozen)
+        frozen = -1
+    }
+
+    // MARK: - Sending
+
+    /// Moves the tracking position to at least `position`: writes below it are tracked from now
+    /// on, writes above will be read later anyway.
+    func track(upTo position: UInt64) throws {
+        guard position > trackPos else { return }
+        trackPos = position
+        try backend.trackSetPosition(device, position)
+    }
+
+    /// Sends a range of the image (which the tracking position already covers).
+    func sendTracked(_ range: Range<UInt64>) throws {
+        let fileEnd = try image.size()
+        var pos = range.lowerBound
+        let end = min(range.upperBound, fileEnd)
+        guard pos < end else { return }
+        // In-kernel copies take the whole range at once.
+        if try sink.copy(from: image, at: pos, length: Int(end - pos), scratch: buffer) {
+            report.bytesSent += end - pos
+            return
+        }
+        while pos < end {
+            let n = Int(min(UInt64(cb) - pos % UInt64(cb), end - pos))
+            let got = try image.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: pos)
+            if got == 0 { return }  // the file ends here
+            try sink.data(UnsafeRawBufferPointer(rebasing: buffer[0..<got]), at: pos)
+            report.bytesSent += UInt64(n)
+            pos += UInt64(n)
+        }
+    }
+
+    /// Sends a dirty range, moving the tracking position past it first.
+    func send(_ range: Range<UInt64>) throws {
+        try track(upTo: range.upperBound)
+        try sendTracked(range)
+    }
+
+    /// TRACK_READ until nothing is dirty; returns bytes sent. Bounded by wrap-arounds.
+    func drain(maxPasses: Int) throws -> UInt64 {
+        var sent: UInt64 = 0
+        var lastEnd: UInt64 = 0
+        var passes = 1
+        while let r = try backend.trackRead(device) {
+            // TRACK_READ hands an extent over once: it is sent even when it starts a pass over the
+            // limit (dropping it lost those writes from the copy).
+            let before = report.bytesSent
+            try send(r)
+            sent += report.bytesSent - before
+            if r.lowerBound < lastEnd {
+                passes += 1
+                if passes > maxPasses { break }
             }
-            /// Sends a range of the image (which the tracking position already covers).
-            func sendTracked(_ range: Range<UInt64>) throws {
-                let fileEnd = try image.size()
-                var pos = range.lowerBound
-                let end = min(range.upperBound, fileEnd)
-                guard pos < end else { return }
-                // In-kernel copies take the whole range at once.
-                if try sink.copy(from: image, at: pos, length: Int(end - pos), scratch: buffer) {
-                    report.bytesSent += end - pos
-                    return
+            lastEnd = r.upperBound
+        }
+        return sent
+    }
+
+    // MARK: - The phases
+
+    func startTracking() throws {
+        begin("starting dirty tracking")
+        trackEnd = try backend.trackInit(device)
+        tracking = true
+    }
+
+    /// The first pass: 64 MiB windows; in each, the position moves first, then only the file's
+    /// data is read (holes of the image file stay holes in the copy). A write landing in a hole
+    /// after the position moved is tracked; one before it is data by then.
+    func fullPass() throws {
+        begin("the full pass")
+        var pos: UInt64 = 0
+        while pos < trackEnd {
+            let windowEnd = min(trackEnd, pos + (64 << 20))
+            try track(upTo: windowEnd)
+            // Whole clusters: a cluster the file holds only in part goes dense, as it is in the
+            // image's own terms.
+            let c = UInt64(cb)
+            var ranges: [Range<UInt64>] = []
+            for r in try image.dataRanges(from: pos, to: windowEnd) {
+                let lo = max(pos, r.lowerBound / c * c)
+                let hi = min(windowEnd, (r.upperBound + c - 1) / c * c)
+                if let last = ranges.last, last.upperBound >= lo {
+                    ranges[ranges.count - 1] = last.lowerBound..<max(last.upperBound, hi)
+                } else {
+                    ranges.append(lo..<hi)
                 }
-                while pos < end {
-                    let n = Int(min(UInt64(cb) - pos % UInt64(cb), end - pos))
-                    let got = try image.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: pos)
-                    if got == 0 { return }  // the file ends here
-                    try sink.data(UnsafeRawBufferPointer(rebasing: buffer[0..<got]), at: pos)
-                    report.bytesSent += UInt64(n)
-                    pos += UInt64(n)
-                }
             }
-            /// Sends a dirty range, moving the tracking position past it first.
-            func send(_ range: Range<UInt64>) throws {
-                try track(upTo: range.upperBound)
-                try sendTracked(range)
-            }
-            /// The first pass: 64 MiB windows; in each, the position moves first, then only the
-            /// file's data is read (holes of the image file stay holes in the copy). A write landing
-            /// in a hole after the position moved is tracked; one before it is data by then.
-            func fullPass(_ end: UInt64) throws {
-                var pos: UInt64 = 0
-                while pos < end {
-                    let windowEnd = min(end, pos + (64 << 20))
-                    try track(upTo: windowEnd)
-                    // Whole clusters: a cluster the file holds only in part goes dense, as it is
-                    // in the image's own terms.
-                    let c = UInt64(cb)
-                    var ranges: [Range<UInt64>] = []
-                    for r in try image.dataRanges(from: pos, to: windowEnd) {
-                        let lo = max(pos, r.lowerBound / c * c)
-                        let hi = min(windowEnd, (r.upperBound + c - 1) / c * c)
-                        if let last = ranges.last, last.upperBound >= lo {
-                            ranges[ranges.count - 1] = last.lowerBound..<max(last.upperBound, hi)
-                        } else {
-                            ranges.append(lo..<hi)
-                        }
-                    }
-                    for r in ranges { try sendTracked(r) }
-                    pos = windowEnd
-                }
-            }
-            /// TRACK_READ until nothing is dirty; returns bytes sent. Bounded by wrap-arounds.
-            func drain(maxPasses: Int) throws -> UInt64 {
-                var sent: UInt64 = 0
-                var lastEnd: UInt64 = 0
-                var passes = 1
-                while let r = try backend.trackRead(device) {
-                    // TRACK_READ hands an extent over once: it is sent even when it starts a pass
-                    // over the limit (dropping it lost those writes from the copy).
-                    let before = report.bytesSent
-                    try send(r)
-                    sent += report.bytesSent - before
-                    if r.lowerBound < lastEnd {
-                        passes += 1
-                        if passes > maxPasses { break }
-                    }
-                    lastEnd = r.upperBound
-                }
-                return sent
-            }
-            begin("starting dirty tracking")
-            let end = try backend.trackInit(device)
-            tracking = true
-            begin("the full pass")
-            try fullPass(end)
-            report.passes = 1
-            begin("the iterative passes")
-            var last = UInt64.max
-            for _ in 0..<10 {
-                let sent = try drain(maxPasses: 1)
-                report.passes += 1
-                if sent == 0 || sent >= last { break }
-                last = sent
-            }
-            // The destination's bulk goes to disk now, outside the frozen window; meanwhile what the
-            // file system and the device still cache goes down too, and is sent after, so the
-            // freeze has only the last moments' writes to flush.
-            begin("the sync point, the source flushed")
-            let flushed = DispatchSemaphore(value: 0)
-            nonisolated(unsafe) var flushError: (any Error)?
-            let flusher = Thread { [backend, device, mountPoint] in
-                if let m = mountPoint {
-                    let fd = open(m, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-                    if fd >= 0 {
-                        _ = cploop_syncfs(fd)
-                        close(fd)
-                    }
-                }
-                do { try backend.sync(device) } catch { flushError = error }
-                flushed.signal()
-            }
-            flusher.start()
-            let synced = Result { try sink.sync() }
-            flushed.wait()
-            try synced.get()
-            if let flushError { throw flushError }
-            begin("sending what the flush wrote")
-            _ = try drain(maxPasses: 1)
+            for r in ranges { try sendTracked(r) }
+            pos = windowEnd
+        }
+        report.passes = 1
+    }
+
+    /// Passes over what was written meanwhile, while that keeps shrinking (at most ten).
+    func iterativePasses() throws {
+        begin("the iterative passes")
+        var last = UInt64.max
+        for _ in 0..<10 {
+            let sent = try drain(maxPasses: 1)
             report.passes += 1
-            begin("running the stop command")
-            if let cmd = stopCommand {
-                // posix_spawn: Foundation's Process took 50 ms to start a shell here.
-                let status = cploop_run_shell(cmd)
-                guard status >= 0 else { throw CopyStream.Error.io("cannot run '\(cmd)': \(String(cString: strerror(-status)))") }
-                guard status == 0 else { throw CopyStream.Error.io("'\(cmd)' exited with \(status)") }
-            }
-            begin("freezing the file system")
-            frozenAt = Date()
+            if sent == 0 || sent >= last { break }
+            last = sent
+        }
+    }
+
+    /// The destination's bulk goes to disk now, outside the frozen window; meanwhile what the file
+    /// system and the device still cache goes down too, and is sent after, so the freeze has only
+    /// the last moments' writes to flush.
+    func syncPoint() throws {
+        begin("the sync point, the source flushed")
+        let flushed = DispatchSemaphore(value: 0)
+        nonisolated(unsafe) var flushError: (any Error)?
+        let (backend, device, mountPoint) = (self.backend, self.device, sender.mountPoint)
+        let flusher = Thread {
             if let m = mountPoint {
                 let fd = open(m, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-                guard fd >= 0 else { throw CopyStream.Error.io("open \(m): \(String(cString: strerror(errno)))") }
-                // FIFREEZE syncs the file system itself.
-                let r = cploop_fifreeze(fd)
-                guard r == 0 else {
+                if fd >= 0 {
+                    _ = cploop_syncfs(fd)
                     close(fd)
-                    throw CopyStream.Error.io("FIFREEZE \(m): \(String(cString: strerror(-r)))")
                 }
-                frozen = fd
             }
-            try backend.sync(device)
-            begin("the final pass")
-            _ = try drain(maxPasses: 3)
-            report.passes += 1
-            begin("making the copy's header clean")
-            // Read while frozen (the first sector holds BAT entries too), written after the thaw.
-            var head: [UInt8]?
-            if top.format == .ploop1 {
-                var bytes = [UInt8](repeating: 0, count: 512)
-                _ = try bytes.withUnsafeMutableBytes { try image.read(into: $0, at: 0) }
-                let mark = ImageHeader.diskInUseOffset
-                for i in mark..<mark + 4 { bytes[i] = 0 }
-                head = bytes
-            }
-            begin("stopping tracking")
-            try backend.trackStop(device)
-            tracking = false
-            begin("thawing")
-            if frozen >= 0 {
-                _ = cploop_fithaw(frozen)
-                close(frozen)
-                frozen = -1
-            }
-            report.frozenSeconds = frozenAt.map { Date().timeIntervalSince($0) } ?? 0
-            if let head { try head.withUnsafeBytes { try sink.data($0, at: 0) } }
-            begin("ending the stream")
-            try sink.end()
-            begin("done")
-            report.totalSeconds = Date().timeIntervalSince(start)
-            return report
-        } catch {
-            throw fail(error)
+            do { try backend.sync(device) } catch { flushError = error }
+            flushed.signal()
         }
+        flusher.start()
+        let synced = Result { try sink.sync() }
+        flushed.wait()
+        try synced.get()
+        if let flushError { throw flushError }
+        begin("sending what the flush wrote")
+        _ = try drain(maxPasses: 1)
+        report.passes += 1
+    }
+
+    /// The `-F` command, then the file system frozen (FIFREEZE syncs it) and the device synced.
+    func stopAndFreeze() throws {
+        begin("running the stop command")
+        if let cmd = sender.stopCommand {
+            // posix_spawn: Foundation's Process took 50 ms to start a shell here.
+            let status = cploop_run_shell(cmd)
+            guard status >= 0 else { throw CopyStream.Error.io("cannot run '\(cmd)': \(String(cString: strerror(-status)))") }
+            guard status == 0 else { throw CopyStream.Error.io("'\(cmd)' exited with \(status)") }
+        }
+        begin("freezing the file system")
+        frozenAt = Date()
+        if let m = sender.mountPoint {
+            let fd = open(m, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            guard fd >= 0 else { throw CopyStream.Error.io("open \(m): \(String(cString: strerror(errno)))") }
+            let r = cploop_fifreeze(fd)
+            guard r == 0 else {
+                close(fd)
+                throw CopyStream.Error.io("FIFREEZE \(m): \(String(cString: strerror(-r)))")
+            }
+            frozen = fd
+        }
+        try backend.sync(device)
+    }
+
+    /// The copy's first sector with the in-use mark cleared: read while frozen (it holds BAT
+    /// entries too), written after the thaw. Nil for a raw image.
+    func cleanHeader(ploop1: Bool) throws -> [UInt8]? {
+        begin("making the copy's header clean")
+        guard ploop1 else { return nil }
+        var bytes = [UInt8](repeating: 0, count: 512)
+        _ = try bytes.withUnsafeMutableBytes { try image.read(into: $0, at: 0) }
+        let mark = ImageHeader.diskInUseOffset
+        for i in mark..<mark + 4 { bytes[i] = 0 }
+        return bytes
+    }
+
+    func stopTrackingAndThaw() throws {
+        begin("stopping tracking")
+        try backend.trackStop(device)
+        tracking = false
+        begin("thawing")
+        thaw()
+        report.frozenSeconds = frozenAt.map { Date().timeIntervalSince($0) } ?? 0
     }
 }
