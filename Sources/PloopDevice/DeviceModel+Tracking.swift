@@ -41,13 +41,11 @@ extension DeviceModel {
 
     /// PLOOP_IOC_TRACK_STOP: refused while dirty extents remain unread.
     public func trackStop() throws(DeviceError) {
-        let aborted = try withTracker { t throws(DeviceError) -> Bool in
-            if t.hasDirty && !t.aborted { throw .unreadExtents }
-            return t.aborted
+        try withTracker { t throws(DeviceError) in
+            if t.hasDirty { throw .unreadExtents }
         }
         watch.tracker.withLock { $0 = nil }
         try control.withLock { c throws(DeviceError) in try c.machine.stopTracking() }
-        if aborted { throw .aborted }
     }
 
     /// PLOOP_IOC_TRACK_ABORT.

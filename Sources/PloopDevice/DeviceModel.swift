@@ -68,7 +68,7 @@ public final class DeviceModel: Sendable {
 
     /// Opens the images (base first) and starts the device. Every header is validated before the
     /// top is opened for writing, so a refused start leaves every file as it was.
-    public init(_ request: MountRequest, opener: any ImageOpener = PosixOpener()) throws(DeviceError) {
+    public init(_ request: MountRequest, opener: any ImageOpener = PosixOpener(locking: false)) throws(DeviceError) {
         self.opener = opener
         let (probes, clusterSectors) = try request.probe(oneVersion: false) { (path, writable) throws(ImageError) in
             try opener.open(path, writable: writable, lock: true)

@@ -1,12 +1,13 @@
 /// The kernel's write tracker (tracker.c) as a value: dirty image-file clusters below `trackEnd`,
-/// read back as byte extents in file order, wrapping around for a new pass.
+/// read back as byte extents in file order, wrapping around for a new pass. The kernel aborts
+/// tracking when it cannot allocate a record; this set cannot run out that way, so the model never
+/// aborts (ECONNABORTED, `DeviceError.aborted`, comes only from a real driver).
 public struct DirtyTracker: Sendable, Equatable {
     public let clusterBytes: UInt64
     /// Bytes of the file the copier has taken so far; writes past it need no record.
     public private(set) var trackEnd: UInt64 = 0
     private var cursor: UInt64 = 0
     private var bits: [UInt64] = []
-    public private(set) var aborted = false
 
     public init(clusterBytes: Int) { self.clusterBytes = UInt64(clusterBytes) }
 
@@ -24,7 +25,6 @@ public struct DirtyTracker: Sendable, Equatable {
     public mutating func setPosition(_ pos: UInt64) throws(DeviceError) {
         if pos == 0 {
             bits.removeAll()
-            aborted = false
             trackEnd = 0
             cursor = 0
             return
@@ -37,7 +37,6 @@ public struct DirtyTracker: Sendable, Equatable {
     /// part of the file past `trackEnd`; else, wrapping to the start, the first dirty extent;
     /// else `nil` (EAGAIN).
     public mutating func read(fileEnd: UInt64) throws(DeviceError) -> Range<UInt64>? {
-        if aborted { throw .aborted }
         if let r = takeRun(from: cursor / clusterBytes) {
             cursor = r.upperBound
             return r
@@ -53,8 +52,6 @@ public struct DirtyTracker: Sendable, Equatable {
         }
         return nil
     }
-
-    public mutating func abort() { aborted = true }
 
     private mutating func set(_ c: UInt64) {
         let w = Int(c / 64)

@@ -5,8 +5,9 @@ import Synchronization
 /// How a device opens, creates and removes its image files: real files, or memory in tests (where
 /// crash points are injected).
 public protocol ImageOpener: Sendable {
-    /// Opens a file; with `lock`, holds it (exclusively when `writable`, shared when not) for as
-    /// long as the returned file lives.
+    /// Opens a file; with `lock`, an opener that locks (`PosixOpener(locking: true)`, the
+    /// daemon's) holds it (exclusively when `writable`, shared when not) for as long as the
+    /// returned file lives. Openers that do not lock (in-process tests, memory) ignore `lock`.
     func open(_ path: String, writable: Bool, lock: Bool) throws(ImageError) -> any BlockFile
     /// Creates a new file; fails if it exists.
     func create(_ path: String) throws(ImageError) -> any BlockFile
@@ -27,7 +28,8 @@ extension ImageOpener {
 /// shared with another read-only stack (a temporary snapshot's device).
 public struct PosixOpener: ImageOpener {
     public let locking: Bool
-    public init(locking: Bool = false) { self.locking = locking }
+    /// `locking`: whether `open(lock: true)` takes a flock. Said at each use, not defaulted.
+    public init(locking: Bool) { self.locking = locking }
 
     public func open(_ path: String, writable: Bool, lock: Bool) throws(ImageError) -> any BlockFile {
         let f = try ImagePath.open(path, write: writable)

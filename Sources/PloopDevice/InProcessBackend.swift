@@ -8,7 +8,8 @@ public final class InProcessBackend: DeviceBackend {
     let opener: any ImageOpener
     private let devices = Mutex<[Int: DeviceModel]>([:])
 
-    public init(opener: any ImageOpener = PosixOpener()) { self.opener = opener }
+    /// In-process devices do not lock their images: tests read them while mounted.
+    public init(opener: any ImageOpener = PosixOpener(locking: false)) { self.opener = opener }
 
     func model(_ device: String) throws(DeviceError) -> DeviceModel {
         guard let n = DeviceName.index(device), let m = devices.withLock({ $0[n] }) else { throw .noSuchDevice(device) }
