@@ -257,15 +257,6 @@ public struct BalloonProcedure: Sendable {
             }
             pairs.append((UInt32(c), b.value))
         }
-        var extents: [FreeExtent] = []
-        for (c, b) in pairs.sorted(by: { $0.1 < $1.1 }) {
-            if var last = extents.last, last.cluster + last.length == c, last.block + last.length == b {
-                last.length += 1
-                extents[extents.count - 1] = last
-            } else {
-                extents.append(FreeExtent(cluster: c, block: b, length: 1))
-            }
-        }
-        return (extents, level)
+        return (FreeExtent.coalescing(pairs), level)
     }
 }

@@ -54,18 +54,7 @@ extension DeviceModel {
         Self.coalesce(control.withLock { $0.freeList })
     }
 
-    static func coalesce(_ pairs: [(cluster: UInt32, block: UInt32)]) -> [FreeExtent] {
-        var out: [FreeExtent] = []
-        for p in pairs.sorted(by: { $0.block < $1.block }) {
-            if var last = out.last, last.block + last.length == p.block, last.cluster + last.length == p.cluster {
-                last.length += 1
-                out[out.count - 1] = last
-            } else {
-                out.append(FreeExtent(cluster: p.cluster, block: p.block, length: 1))
-            }
-        }
-        return out
-    }
+    static func coalesce(_ pairs: [(cluster: UInt32, block: UInt32)]) -> [FreeExtent] { FreeExtent.coalescing(pairs) }
 
     /// PLOOP_IOC_FBFILTER: drops free extents shorter than `minLength` blocks.
     public func filterFreeBlocks(minLength: UInt32) throws(DeviceError) {

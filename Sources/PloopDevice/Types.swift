@@ -32,6 +32,21 @@ public struct FreeExtent: Sendable, Codable, Equatable, Hashable {
         self.block = block
         self.length = length
     }
+
+    /// (cluster, block) pairs as extents contiguous in both, in block order: what user space
+    /// hands to PLOOP_IOC_FREEBLKS and what FBGET answers.
+    public static func coalescing(_ pairs: [(cluster: UInt32, block: UInt32)]) -> [FreeExtent] {
+        var out: [FreeExtent] = []
+        for p in pairs.sorted(by: { $0.block < $1.block }) {
+            if var last = out.last, last.block + last.length == p.block, last.cluster + last.length == p.cluster {
+                last.length += 1
+                out[out.count - 1] = last
+            } else {
+                out.append(FreeExtent(cluster: p.cluster, block: p.block, length: 1))
+            }
+        }
+        return out
+    }
 }
 
 /// `ploop_relocblks_ctl_extent`: tail blocks to move; `free` marks blocks that are themselves in
