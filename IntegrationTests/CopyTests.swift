@@ -61,17 +61,22 @@ struct CopyTests {
                 r = try TestSupport.ploop("copy", "-s", dev, "-d", copy, "-F", stop, "--json")
             } else if mode == "tcp" {
                 // Across a loopback TCP connection (no feedback channel: the sender waits 5 s at
-                // its sync point, as the original does).
+                // its sync point, as the original does). The connecting side retries until the
+                // listener is up (a fixed sleep lost that race on a loaded machine, and the
+                // listener then waited for ever); the listener gives up after 120 s alone. The
+                // receiver's status comes back through a file, not `wait`: the shell inherits a
+                // blocked SIGCHLD from the test process, and dash's `wait` on a background job
+                // that ends later then sleeps for ever.
                 let bin = TestSupport.ploopBinary
                 let port = 20000 + Int(getpid() % 20000)
+                let status = s.dir.file("receiver.status")
                 r = try TestSupport.run("/bin/sh", ["-c", """
-                    socat -u TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr STDOUT | \(bin) copy -d \(copy) &
-                    recv=$!
-                    sleep 0.3
-                    \(bin) copy -s \(dev) -F '\(stop)' | socat -u STDIN TCP:127.0.0.1:\(port)
+                    ( timeout 120 socat -u TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr STDOUT | \(bin) copy -d \(copy); echo $? > \(status) ) &
+                    \(bin) copy -s \(dev) -F '\(stop)' | socat -u STDIN TCP:127.0.0.1:\(port),retry=100,interval=0.1
                     sent=$?
-                    wait $recv
-                    exit $(( sent | $? ))
+                    n=0
+                    while [ ! -s \(status) ] && [ $n -lt 1300 ]; do sleep 0.1; n=$((n + 1)); done
+                    exit $(( sent | $(cat \(status) 2>/dev/null || echo 1) ))
                     """])
             } else {
                 let fifo = s.dir.file("feedback")

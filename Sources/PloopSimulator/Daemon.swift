@@ -115,14 +115,11 @@ public final class SimulatorDaemon: Sendable {
             let d = SimulatorDaemon.from(ctx)
             // PUNCH_HOLE|KEEP_SIZE (discard) and ZERO_RANGE|KEEP_SIZE (write zeroes) both leave
             // zeros; plain allocation has nothing to do. Never ENOSYS: loop would turn discard off.
-            switch mode {
-            case 0x03, 0x11, 0x10, 0x01:
-                do { try d.model.writeZeroes(at: off, length: len); return 0 } catch { return -SimulatorDaemon.errno(for: error) }
-            case 0:
-                return 0
-            default:
-                return -EOPNOTSUPP
-            }
+            let m = FallocateMode(rawValue: mode)
+            if m.isEmpty { return 0 }
+            let zeroing: [FallocateMode] = [[.punchHole, .keepSize], [.zeroRange, .keepSize], [.zeroRange], [.keepSize]]
+            guard zeroing.contains(m) else { return -EOPNOTSUPP }
+            do { try d.model.writeZeroes(at: off, length: len); return 0 } catch { return -SimulatorDaemon.errno(for: error) }
         }
         var err: Int32 = 0
         guard let f = cploop_fuse_mount(file, &cb, &err) else {

@@ -147,12 +147,13 @@ public final class File: Sendable {
     public func punchHole(at offset: UInt64, length: UInt64) throws(SystemError) {
         CrashPoint.step()
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
-        try negErrno("fallocate") { cploop_fallocate(fd, 0x02 | 0x01, at, len) }
+        try negErrno("fallocate") { cploop_fallocate(fd, FallocateMode([.punchHole, .keepSize]).rawValue, at, len) }
     }
 
     /// `fallocate(2)` mode 0: real space that reads as zeros. Returns false where the file system
     /// cannot (EOPNOTSUPP), so the caller can write zeros instead.
     public func allocate(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
+        CrashPoint.step()
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
         while true {
             let r = cploop_fallocate(fd, 0, at, len)
@@ -165,9 +166,10 @@ public final class File: Sendable {
 
     /// `fallocate(2)` with `FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE`.
     public func zeroRange(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
+        CrashPoint.step()
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
         while true {
-            let r = cploop_fallocate(fd, 0x10 | 0x01, at, len)
+            let r = cploop_fallocate(fd, FallocateMode([.zeroRange, .keepSize]).rawValue, at, len)
             if r == 0 { return true }
             if r == -EINTR { continue }
             if r == -EOPNOTSUPP || r == -ENOSYS { return false }
@@ -435,4 +437,17 @@ extension File {
         guard let st = try? stat() else { return nil }
         return FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
     }
+}
+
+/// `fallocate(2)`'s mode bits (linux/falloc.h), instead of bare numbers.
+public struct FallocateMode: OptionSet, Sendable {
+    public let rawValue: Int32
+    public init(rawValue: Int32) { self.rawValue = rawValue }
+
+    /// FALLOC_FL_KEEP_SIZE: the file's length does not change.
+    public static let keepSize = FallocateMode(rawValue: 0x01)
+    /// FALLOC_FL_PUNCH_HOLE: the range is deallocated and reads zeros (with keepSize).
+    public static let punchHole = FallocateMode(rawValue: 0x02)
+    /// FALLOC_FL_ZERO_RANGE: the range reads zeros, space kept.
+    public static let zeroRange = FallocateMode(rawValue: 0x10)
 }
