@@ -32,8 +32,8 @@ enum DiskDevices {
     }
 
     /// Refuses an offline-only operation on a disk a device runs.
-    static func requireOffline(_ disk: Disk, backend: BackendOptions) throws {
-        guard let be = try? backend.backend.resolve() else { return }
+    static func requireOffline(_ disk: Disk) throws {
+        guard let be = disk.backend else { return }
         if let d = device(of: disk, backend: be, anyLevel: true) {
             throw CommandFailure(DiskError.mounted(disk.descriptorPath, device: d.device).description)
         }
@@ -42,7 +42,7 @@ enum DiskDevices {
     /// The disk, opened and locked, for an operation that must not run while a device runs it.
     static func openOffline(_ argument: String, backend: BackendOptions) throws -> Disk {
         let d = try open(argument, backend: backend)
-        try requireOffline(d, backend: backend)
+        try requireOffline(d)
         return d
     }
 
@@ -50,7 +50,7 @@ enum DiskDevices {
     /// that works both ways. A device that holds only part of the chain is refused.
     static func openOnline(_ argument: String, backend: BackendOptions) throws -> (Disk, device: String?) {
         let d = try open(argument, backend: backend)
-        guard let be = try? backend.backend.resolve() else { return (d, nil) }
+        guard let be = d.backend else { return (d, nil) }
         if let running = device(of: d, backend: be) { return (d, running.device) }
         if let held = device(of: d, backend: be, anyLevel: true) {
             throw CommandFailure("\(held.device) runs part of the disk \(d.descriptorPath) (not from its top): unmount it first")
@@ -181,7 +181,7 @@ extension Ploop {
             }
             let progress = ProgressLine("merging")
             let merged = try diskErrors { try d.deleteSnapshot(g, device: device, progress: progress.update) }
-            try DiskCommands.mergeTemporaries(d, device: device, backend: try? backend.backend.resolve())
+            try DiskCommands.mergeTemporaries(d, device: device)
             print(merged ? "ploop snapshot merged" : "ploop snapshot \(g) has been successfully deleted")
         }
     }
@@ -303,19 +303,19 @@ enum DiskCommands {
             print("ploop snapshot \(guid) has been successfully created (an interrupted snapshot was finished)")
             return
         }
-        let g = try take(d, guid: guid, temporary: false, backend: backend)
+        let g = try take(d, guid: guid, temporary: false)
         print("ploop snapshot \(g) has been successfully created")
     }
 
     /// A snapshot of an open disk, online when a device runs it from its top; temporary
     /// snapshots nothing holds any more are merged back first, as the original does.
-    static func take(_ d: Disk, guid: GUID?, temporary: Bool, backend: BackendOptions) throws -> GUID {
-        let be = try? backend.backend.resolve()
+    static func take(_ d: Disk, guid: GUID?, temporary: Bool) throws -> GUID {
+        let be = d.backend
         let running = be.flatMap { DiskDevices.device(of: d, backend: $0) }
         if running == nil, let be, let held = DiskDevices.device(of: d, backend: be, anyLevel: true) {
             throw CommandFailure("\(held.device) runs part of the disk \(d.descriptorPath) (not from its top): unmount it first")
         }
-        try mergeTemporaries(d, device: running?.device, backend: be)
+        try mergeTemporaries(d, device: running?.device)
         let (g, _) = try diskErrors {
             try d.snapshot(guid, temporary: temporary, device: running?.device) { (file) throws(DiskError) in
                 guard let dev = running, let be else { return try d.createEmptyDeltaForSnapshot(file) }
@@ -326,9 +326,9 @@ enum DiskCommands {
     }
 
     /// Merges back the disk's temporary snapshots that no device of their own runs.
-    static func mergeTemporaries(_ d: Disk, device: String?, backend be: (any DeviceBackend)?) throws {
+    static func mergeTemporaries(_ d: Disk, device: String?) throws {
         guard d.descriptor.shots.contains(where: \.temporary) else { return }
-        let devices = ((try? be?.list()) ?? nil) ?? []
+        let devices = ((try? d.backend?.list()) ?? nil) ?? []
         _ = try diskErrors {
             try d.mergeTemporarySnapshots(device: device, held: { g in
                 let file = PathInfo.identity(d.path(of: g))
@@ -339,7 +339,8 @@ enum DiskCommands {
 
     static func mount(_ argument: String, uuid: String?, readOnly: Bool, device: String?, backend: BackendOptions, json: Bool) throws {
         let d = try DiskDevices.open(argument, backend: backend)
-        let be = try backend.backend.resolve()
+        // Without a backend the open could not have one; resolving again says why.
+        let be = try d.backend ?? backend.backend.resolve()
         if let running = DiskDevices.device(of: d, backend: be, anyLevel: true) {
             throw CommandFailure("the disk \(d.descriptorPath) is running on \(running.device) already")
         }
@@ -358,7 +359,8 @@ enum DiskCommands {
     static func umount(_ argument: String, backend: BackendOptions) throws -> String {
         let be = try backend.backend.resolve()
         if let dd = Disk.descriptorPath(for: argument) {
-            let d = try diskErrors { try Disk.open(dd) }
+            // With the backend, so an interrupted online operation is recovered, not refused.
+            let d = try diskErrors { try Disk.open(dd, backend: be) }
             guard let dev = DiskDevices.device(of: d, backend: be, anyLevel: true) else {
                 throw CommandFailure(DiskError.notMounted(d.descriptorPath).description)
             }
@@ -403,7 +405,7 @@ enum DiskCommands {
         let d = try DiskDevices.open(argument, backend: backend)
         let topPath = d.path(of: d.descriptor.topGUID)
         let top = try failing { try ImageInfo.read(path: topPath) }
-        let dev = (try? backend.backend.resolve()).flatMap { DiskDevices.device(of: d, backend: $0) }?.device
+        let dev = d.backend.flatMap { DiskDevices.device(of: d, backend: $0) }?.device
         if json {
             print(try Output.json(InfoReport(
                 descriptor: d.descriptorPath, sizeSectors: d.descriptor.diskSizeSectors, blocksize: d.descriptor.blocksize,
@@ -423,7 +425,7 @@ enum DiskCommands {
 
     static func grow(_ argument: String, sectors: UInt64, backend: BackendOptions) throws {
         let d = try DiskDevices.open(argument, backend: backend)
-        if let be = try? backend.backend.resolve(), let dev = DiskDevices.device(of: d, backend: be) {
+        if let be = d.backend, let dev = DiskDevices.device(of: d, backend: be) {
             try failing { try be.grow(dev.device, sizeSectors: sectors) }
             let info = try failing { try be.info(dev.device) }
             try diskErrors { try d.commitSize(info.sizeBytes / 512) }
@@ -479,8 +481,9 @@ extension Ploop {
 
         func run() throws {
             let d = try DiskDevices.open(disk, backend: backend)
-            let be = try backend.backend.resolve()
-            let g = try DiskCommands.take(d, guid: try parseGUID(uuid), temporary: true, backend: backend)
+            // Without a backend the open could not have one; resolving again says why.
+            let be = try d.backend ?? backend.backend.resolve()
+            let g = try DiskCommands.take(d, guid: try parseGUID(uuid), temporary: true)
             let paths = d.chainPaths(from: g)
             let request = MountRequest(images: paths, baseFormat: d.baseFormat, readOnly: true, device: nil, clusterSectors: d.descriptor.blocksize)
             let dev: String

@@ -13,12 +13,13 @@ import PloopSystem
 /// * no device (it stopped): a merge is finished offline as an offline merge is; a snapshot's new
 ///   delta is kept (the descriptor committed) if it holds data, since only the device writes it.
 extension Disk {
-    /// The files a device runs, base first; nil when it does not run, or runs nothing of this disk.
-    func stack(of device: String, touching files: [String]) -> [String]? {
+    /// The files a device runs, base first, and its maintenance state; nil when it does not run,
+    /// or runs nothing of this disk.
+    func stack(of device: String, touching files: [String]) -> (paths: [String], state: MaintenanceState)? {
         guard let be = backend, let info = try? be.info(device), info.running else { return nil }
         let paths = info.levels.map(\.path)
         let ours = Set(files.compactMap(PathInfo.identity))
-        return paths.contains { PathInfo.identity($0).map(ours.contains) ?? false } ? paths : nil
+        return paths.contains { PathInfo.identity($0).map(ours.contains) ?? false } ? (paths, info.state) : nil
     }
 
     /// The files of a descriptor's running chain, base first.
@@ -37,18 +38,18 @@ extension Disk {
         let old = chainFiles(descriptor)
         let new = chainFiles(next)
         let stack = stack(of: device, touching: old + new)
-        if let stack, Self.sameFiles(stack, new) {
+        if let stack, Self.sameFiles(stack.paths, new) {
             say("finishing an interrupted \(j.operation): \(device) runs the new chain")
             try commit(next)
             finishedOperation = j.operation
             return true
         }
         if let stack {
-            guard Self.sameFiles(stack, old) else {
+            guard Self.sameFiles(stack.paths, old) else {
                 throw .refused("\(device) runs neither the old nor the new chain of \(descriptorPath) after an interrupted \(j.operation): unmount it, then run the command again")
             }
-            if let info = try? backend?.info(device), info.state != .off {
-                throw .refused("\(device) is still busy (\(info.state)) with the interrupted \(j.operation): run the command again when it is done")
+            if stack.state != .off {
+                throw .refused("\(device) is still busy (\(stack.state)) with the interrupted \(j.operation): run the command again when it is done")
             }
             guard let m = j.merge else {
                 say("rolled back an interrupted \(j.operation) (it never reached \(device))")
@@ -78,7 +79,7 @@ extension Disk {
         guard let be = backend, let stack = stack(of: device, touching: [destination]) else {
             throw .refused("\(device) no longer runs \(destination)")
         }
-        let ids = stack.map(PathInfo.identity)
+        let ids = stack.paths.map(PathInfo.identity)
         guard let top = sources.first, let lo = ids.firstIndex(of: PathInfo.identity(destination)), let hi = ids.firstIndex(of: PathInfo.identity(top)), lo < hi else {
             throw .refused("\(device) does not run \(sources.first ?? "?") above \(destination)")
         }

@@ -198,7 +198,7 @@ extension Disk {
         if let device {
             do { try onlineMerge(device: device, sources: sources, destination: target, progress: progress) } catch {
                 // Refused by the device with its stack unchanged: nothing to finish later.
-                if let stack = stack(of: device, touching: [target]), Self.sameFiles(stack, chainFiles(descriptor)) { endJournal(j) }
+                if let stack = stack(of: device, touching: [target]), Self.sameFiles(stack.paths, chainFiles(descriptor)) { endJournal(j) }
                 throw error
             }
             try commit(next)
@@ -262,11 +262,10 @@ extension Disk {
             return false
         }
         guard kids.count == 1 else { throw .refused("snapshot \(g) has \(kids.count) children (a branch): delete the other branch first") }
-        let running = device.flatMap { descriptor.chain().contains(g) ? $0 : nil }
-        if device != nil, running == nil {
-            throw .refused("\(g) is not in the chain \(device!) runs (another branch): unmount the disk to delete it")
+        if let device, !descriptor.chain().contains(g) {
+            throw .refused("\(g) is not in the chain \(device) runs (another branch): unmount the disk to delete it")
         }
-        try mergeDown(upper: kids[0], lower: g, operation: "snapshot-delete \(g.key)", device: running, progress: progress)
+        try mergeDown(upper: kids[0], lower: g, operation: "snapshot-delete \(g.key)", device: device, progress: progress)
         return true
     }
 

@@ -27,8 +27,9 @@ public final class Disk {
     public internal(set) var finishedOperation: String?
     private let lock: File
     let say: (String) -> Void
-    /// The devices, for operations on a running disk and for recovering an interrupted one.
-    let backend: (any DeviceBackend)?
+    /// The devices, for operations on a running disk and for recovering an interrupted one (the
+    /// one `open` was given, so a command asks the same backend again without resolving it twice).
+    public let backend: (any DeviceBackend)?
 
     // MARK: - Finding and opening
 
@@ -62,8 +63,8 @@ public final class Disk {
     /// Opens and locks the disk at `descriptorPath`, finishes an interrupted operation, reads and
     /// checks the descriptor (its tree, and the chain's files against their headers).
     /// `backend`, when given, is asked which device runs the disk (online operations, and
-    /// recovering one a crash interrupted); without it, an interrupted online operation is
-    /// recovered as if its device had stopped.
+    /// recovering one a crash interrupted); without it, a disk with an interrupted online
+    /// operation is refused (nothing can say what its device runs).
     public static func open(_ descriptorPath: String, lockTimeout: Double? = nil, backend: (any DeviceBackend)? = nil, say: @escaping (String) -> Void = { _ in }) throws(DiskError) -> Disk {
         let path = absolutePath(descriptorPath)
         guard PathInfo.kind(path) == .regular else {
