@@ -60,9 +60,9 @@ extension DeviceModel {
                         throw error
                     }
                     s.levels[s.levels.count - 1].readOnly = true
-                    // The old top is shared from now on (another read-only stack may use it).
-                    if let h = s.levels[s.levels.count - 1].lockedFile { try? lifting { () throws(ImageError) in try opener.relock(h, exclusive: false) } }
                     s.levels.append(Level(path: path, image: .ploop1(newTop), readOnly: false, lockedFile: file))
+                    // The old top is shared from now on (another read-only stack may use it).
+                    relockLevels(s.levels)
                 }
             } catch {
                 opener.remove(path)
@@ -87,10 +87,7 @@ extension DeviceModel {
             }
             defer {
                 control.withLock { $0.mergeProgress = nil }
-                // Each level's lock back to its kind: the top exclusive, the rest shared.
-                stack.read { st in
-                    for l in st.levels { if let h = l.lockedFile { try? lifting { () throws(ImageError) in try opener.relock(h, exclusive: !l.readOnly) } } }
-                }
+                stack.read { relockLevels($0.levels) }
             }
             var removed: [String] = []
             if range.upperBound < top {
@@ -102,6 +99,16 @@ extension DeviceModel {
                 removed += try mergeTop(into: range.lowerBound, progress: progress)
             }
             return removed
+        }
+    }
+
+    /// Each level's lock to its kind: the writable top exclusive, read-only levels shared (so
+    /// another read-only stack may use them). Best effort: a level whose lock cannot change keeps
+    /// the one it has.
+    func relockLevels(_ levels: [Level]) {
+        for l in levels {
+            guard let h = l.lockedFile else { continue }
+            try? lifting { () throws(ImageError) in try opener.relock(h, exclusive: !l.readOnly) }
         }
     }
 
