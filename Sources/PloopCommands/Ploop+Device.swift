@@ -255,15 +255,16 @@ extension Ploop {
             // (its caller's pipes) must not stay open for the daemon's lifetime.
             cploop_close_from(max(l.readyFD, 2) + 1)
             let ready = l.readyFD >= 0 ? FileHandle(fileDescriptor: l.readyFD, closeOnDealloc: true) : nil
+            func report(_ line: Wire.Ready) throws { ready?.write(String(decoding: try JSONEncoder().encode(line), as: UTF8.self) + "\n") }
             let daemon: SimulatorDaemon
             do {
                 daemon = try SimulatorDaemon(.init(index: l.index, request: l.request, threads: l.threads, paths: RuntimePaths(root: l.runDir)))
             } catch {
                 let e = (error as? DeviceError) ?? .unavailable("\(error)")
-                ready?.write(String(decoding: try JSONEncoder().encode(Wire.Ready(error: e)), as: UTF8.self) + "\n")
+                try report(Wire.Ready(error: e))
                 throw CommandFailure(e.description)
             }
-            ready?.write(String(decoding: try JSONEncoder().encode(Wire.Ready()), as: UTF8.self) + "\n")
+            try report(Wire.Ready())
             try? ready?.close()
             daemon.run()
         }
