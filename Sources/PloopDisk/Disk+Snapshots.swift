@@ -306,13 +306,50 @@ extension Disk {
         let next = resized(size)
         let j = Journal(operation: "grow \(size)", files: [], grow: size, descriptor: next.xml())
         try writeJournal(j)
-        for g in descriptor.chain().reversed() {
-            let raw = descriptor.image(g)!.kind == .plain
-            if !raw { try repairStaleMark(path(of: g)) }
-            try imageErrors { () throws(ImageError) in try Offline.grow(path: path(of: g), toSectors: size, format: raw ? .raw : .ploop1) }
-        }
+        try resizeImages(to: size)
         try commit(next)
         endJournal(j)
+    }
+
+    /// Offline shrink of a disk whose file system was made smaller first (`ploop resize`): the
+    /// image loses what lies past the new end and its file is compacted, then the descriptor
+    /// follows. A disk with snapshots is refused: their images keep the old size, and the
+    /// clusters past the end they hold would come back with a switch to them.
+    public func shrink(toSectors sectors: UInt64) throws(DiskError) {
+        let size = try roundedSize(sectors)
+        guard size < descriptor.diskSizeSectors else { return }
+        guard descriptor.images.count == 1 else {
+            throw .refused("\(descriptorPath) has snapshots: a disk with snapshots is not shrunk (merge them first: 'ploop snapshot-merge -A \(descriptorPath)')")
+        }
+        let next = resized(size)
+        let j = Journal(operation: "resize \(size)", files: [], resize: size, descriptor: next.xml())
+        try writeJournal(j)
+        try resizeImages(to: size)
+        try commit(next)
+        endJournal(j)
+    }
+
+    /// `sectors` as a whole number of clusters (as every size of a disk is).
+    func roundedSize(_ sectors: UInt64) throws(DiskError) -> UInt64 {
+        do { return try ImageHeader.new(sizeSectors: sectors, clusterSectors: descriptor.blocksize, version: .v2).sizeInSectors } catch {
+            throw .image(.format(descriptorPath, error))
+        }
+    }
+
+    /// Every image of the chain at `size`, grown or shrunk (a re-run after a crash finds some
+    /// done already).
+    func resizeImages(to size: UInt64) throws(DiskError) {
+        for g in descriptor.chain().reversed() {
+            let raw = descriptor.image(g)!.kind == .plain
+            let p = path(of: g)
+            if !raw { try repairStaleMark(p) }
+            let current = try imageErrors { () throws(ImageError) in try ImageInfo.read(path: p).virtualSize / 512 }
+            if current > size {
+                try imageErrors { () throws(ImageError) in try Offline.shrink(path: p, toSectors: size, format: raw ? .raw : .ploop1) }
+            } else {
+                try imageErrors { () throws(ImageError) in try Offline.grow(path: p, toSectors: size, format: raw ? .raw : .ploop1) }
+            }
+        }
     }
 
     /// The descriptor at another size; CHS as a header of that size has it.

@@ -222,6 +222,8 @@ public final class Disk {
         var merge: Merge?
         /// A grow of every image of the chain to redo (sectors) before `descriptor` is committed.
         var grow: UInt64?
+        /// A resize (down) of every image of the chain to redo (sectors) before `descriptor`.
+        var resize: UInt64?
         /// A finished file to rename over an image (a layout conversion) before `descriptor` is
         /// committed; when it is gone, the rename was done.
         var publish: Publish?
@@ -306,13 +308,9 @@ public final class Disk {
             }
             try commit(next)
             finishedOperation = j.operation
-        } else if let size = j.grow, let next {
+        } else if let size = j.grow ?? j.resize, let next {
             say("finishing an interrupted \(j.operation)")
-            for g in descriptor.chain().reversed() {
-                let raw = descriptor.image(g)!.kind == .plain
-                if !raw { try repairStaleMark(path(of: g)) }
-                try imageErrors { () throws(ImageError) in try Offline.grow(path: path(of: g), toSectors: size, format: raw ? .raw : .ploop1) }
-            }
+            try resizeImages(to: size)
             try commit(next)
             finishedOperation = j.operation
         } else if let m = j.merge, let next, PathInfo.kind(m.destination) == .regular {
