@@ -11,6 +11,7 @@
 #include <linux/fs.h>
 #include <linux/fiemap.h>
 #include <linux/loop.h>
+#include <linux/blkpg.h>
 #include <sys/socket.h>
 #include <sys/sysmacros.h>
 #include <sys/un.h>
@@ -76,12 +77,19 @@ int cploop_loop_get_free(void) {
 }
 
 int cploop_loop_configure(const char *loopdev, int backing_fd, int direct_io, int read_only) {
+    return cploop_loop_configure_range(loopdev, backing_fd, direct_io, read_only, 0, 0);
+}
+
+int cploop_loop_configure_range(const char *loopdev, int backing_fd, int direct_io, int read_only, uint64_t offset, uint64_t sizelimit) {
     int fd = open(loopdev, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     if (fd < 0) return -errno;
     struct loop_config cfg;
     memset(&cfg, 0, sizeof(cfg));
     cfg.fd = (unsigned)backing_fd;
-    cfg.info.lo_flags = (direct_io ? LO_FLAGS_DIRECT_IO : 0) | (read_only ? LO_FLAGS_READ_ONLY : 0);
+    cfg.info.lo_offset = offset;
+    cfg.info.lo_sizelimit = sizelimit;
+    // Partition scanning on, as the ploop driver scans its devices: /dev/ploopNp1 needs it.
+    cfg.info.lo_flags = (direct_io ? LO_FLAGS_DIRECT_IO : 0) | (read_only ? LO_FLAGS_READ_ONLY : 0) | LO_FLAGS_PARTSCAN;
     int r = ioctl(fd, LOOP_CONFIGURE, &cfg);
     int e = errno;
     close(fd);
@@ -101,6 +109,34 @@ static int loop_ioctl(const char *loopdev, unsigned long request) {
 int cploop_loop_clear(const char *loopdev) { return loop_ioctl(loopdev, LOOP_CLR_FD); }
 
 int cploop_loop_set_capacity(const char *loopdev) { return loop_ioctl(loopdev, LOOP_SET_CAPACITY); }
+
+int cploop_reread_partitions(const char *dev) {
+    int fd = open(dev, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    int r = ioctl(fd, BLKRRPART, 0);
+    int e = errno;
+    close(fd);
+    return r < 0 ? -e : 0;
+}
+
+int cploop_blkpg_partition(const char *dev, int op, int number, uint64_t start, uint64_t length) {
+    int fd = open(dev, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    struct blkpg_partition part;
+    memset(&part, 0, sizeof(part));
+    part.pno = number;
+    part.start = (long long)start;
+    part.length = (long long)length;
+    struct blkpg_ioctl_arg arg;
+    memset(&arg, 0, sizeof(arg));
+    arg.op = op;
+    arg.datalen = sizeof(part);
+    arg.data = &part;
+    int r = ioctl(fd, BLKPG, &arg);
+    int e = errno;
+    close(fd);
+    return r < 0 ? -e : 0;
+}
 
 int cploop_mknod_block(const char *path, unsigned major, unsigned minor, unsigned mode) {
     return mknod(path, S_IFBLK | mode, makedev(major, minor)) == 0 ? 0 : -errno;

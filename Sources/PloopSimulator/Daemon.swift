@@ -133,6 +133,8 @@ public final class SimulatorDaemon: Sendable {
         life.withLock { $0.loop = loop }
         let replaced = try Loop.linkNode(device, to: loop)
         life.withLock { $0.replacedNode = replaced }
+        // The loop driver scanned the partitions when it attached: their nodes follow.
+        try PartitionNodes.publish(device)
         try saveState()
         let fd = cploop_unix_listen(options.paths.socket(options.index))
         guard fd >= 0 else { throw DeviceError.system("control socket", errno: -fd) }
@@ -303,7 +305,7 @@ public final class SimulatorDaemon: Sendable {
         try life.withLock { l throws in
             if l.phase == .stopped { return }
             if !force {
-                if Loop.isBusy(device) {
+                if Loop.isBusy(device) || PartitionNodes.anyBusy(device) {
                     throw DeviceError.deviceInUse("\(device) (a file system is mounted on it: umount it first, or use 'ploop umount -m')")
                 }
                 let st = model.state
@@ -325,6 +327,8 @@ public final class SimulatorDaemon: Sendable {
     private func teardown(_ l: inout Life) {
         l.phase = .stopped
         if !l.loop.isEmpty {
+            // Partition windows hold the device open: they go first.
+            PartitionNodes.removeWindows(device)
             do { try Loop.detach(l.loop) } catch { log.error("cannot detach the loop device", metadata: ["loop": .string(l.loop), "error": "\(error)"]) }
             Loop.unlinkNode(device, restoring: l.replacedNode)
             l.loop = ""

@@ -81,7 +81,9 @@ enum Loop {
         return replaced
     }
 
+    /// Removes `/dev/ploopN` and the partition nodes made for it.
     static func unlinkNode(_ node: String, restoring replaced: [UInt32]?) {
+        if let (major, _) = numbers(node), major != PartitionNodes.ploopMajor { PartitionNodes.removeNodes(node, major: major) }
         unlink(node)
         if let r = replaced, r.count == 2 { _ = cploop_mknod_block(node, r[0], r[1], 0o660) }
     }

@@ -214,6 +214,7 @@ public final class SimulatorBackend: DeviceBackend {
     /// the node, remove the runtime directory. The images keep their in-use mark; the next mount
     /// checks them.
     func cleanupDead(_ st: RuntimeState) {
+        PartitionNodes.removeWindows(st.device)
         if !st.loop.isEmpty { try? Loop.detach(st.loop) }
         Loop.unlinkNode(st.device, restoring: st.replacedNode)
         umount2(st.fuseFile, Int32(MNT_DETACH))

@@ -32,6 +32,8 @@ int cploop_fiemap(int fd, uint64_t start, uint64_t length, struct cploop_extent 
 int cploop_loop_get_free(void);
 /// LOOP_CONFIGURE of the loop device at `loopdev` over `backing_fd`; 0 or -errno.
 int cploop_loop_configure(const char *loopdev, int backing_fd, int direct_io, int read_only);
+/// The same, for the window [offset, offset + sizelimit) of the backing file (0: to its end).
+int cploop_loop_configure_range(const char *loopdev, int backing_fd, int direct_io, int read_only, uint64_t offset, uint64_t sizelimit);
 /// LOOP_CLR_FD; 0 or -errno.
 int cploop_loop_clear(const char *loopdev);
 /// LOOP_SET_CAPACITY (re-read the backing file's size); 0 or -errno.
@@ -39,6 +41,11 @@ int cploop_loop_set_capacity(const char *loopdev);
 /// mknod(2) of a block device node; 0 or -errno.
 int cploop_mknod_block(const char *path, unsigned major, unsigned minor, unsigned mode);
 /// major/minor of a block device node; 0 or -errno.
+/// BLKRRPART: the kernel reads the partition table again (EBUSY while a partition is in use).
+int cploop_reread_partitions(const char *dev);
+/// BLKPG: add (1), delete (2) or resize (3) partition `number` of a disk, in bytes; works while
+/// other partitions (or, for resize, the partition itself) are mounted.
+int cploop_blkpg_partition(const char *dev, int op, int number, uint64_t start, uint64_t length);
 int cploop_block_numbers(const char *path, unsigned *major, unsigned *minor);
 /// A listening Unix stream socket at `path` (removed first), mode 0600; fd or -errno.
 int cploop_unix_listen(const char *path);
