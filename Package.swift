@@ -47,11 +47,15 @@ let package = Package(
         .target(
             name: "PloopDisk", dependencies: ["PloopImage", "PloopFormat", "PloopSystem", "PloopDevice"],
             exclude: ["README.md"], swiftSettings: swiftSettings),
+        // Disks with a file system: the GPT, the ext4 tools, mkfs, mount and resize of the partition.
+        .target(
+            name: "PloopVolume", dependencies: ["PloopDisk", "PloopDevice", "PloopImage", "PloopFormat", "PloopSystem", "CPloopSys"],
+            exclude: ["README.md"], swiftSettings: swiftSettings),
         // Every subcommand, testable without spawning the binary.
         .target(
             name: "PloopCommands",
             dependencies: [
-                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopKernel", "PloopBalloon", "PloopCopy", "PloopSystem", "CPloopSys", "PloopDisk",
+                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopKernel", "PloopBalloon", "PloopCopy", "PloopSystem", "CPloopSys", "PloopDisk", "PloopVolume",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             exclude: ["README.md"], swiftSettings: swiftSettings
@@ -77,7 +81,7 @@ let package = Package(
             name: "PloopCopyTests", dependencies: ["PloopCopy", "PloopDevice", "PloopImage", "PloopFormat", "PloopTestSupport"], swiftSettings: swiftSettings),
         .testTarget(
             name: "PloopCommandsTests",
-            dependencies: ["PloopCommands", "PloopImage", "PloopFormat", "PloopTestSupport", "PloopDisk", "PloopSystem"],
+            dependencies: ["PloopCommands", "PloopImage", "PloopFormat", "PloopTestSupport", "PloopDisk", "PloopSystem", "PloopVolume"],
             swiftSettings: swiftSettings
         ),
         // The real stack: the built `ploop` binary against qemu-img/qemu-io (and, later, FUSE/loop as root).

@@ -15,6 +15,8 @@ public struct BalloonProcedure: Sendable {
     public let backend: any DeviceBackend
     public let device: String
     public let mountPoint: String
+    /// Where the mounted file system starts on the device, in bytes (0: on the whole device).
+    public var partitionOffset: UInt64 = 0
     /// Called with a line for the user at each step.
     public let say: @Sendable (String) -> Void
     /// Test hook: stop (as if killed) right after the named step.
@@ -243,8 +245,9 @@ public struct BalloonProcedure: Sendable {
         for e in try balloon.physicalExtents() {
             let lo = max(e.logical, from), hi = min(e.logical + e.length, to)
             guard lo < hi else { continue }
-            // The file system sits on the whole device: its byte offsets are device offsets.
-            let start = e.physical + (lo - e.logical)
+            // File-system byte offsets are partition offsets: the partition's start makes them
+            // device offsets.
+            let start = e.physical + (lo - e.logical) + partitionOffset
             let first = (start + cb - 1) / cb
             let end = (start + (hi - lo)) / cb
             if first < end { clusters.append(contentsOf: first..<end) }

@@ -4,6 +4,7 @@ import PloopBalloon
 import PloopDevice
 import PloopFormat
 import PloopSystem
+import PloopVolume
 
 extension Ploop {
     struct Balloon: ParsableCommand {
@@ -33,25 +34,31 @@ extension Ploop {
         var json = false
 
         func resolve(needMount: Bool = true) throws -> (BalloonProcedure, any DeviceBackend) {
-            var dev = device
+            var named = device
             var mnt = mountPoint.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
-            if dev == nil, let m = mnt {
+            if named == nil, let m = mnt {
                 guard let d = Mounts.device(at: m) else { throw CommandFailure("nothing is mounted at \(m)") }
-                dev = d
+                named = d
             }
-            guard let dev else { throw CommandFailure("give -d DEVICE or -m MOUNT_POINT") }
-            guard DeviceName.index(dev) != nil else { throw CommandFailure("\(dev) is not a ploop device") }
+            guard let given = named else { throw CommandFailure("give -d DEVICE or -m MOUNT_POINT") }
+            guard let node = PloopNode(given) else { throw CommandFailure("\(given) is not a ploop device") }
+            let dev = node.device
+            var offset = node.offsetBytes
             if let m = mnt {
-                guard Mounts.device(at: m) == dev else { throw CommandFailure("\(m) is not a mount point of \(dev)") }
+                guard let source = Mounts.device(at: m), PloopNode(source)?.device == dev else { throw CommandFailure("\(m) is not a mount point of \(dev)") }
+                offset = PloopNode(source)!.offsetBytes
             } else {
-                mnt = Mounts.mountPoints(of: dev).first
+                let mounted = Mounts.all().first { PloopNode($0.source)?.device == dev }
+                mnt = mounted?.target
+                offset = mounted.flatMap { PloopNode($0.source)?.offsetBytes } ?? 0
                 if mnt == nil && needMount { throw CommandFailure("no file system of \(dev) is mounted: mount it, or give -m") }
             }
             let be = try backend.backend.resolve()
             let json = self.json
-            let p = BalloonProcedure(backend: be, device: dev, mountPoint: mnt ?? "/nonexistent") { line in
+            var p = BalloonProcedure(backend: be, device: dev, mountPoint: mnt ?? "/nonexistent") { line in
                 if !json { print(line) }
             }
+            p.partitionOffset = offset
             return (p, be)
         }
     }

@@ -3,6 +3,7 @@ import Foundation
 import PloopCopy
 import PloopDevice
 import PloopDisk
+import PloopVolume
 
 extension Ploop {
     struct Copy: ParsableCommand {
@@ -70,7 +71,7 @@ extension Ploop {
                     }
                     sink = StreamSink(fd: output, feedback: feedback)
                 }
-                let sender = CopySender(backend: be, device: dev, mountPoint: Mounts.mountPoints(of: dev).first, stopCommand: stopCommand) { err.write("ploop copy: \($0)\n") }
+                let sender = CopySender(backend: be, device: dev, mountPoint: Mounts.mountPoints(ofDeviceOrPartitions: dev).first, stopCommand: stopCommand) { err.write("ploop copy: \($0)\n") }
                 let r = try copyErrors { try sender.run(into: sink) }
                 let line = String(format: "copied %llu bytes in %d passes, %.3f s total, frozen %.3f s (%.1f%%)", r.bytesSent, r.passes, r.totalSeconds, r.frozenSeconds, r.totalSeconds > 0 ? 100 * r.frozenSeconds / r.totalSeconds : 0)
                 if json {

@@ -4,6 +4,7 @@ import PloopDevice
 import PloopDisk
 import PloopFormat
 import PloopImage
+import PloopVolume
 import PloopSimulator
 import PloopSystem
 import CPloopSys
@@ -35,8 +36,11 @@ extension Ploop {
         var device: String?
         @Option(name: .short, help: ArgumentHelp("Also mount the file system at this directory.", valueName: "mount-point"))
         var mountPoint: String?
-        @Option(name: .short, help: ArgumentHelp("File system type for -m.", valueName: "type"))
-        var type: String = "ext4"
+        @Option(name: .short, help: ArgumentHelp("File system type for -m (default: what the partition holds; ext4 for images).", valueName: "type"))
+        var type: String?
+        var typeGiven: String? { type }
+        @Flag(name: .customShort("F"), help: "With -m and a disk: check the file system (e2fsck -p) before mounting it.")
+        var fsck = false
         @Option(name: .short, help: ArgumentHelp("Mount options for -m.", valueName: "options"))
         var options: String?
         @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Cluster size in sectors of a lone raw image.", valueName: "blocksize"))
@@ -58,8 +62,8 @@ extension Ploop {
 
         func run() throws {
             if images.count == 1, Disk.descriptorPath(for: images[0]) != nil {
-                if mountPoint != nil { throw CommandFailure("-m with a disk comes with file-system disks; mount the device it prints with mount(8)") }
-                try DiskCommands.mount(images[0], uuid: uuid, readOnly: readOnly, device: device, backend: backend, json: json)
+                let fs = mountPoint.map { DiskCommands.FileSystemMount(directory: $0, type: typeGiven, options: options, fsck: fsck) }
+                try DiskCommands.mount(images[0], uuid: uuid, readOnly: readOnly, device: device, fileSystem: fs, backend: backend, json: json)
                 return
             }
             if uuid != nil { throw CommandFailure("-u names a snapshot of a disk: give DiskDescriptor.xml") }
@@ -84,12 +88,10 @@ extension Ploop {
                 try be.mount(MountRequest(images: paths, baseFormat: format, readOnly: readOnly, device: device, clusterSectors: try ClusterOption.parse(blocksize)))
             }
             if let m = mountPoint {
-                var args = ["mount", "-t", type]
-                if let o = options { args += ["-o", o] }
-                if readOnly { args += ["-o", "ro"] }
-                do { try Mounts.run(args + [dev, m]) } catch {
+                let opts = (options.map { [$0] } ?? []) + (readOnly ? ["ro"] : [])
+                do { try FileSystem.mount(dev, at: m, type: type ?? "ext4", options: opts) } catch {
                     try? be.umount(dev)
-                    throw error
+                    throw CommandFailure(error.description, code: error.code)
                 }
             }
             if json {
@@ -133,15 +135,17 @@ extension Ploop {
             var dev = device
             if let disk { dev = try DiskCommands.umount(disk, backend: backend) }
             if let m = mountPoint {
-                guard let d = Mounts.device(at: m) else { throw CommandFailure("nothing is mounted at \(m)") }
-                guard DeviceName.index(d) != nil else { throw CommandFailure("\(m) is mounted from \(d), not from a ploop device") }
-                dev = d
+                guard let d = Mounts.device(at: m) else { throw CommandFailure("nothing is mounted at \(m): nothing was unmounted") }
+                guard let node = PloopNode(d) else { throw CommandFailure("\(m) is mounted from \(d), not from a ploop device: nothing was unmounted") }
+                dev = node.device
             }
             let be = try backend.backend.resolve()
             let name = try Self.knownDevice(dev!, backend: be)
             // Only now, with the name proven to be a device of ours, unmount what is mounted from
             // it and from its partitions (innermost first).
-            for m in Mounts.mountPoints(ofDeviceOrPartitions: name).reversed() { try Mounts.run(["umount", m]) }
+            for m in Mounts.mountPoints(ofDeviceOrPartitions: name).reversed() {
+                do { try FileSystem.umount(m) } catch { throw CommandFailure(error.description, code: error.code) }
+            }
             try failing { try be.umount(name) }
         }
 

@@ -4,6 +4,7 @@ import PloopDevice
 import PloopDisk
 import PloopFormat
 import PloopImage
+import PloopVolume
 import PloopSystem
 
 /// Turns disk errors into the one line a user reads.
@@ -337,7 +338,9 @@ enum DiskCommands {
         }
     }
 
-    static func mount(_ argument: String, uuid: String?, readOnly: Bool, device: String?, backend: BackendOptions, json: Bool) throws {
+    static func mount(_ argument: String, uuid: String?, readOnly: Bool, device: String?, fileSystem: FileSystemMount?, backend: BackendOptions, json: Bool) throws {
+        // A mount point that cannot be used is refused before the device starts.
+        if let fs = fileSystem { try volumeErrors { () throws(VolumeError) in try Volume.checkMountPoint(fs.directory) } }
         let d = try DiskDevices.open(argument, backend: backend)
         // Without a backend the open could not have one; resolving again says why.
         let be = try d.backend ?? backend.backend.resolve()
@@ -352,6 +355,20 @@ enum DiskCommands {
         try DirtyImages.repair(paths, baseFormat: d.baseFormat)
         let dev = try failing {
             try be.mount(MountRequest(images: paths, baseFormat: d.baseFormat, readOnly: ro, device: device, clusterSectors: d.descriptor.blocksize))
+        }
+        // /dev/ploopNp1 as soon as the device runs (a disk without a table has none).
+        if fileSystem == nil { _ = try? Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize)).layout() }
+        if let fs = fileSystem {
+            // Nothing is left running when the file system cannot be mounted.
+            let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
+            do {
+                try volumeErrors { () throws(VolumeError) in
+                    _ = try vol.mount(at: fs.directory, type: fs.type, options: fs.options.map { [$0] } ?? [], fsck: fs.fsck, readOnly: ro)
+                }
+            } catch {
+                try? be.umount(dev)
+                throw error
+            }
         }
         if json { print(try Output.json(try failing { try be.info(dev) })) } else { print(dev) }
     }
@@ -399,6 +416,8 @@ enum DiskCommands {
         var top: String
         var images: [String]
         var device: String?
+        /// Plain `info` only: the file system's usage (nil for a disk without one).
+        var fileSystem: FileSystem.Usage?
     }
 
     static func info(_ argument: String, spec: Bool, device showDevice: Bool, json: Bool, backend: BackendOptions) throws {
@@ -406,10 +425,16 @@ enum DiskCommands {
         let topPath = d.path(of: d.descriptor.topGUID)
         let top = try failing { try ImageInfo.read(path: topPath) }
         let dev = d.backend.flatMap { DiskDevices.device(of: d, backend: $0) }?.device
+        // Plain info reports the file system's usage, as the original (a disk without one: the spec).
+        let usage = spec || showDevice ? nil : try usage(d)
         if json {
             print(try Output.json(InfoReport(
                 descriptor: d.descriptorPath, sizeSectors: d.descriptor.diskSizeSectors, blocksize: d.descriptor.blocksize,
-                fmtVersion: top.version, top: topPath, images: d.chainPaths(), device: dev)))
+                fmtVersion: top.version, top: topPath, images: d.chainPaths(), device: dev, fileSystem: usage)))
+            return
+        }
+        if let usage {
+            printUsage(usage)
             return
         }
         if spec || !showDevice {

@@ -2,6 +2,7 @@ import ArgumentParser
 import PloopDisk
 import PloopFormat
 import PloopImage
+import PloopVolume
 
 extension Ploop {
     struct Info: ParsableCommand {

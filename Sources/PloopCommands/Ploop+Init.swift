@@ -1,7 +1,9 @@
 import ArgumentParser
+import Foundation
 import PloopDisk
 import PloopFormat
 import PloopImage
+import PloopVolume
 
 extension Ploop {
     struct Init: ParsableCommand {
@@ -16,8 +18,15 @@ extension Ploop {
                 -f preallocated gives every cluster its block before the image appears (space reserved with \
                 fallocate, reading zeros), so writes never extend the file; the descriptor records it.
 
-                The file system type defaults to none here (as the manual's init); the original v7 \
-                defaults to ext4. File systems on disks (-t ext4|ext3) are not in this build yet.
+                With -t ext4 or -t ext3 the disk gets a GPT with one partition aligned to the cluster \
+                size, the file system on it (mke2fs with lazy inode-table and journal initialisation \
+                unless -n, stride of one cluster) and the empty hidden balloon file in its root; a device \
+                is started for that and stopped again, and if any step fails every file init made is \
+                removed. The type defaults to none here (as the manual's init); the original v7 defaults \
+                to ext4, so give -t ext4 to get its disks.
+
+                Example (a container disk as vzctl makes it):
+                  ploop init -s 10g -t ext4 /vz/private/123/root.hdd/root.hds
 
                 Example (from the manual):
                   ploop init -s 10g /vz/private/123/root.hdd/root.hds
@@ -38,8 +47,19 @@ extension Ploop {
         @Option(name: .short, parsing: .unconditional, help: ArgumentHelp("Header version 1 or 2. Default: 2, or 1 on a ploop kernel without large-disk support.", valueName: "version"))
         var version: String?
 
-        @Option(name: .short, help: ArgumentHelp("File system to make on the disk: none (ext4 and ext3 are not in this build yet).", valueName: "fstype"))
+        @Option(name: .short, help: ArgumentHelp("File system to make on the disk: none (the default), ext4 or ext3.", valueName: "fstype"))
         var type: String = "none"
+
+        @Option(name: .customShort("B"), help: ArgumentHelp("File-system block size in bytes (1024, 2048 or 4096; default 4096).", valueName: "fsblocksize"))
+        var fsBlockSize: Int?
+
+        @Option(name: .customShort("L"), help: ArgumentHelp("File-system label.", valueName: "label"))
+        var label: String?
+
+        @Flag(name: [.customShort("n"), .customLong("nolazy")], help: "Initialise inode tables and the journal now, not lazily after the first mount.")
+        var noLazy = false
+
+        @OptionGroup var backend: BackendOptions
 
         @Flag(name: .customLong("no-descriptor"), help: "Create the image only, without DiskDescriptor.xml (the manual's init).")
         var noDescriptor = false
@@ -57,9 +77,13 @@ extension Ploop {
             _ = try ClusterOption.parse(blocksize)
             _ = try SizeOption.parse(size)
             switch type {
-            case "none": break
-            case "ext4", "ext3": throw ValidationError("-t \(type): disks with a file system are not in this build yet; use -t none and make the file system on the device")
-            default: throw ValidationError("-t \(type): the file system type is none (ext4 and ext3 come later)")
+            case "none":
+                if fsBlockSize != nil || label != nil || noLazy { throw ValidationError("-B, -L and -n go with a file system: give -t ext4 or -t ext3") }
+            case "ext4", "ext3":
+                if noDescriptor { throw ValidationError("-t \(type) makes a disk (DiskDescriptor.xml): drop --no-descriptor") }
+                if layout.format == .raw { throw ValidationError("-t \(type) with -f raw: give a ploop1 layout (expanded or preallocated)") }
+                if let b = fsBlockSize, ![1024, 2048, 4096].contains(b) { throw ValidationError("-B \(b): the file-system block size is 1024, 2048 or 4096") }
+            default: throw ValidationError("-t \(type): the file system type is none, ext4 or ext3")
             }
         }
 
@@ -84,7 +108,14 @@ extension Ploop {
             case .raw:
                 print("Created \(image): raw, \(Output.size(header.virtualBytes))")
             }
-            if let stored { print("Storing \(stored)") }
+            if let stored {
+                print("Storing \(stored)")
+                if type != "none" {
+                    let made = [URL(fileURLWithPath: image).standardizedFileURL.path, stored, stored + ".lck"]
+                    let options = FileSystem.MakeOptions(type: type, blockSize: fsBlockSize, label: label, lazy: !noLazy)
+                    try DiskCommands.makeFileSystem(descriptor: stored, options: options, backend: backend, made: made)
+                }
+            }
         }
     }
 }

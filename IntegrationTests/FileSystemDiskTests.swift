@@ -1,0 +1,197 @@
+import Foundation
+import PloopSystem
+import PloopTestSupport
+import Testing
+
+/// Disks with a file system, as the original's own tests drive them: init -t ext4, mount -m,
+/// resize up and down mounted, convert with snapshots, fsck — on the simulator and through the
+/// kernel backend's fake driver, every file's bytes compared with what was written after each
+/// step. Devices and mounts are removed by their exact names even when a test fails.
+@Suite(.serialized, .enabled(if: TestSupport.simulatorUnavailable == nil, "simulator stack unavailable: \(TestSupport.simulatorUnavailable ?? "")"))
+struct FileSystemDiskTests {
+    /// A disk folder and a mount point; whatever is still mounted or running at the end is
+    /// unmounted by name.
+    final class Place {
+        let root: ScratchDirectory
+        let folder: String
+        let dd: String
+        let mnt: String
+        var files: [String: [UInt8]] = [:]
+
+        init() throws {
+            root = try ScratchDirectory("ploop-fs")
+            folder = root.file("disk")
+            mnt = root.file("mnt")
+            try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: false)
+            try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: false)
+            dd = folder + "/DiskDescriptor.xml"
+        }
+
+        deinit {
+            if Self.mounted(mnt) { _ = try? TestSupport.sh("umount", mnt) }
+            _ = try? TestSupport.ploop("umount", dd)
+        }
+
+        static func mounted(_ dir: String) -> Bool {
+            let text = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
+            return text.split(separator: "\n").contains { $0.split(separator: " ").dropFirst().first.map(String.init) == dir }
+        }
+
+        func write(_ name: String, megabytes: Int, seed: UInt64) throws {
+            let bytes = DeviceContent.pattern(megabytes << 20, seed: seed)
+            let f = try File(path: mnt + "/" + name, mode: .createOrOpen)
+            try bytes.withUnsafeBytes { try f.write($0, at: 0) }
+            try f.sync()
+            files[name] = bytes
+        }
+
+        func remove(_ name: String) throws {
+            try FileManager.default.removeItem(atPath: mnt + "/" + name)
+            files[name] = nil
+        }
+
+        /// Every file written is there with its bytes.
+        func filesMatch() -> Bool {
+            files.allSatisfy { name, bytes in FileManager.default.contents(atPath: mnt + "/" + name).map { Array($0) == bytes } ?? false }
+        }
+
+        func descriptor() -> Data { FileManager.default.contents(atPath: dd) ?? Data() }
+    }
+
+    @discardableResult
+    static func ploop(_ args: String..., sourceLocation: SourceLocation = #_sourceLocation) throws -> TestSupport.Result {
+        let r = try TestSupport.ploop(args)
+        #expect(r.code == 0, "ploop \(args.joined(separator: " ")): \(r)", sourceLocation: sourceLocation)
+        return r
+    }
+
+    /// The device running the disk (from `info -d`), and its partition node.
+    static func device(_ dd: String) throws -> (String, String) {
+        let out = try ploop("info", "-d", dd).stdout
+        func field(_ k: String) -> String {
+            out.split(separator: "\n").first { $0.hasPrefix(k) }.map { String($0.dropFirst(k.count)).trimmingCharacters(in: .whitespaces) } ?? ""
+        }
+        return (field("device:"), field("partition:"))
+    }
+
+    static func sizeSectors(_ dd: String) throws -> UInt64 {
+        let out = try ploop("info", "-s", dd).stdout
+        return out.split(separator: "\n").first { $0.hasPrefix("size:") }.flatMap { UInt64($0.dropFirst(5).trimmingCharacters(in: .whitespaces)) } ?? 0
+    }
+
+    /// e2fsck -f -n on the partition with the device running and nothing mounted: clean.
+    static func fsckClean(_ p: Place, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        try ploop("mount", p.dd)
+        let (dev, part) = try device(p.dd)
+        #expect(!dev.isEmpty && part == dev + "p1", "\(dev) \(part)", sourceLocation: sourceLocation)
+        let r = try TestSupport.sh("e2fsck", "-f", "-n", part)
+        #expect(r.code == 0, "e2fsck -f -n \(part): \(r)", sourceLocation: sourceLocation)
+        try ploop("umount", p.dd)
+    }
+
+    /// The original's file-system scenario on a 1 TB sparse disk.
+    @Test(arguments: TestSupport.cliBackends)
+    func growMountedAndShrinkBack(backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
+            let p = try Place()
+            try Self.ploop("init", "-s", "1t", "-t", "ext4", p.folder + "/root.hds")
+            let afterInit = try Self.device(p.dd).0
+            #expect(afterInit.isEmpty, "init left its device running")
+            try Self.ploop("mount", "-m", p.mnt, p.dd)
+            #expect(FileManager.default.fileExists(atPath: p.mnt + "/.balloon-c3a5ae3d-ce7f-43c4-a1ea-c61e2b4504e8"))
+            for i in 0..<3 { try p.write("before\(i)", megabytes: 4, seed: UInt64(i + 1)) }
+            try Self.ploop("resize", "-s", "2t", p.dd)
+            #expect(try Self.sizeSectors(p.dd) == 4 << 30)
+            #expect(Place.mounted(p.mnt) && p.filesMatch())
+            let grown = try FileManager.default.attributesOfFileSystem(forPath: p.mnt)[.systemSize] as? UInt64 ?? 0
+            #expect(grown > 3 << 40 / 2, "the file system did not grow: \(grown) bytes")
+            try Self.ploop("umount", p.dd)
+            try Self.ploop("mount", "-m", p.mnt, p.dd)
+            #expect(p.filesMatch())
+            for i in 0..<2 { try p.write("after\(i)", megabytes: 4, seed: UInt64(i + 10)) }
+            try Self.ploop("umount", "-m", p.mnt)
+            try Self.fsckClean(p)
+            try Self.ploop("mount", "-m", p.mnt, p.dd)
+            try p.remove("before1")
+            try Self.ploop("resize", "-s", "1t", p.dd)
+            #expect(try Self.sizeSectors(p.dd) == 2 << 30)
+            #expect(Place.mounted(p.mnt) && p.filesMatch())
+            try Self.ploop("umount", p.dd)
+            try Self.fsckClean(p)
+            try Self.ploop("check", "-f", p.dd)
+            let q = try TestSupport.sh("qemu-img", "check", "-f", "parallels", p.folder + "/root.hds")
+            #expect(q.code == 0, "\(q)")
+            // The GPT is whole and its copy sits at the new end.
+            try Self.ploop("mount", p.dd)
+            let (dev, _) = try Self.device(p.dd)
+            let v = try TestSupport.sh("sgdisk", "-v", dev)
+            #expect(v.code == 0 && v.stdout.contains("No problems found"), "\(v)")
+            try Self.ploop("umount", p.dd)
+        } }
+    }
+
+    /// init -v 1 -t ext4, three snapshots taken while writing, convert -v 2, everything read back.
+    @Test(arguments: TestSupport.cliBackends)
+    func versionChangeWithSnapshots(backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
+            let p = try Place()
+            try Self.ploop("init", "-s", "2g", "-v", "1", "-t", "ext4", p.folder + "/root.hds")
+            try Self.ploop("mount", "-m", p.mnt, p.dd)
+            for i in 0..<3 {
+                try p.write("f\(i)", megabytes: 8, seed: UInt64(100 + i))
+                try Self.ploop("snapshot", p.dd)
+            }
+            try p.write("last", megabytes: 2, seed: 200)
+            try Self.ploop("umount", p.dd)
+            try Self.ploop("convert", "-v", "2", p.dd)
+            #expect(try Self.ploop("info", "-s", p.dd).stdout.contains("fmt_version:\t2"))
+            try Self.ploop("mount", "-m", p.mnt, p.dd)
+            #expect(p.filesMatch())
+            try Self.ploop("umount", p.dd)
+            try Self.fsckClean(p)
+            try Self.ploop("check", "-f", p.dd)
+        } }
+    }
+
+    /// A shrink the file system cannot take, and the other refusals: each exits non-zero, names
+    /// the problem, and leaves the descriptor, the size, the files and the mounts as they were.
+    @Test func refusalsChangeNothing() throws {
+        try DeviceTestLock.run {
+            let p = try Place()
+            try Self.ploop("init", "-s", "512m", "-t", "ext4", p.folder + "/root.hds")
+            let bad = try TestSupport.ploop("init", "-s", "512m", "-t", "xfs", p.root.file("other.hds"))
+            #expect(bad.code != 0 && bad.stderr.contains("-t xfs"), "\(bad)")
+            #expect(!FileManager.default.fileExists(atPath: p.root.file("other.hds")))
+            try Self.ploop("mount", "-m", p.mnt, p.dd)
+            try p.write("big", megabytes: 300, seed: 7)
+            let before = p.descriptor()
+            let table = try TestSupport.sh("sgdisk", "-p", try Self.device(p.dd).0).stdout
+            for (args, says) in [
+                (["resize", "-s", "100m", p.dd], "at least"),
+                (["resize", "-s", "0", p.dd], "zero"),
+                (["resize", "-s", "512m", p.dd], "already"),
+                (["mount", "-m", p.root.file("missing"), p.dd], "not a directory"),
+                (["umount", "-m", p.root.path], "nothing is mounted"),
+            ] {
+                let r = try TestSupport.ploop(args)
+                #expect(r.code != 0 && r.stderr.contains(says), "ploop \(args.joined(separator: " ")): \(r)")
+                #expect(p.descriptor() == before && Place.mounted(p.mnt) && p.filesMatch(), "after ploop \(args.joined(separator: " "))")
+            }
+            #expect(try TestSupport.sh("sgdisk", "-p", try Self.device(p.dd).0).stdout == table)
+            try Self.ploop("umount", p.dd)
+            // Mount points that cannot be used: nothing is left running.
+            let busy = try TestSupport.ploop("mount", "-m", "/proc", p.dd)
+            #expect(busy.code != 0 && busy.stderr.contains("busy"), "\(busy)")
+            let missing = try TestSupport.ploop("mount", "-m", p.root.file("missing"), p.dd)
+            #expect(missing.code != 0 && missing.stderr.contains("not a directory"), "\(missing)")
+            #expect(try Self.device(p.dd).0.isEmpty)
+            // A disk mounted read-only is not resized.
+            try Self.ploop("mount", "-r", "-m", p.mnt, p.dd)
+            let ro = try TestSupport.ploop("resize", "-s", "1g", p.dd)
+            #expect(ro.code != 0 && ro.stderr.contains("read-only"), "\(ro)")
+            #expect(p.descriptor() == before && p.filesMatch())
+            try Self.ploop("umount", p.dd)
+            #expect(!Place.mounted(p.mnt))
+        }
+    }
+}

@@ -1,0 +1,124 @@
+import Foundation
+import PloopFormat
+
+/// The ext3/ext4 file system on a disk's partition, through e2fsprogs and mount(8).
+public enum FileSystem {
+    /// The hidden balloon file the original creates in the file system's root.
+    public static let balloonName = PloopSpec.balloonFileName
+    public static let types = ["ext4", "ext3"]
+
+    public struct MakeOptions: Sendable {
+        public var type: String
+        public var blockSize: Int?
+        public var label: String?
+        public var lazy: Bool
+        public init(type: String, blockSize: Int? = nil, label: String? = nil, lazy: Bool = true) {
+            self.type = type
+            self.blockSize = blockSize
+            self.label = label
+            self.lazy = lazy
+        }
+    }
+
+    /// mkfs on `partition`: stride and stripe width of one cluster (the unit the image allocates),
+    /// lazy inode-table and journal initialisation unless told otherwise, no discard (a new image
+    /// reads zeros already, and discarding a terabyte through the device would take long).
+    public static func make(_ partition: String, options o: MakeOptions, clusterBytes: Int) throws(VolumeError) {
+        guard types.contains(o.type) else { throw VolumeError("-t \(o.type): the file system type is ext4, ext3 or none", code: VolumeError.param) }
+        let block = o.blockSize ?? 4096
+        let stride = max(1, clusterBytes / block)
+        let lazy = o.lazy ? 1 : 0
+        var args = ["-t", o.type, "-F", "-q", "-b", "\(block)", "-E", "stride=\(stride),stripe_width=\(stride),lazy_itable_init=\(lazy),lazy_journal_init=\(lazy),nodiscard"]
+        if let l = o.label { args += ["-L", l] }
+        try Tool.run("mke2fs", args + [partition], code: VolumeError.mkfs)
+    }
+
+    /// e2fsck: `force` checks a clean file system too; repairs what is safe to repair (-p).
+    /// Exit 1 and 2 mean errors were corrected, 4 and above that some were left.
+    public static func check(_ partition: String, force: Bool) throws(VolumeError) {
+        let r = try Tool.status("e2fsck", (force ? ["-f"] : []) + ["-p", partition], code: VolumeError.fsck)
+        guard r.status < 4 else {
+            let text = (r.stdout + r.stderr).trimmingCharacters(in: .whitespacesAndNewlines)
+            throw VolumeError("e2fsck found errors on \(partition) it could not repair (exit \(r.status)): \(text)\nrun 'e2fsck -f \(partition)' by hand while the disk is mounted with 'ploop mount DiskDescriptor.xml' (no -m)", code: VolumeError.fsck)
+        }
+    }
+
+    /// What the superblock says (dumpe2fs -h).
+    public struct Superblock: Equatable, Sendable {
+        public var blockCount: UInt64
+        public var blockSize: UInt64
+        public var freeBlocks: UInt64
+        public var inodeCount: UInt64
+        public var freeInodes: UInt64
+        public var sectors: UInt64 { blockCount * blockSize / 512 }
+    }
+
+    public static func superblock(_ partition: String) throws(VolumeError) -> Superblock {
+        let out = try Tool.run("dumpe2fs", ["-h", partition], code: VolumeError.resizeFS)
+        var fields: [String: UInt64] = [:]
+        for line in out.split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            let key = line[..<colon].trimmingCharacters(in: .whitespaces)
+            if let v = UInt64(line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)) { fields[key] = v }
+        }
+        guard let count = fields["Block count"], let size = fields["Block size"], let free = fields["Free blocks"],
+            let inodes = fields["Inode count"], let freeInodes = fields["Free inodes"]
+        else { throw VolumeError("\(partition) holds no ext file system dumpe2fs can read", code: VolumeError.resizeFS) }
+        return Superblock(blockCount: count, blockSize: size, freeBlocks: free, inodeCount: inodes, freeInodes: freeInodes)
+    }
+
+    /// The smallest size resize2fs can shrink the file system to, in sectors.
+    public static func minimumSectors(_ partition: String, blockSize: UInt64) throws(VolumeError) -> UInt64 {
+        let out = try Tool.run("resize2fs", ["-P", partition], code: VolumeError.resizeFS)
+        guard let line = out.split(separator: "\n").first(where: { $0.contains("minimum size") }),
+            let n = line.split(separator: ":").last.flatMap({ UInt64($0.trimmingCharacters(in: .whitespaces)) })
+        else { throw VolumeError("resize2fs -P \(partition) gave no minimum size: \(out)", code: VolumeError.resizeFS) }
+        return n * blockSize / 512
+    }
+
+    /// resize2fs to `sectors` (a whole number of file-system blocks), mounted (online) or not.
+    public static func resize(_ partition: String, toSectors sectors: UInt64) throws(VolumeError) {
+        try Tool.run("resize2fs", [partition, "\(sectors)s"], code: VolumeError.resizeFS)
+    }
+
+    public static func mount(_ source: String, at directory: String, type: String?, options: [String]) throws(VolumeError) {
+        var args: [String] = []
+        if let type { args += ["-t", type] }
+        if !options.isEmpty { args += ["-o", options.joined(separator: ",")] }
+        try Tool.run("mount", args + [source, directory], code: VolumeError.mount)
+    }
+
+    public static func umount(_ directory: String) throws(VolumeError) {
+        try Tool.run("umount", [directory], code: VolumeError.umount)
+    }
+
+    /// Makes the empty hidden balloon file (mode 0600) in the root of a mounted file system.
+    public static func createBalloon(in mountPoint: String) throws(VolumeError) {
+        let path = mountPoint + "/" + balloonName
+        let fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            if errno == EEXIST { return }
+            throw VolumeError("creating \(path): \(String(cString: strerror(errno)))", code: VolumeError.mkfs)
+        }
+        fsync(fd)
+        close(fd)
+    }
+
+    /// Usage of a mounted file system, as df counts it.
+    public struct Usage: Codable, Equatable, Sendable {
+        public var blockSize: UInt64
+        public var blocks: UInt64
+        public var blocksFree: UInt64
+        public var blocksAvailable: UInt64
+        public var inodes: UInt64
+        public var inodesFree: UInt64
+    }
+
+    public static func usage(_ mountPoint: String) throws(VolumeError) -> Usage {
+        var s = statvfs()
+        guard statvfs(mountPoint, &s) == 0 else { throw VolumeError("statvfs \(mountPoint): \(String(cString: strerror(errno)))", code: VolumeError.mount) }
+        return Usage(
+            blockSize: UInt64(s.f_frsize), blocks: UInt64(s.f_blocks), blocksFree: UInt64(s.f_bfree), blocksAvailable: UInt64(s.f_bavail),
+            inodes: UInt64(s.f_files), inodesFree: UInt64(s.f_ffree))
+    }
+}
