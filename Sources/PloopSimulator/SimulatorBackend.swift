@@ -97,7 +97,11 @@ public final class SimulatorBackend: DeviceBackend {
         var pid: pid_t = 0
         let cargs = args.map { strdup($0) } + [nil]
         defer { for a in cargs { free(a) } }
-        let r = posix_spawn(&pid, executable, &actions, &attr, cargs, environ)
+        // The crash hook of a command under test is for that command: the daemon it starts
+        // must outlive it, as a real daemon outlives a killed client.
+        let env = ProcessInfo.processInfo.environment.filter { $0.key != CrashPoint.variable }.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { for e in env { free(e) } }
+        let r = posix_spawn(&pid, executable, &actions, &attr, cargs, env)
         close(fds[1])
         guard r == 0 else {
             close(fds[0])

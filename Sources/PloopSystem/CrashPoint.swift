@@ -6,8 +6,10 @@ import Synchronization
 /// handlers) just before its Nth change to a file (write, sync, truncate, fallocate, rename,
 /// unlink). Everything before it happened; nothing after. Unset, it costs one load per call.
 public enum CrashPoint {
+    /// The environment variable; processes a command starts for good (device daemons) do not get it.
+    public static let variable = "PLOOP_TEST_CRASH_AT"
     private static let limit: Int? = {
-        guard let v = getenv("PLOOP_TEST_CRASH_AT") else { return nil }
+        guard let v = getenv(variable) else { return nil }
         return Int(String(cString: v))
     }()
     private static let count = Atomic<Int>(0)
