@@ -106,6 +106,21 @@ static int loop_ioctl(const char *loopdev, unsigned long request) {
     return r < 0 ? -e : 0;
 }
 
+int cploop_loop_set_sizelimit(const char *loopdev, uint64_t sizelimit) {
+    int fd = open(loopdev, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    struct loop_info64 info;
+    memset(&info, 0, sizeof(info));
+    int r = ioctl(fd, LOOP_GET_STATUS64, &info);
+    if (r == 0) {
+        info.lo_sizelimit = sizelimit;
+        r = ioctl(fd, LOOP_SET_STATUS64, &info);
+    }
+    int e = errno;
+    close(fd);
+    return r < 0 ? -e : 0;
+}
+
 int cploop_loop_clear(const char *loopdev) { return loop_ioctl(loopdev, LOOP_CLR_FD); }
 
 int cploop_loop_set_capacity(const char *loopdev) { return loop_ioctl(loopdev, LOOP_SET_CAPACITY); }

@@ -149,7 +149,9 @@ extension Ploop {
             let d = try DiskDevices.open(dd, backend: backend)
             let be = try d.backend ?? backend.backend.resolve()
             let json = self.json
-            let r = DiskResize(disk: d, backend: be) { if !json { print($0) } }
+            var r = DiskResize(disk: d, backend: be) { if !json { print($0) } }
+            let line = StepLine()
+            if isatty(1) != 0 && !json { r.progress = { line.update($0, $1, $2) } }
             let scratch = try Scratch.directory()
             let size = try volumeCommand { try failing { try r.resize(toSectors: sectors, scratch: scratch) } }
             if json {
@@ -187,14 +189,46 @@ extension Ploop {
             }
             defer { if running == nil { try? be.umount(dev) } }
             let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
+            let line = StepLine()
+            let progress: StepProgress? = isatty(1) != 0 ? { line.update($0, $1, $2) } : nil
+            let force = self.force
             try volumeErrors { () throws(VolumeError) in
                 let node = try vol.layout().node
                 if let m = Mounts.entries(of: node).first {
                     throw VolumeError("\(node) is mounted at \(m.target): unmount it first ('ploop umount -m \(m.target)')", code: VolumeError.fsck)
                 }
-                try FileSystem.check(node, force: force)
+                try FileSystem.check(node, force: force, progress: progress)
                 print("\(node): clean")
             }
         }
+    }
+}
+
+/// One line on the terminal for a step of several passes: the pass, percent, rate and time left.
+final class StepLine: @unchecked Sendable {
+    private var step = ""
+    private var started = Date()
+    private var lastPercent = -1
+
+    func update(_ name: String, _ done: Int, _ total: Int) {
+        guard total > 0 else { return }
+        if name != step {
+            if !step.isEmpty { FileHandle.standardOutput.write("\n") }
+            step = name
+            started = Date()
+            lastPercent = -1
+        }
+        let percent = min(100, done * 100 / total)
+        guard percent != lastPercent else { return }
+        lastPercent = percent
+        let elapsed = Date().timeIntervalSince(started)
+        var line = "\r\(name): \(percent)%"
+        if elapsed > 0.5, done > 0 {
+            let rate = Double(done) / elapsed
+            line += String(format: ", %.0f/s", rate)
+            if done < total { line += String(format: ", %.0f s left", Double(total - done) / rate) }
+        }
+        FileHandle.standardOutput.write(line + "\u{1B}[K" + (percent == 100 ? "\n" : ""))
+        if percent == 100 { step = "" }
     }
 }

@@ -13,6 +13,9 @@ import PloopSystem
 public enum PartitionNodes {
     /// The ploop driver's block major.
     public static let ploopMajor: UInt32 = 182
+    /// The loop driver's, and the extended-devt major its partitions get (loop's max_part is 0).
+    static let loopMajor: UInt32 = 7
+    public static let extendedMajor: UInt32 = 259
 
     public struct Found: Equatable, Sendable {
         public var number: Int
@@ -69,7 +72,7 @@ public enum PartitionNodes {
             // Only nodes of the simulator's kind (not the ploop driver's, which udev or the user
             // may have made) are ours to remove.
             if let (m, _) = numbers(node(device, k)), m != ploopMajor, window(node(device, k)) == nil,
-                m == deviceMajor || partitionMajors.contains(m) || m == 259
+                m == deviceMajor || partitionMajors.contains(m) || m == extendedMajor
             {
                 unlink(node(device, k))
             }
@@ -142,8 +145,6 @@ public enum PartitionNodes {
         throw .system("attaching a loop device for \(node)", errno: last)
     }
 
-    static let loopMajor: UInt32 = 7
-
     struct Window {
         var loop: String
         var backing: String
@@ -175,6 +176,13 @@ public enum PartitionNodes {
 
     /// The length in sectors of the loop window `node` leads to; nil for a partition the kernel found.
     public static func windowSectors(_ node: String) -> UInt64? { window(node).map { $0.sizelimit / 512 } }
+
+    /// Gives the loop window `node` leads to a new length (in place, also while mounted).
+    public static func resizeWindow(_ node: String, sectors: UInt64) throws(DeviceError) {
+        guard let w = window(node) else { throw .invalid("\(node) is not a loop window") }
+        let r = cploop_loop_set_sizelimit(w.loop, sectors * 512)
+        if r != 0 { throw .system("resizing \(w.loop) (\(node))", errno: -r) }
+    }
 
     /// Whether a partition of `device` is held (mounted): the device must not stop then.
     public static func anyBusy(_ device: String) -> Bool {
@@ -225,7 +233,7 @@ public enum PartitionNodes {
 
     /// Removes the partition nodes of `device` that have `major` (the loop driver's, for a
     /// simulated device being torn down).
-    public static func removeNodes(_ device: String, major: UInt32, partitionMajor: UInt32? = 259) {
+    public static func removeNodes(_ device: String, major: UInt32, partitionMajor: UInt32? = extendedMajor) {
         removeWindows(device)
         for k in 1...15 {
             let n = node(device, k)

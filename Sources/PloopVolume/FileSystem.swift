@@ -1,8 +1,13 @@
+import CPloopSys
 import Foundation
 import PloopFormat
 
+/// Progress of a long step: its name, units done, units in all.
+public typealias StepProgress = (String, Int, Int) -> Void
+
 /// The ext3/ext4 file system on a disk's partition, through e2fsprogs and mount(8).
 public enum FileSystem {
+
     /// The hidden balloon file the original creates in the file system's root.
     public static let balloonName = PloopSpec.balloonFileName
     public static let types = ["ext4", "ext3"]
@@ -35,8 +40,16 @@ public enum FileSystem {
 
     /// e2fsck: `force` checks a clean file system too; repairs what is safe to repair (-p).
     /// Exit 1 and 2 mean errors were corrected, 4 and above that some were left.
-    public static func check(_ partition: String, force: Bool) throws(VolumeError) {
-        let r = try Tool.status("e2fsck", (force ? ["-f"] : []) + ["-p", partition], code: VolumeError.fsck)
+    public static func check(_ partition: String, force: Bool, progress: StepProgress? = nil) throws(VolumeError) {
+        // -C 1: "pass done total" lines on stdout, turned into progress.
+        var lines = LineSplitter()
+        let report = progress.map { p in { (bytes: ArraySlice<UInt8>) in
+            for line in lines.feed(bytes) {
+                let f = line.split(separator: " ").compactMap { Int($0) }
+                if f.count >= 3 { p("e2fsck pass \(f[0])", f[1], f[2]) }
+            }
+        } }
+        let r = try Tool.status("e2fsck", (force ? ["-f"] : []) + (report != nil ? ["-C", "1"] : []) + ["-p", partition], code: VolumeError.fsck, output: report)
         guard r.status < 4 else {
             let text = (r.stdout + r.stderr).trimmingCharacters(in: .whitespacesAndNewlines)
             throw VolumeError("e2fsck found errors on \(partition) it could not repair (exit \(r.status)): \(text)\nrun 'e2fsck -f \(partition)' by hand while the disk is mounted with 'ploop mount DiskDescriptor.xml' (no -m)", code: VolumeError.fsck)
@@ -50,6 +63,8 @@ public enum FileSystem {
         public var freeBlocks: UInt64
         public var inodeCount: UInt64
         public var freeInodes: UInt64
+        /// Whether it has a journal (ext3, ext4): a read-only mount of a snapshot must not replay it.
+        public var journaled: Bool
         public var sectors: UInt64 { blockCount * blockSize / 512 }
     }
 
@@ -64,7 +79,8 @@ public enum FileSystem {
         guard let count = fields["Block count"], let size = fields["Block size"], let free = fields["Free blocks"],
             let inodes = fields["Inode count"], let freeInodes = fields["Free inodes"]
         else { throw VolumeError("\(partition) holds no ext file system dumpe2fs can read", code: VolumeError.resizeFS) }
-        return Superblock(blockCount: count, blockSize: size, freeBlocks: free, inodeCount: inodes, freeInodes: freeInodes)
+        let features = out.split(separator: "\n").first { $0.hasPrefix("Filesystem features:") } ?? ""
+        return Superblock(blockCount: count, blockSize: size, freeBlocks: free, inodeCount: inodes, freeInodes: freeInodes, journaled: features.contains("has_journal"))
     }
 
     /// The smallest size resize2fs can shrink the file system to, in sectors.
@@ -77,8 +93,24 @@ public enum FileSystem {
     }
 
     /// resize2fs to `sectors` (a whole number of file-system blocks), mounted (online) or not.
-    public static func resize(_ partition: String, toSectors sectors: UInt64) throws(VolumeError) {
-        try Tool.run("resize2fs", [partition, "\(sectors)s"], code: VolumeError.resizeFS)
+    public static func resize(_ partition: String, toSectors sectors: UInt64, progress: StepProgress? = nil) throws(VolumeError) {
+        // -p: "Begin pass N (max = M)" then 40 X's as the pass goes (unmounted resizes only).
+        var pass = "resize2fs"
+        var marks = 0
+        let report = progress.map { p in { (bytes: ArraySlice<UInt8>) in
+            for b in bytes {
+                if b == UInt8(ascii: "X") {
+                    marks += 1
+                    p(pass, min(marks, 40), 40)
+                } else if b == UInt8(ascii: "\n") {
+                    marks = 0
+                }
+            }
+            if let text = String(bytes: bytes, encoding: .utf8), let r = text.range(of: "Begin pass ") {
+                pass = "resize2fs pass " + String(text[r.upperBound...].prefix { $0.isNumber })
+            }
+        } }
+        try Tool.run("resize2fs", (report != nil ? ["-p"] : []) + [partition, "\(sectors)s"], code: VolumeError.resizeFS, output: report)
     }
 
     public static func mount(_ source: String, at directory: String, type: String?, options: [String]) throws(VolumeError) {
@@ -104,6 +136,19 @@ public enum FileSystem {
         close(fd)
     }
 
+    /// syncfs(2) of the file system mounted at `mountPoint`: what it caches reaches the device.
+    public static func sync(_ mountPoint: String) {
+        let fd = open(mountPoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        _ = cploop_syncfs(fd)
+        close(fd)
+    }
+
+    /// Every file system mounted from `device` or its partitions, synced.
+    public static func syncAll(on device: String) {
+        for m in Mounts.mountPoints(ofDeviceOrPartitions: device) { sync(m) }
+    }
+
     /// Usage of a mounted file system, as df counts it.
     public struct Usage: Codable, Equatable, Sendable {
         public var blockSize: UInt64
@@ -120,5 +165,22 @@ public enum FileSystem {
         return Usage(
             blockSize: UInt64(s.f_frsize), blocks: UInt64(s.f_blocks), blocksFree: UInt64(s.f_bfree), blocksAvailable: UInt64(s.f_bavail),
             inodes: UInt64(s.f_files), inodesFree: UInt64(s.f_ffree))
+    }
+}
+
+/// Complete lines out of a byte stream.
+struct LineSplitter {
+    var pending: [UInt8] = []
+    mutating func feed(_ bytes: ArraySlice<UInt8>) -> [String] {
+        var lines: [String] = []
+        for b in bytes {
+            if b == UInt8(ascii: "\n") {
+                lines.append(String(decoding: pending, as: UTF8.self))
+                pending.removeAll(keepingCapacity: true)
+            } else {
+                pending.append(b)
+            }
+        }
+        return lines
     }
 }

@@ -17,6 +17,8 @@ public struct DiskResize {
     public let disk: Disk
     public let backend: any DeviceBackend
     public var say: (String) -> Void
+    /// Progress of e2fsck and resize2fs (set it where the output is a terminal).
+    public var progress: StepProgress?
 
     public init(disk: Disk, backend: any DeviceBackend, say: @escaping (String) -> Void) {
         self.disk = disk
@@ -48,7 +50,8 @@ public struct DiskResize {
         if let dev, dev.state != .off {
             throw VolumeError("\(dev.device) is in maintenance state \(dev.state): finish it first ('ploop balloon complete -d \(dev.device)')", code: 17)
         }
-        if target > current || (dev.map { $0.sizeBytes / 512 < target } ?? false) {
+        if target >= current || (dev.map { $0.sizeBytes / 512 < target } ?? false) {
+            // Also at the same size: a grow killed after the device grew is finished here.
             var started: String?
             if dev == nil {
                 // Offline: the images grow first, then a device is started to reach the file system.
@@ -58,11 +61,13 @@ public struct DiskResize {
             }
             defer { if let started { try? backend.umount(started) } }
             guard let dev else { throw VolumeError("the device of \(disk.descriptorPath) went away", code: VolumeError.device) }
-            try grow(dev, to: target, scratch: scratch)
+            let changed = try grow(dev, to: target, scratch: scratch)
+            // Opening the disk may have finished an interrupted resize (its journal): then this
+            // run did its work.
+            if !changed && target == current && disk.finishedOperation == nil {
+                throw VolumeError("\(disk.descriptorPath) is \(Self.size(current)) already, with its partition and file system: nothing to do", code: VolumeError.param)
+            }
             return target
-        }
-        guard target < current else {
-            throw VolumeError("\(disk.descriptorPath) is \(Self.size(current)) already: nothing to do", code: VolumeError.param)
         }
         try shrink(dev, to: target, scratch: scratch)
         return target
@@ -70,15 +75,21 @@ public struct DiskResize {
 
     // MARK: - grow
 
-    func grow(_ dev: DeviceInfo, to target: UInt64, scratch: String) throws {
+    /// Returns whether anything had to change.
+    func grow(_ dev: DeviceInfo, to target: UInt64, scratch: String) throws -> Bool {
+        var changed = false
         let vol = Volume(device: dev.device, backend: backend, clusterSectors: clusterSectors, say: say)
         var mountedAt = try vol.mounted()
         if let m = mountedAt { Self.emptyBalloon(in: m.target) }
         if dev.sizeBytes / 512 < target {
             say("Growing \(dev.device) to \(Self.size(target))")
             try backend.grow(dev.device, sizeSectors: target)
+            changed = true
         }
-        if disk.descriptor.diskSizeSectors != target { try disk.commitSize(target) }
+        if disk.descriptor.diskSizeSectors != target {
+            try disk.commitSize(target)
+            changed = true
+        }
         var layout = try vol.layout()
         // A mounted file system that cannot grow in place is unmounted for the rest, and mounted
         // back at the end whatever happens.
@@ -100,13 +111,18 @@ public struct DiskResize {
                 table.diskSectors = target
                 table.partitions[0].last = last
                 try PartitionTable.write(table, to: try backend.openIO(dev.device))
+                changed = true
             }
             if PartitionNodes.found(dev.device).first(where: { $0.number == 1 }).map({ $0.sectors < table.partitions[0].sectors }) ?? false, mountedAt != nil {
                 // The kernel's own partition: told its new extent in place.
                 try PartitionNodes.resize(dev.device, number: 1, start: part.first, sectors: table.partitions[0].sectors)
             } else {
-                if let w = PartitionNodes.windowSectors(layout.node), w != table.partitions[0].sectors {
-                    try unmount("The partition is a loop window here (no partition support in this kernel)")
+                if let w = PartitionNodes.windowSectors(layout.node), w != table.partitions[0].sectors, mountedAt != nil {
+                    // A loop window (no partition support in this kernel) grows in place; where
+                    // the loop driver refuses, the file system is unmounted for the resize.
+                    do { try PartitionNodes.resizeWindow(layout.node, sectors: table.partitions[0].sectors) } catch {
+                        try unmount("The partition's loop window cannot grow in place (\(error))")
+                    }
                 }
                 if mountedAt == nil { _ = try? PartitionNodes.rescan(dev.device) }
                 layout = try vol.layout()
@@ -114,7 +130,7 @@ public struct DiskResize {
         }
         let sb = try FileSystem.superblock(layout.node)
         let want = (layout.partition?.sectors ?? target) / (sb.blockSize / 512) * (sb.blockSize / 512)
-        guard sb.sectors < want else { return }
+        guard sb.sectors < want else { return changed }
         if mountedAt != nil && !Capabilities.hasSysResource() {
             try unmount("Without CAP_SYS_RESOURCE the file system cannot grow mounted")
         }
@@ -122,9 +138,10 @@ public struct DiskResize {
             say("Resizing the file system on \(layout.node) online")
         } else {
             say("Resizing the file system on \(layout.node)")
-            try FileSystem.check(layout.node, force: true)
+            try FileSystem.check(layout.node, force: true, progress: progress)
         }
-        try FileSystem.resize(layout.node, toSectors: want)
+        try FileSystem.resize(layout.node, toSectors: want, progress: progress)
+        return true
     }
 
     // MARK: - shrink
@@ -153,13 +170,13 @@ public struct DiskResize {
                 try FileSystem.umount(m.target)
             }
             do {
-                try FileSystem.check(layout.node, force: true)
+                try FileSystem.check(layout.node, force: true, progress: progress)
                 let minimum = try FileSystem.minimumSectors(layout.node, blockSize: sb.blockSize)
                 if minimum > fsTarget {
                     throw VolumeError("the file system needs at least \(Self.size(minimum)); the smallest disk it fits is \(Self.size(Self.diskSize(forFS: minimum, first: first, cluster: clusterSectors))): give -s at least that, or delete files first", code: VolumeError.param)
                 }
                 say("Shrinking the file system on \(layout.node) to \(Self.size(fsTarget))")
-                try FileSystem.resize(layout.node, toSectors: fsTarget)
+                try FileSystem.resize(layout.node, toSectors: fsTarget, progress: progress)
             } catch {
                 if let m = mountedAt { try? FileSystem.mount(layout.node, at: m.target, type: m.type, options: Self.remountable(m.options)) }
                 throw error

@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The e2fsprogs and util-linux programs a file-system disk needs, run with their output kept
 /// for the error message.
@@ -17,7 +20,8 @@ public enum Tool {
     }
 
     /// Runs `name args`; the status is returned, not judged.
-    public static func status(_ name: String, _ args: [String], code: Int32) throws(VolumeError) -> Result {
+    /// `output` hears the standard output as it comes (for progress).
+    public static func status(_ name: String, _ args: [String], code: Int32, output: ((ArraySlice<UInt8>) -> Void)? = nil) throws(VolumeError) -> Result {
         guard let exe = path(name) else {
             throw VolumeError("\(name) is not installed (it comes with e2fsprogs or util-linux): install it and run the command again", code: code)
         }
@@ -36,7 +40,16 @@ public enum Tool {
         let errData = Handoff()
         let t = Thread { errData.set(err.fileHandleForReading.readDataToEndOfFile()) }
         t.start()
-        let o = out.fileHandleForReading.readDataToEndOfFile()
+        var o = Data()
+        let fd = out.fileHandleForReading.fileDescriptor
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            o.append(contentsOf: chunk[0..<n])
+            output?(chunk[0..<n])
+        }
         p.waitUntilExit()
         let e = errData.wait()
         return Result(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
@@ -44,8 +57,8 @@ public enum Tool {
 
     /// Runs `name args` and returns its output; a non-zero status is an error with `code`.
     @discardableResult
-    public static func run(_ name: String, _ args: [String], code: Int32) throws(VolumeError) -> String {
-        let r = try status(name, args, code: code)
+    public static func run(_ name: String, _ args: [String], code: Int32, output: ((ArraySlice<UInt8>) -> Void)? = nil) throws(VolumeError) -> String {
+        let r = try status(name, args, code: code, output: output)
         guard r.status == 0 else {
             let text = (r.stderr.isEmpty ? r.stdout : r.stderr).trimmingCharacters(in: .whitespacesAndNewlines)
             throw VolumeError("\(name) \(args.joined(separator: " ")) failed (exit \(r.status)): \(text)", code: code)

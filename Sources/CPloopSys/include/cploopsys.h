@@ -36,6 +36,9 @@ int cploop_loop_configure(const char *loopdev, int backing_fd, int direct_io, in
 int cploop_loop_configure_range(const char *loopdev, int backing_fd, int direct_io, int read_only, uint64_t offset, uint64_t sizelimit);
 /// LOOP_CLR_FD; 0 or -errno.
 int cploop_loop_clear(const char *loopdev);
+/// LOOP_SET_STATUS64 with a new size limit (the rest as LOOP_GET_STATUS64 gave it); the kernel
+/// announces the new capacity, also while the device is mounted.
+int cploop_loop_set_sizelimit(const char *loopdev, uint64_t sizelimit);
 /// LOOP_SET_CAPACITY (re-read the backing file's size); 0 or -errno.
 int cploop_loop_set_capacity(const char *loopdev);
 /// mknod(2) of a block device node; 0 or -errno.
