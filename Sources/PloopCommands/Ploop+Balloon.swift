@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import PloopBalloon
 import PloopDevice
+import PloopDisk
 import PloopFormat
 import PloopSystem
 import PloopVolume
@@ -16,8 +17,11 @@ extension Ploop {
                 file is cut. The balloon is /.balloon-c3a5ae3d-ce7f-43c4-a1ea-c61e2b4504e8 at the file \
                 system root (root-only, hidden by convention; on stock kernels ext4 does not hide it).
 
+                Every subcommand takes -d DEVICE, -m MOUNT_POINT or the disk (DiskDescriptor.xml).
+
                 Example (from the manual): take 600 MB back from a container's image
                   ploop balloon change -s 600m -m /vz/root/101
+                  ploop balloon show /vz/private/101/root.hdd/DiskDescriptor.xml
                 """,
             subcommands: [Change.self, Show.self, Status.self, Clear.self, Complete.self, CheckBalloon.self, Repair.self]
         )
@@ -32,9 +36,19 @@ extension Ploop {
         @OptionGroup var backend: BackendOptions
         @Flag(help: "Print the result as JSON.")
         var json = false
+        @Argument(help: ArgumentHelp("Instead of -d/-m: the disk (DiskDescriptor.xml or its folder) whose running device to use.", valueName: "disk"))
+        var disk: String?
 
         func resolve(needMount: Bool = true) throws -> (BalloonProcedure, any DeviceBackend) {
             var named = device
+            if let disk {
+                guard device == nil && mountPoint == nil else { throw CommandFailure("give the disk, or -d/-m, not both") }
+                let d = try DiskDevices.open(disk, backend: backend)
+                guard let be = d.backend, let running = DiskDevices.device(of: d, backend: be) else {
+                    throw CommandFailure("the disk \(d.descriptorPath) is not running: mount it first ('ploop mount -m DIR \(d.descriptorPath)')")
+                }
+                named = running.device
+            }
             var mnt = mountPoint.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
             if named == nil, let m = mnt {
                 guard let d = Mounts.device(at: m) else { throw CommandFailure("nothing is mounted at \(m)") }

@@ -88,10 +88,15 @@ extension Ploop {
                 try be.mount(MountRequest(images: paths, baseFormat: format, readOnly: readOnly, device: device, clusterSectors: try ClusterOption.parse(blocksize)))
             }
             if let m = mountPoint {
-                let opts = (options.map { [$0] } ?? []) + (readOnly ? ["ro"] : [])
-                do { try FileSystem.mount(dev, at: m, type: type ?? "ext4", options: opts) } catch {
+                // Partition 1 where the device has a GPT (a disk ploop init -t made), else the whole device.
+                let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(try ClusterOption.parse(blocksize) ?? PloopSpec.defaultClusterSectors))
+                do {
+                    try volumeErrors { () throws(VolumeError) in
+                        _ = try vol.mount(at: m, type: type ?? "ext4", options: options.map { [$0] } ?? [], fsck: false, readOnly: readOnly)
+                    }
+                } catch {
                     try? be.umount(dev)
-                    throw CommandFailure(error.description, code: error.code)
+                    throw error
                 }
             }
             if json {
@@ -201,6 +206,7 @@ extension Ploop {
             }
             let be = try backend.backend.resolve()
             let path = URL(fileURLWithPath: delta).standardizedFileURL.path
+            FileSystem.syncAll(on: device)
             try failing { try be.snapshot(device, newDelta: path) }
             print("Snapshot of \(device): new top delta \(path)")
         }

@@ -320,6 +320,8 @@ enum DiskCommands {
         let (g, _) = try diskErrors {
             try d.snapshot(guid, temporary: temporary, device: running?.device) { (file) throws(DiskError) in
                 guard let dev = running, let be else { return try d.createEmptyDeltaForSnapshot(file) }
+                // A mounted file system's cached writes belong in the snapshot.
+                FileSystem.syncAll(on: dev.device)
                 do { try be.snapshot(dev.device, newDelta: file) } catch let e as DeviceError { throw .refused(e.description) } catch { throw .refused("\(error)") }
             }
         }
@@ -474,8 +476,9 @@ extension Ploop {
                 is unmounted ('ploop umount -d DEV'), the next snapshot, tsnapshot or snapshot-delete \
                 merges the temporary snapshot back, as the original does. If the read-only device cannot \
                 be started, the snapshot is merged back at once. COMPONENT names the holder (the original \
-                keeps it in the device's cookie); it is printed with the device. -m DIR (mounting the \
-                snapshot's file system) needs disks with a file system, which are not in this build yet.
+                keeps it in the device's cookie); it is printed with the device. -m DIR mounts the \
+                snapshot's file system there, read-only (ext4 without replaying its journal: the snapshot \
+                is taken after a syncfs, not after an unmount); 'ploop umount -d DEV' unmounts it too.
 
                 Example (from the original's usage):
                   ploop tsnapshot -u {11111111-1111-4111-8111-111111111111} -c backup DiskDescriptor.xml
@@ -486,7 +489,7 @@ extension Ploop {
         var uuid: String
         @Option(name: [.customShort("c"), .customLong("component")], help: ArgumentHelp("Who holds the snapshot (a name, e.g. the backup tool's).", valueName: "COMPONENT"))
         var component: String
-        @Option(name: [.customShort("m")], help: ArgumentHelp("Mount the snapshot's file system here (not in this build yet).", valueName: "DIR"))
+        @Option(name: [.customShort("m")], help: ArgumentHelp("Mount the snapshot's file system here, read-only.", valueName: "DIR"))
         var mountPoint: String?
         @Flag(help: "Print the device and snapshot as JSON.")
         var json = false
@@ -499,24 +502,38 @@ extension Ploop {
             if component.isEmpty || component.utf8.count > 63 || component.contains(where: { $0.isNewline || $0 == "/" }) {
                 throw ValidationError("-c \(component): a component is a name of 1 to 63 bytes, without '/' or line breaks")
             }
-            if let m = mountPoint {
-                throw ValidationError("-m \(m): mounting the snapshot's file system needs disks with a file system, which are not in this build yet; leave -m out and mount the printed device read-only yourself")
-            }
         }
 
         func run() throws {
+            if let m = mountPoint { try volumeErrors { () throws(VolumeError) in try Volume.checkMountPoint(m) } }
             let d = try DiskDevices.open(disk, backend: backend)
             // Without a backend the open could not have one; resolving again says why.
             let be = try d.backend ?? backend.backend.resolve()
             let g = try DiskCommands.take(d, guid: try parseGUID(uuid), temporary: true)
             let paths = d.chainPaths(from: g)
             let request = MountRequest(images: paths, baseFormat: d.baseFormat, readOnly: true, device: nil, clusterSectors: d.descriptor.blocksize)
-            let dev: String
-            do { dev = try be.mount(request) } catch {
-                // As the original: the snapshot goes back at once when it cannot be mounted.
+            // As the original: the snapshot goes back at once when it cannot be started or mounted.
+            func mergeBack() {
                 let running = DiskDevices.device(of: d, backend: be)?.device
                 try? diskErrors { try d.mergeSnapshot(nil, all: false, newDelta: nil, device: running) }
+            }
+            let dev: String
+            do { dev = try be.mount(request) } catch {
+                mergeBack()
                 throw CommandFailure("the temporary snapshot \(g) could not be started read-only (\(error)); it was merged back")
+            }
+            if let m = mountPoint {
+                let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
+                do {
+                    try volumeErrors { () throws(VolumeError) in
+                        let type = try FileSystem.superblock(vol.layout().node).journaled ? ["noload"] : []
+                        _ = try vol.mount(at: m, type: nil, options: type, fsck: false, readOnly: true)
+                    }
+                } catch {
+                    try? be.umount(dev)
+                    mergeBack()
+                    throw CommandFailure("the temporary snapshot \(g) could not be mounted at \(m) (\(error)); it was merged back")
+                }
             }
             if json {
                 print(try Output.json(["device": dev, "uuid": g.text, "component": component]))
