@@ -291,6 +291,40 @@ struct DiskIntegrationTests {
         } }
     }
 
+    /// The device grown offline and then online by the descriptor, over data written through the
+    /// raw device: every block written before and after reads back, the new space reads zeros.
+    @Test(arguments: TestSupport.cliBackends)
+    func growOfflineThenOnlineKeepsEveryBlock(_ backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
+            let r = try RunningDisk(megabytes: 16)
+            for i in 0..<4 { try r.write(seed: UInt64(40 + i), at: i * (4 << 20) + 4096 * i, 1 << 20) }
+            _ = try Self.ploop("umount", r.dd)
+            r.devices.names.removeAll { $0 == r.dev }
+            _ = try Self.ploop("grow", "-s", "48m", r.dd)
+            let dev = try Self.ploop("mount", r.dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            r.devices.names.append(dev)
+            r.expected += [UInt8](repeating: 0, count: 32 << 20)
+            #expect(try Self.size(dev) == 48 << 20)
+            #expect(try Self.read(dev, count: 48 << 20) == r.expected, "after the offline grow")
+            let late = DeviceContent.pattern(2 << 20, seed: 50)
+            try Self.write(dev, late, at: 40 << 20)
+            r.expected.replaceSubrange((40 << 20)..<(42 << 20), with: late)
+            _ = try Self.ploop("grow", "-s", "80m", r.dd)
+            r.expected += [UInt8](repeating: 0, count: 32 << 20)
+            #expect(try Self.size(dev) == 80 << 20)
+            let later = DeviceContent.pattern(1 << 20, seed: 51)
+            try Self.write(dev, later, at: 79 << 20)
+            r.expected.replaceSubrange((79 << 20)..<(80 << 20), with: later)
+            #expect(try Self.read(dev, count: 80 << 20) == r.expected, "after the online grow")
+            _ = try Self.ploop("umount", r.dd)
+            r.devices.names.removeAll { $0 == dev }
+            _ = try Self.ploop("check", "-f", r.dd)
+            let again = try Self.ploop("mount", r.dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            r.devices.names.append(again)
+            #expect(try Self.read(again, count: 80 << 20) == r.expected, "after a remount")
+        } }
+    }
+
     /// tsnapshot as a backup tool uses it: the running disk's state is frozen on a read-only device
     /// of its own while writes go on; the snapshot is merged back once that device is gone, and
     /// never while it reads it.

@@ -194,4 +194,78 @@ struct FileSystemDiskTests {
             #expect(!Place.mounted(p.mnt))
         }
     }
+
+    /// resize killed before each of its writes (device, GPT, image, descriptor), growing and then
+    /// shrinking an unmounted disk: the disk still mounts with every file, and the same resize run
+    /// again finishes it (a clean fsck, the size asked for).
+    @Test func resizeKilledAtEveryWriteIsFinishedByARerun() throws {
+        try DeviceTestLock.run {
+            let p = try Place()
+            try Self.ploop("init", "-s", "256m", "-t", "ext4", p.folder + "/root.hds")
+            try Self.ploop("mount", "-m", p.mnt, p.dd)
+            try p.write("a", megabytes: 8, seed: 1)
+            try p.write("b", megabytes: 4, seed: 2)
+            try Self.ploop("umount", p.dd)
+            for (from, to, sectors) in [("256m", "512m", UInt64(1 << 20)), ("512m", "256m", UInt64(1 << 19))] {
+                var kills = 0
+                for n in 1...400 {
+                    let run = try TestSupport.run(TestSupport.ploopBinary, ["resize", "-s", to, p.dd], environment: ["PLOOP_TEST_CRASH_AT": "\(n)"])
+                    let label = "resize \(from) → \(to) killed at write \(n)"
+                    if run.code == 0 {
+                        #expect(try Self.sizeSectors(p.dd) == sectors, "\(label)")
+                        break
+                    }
+                    #expect(run.code == 137, "\(label): \(run)")
+                    kills += 1
+                    let again = try TestSupport.ploop("resize", "-s", to, p.dd)
+                    #expect(again.code == 0, "\(label), run again: \(again)")
+                    #expect(try Self.sizeSectors(p.dd) == sectors, "\(label)")
+                    _ = try? TestSupport.ploop("umount", p.dd)
+                    try Self.ploop("mount", "-m", p.mnt, p.dd)
+                    #expect(p.filesMatch(), "\(label): the files changed")
+                    try Self.ploop("umount", p.dd)
+                    let fsck = try TestSupport.ploop("fsck", "-f", p.dd)
+                    #expect(fsck.code == 0, "\(label): \(fsck)")
+                    // Back to where the round started.
+                    try Self.ploop("resize", "-s", from, p.dd)
+                }
+                #expect(kills >= 5, "resize \(from) → \(to): only \(kills) writes")
+            }
+            try Self.ploop("check", "-f", p.dd)
+            try Self.fsckClean(p)
+        }
+    }
+
+    /// tsnapshot -m: the frozen file system mounted read-only beside the live one; the balloon
+    /// commands on the descriptor.
+    @Test(arguments: TestSupport.cliBackends)
+    func temporarySnapshotMountedAndBalloonByDescriptor(backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
+            let p = try Place()
+            let snap = p.root.file("snap")
+            try FileManager.default.createDirectory(atPath: snap, withIntermediateDirectories: false)
+            try Self.ploop("init", "-s", "1g", "-t", "ext4", p.folder + "/root.hds")
+            try Self.ploop("mount", "-m", p.mnt, p.dd)
+            try p.write("a", megabytes: 8, seed: 31)
+            let frozen = p.files["a"]!
+            let t = try Self.ploop("tsnapshot", "-u", "{22222222-2222-4222-8222-222222222222}", "-c", "backup", "-m", snap, p.dd)
+            let snapDev = t.stdout.split(separator: "\n").last.map(String.init) ?? ""
+            defer { _ = try? TestSupport.ploop("umount", "-d", snapDev) }
+            #expect(Place.mounted(snap), "\(t)")
+            try p.write("a", megabytes: 8, seed: 32)
+            #expect(FileManager.default.contents(atPath: snap + "/a").map(Array.init) == frozen, "the snapshot's file changed")
+            #expect(p.filesMatch())
+            try Self.ploop("umount", "-d", snapDev)
+            #expect(!Place.mounted(snap))
+            let shown = try Self.ploop("balloon", "show", p.dd)
+            #expect(shown.stdout.contains("is 0 bytes"), "\(shown)")
+            try Self.ploop("balloon", "change", "-s", "64m", p.dd)
+            #expect(try Self.ploop("balloon", "show", p.dd).stdout.contains("is \(64 << 20) bytes"))
+            #expect(p.filesMatch())
+            try Self.ploop("balloon", "change", "-s", "0", p.dd)
+            try Self.ploop("umount", p.dd)
+            try Self.fsckClean(p)
+            try Self.ploop("check", "-f", p.dd)
+        } }
+    }
 }
