@@ -36,20 +36,33 @@ extension DiskCommands {
         var fsck: Bool
     }
 
+    /// Runs `body` on the device running the disk, or on one started for it (read-only with
+    /// `readOnly`) and stopped again afterwards whatever happens.
+    static func withDevice<T>(_ d: Disk, _ be: any DeviceBackend, readOnly: Bool = false, _ body: (String) throws -> T) throws -> T {
+        if let running = DiskDevices.device(of: d, backend: be, anyLevel: true) { return try body(running.device) }
+        let dev = try failing {
+            try be.mount(MountRequest(images: d.chainPaths(), baseFormat: d.baseFormat, readOnly: readOnly, device: nil, clusterSectors: d.descriptor.blocksize))
+        }
+        let result: T
+        do { result = try body(dev) } catch {
+            try? be.umount(dev)
+            throw error
+        }
+        try failing { try be.umount(dev) }
+        return result
+    }
+
     /// `init -t ext4|ext3`: the disk just made gets its partition, file system and balloon file on
     /// a device started for that and stopped again. Any failure removes every file init made.
     static func makeFileSystem(descriptor dd: String, options: FileSystem.MakeOptions, backend: BackendOptions, made: [String]) throws {
         do {
             let d = try diskErrors { try Disk.open(dd) }
             let be = try backend.backend.resolve()
-            let dev = try failing { try be.mount(MountRequest(images: d.chainPaths(), baseFormat: d.baseFormat, device: nil, clusterSectors: d.descriptor.blocksize)) }
-            var stopped = false
-            defer { if !stopped { try? be.umount(dev) } }
-            let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize)) { print($0) }
             let scratch = try Scratch.directory()
-            try volumeErrors { () throws(VolumeError) in try vol.format(options, scratch: scratch) }
-            try failing { try be.umount(dev) }
-            stopped = true
+            try withDevice(d, be) { dev in
+                let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize)) { print($0) }
+                try volumeErrors { () throws(VolumeError) in try vol.format(options, scratch: scratch) }
+            }
         } catch {
             for f in made { PathInfo.removeRegularFile(f) }
             if let folder = made.first.map({ ($0 as NSString).deletingLastPathComponent }) { PathInfo.syncParentDirectory(of: folder + "/.") }
@@ -74,24 +87,16 @@ extension DiskCommands {
     /// file system mounted read-only for a moment where it is not mounted.
     static func usage(_ d: Disk) throws -> FileSystem.Usage? {
         guard let be = d.backend else { return nil }
-        let running = DiskDevices.device(of: d, backend: be, anyLevel: true)
-        let dev = try running?.device ?? failing {
-            try be.mount(MountRequest(images: d.chainPaths(), baseFormat: d.baseFormat, readOnly: true, device: nil, clusterSectors: d.descriptor.blocksize))
-        }
-        defer { if running == nil { try? be.umount(dev) } }
-        let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
-        return try volumeErrors { () throws(VolumeError) -> FileSystem.Usage? in
-            let layout = try vol.layout()
-            if let m = Mounts.entries(of: layout.node).first { return try FileSystem.usage(m.target) }
-            // A disk without a file system has no usage to show.
-            guard (try? FileSystem.superblock(layout.node)) != nil else { return nil }
-            let scratch = (try? Scratch.directory()) ?? "/tmp"
-            let dir = scratch + "/info.\(getpid())"
-            guard mkdir(dir, 0o700) == 0 else { throw VolumeError("mkdir \(dir): \(String(cString: strerror(errno)))", code: 27) }
-            defer { rmdir(dir) }
-            try FileSystem.mount(layout.node, at: dir, type: nil, options: ["ro"])
-            defer { try? FileSystem.umount(dir) }
-            return try FileSystem.usage(dir)
+        let scratch = try Scratch.directory()
+        return try withDevice(d, be, readOnly: true) { dev in
+            let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
+            return try volumeErrors { () throws(VolumeError) -> FileSystem.Usage? in
+                let layout = try vol.layout()
+                if let m = Mounts.entries(of: layout.node).first { return try FileSystem.usage(m.target) }
+                // A disk without a file system has no usage to show.
+                guard (try? FileSystem.superblock(layout.node)) != nil else { return nil }
+                return try vol.withTemporaryMount(layout.node, scratch: scratch, options: ["ro"]) { (dir) throws(VolumeError) in try FileSystem.usage(dir) }
+            }
         }
     }
 
@@ -150,10 +155,8 @@ extension Ploop {
             let be = try d.backend ?? backend.backend.resolve()
             let json = self.json
             var r = DiskResize(disk: d, backend: be) { if !json { print($0) } }
-            let line = StepLine()
-            if isatty(1) != 0 && !json { r.progress = { line.update($0, $1, $2) } }
-            let scratch = try Scratch.directory()
-            let size = try volumeCommand { try failing { try r.resize(toSectors: sectors, scratch: scratch) } }
+            if !json { r.progress = ProgressLine.onTerminal() }
+            let size = try volumeCommand { try failing { try r.resize(toSectors: sectors) } }
             if json {
                 print(try Output.json(Report(descriptor: d.descriptorPath, sizeSectors: size)))
             } else {
@@ -183,52 +186,19 @@ extension Ploop {
         func run() throws {
             let d = try DiskDevices.open(disk, backend: backend)
             let be = try d.backend ?? backend.backend.resolve()
-            let running = DiskDevices.device(of: d, backend: be, anyLevel: true)
-            let dev = try running?.device ?? failing {
-                try be.mount(MountRequest(images: d.chainPaths(), baseFormat: d.baseFormat, device: nil, clusterSectors: d.descriptor.blocksize))
-            }
-            defer { if running == nil { try? be.umount(dev) } }
-            let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
-            let line = StepLine()
-            let progress: StepProgress? = isatty(1) != 0 ? { line.update($0, $1, $2) } : nil
+            let progress = ProgressLine.onTerminal()
             let force = self.force
-            try volumeErrors { () throws(VolumeError) in
-                let node = try vol.layout().node
-                if let m = Mounts.entries(of: node).first {
-                    throw VolumeError("\(node) is mounted at \(m.target): unmount it first ('ploop umount -m \(m.target)')", code: VolumeError.fsck)
+            try DiskCommands.withDevice(d, be) { dev in
+                let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
+                try volumeErrors { () throws(VolumeError) in
+                    let node = try vol.layout().node
+                    if let m = Mounts.entries(of: node).first {
+                        throw VolumeError("\(node) is mounted at \(m.target): unmount it first ('ploop umount -m \(m.target)')", code: VolumeError.fsck)
+                    }
+                    try FileSystem.check(node, force: force, progress: progress)
+                    print("\(node): clean")
                 }
-                try FileSystem.check(node, force: force, progress: progress)
-                print("\(node): clean")
             }
         }
-    }
-}
-
-/// One line on the terminal for a step of several passes: the pass, percent, rate and time left.
-final class StepLine: @unchecked Sendable {
-    private var step = ""
-    private var started = Date()
-    private var lastPercent = -1
-
-    func update(_ name: String, _ done: Int, _ total: Int) {
-        guard total > 0 else { return }
-        if name != step {
-            if !step.isEmpty { FileHandle.standardOutput.write("\n") }
-            step = name
-            started = Date()
-            lastPercent = -1
-        }
-        let percent = min(100, done * 100 / total)
-        guard percent != lastPercent else { return }
-        lastPercent = percent
-        let elapsed = Date().timeIntervalSince(started)
-        var line = "\r\(name): \(percent)%"
-        if elapsed > 0.5, done > 0 {
-            let rate = Double(done) / elapsed
-            line += String(format: ", %.0f/s", rate)
-            if done < total { line += String(format: ", %.0f s left", Double(total - done) / rate) }
-        }
-        FileHandle.standardOutput.write(line + "\u{1B}[K" + (percent == 100 ? "\n" : ""))
-        if percent == 100 { step = "" }
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import PloopVolume
 import Foundation
 import PloopFormat
 import PloopDevice
@@ -124,24 +125,52 @@ enum Output {
     static func size(_ bytes: UInt64) -> String { SizeArgument.describe(bytes: bytes) }
 }
 
-/// Progress on a terminal, silence in scripts.
+/// One line on a terminal for a long step: its name, percent, rate and time left, rewritten in
+/// place; nothing at all when the stream is not a terminal. A step of several passes gives each
+/// pass its own line (`update(step:)`).
 final class ProgressLine: @unchecked Sendable {
     private let label: String
+    private let handle: FileHandle
     private let enabled: Bool
+    private var step = ""
+    private var started = Date()
     private var lastPercent = -1
 
-    init(_ label: String, enabled: Bool = isatty(2) != 0) {
+    /// On standard error (`fd` 2) by default, as the commands whose standard output is data.
+    init(_ label: String, fd: Int32 = 2) {
         self.label = label
-        self.enabled = enabled
+        handle = fd == 1 ? FileHandle.standardOutput : FileHandle.standardError
+        enabled = isatty(fd) != 0
     }
 
-    func update(_ done: Int, _ total: Int) {
+    /// A reporter on standard output when it is a terminal; nil (quiet) otherwise.
+    static func onTerminal() -> StepProgress? {
+        guard isatty(1) != 0 else { return nil }
+        let line = ProgressLine("", fd: 1)
+        return { line.update(step: $0, $1, $2) }
+    }
+
+    func update(_ done: Int, _ total: Int) { update(step: label, done, total) }
+
+    func update(step name: String, _ done: Int, _ total: Int) {
         guard enabled, total > 0 else { return }
-        let percent = done * 100 / total
+        if name != step {
+            if !step.isEmpty && lastPercent < 100 { handle.write("\n") }
+            step = name
+            started = Date()
+            lastPercent = -1
+        }
+        let percent = min(100, done * 100 / total)
         guard percent != lastPercent else { return }
         lastPercent = percent
-        FileHandle.standardError.write("\r\(label): \(percent)% (\(done)/\(total))")
-        if done == total { FileHandle.standardError.write("\n") }
+        let elapsed = Date().timeIntervalSince(started)
+        var line = "\r\(name): \(percent)% (\(done)/\(total))"
+        if elapsed > 0.5, done > 0 {
+            let rate = Double(done) / elapsed
+            line += String(format: ", %.0f/s", rate)
+            if done < total { line += String(format: ", %.0f s left", Double(total - done) / rate) }
+        }
+        handle.write(line + "\u{1B}[K" + (percent == 100 ? "\n" : ""))
     }
 }
 

@@ -39,7 +39,7 @@ public struct DiskResize {
     }
 
     /// Resizes to `requested` sectors (rounded up to a cluster); returns the new size.
-    public func resize(toSectors requested: UInt64, scratch: String) throws -> UInt64 {
+    public func resize(toSectors requested: UInt64) throws -> UInt64 {
         guard requested > 0 else { throw VolumeError("-s 0: give the new size of the disk (e.g. -s 20g)", code: VolumeError.param) }
         let target = (requested + clusterSectors - 1) / clusterSectors * clusterSectors
         let current = disk.descriptor.diskSizeSectors
@@ -61,7 +61,7 @@ public struct DiskResize {
             }
             defer { if let started { try? backend.umount(started) } }
             guard let dev else { throw VolumeError("the device of \(disk.descriptorPath) went away", code: VolumeError.device) }
-            let changed = try grow(dev, to: target, scratch: scratch)
+            let changed = try grow(dev, to: target)
             // Opening the disk may have finished an interrupted resize (its journal): then this
             // run did its work.
             if !changed && target == current && disk.finishedOperation == nil {
@@ -69,14 +69,14 @@ public struct DiskResize {
             }
             return target
         }
-        try shrink(dev, to: target, scratch: scratch)
+        try shrink(dev, to: target)
         return target
     }
 
     // MARK: - grow
 
     /// Returns whether anything had to change.
-    func grow(_ dev: DeviceInfo, to target: UInt64, scratch: String) throws -> Bool {
+    func grow(_ dev: DeviceInfo, to target: UInt64) throws -> Bool {
         var changed = false
         let vol = Volume(device: dev.device, backend: backend, clusterSectors: clusterSectors, say: say)
         var mountedAt = try vol.mounted()
@@ -146,7 +146,7 @@ public struct DiskResize {
 
     // MARK: - shrink
 
-    func shrink(_ running: DeviceInfo?, to target: UInt64, scratch: String) throws {
+    func shrink(_ running: DeviceInfo?, to target: UInt64) throws {
         guard disk.descriptor.images.count == 1 else {
             throw VolumeError("\(disk.descriptorPath) has snapshots: a disk with snapshots is not shrunk (merge them first: 'ploop snapshot-merge -A \(disk.descriptorPath)')", code: VolumeError.param)
         }

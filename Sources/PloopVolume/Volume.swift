@@ -67,11 +67,11 @@ public struct Volume {
 
     /// Runs `body` with the file system mounted on a fresh directory under `scratch`, then
     /// unmounts it and removes the directory, whatever happened.
-    func withTemporaryMount<T>(_ node: String, scratch: String, _ body: (String) throws(VolumeError) -> T) throws(VolumeError) -> T {
+    public func withTemporaryMount<T>(_ node: String, scratch: String, options: [String] = [], _ body: (String) throws(VolumeError) -> T) throws(VolumeError) -> T {
         let dir = scratch + "/mnt.\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
         guard mkdir(dir, 0o700) == 0 else { throw VolumeError("mkdir \(dir): \(String(cString: strerror(errno)))", code: 27) }
         defer { rmdir(dir) }
-        try FileSystem.mount(node, at: dir, type: nil, options: [])
+        try FileSystem.mount(node, at: dir, type: nil, options: options)
         let result: T
         do { result = try body(dir) } catch {
             try? FileSystem.umount(dir)
