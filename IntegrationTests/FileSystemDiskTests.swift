@@ -155,8 +155,9 @@ struct FileSystemDiskTests {
 
     /// A shrink the file system cannot take, and the other refusals: each exits non-zero, names
     /// the problem, and leaves the descriptor, the size, the files and the mounts as they were.
-    @Test func refusalsChangeNothing() throws {
-        try DeviceTestLock.run {
+    @Test(arguments: TestSupport.cliBackends)
+    func refusalsChangeNothing(backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
             let p = try Place()
             try Self.ploop("init", "-s", "512m", "-t", "ext4", p.folder + "/root.hds")
             let bad = try TestSupport.ploop("init", "-s", "512m", "-t", "xfs", p.root.file("other.hds"))
@@ -172,6 +173,7 @@ struct FileSystemDiskTests {
                 (["resize", "-s", "512m", p.dd], "already"),
                 (["mount", "-m", p.root.file("missing"), p.dd], "not a directory"),
                 (["umount", "-m", p.root.path], "nothing is mounted"),
+                (["umount", "-m", "/proc"], "not from a ploop device"),
             ] {
                 let r = try TestSupport.ploop(args)
                 #expect(r.code != 0 && r.stderr.contains(says), "ploop \(args.joined(separator: " ")): \(r)")
@@ -192,7 +194,7 @@ struct FileSystemDiskTests {
             #expect(p.descriptor() == before && p.filesMatch())
             try Self.ploop("umount", p.dd)
             #expect(!Place.mounted(p.mnt))
-        }
+        } }
     }
 
     /// resize killed before each of its writes (device, GPT, image, descriptor), growing and then

@@ -509,6 +509,10 @@ extension Ploop {
             let d = try DiskDevices.open(disk, backend: backend)
             // Without a backend the open could not have one; resolving again says why.
             let be = try d.backend ?? backend.backend.resolve()
+            // A file system to mount must be there before any snapshot is taken.
+            if let m = mountPoint, try !DiskCommands.hasFileSystem(d, be) {
+                throw CommandFailure("-m \(m): \(d.descriptorPath) has no file system to mount (it was made with -t none); leave -m out")
+            }
             let g = try DiskCommands.take(d, guid: try parseGUID(uuid), temporary: true)
             let paths = d.chainPaths(from: g)
             let request = MountRequest(images: paths, baseFormat: d.baseFormat, readOnly: true, device: nil, clusterSectors: d.descriptor.blocksize)

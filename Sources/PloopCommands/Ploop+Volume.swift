@@ -61,7 +61,8 @@ extension DiskCommands {
             let scratch = try Scratch.directory()
             try withDevice(d, be) { dev in
                 let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize)) { print($0) }
-                try volumeErrors { () throws(VolumeError) in try vol.format(options, scratch: scratch) }
+                let progress = ProgressLine.onTerminal()
+                try volumeErrors { () throws(VolumeError) in try vol.format(options, scratch: scratch, progress: progress) }
             }
         } catch {
             for f in made { PathInfo.removeRegularFile(f) }
@@ -81,6 +82,14 @@ extension DiskCommands {
             throw CommandFailure("\(node.device) runs \(top.path), which no DiskDescriptor.xml beside it names: give the disk")
         }
         return dd
+    }
+
+    /// Whether the disk holds an ext file system (on partition 1, or on the whole device).
+    static func hasFileSystem(_ d: Disk, _ be: any DeviceBackend) throws -> Bool {
+        try withDevice(d, be, readOnly: true) { dev in
+            let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
+            return (try? FileSystem.superblock(vol.layout().node)) != nil
+        }
     }
 
     /// Plain `info DD`: file-system usage as the original prints it (1k blocks and inodes), the

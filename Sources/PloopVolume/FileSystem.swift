@@ -28,14 +28,20 @@ public enum FileSystem {
     /// mkfs on `partition`: stride and stripe width of one cluster (the unit the image allocates),
     /// lazy inode-table and journal initialisation unless told otherwise, no discard (a new image
     /// reads zeros already, and discarding a terabyte through the device would take long).
-    public static func make(_ partition: String, options o: MakeOptions, clusterBytes: Int) throws(VolumeError) {
+    public static func make(_ partition: String, options o: MakeOptions, clusterBytes: Int, progress: StepProgress? = nil) throws(VolumeError) {
         guard types.contains(o.type) else { throw VolumeError("-t \(o.type): the file system type is ext4, ext3 or none", code: VolumeError.param) }
         let block = o.blockSize ?? 4096
         let stride = max(1, clusterBytes / block)
         let lazy = o.lazy ? 1 : 0
-        var args = ["-t", o.type, "-F", "-q", "-b", "\(block)", "-E", "stride=\(stride),stripe_width=\(stride),lazy_itable_init=\(lazy),lazy_journal_init=\(lazy),nodiscard"]
+        var args = ["-t", o.type, "-F"] + (progress == nil ? ["-q"] : []) + ["-b", "\(block)", "-E", "stride=\(stride),stripe_width=\(stride),lazy_itable_init=\(lazy),lazy_journal_init=\(lazy),nodiscard"]
         if let l = o.label { args += ["-L", l] }
-        try Tool.run("mke2fs", args + [partition], code: VolumeError.mkfs)
+        // Not quiet, mke2fs shows "Writing inode tables: 12/160" (erased with backspaces) and
+        // "done" for each of its steps.
+        var parser = CountParser()
+        let report = progress.map { p in { (bytes: ArraySlice<UInt8>) in
+            for (label, done, total) in parser.feed(bytes) { p("mke2fs: " + label, done, total) }
+        } }
+        try Tool.run("mke2fs", args + [partition], code: VolumeError.mkfs, output: report)
     }
 
     /// e2fsck: `force` checks a clean file system too; repairs what is safe to repair (-p).
@@ -69,7 +75,12 @@ public enum FileSystem {
     }
 
     public static func superblock(_ partition: String) throws(VolumeError) -> Superblock {
-        let out = try Tool.run("dumpe2fs", ["-h", partition], code: VolumeError.resizeFS)
+        let r = try Tool.status("dumpe2fs", ["-h", partition], code: VolumeError.resizeFS)
+        guard r.status == 0 else {
+            let why = r.stderr.split(separator: "\n").last.map(String.init) ?? "exit \(r.status)"
+            throw VolumeError("\(partition) holds no ext file system dumpe2fs can read (\(why))", code: VolumeError.resizeFS)
+        }
+        let out = r.stdout
         var fields: [String: UInt64] = [:]
         for line in out.split(separator: "\n") {
             guard let colon = line.firstIndex(of: ":") else { continue }
@@ -182,5 +193,45 @@ struct LineSplitter {
             }
         }
         return lines
+    }
+}
+
+/// "Label: N/M" counters in mke2fs's output: rewritten in place with backspaces, ended by "done".
+struct CountParser {
+    var line: [UInt8] = []
+    var last: (String, Int, Int)?
+
+    mutating func feed(_ bytes: ArraySlice<UInt8>) -> [(String, Int, Int)] {
+        var out: [(String, Int, Int)] = []
+        for b in bytes {
+            if b == UInt8(ascii: "\n") {
+                if let e = evaluate() { out.append(e) }
+                line = []
+                last = nil
+            } else {
+                // A backspace begins rewriting the counter: what stands now is a reading.
+                if b == 8, let e = evaluate() { out.append(e) }
+                line.append(b)
+            }
+        }
+        if let e = evaluate() { out.append(e) }
+        return out
+    }
+
+    /// The line so far: its label, the last counter in it (all of it once "done" follows).
+    mutating func evaluate() -> (String, Int, Int)? {
+        let text = String(decoding: line.filter { $0 != 8 }, as: UTF8.self)
+        guard let colon = text.firstIndex(of: ":") else { return nil }
+        let rest = text[text.index(after: colon)...]
+        var counter: (Int, Int)?
+        for word in rest.split(separator: " ") {
+            let parts = word.split(separator: "/")
+            if parts.count == 2, let a = Int(parts[0]), let b = Int(parts[1]) { counter = (a, b) }
+        }
+        guard let (done, total) = counter else { return nil }
+        let e = (String(text[..<colon]), rest.contains("done") ? total : done, total)
+        if let l = last, l == e { return nil }
+        last = e
+        return e
     }
 }

@@ -50,7 +50,7 @@ public struct Volume {
 
     /// A GPT with one partition aligned to the cluster size, the file system on it, and the
     /// empty hidden balloon file in its root (mounted for a moment under `scratch`).
-    public func format(_ options: FileSystem.MakeOptions, scratch: String) throws(VolumeError) {
+    public func format(_ options: FileSystem.MakeOptions, scratch: String, progress: StepProgress? = nil) throws(VolumeError) {
         let sectors = try PartitionTable.deviceSectors(io())
         let guid = GPT.randomGUID()
         guard let part = GPT.partition(diskSectors: sectors, clusterSectors: clusterSectors, guid: GPT.randomGUID()) else {
@@ -61,7 +61,7 @@ public struct Volume {
         _ = try? PartitionNodes.rescan(device)
         let l = try layout()
         say("Making an \(options.type) file system on \(l.node)")
-        try FileSystem.make(l.node, options: options, clusterBytes: Int(clusterSectors) * 512)
+        try FileSystem.make(l.node, options: options, clusterBytes: Int(clusterSectors) * 512, progress: progress)
         try withTemporaryMount(l.node, scratch: scratch) { (dir) throws(VolumeError) in try FileSystem.createBalloon(in: dir) }
     }
 

@@ -153,7 +153,7 @@ struct DiskBadInputTests {
         Wrong(args: ["tsnapshot", "-u", "garbage", "-c", "backup", "@"], expect: "garbage is not a GUID"),
         Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "Missing expected argument '--component <COMPONENT>'"),
         Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "-c", "a/b", "@"], expect: "a component is a name of 1 to 63 bytes"),
-        Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "-c", "backup", "-m", "/mnt", "@"], expect: "-m /mnt: mounting the snapshot's file system needs disks with a file system"),
+        Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "-c", "backup", "-m", "/mnt", "@"], expect: "has no file system to mount"),
         Wrong(args: ["convert", "-f", "raw", "@"], expect: "has snapshots (3 images)"),
     ]
 
