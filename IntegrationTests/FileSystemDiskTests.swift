@@ -39,6 +39,8 @@ struct FileSystemDiskTests {
 
         func write(_ name: String, megabytes: Int, seed: UInt64) throws {
             let bytes = DeviceContent.pattern(megabytes << 20, seed: seed)
+            let dir = (name as NSString).deletingLastPathComponent
+            if !dir.isEmpty { try FileManager.default.createDirectory(atPath: mnt + "/" + dir, withIntermediateDirectories: true) }
             let f = try File(path: mnt + "/" + name, mode: .createOrOpen)
             try bytes.withUnsafeBytes { try f.write($0, at: 0) }
             try f.sync()
@@ -99,7 +101,8 @@ struct FileSystemDiskTests {
             #expect(afterInit.isEmpty, "init left its device running")
             try Self.ploop("mount", "-m", p.mnt, p.dd)
             #expect(FileManager.default.fileExists(atPath: p.mnt + "/.balloon-c3a5ae3d-ce7f-43c4-a1ea-c61e2b4504e8"))
-            for i in 0..<3 { try p.write("before\(i)", megabytes: 4, seed: UInt64(i + 1)) }
+            // A top-level directory each: ext4 spreads them over block groups gigabytes apart.
+            for i in 0..<3 { try p.write("d\(i)/before\(i)", megabytes: 4, seed: UInt64(i + 1)) }
             try Self.ploop("resize", "-s", "2t", p.dd)
             #expect(try Self.sizeSectors(p.dd) == 4 << 30)
             #expect(Place.mounted(p.mnt) && p.filesMatch())
@@ -108,11 +111,11 @@ struct FileSystemDiskTests {
             try Self.ploop("umount", p.dd)
             try Self.ploop("mount", "-m", p.mnt, p.dd)
             #expect(p.filesMatch())
-            for i in 0..<2 { try p.write("after\(i)", megabytes: 4, seed: UInt64(i + 10)) }
+            for i in 0..<2 { try p.write("e\(i)/after\(i)", megabytes: 4, seed: UInt64(i + 10)) }
             try Self.ploop("umount", "-m", p.mnt)
             try Self.fsckClean(p)
             try Self.ploop("mount", "-m", p.mnt, p.dd)
-            try p.remove("before1")
+            try p.remove("d1/before1")
             try Self.ploop("resize", "-s", "1t", p.dd)
             #expect(try Self.sizeSectors(p.dd) == 2 << 30)
             #expect(Place.mounted(p.mnt) && p.filesMatch())

@@ -30,7 +30,6 @@ extension Disk {
             PathInfo.removeRegularFile(image)
             throw error
         }
-        say("Storing \(dd)")
         return (d, dd)
     }
 
