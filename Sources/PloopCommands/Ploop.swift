@@ -20,7 +20,9 @@ public struct Ploop: ParsableCommand {
             -s 2048 and -s 1m are the same size.
 
             Exit codes: 0 success, 1 failure, 2 usage error; 'ploop check' uses the original tool's \
-            codes (11 format error, 17 busy, 37 image in use).
+            codes (11 format error, 17 busy, 37 image in use), and so do the file-system commands \
+            (init -t, mount -m, resize, fsck): 21 mount failed, 22 umount failed, 24 mkfs failed, \
+            26 resize2fs failed, 33 partition table, 38 bad parameter, 41 fsck left errors.
             """,
         version: PloopVersion.string,
         subcommands: [
