@@ -27,7 +27,7 @@ public struct Ploop: ParsableCommand {
         version: PloopVersion.string,
         subcommands: [
             Init.self, Mount.self, Umount.self, Snapshot.self, SnapshotList.self, SnapshotDelete.self, SnapshotMerge.self, SnapshotSwitch.self, TSnapshot.self,
-            Merge.self, Grow.self, Resize.self, Convert.self, Balloon.self, Copy.self, Check.self, Fsck.self, Info.self, List.self, Replace.self, RestoreDescriptor.self, Serve.self,
+            Merge.self, Grow.self, Resize.self, Convert.self, Balloon.self, Copy.self, Check.self, Fsck.self, Info.self, List.self, Version.self, Replace.self, RestoreDescriptor.self, Serve.self,
         ]
     )
 
