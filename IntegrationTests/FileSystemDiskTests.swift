@@ -39,8 +39,10 @@ struct FileSystemDiskTests {
 
         func write(_ name: String, megabytes: Int, seed: UInt64) throws {
             let bytes = DeviceContent.pattern(megabytes << 20, seed: seed)
-            let dir = (name as NSString).deletingLastPathComponent
-            if !dir.isEmpty { try FileManager.default.createDirectory(atPath: mnt + "/" + dir, withIntermediateDirectories: true) }
+            // (NSString.deletingLastPathComponent traps on a name without a slash here.)
+            if let slash = name.lastIndex(of: "/") {
+                try FileManager.default.createDirectory(atPath: mnt + "/" + name[..<slash], withIntermediateDirectories: true)
+            }
             let f = try File(path: mnt + "/" + name, mode: .createOrOpen)
             try bytes.withUnsafeBytes { try f.write($0, at: 0) }
             try f.sync()
