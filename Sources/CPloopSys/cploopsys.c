@@ -76,10 +76,6 @@ int cploop_loop_get_free(void) {
     return n < 0 ? -e : n;
 }
 
-int cploop_loop_configure(const char *loopdev, int backing_fd, int direct_io, int read_only) {
-    return cploop_loop_configure_range(loopdev, backing_fd, direct_io, read_only, 0, 0);
-}
-
 int cploop_loop_configure_range(const char *loopdev, int backing_fd, int direct_io, int read_only, uint64_t offset, uint64_t sizelimit) {
     int fd = open(loopdev, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     if (fd < 0) return -errno;

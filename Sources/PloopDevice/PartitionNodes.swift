@@ -120,29 +120,16 @@ public enum PartitionNodes {
         case let other:
             throw .invalid("\(node) exists and is \(other), not a block device node: remove it")
         }
-        let fd = open(device, O_RDWR | O_CLOEXEC)
-        guard fd >= 0 else { throw .system("open \(device)", errno: errno) }
-        defer { close(fd) }
-        var last: Int32 = 0
-        for _ in 0..<20 {
-            let n = cploop_loop_get_free()
-            guard n >= 0 else { throw .system("/dev/loop-control", errno: -n) }
-            let loop = "/dev/loop\(n)"
-            try ensureLoopNode(loop, index: Int(n))
-            let r = cploop_loop_configure_range(loop, fd, 1, 0, e.start * 512, e.sectors * 512)
-            if r == 0 {
-                guard let (maj, min) = numbers(loop) else { throw .system("stat \(loop)", errno: ENODEV) }
-                let m = cploop_mknod_block(node, maj, min, 0o660)
-                if m != 0 {
-                    _ = cploop_loop_clear(loop)
-                    throw .system("mknod \(node)", errno: -m)
-                }
-                return
-            }
-            last = -r
-            if r != -EBUSY { break }
+        let loop = try LoopDevice.attach(device, readOnly: false, offset: e.start * 512, sizeLimit: e.sectors * 512)
+        guard let (maj, min) = numbers(loop) else {
+            try? LoopDevice.detach(loop)
+            throw .system("stat \(loop)", errno: ENODEV)
         }
-        throw .system("attaching a loop device for \(node)", errno: last)
+        let m = cploop_mknod_block(node, maj, min, 0o660)
+        if m != 0 {
+            try? LoopDevice.detach(loop)
+            throw .system("mknod \(node)", errno: -m)
+        }
     }
 
     struct Window {
@@ -164,13 +151,7 @@ public enum PartitionNodes {
 
     static func detachWindow(_ node: String) throws(DeviceError) {
         guard let w = window(node) else { return }
-        var r: Int32 = 0
-        for _ in 0..<50 {
-            r = cploop_loop_clear(w.loop)
-            if r != -EBUSY { break }
-            usleep(20_000)
-        }
-        if r != 0 && r != -ENXIO { throw .system("detaching \(w.loop) (\(node))", errno: -r) }
+        try LoopDevice.detach(w.loop)
         unlink(node)
     }
 
@@ -199,15 +180,6 @@ public enum PartitionNodes {
     /// Detaches the loop windows over `device` and removes their nodes (before the device stops).
     public static func removeWindows(_ device: String) {
         for k in 1...15 where window(node(device, k))?.backing == device { try? detachWindow(node(device, k)) }
-    }
-
-    static func ensureLoopNode(_ path: String, index: Int) throws(DeviceError) {
-        if numbers(path) != nil { return }
-        guard let text = read("/sys/block/loop\(index)/dev") else { return }
-        let parts = text.split(separator: ":").compactMap { UInt32($0) }
-        guard parts.count == 2 else { return }
-        let r = cploop_mknod_block(path, parts[0], parts[1], 0o660)
-        if r != 0 && r != -EEXIST { throw .system("mknod \(path)", errno: -r) }
     }
 
     /// The kernel reads the table again (BLKRRPART), then the nodes follow. EBUSY while a
@@ -242,10 +214,7 @@ public enum PartitionNodes {
         }
     }
 
-    static func numbers(_ path: String) -> (UInt32, UInt32)? {
-        var major: UInt32 = 0, minor: UInt32 = 0
-        return cploop_block_numbers(path, &major, &minor) == 0 ? (major, minor) : nil
-    }
+    static func numbers(_ path: String) -> (UInt32, UInt32)? { LoopDevice.numbers(path) }
 
     static func read(_ path: String) -> String? {
         (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)

@@ -6,57 +6,16 @@ import PloopDevice
 /// Loop devices and the `/dev/ploopN` node that leads to one.
 enum Loop {
     /// Attaches a free loop device to `file` (direct I/O: no second page cache over the FUSE file).
-    /// Returns its path.
-    static func attach(_ file: String, readOnly: Bool) throws(DeviceError) -> String {
-        let fd = open(file, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
-        guard fd >= 0 else { throw .system("open \(file)", errno: errno) }
-        defer { close(fd) }
-        var lastError: Int32 = 0
-        for _ in 0..<20 {
-            let n = cploop_loop_get_free()
-            guard n >= 0 else { throw .system("/dev/loop-control", errno: -n) }
-            let path = "/dev/loop\(n)"
-            try ensureNode(path, index: Int(n))
-            let r = cploop_loop_configure(path, fd, 1, readOnly ? 1 : 0)
-            if r == 0 { return path }
-            lastError = -r
-            // Another process took it between GET_FREE and CONFIGURE: take the next one.
-            if r != -EBUSY { break }
-        }
-        throw .system("attaching a loop device to \(file)", errno: lastError)
-    }
+    static func attach(_ file: String, readOnly: Bool) throws(DeviceError) -> String { try LoopDevice.attach(file, readOnly: readOnly) }
 
-    static func detach(_ path: String) throws(DeviceError) {
-        var r: Int32 = 0
-        // The kernel may hold the device for a moment after the last close: retry EBUSY briefly.
-        for _ in 0..<50 {
-            r = cploop_loop_clear(path)
-            if r != -EBUSY { break }
-            usleep(20_000)
-        }
-        if r != 0 && r != -ENXIO { throw .system("detaching \(path)", errno: -r) }
-    }
+    static func detach(_ path: String) throws(DeviceError) { try LoopDevice.detach(path) }
 
     static func refreshCapacity(_ path: String) throws(DeviceError) {
         let r = cploop_loop_set_capacity(path)
         if r != 0 { throw .system("LOOP_SET_CAPACITY \(path)", errno: -r) }
     }
 
-    /// /dev/loopN may be missing where no udev runs: make it from sysfs.
-    static func ensureNode(_ path: String, index: Int) throws(DeviceError) {
-        var major: UInt32 = 0, minor: UInt32 = 0
-        if cploop_block_numbers(path, &major, &minor) == 0 { return }
-        guard let text = try? String(contentsOfFile: "/sys/block/loop\(index)/dev", encoding: .utf8) else { return }
-        let parts = text.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ":").compactMap { UInt32($0) }
-        guard parts.count == 2 else { return }
-        let r = cploop_mknod_block(path, parts[0], parts[1], 0o660)
-        if r != 0 && r != -EEXIST { throw .system("mknod \(path)", errno: -r) }
-    }
-
-    static func numbers(_ path: String) -> (UInt32, UInt32)? {
-        var major: UInt32 = 0, minor: UInt32 = 0
-        return cploop_block_numbers(path, &major, &minor) == 0 ? (major, minor) : nil
-    }
+    static func numbers(_ path: String) -> (UInt32, UInt32)? { LoopDevice.numbers(path) }
 
     /// Makes `/dev/ploopN` a block node with the loop device's numbers. A node the user made for
     /// the kernel driver (major 182) is replaced and its numbers returned, to restore on umount.

@@ -30,9 +30,8 @@ int cploop_fiemap(int fd, uint64_t start, uint64_t length, struct cploop_extent 
 
 /// LOOP_CTL_GET_FREE on /dev/loop-control: a free loop index, or -errno.
 int cploop_loop_get_free(void);
-/// LOOP_CONFIGURE of the loop device at `loopdev` over `backing_fd`; 0 or -errno.
-int cploop_loop_configure(const char *loopdev, int backing_fd, int direct_io, int read_only);
-/// The same, for the window [offset, offset + sizelimit) of the backing file (0: to its end).
+/// LOOP_CONFIGURE of the loop device at `loopdev` over the window [offset, offset + sizelimit)
+/// of `backing_fd` (0: to its end), partition scanning on; 0 or -errno.
 int cploop_loop_configure_range(const char *loopdev, int backing_fd, int direct_io, int read_only, uint64_t offset, uint64_t sizelimit);
 /// LOOP_CLR_FD; 0 or -errno.
 int cploop_loop_clear(const char *loopdev);
