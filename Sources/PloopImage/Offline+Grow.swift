@@ -69,19 +69,8 @@ extension Offline {
         guard sectors <= PloopSpec.maxImageSectors else {
             throw .format(path, .sizeTooLarge(sectors: sectors, limit: PloopSpec.maxImageSectors, version: nil))
         }
-        let file = try ImagePath.open(path, write: true)
-        try ImagePath.lock(file, exclusive: true)
-        let detected = try ImagePath.detectFormat(file)
-        if format == .raw && detected == .ploop1 { throw .looksLikePloop1(path) }
-        switch format ?? detected {
-        case .ploop1:
-            guard detected == .ploop1 else { throw .notPloop1(path) }
-            // Validate on a read-only view first: a refused grow leaves the file untouched.
-            let probe = try Ploop1Image(file: file, writable: false)
-            let current = probe.header
-            if current.inUse { throw .inUse(path) }
-            // Moving clusters out of the BAT's way relies on every entry being sound.
-            try Checker.validate(file)
+        let (file, current) = try openForSizeChange(path, format: format)
+        if let current {
             do {
                 _ = try ImageHeader.new(sizeSectors: sectors, clusterSectors: current.clusterSectors, version: current.version)
             } catch { throw .format(path, error) }
@@ -91,14 +80,34 @@ extension Offline {
             let image = try Ploop1Image(file: file, writable: true)
             try image.grow(toSectors: sectors, progress: progress)
             try image.close()
-        case .raw:
-            guard format == .raw else { throw .rawNeedsFormat(path) }
+        } else {
             let size = try file.size()
             let bytes = sectors * PloopSpec.sectorSize
             guard bytes >= size else { throw .shrinkRefused(path, currentSectors: size / PloopSpec.sectorSize, requestedSectors: sectors) }
             guard bytes > size else { return }
             try file.truncate(to: bytes)
             try file.sync()
+        }
+    }
+
+    /// An image opened and locked for a size change (grow or shrink): a ploop1 image, checked on
+    /// a read-only view first (not in use, every entry sound: moving clusters relies on that) so
+    /// a refusal leaves it untouched, comes with its header; a raw image (`-f raw` only) without.
+    static func openForSizeChange(_ path: String, format: ImageFormat?) throws(ImageError) -> (any BlockFile, ImageHeader?) {
+        let file = try ImagePath.open(path, write: true)
+        try ImagePath.lock(file, exclusive: true)
+        let detected = try ImagePath.detectFormat(file)
+        if format == .raw && detected == .ploop1 { throw .looksLikePloop1(path) }
+        switch format ?? detected {
+        case .ploop1:
+            guard detected == .ploop1 else { throw .notPloop1(path) }
+            let header = try Ploop1Image(file: file, writable: false).header
+            if header.inUse { throw .inUse(path) }
+            try Checker.validate(file)
+            return (file, header)
+        case .raw:
+            guard format == .raw else { throw .rawNeedsFormat(path) }
+            return (file, nil)
         }
     }
 }

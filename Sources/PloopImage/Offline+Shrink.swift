@@ -49,21 +49,12 @@ extension Ploop1Image {
 extension Offline {
     /// `ploop resize` down, offline, of one image (either format). A raw image is cut.
     public static func shrink(path: String, toSectors sectors: UInt64, format: ImageFormat?, progress: ((Int, Int) -> Void)? = nil) throws(ImageError) {
-        let file = try ImagePath.open(path, write: true)
-        try ImagePath.lock(file, exclusive: true)
-        let detected = try ImagePath.detectFormat(file)
-        if format == .raw && detected == .ploop1 { throw .looksLikePloop1(path) }
-        switch format ?? detected {
-        case .ploop1:
-            guard detected == .ploop1 else { throw .notPloop1(path) }
-            let probe = try Ploop1Image(file: file, writable: false)
-            if probe.header.inUse { throw .inUse(path) }
-            try Checker.validate(file)
+        let (file, header) = try openForSizeChange(path, format: format)
+        if header != nil {
             let image = try Ploop1Image(file: file, writable: true)
             try image.shrink(toSectors: sectors, progress: progress)
             try image.close()
-        case .raw:
-            guard format == .raw else { throw .rawNeedsFormat(path) }
+        } else {
             let bytes = sectors * PloopSpec.sectorSize
             guard bytes < (try file.size()) else { return }
             try file.truncate(to: bytes)
