@@ -129,7 +129,8 @@ public final class SimulatorDaemon: Sendable {
         life.withLock { $0.fuse = session }
         let threads = Int32(options.threads)
         Thread { cploop_fuse_loop(session.pointer, threads) }.start()
-        let loop = try Loop.attach(file, readOnly: options.request.readOnly)
+        // Direct I/O: no second page cache over the FUSE file.
+        let loop = try LoopDevice.attach(file, readOnly: options.request.readOnly)
         life.withLock { $0.loop = loop }
         let replaced = try Loop.linkNode(device, to: loop)
         life.withLock { $0.replacedNode = replaced }
@@ -329,7 +330,7 @@ public final class SimulatorDaemon: Sendable {
         if !l.loop.isEmpty {
             // Partition windows hold the device open: they go first.
             PartitionNodes.removeWindows(device)
-            do { try Loop.detach(l.loop) } catch { log.error("cannot detach the loop device", metadata: ["loop": .string(l.loop), "error": "\(error)"]) }
+            do { try LoopDevice.detach(l.loop) } catch { log.error("cannot detach the loop device", metadata: ["loop": .string(l.loop), "error": "\(error)"]) }
             Loop.unlinkNode(device, restoring: l.replacedNode)
             l.loop = ""
         }

@@ -5,29 +5,22 @@ import PloopDevice
 
 /// Loop devices and the `/dev/ploopN` node that leads to one.
 enum Loop {
-    /// Attaches a free loop device to `file` (direct I/O: no second page cache over the FUSE file).
-    static func attach(_ file: String, readOnly: Bool) throws(DeviceError) -> String { try LoopDevice.attach(file, readOnly: readOnly) }
-
-    static func detach(_ path: String) throws(DeviceError) { try LoopDevice.detach(path) }
-
     static func refreshCapacity(_ path: String) throws(DeviceError) {
         let r = cploop_loop_set_capacity(path)
         if r != 0 { throw .system("LOOP_SET_CAPACITY \(path)", errno: -r) }
     }
 
-    static func numbers(_ path: String) -> (UInt32, UInt32)? { LoopDevice.numbers(path) }
-
     /// Makes `/dev/ploopN` a block node with the loop device's numbers. A node the user made for
     /// the kernel driver (major 182) is replaced and its numbers returned, to restore on umount.
     static func linkNode(_ node: String, to loop: String) throws(DeviceError) -> [UInt32]? {
-        guard let (maj, min) = numbers(loop) else { throw .system("stat \(loop)", errno: ENODEV) }
+        guard let (maj, min) = LoopDevice.numbers(loop) else { throw .system("stat \(loop)", errno: ENODEV) }
         var replaced: [UInt32]?
         switch PathInfo.entryKind(node) {
         case .missing: break
         case .device:
             // Only a node of the ploop driver (put back on umount) or of the loop driver (a
             // simulated device's node left by a crash) is ours to replace.
-            guard let (m, n) = numbers(node), m == 182 || m == maj else {
+            guard let (m, n) = LoopDevice.numbers(node), m == 182 || m == maj else {
                 throw .invalid("\(node) is a device node of another driver: it is not replaced; remove it or choose another device")
             }
             if m == 182 { replaced = [m, n] }
@@ -42,7 +35,7 @@ enum Loop {
 
     /// Removes `/dev/ploopN` and the partition nodes made for it.
     static func unlinkNode(_ node: String, restoring replaced: [UInt32]?) {
-        if let (major, _) = numbers(node), major != PartitionNodes.ploopMajor { PartitionNodes.removeNodes(node, major: major) }
+        if let (major, _) = LoopDevice.numbers(node), major != PartitionNodes.ploopMajor { PartitionNodes.removeNodes(node, major: major) }
         unlink(node)
         if let r = replaced, r.count == 2 { _ = cploop_mknod_block(node, r[0], r[1], 0o660) }
     }

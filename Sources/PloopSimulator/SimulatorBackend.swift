@@ -55,14 +55,14 @@ public final class SimulatorBackend: DeviceBackend {
         if let d = request.device {
             guard let i = DeviceName.index(d) else { throw .badDeviceName(d) }
             if FileManager.default.fileExists(atPath: paths.directory(i)) { throw .deviceInUse(d) }
-            if let (major, _) = Loop.numbers(d), major != 182 {
+            if let (major, _) = LoopDevice.numbers(d), major != 182 {
                 throw .deviceInUse("\(d) (a block device that is not ploop's)")
             }
             n = i
         } else {
             n = (0..<4096).first { i in
                 !FileManager.default.fileExists(atPath: paths.directory(i))
-                    && (Loop.numbers(DeviceName.name(i)).map { $0.0 == 182 } ?? !FileManager.default.fileExists(atPath: DeviceName.name(i)))
+                    && (LoopDevice.numbers(DeviceName.name(i)).map { $0.0 == 182 } ?? !FileManager.default.fileExists(atPath: DeviceName.name(i)))
             } ?? 4096
         }
         try spawn(index: n, request)
@@ -219,7 +219,7 @@ public final class SimulatorBackend: DeviceBackend {
     /// checks them.
     func cleanupDead(_ st: RuntimeState) {
         PartitionNodes.removeWindows(st.device)
-        if !st.loop.isEmpty { try? Loop.detach(st.loop) }
+        if !st.loop.isEmpty { try? LoopDevice.detach(st.loop) }
         Loop.unlinkNode(st.device, restoring: st.replacedNode)
         umount2(st.fuseFile, Int32(MNT_DETACH))
         try? FileManager.default.removeItem(atPath: paths.directory(st.index))
