@@ -5,6 +5,13 @@ let swiftSettings: [SwiftSetting] = [
     .swiftLanguageMode(.v6),
 ]
 
+// The commit the binary is built from, for `ploop --version` (nothing outside a git checkout).
+let git = Context.gitInformation
+let buildInfo: [CSetting] = [
+    .define("PLOOP_GIT_COMMIT", to: "\"\(git?.currentCommit ?? "")\""),
+    .define("PLOOP_GIT_DIRTY", to: git?.hasUncommittedChanges == true ? "1" : "0"),
+]
+
 let package = Package(
     name: "ploop",
     platforms: [.macOS(.v15)],
@@ -14,13 +21,15 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
-        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.0"),
     ],
     targets: [
         // Pure values: header codec, BAT geometry, CHS, size parsing. No I/O.
         .target(name: "PloopFormat", exclude: ["README.md"], swiftSettings: swiftSettings),
         // C for what Swift cannot call: fallocate, copy_file_range, SEEK_DATA, FIEMAP, loop and ploop ioctls.
         .target(name: "CPloopSys", exclude: ["README.md"]),
+        // The git commit and state of the checkout, from the manifest (see its README).
+        .target(name: "CPloopBuild", exclude: ["README.md"], cSettings: buildInfo),
         // libfuse3 (pkg-config fuse3) and the small C file that speaks its low-level API.
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .target(name: "CPloopFuse", dependencies: ["CFuse3"], exclude: ["README.md"]),
@@ -55,8 +64,9 @@ let package = Package(
         .target(
             name: "PloopCommands",
             dependencies: [
-                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopKernel", "PloopBalloon", "PloopCopy", "PloopSystem", "CPloopSys", "PloopDisk", "PloopVolume",
+                "PloopImage", "PloopFormat", "PloopDevice", "PloopSimulator", "PloopKernel", "PloopBalloon", "PloopCopy", "PloopSystem", "CPloopSys", "CPloopBuild", "PloopDisk", "PloopVolume",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             exclude: ["README.md"], swiftSettings: swiftSettings
         ),

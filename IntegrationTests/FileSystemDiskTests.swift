@@ -105,7 +105,8 @@ struct FileSystemDiskTests {
             #expect(FileManager.default.fileExists(atPath: p.mnt + "/.balloon-c3a5ae3d-ce7f-43c4-a1ea-c61e2b4504e8"))
             // A top-level directory each: ext4 spreads them over block groups gigabytes apart.
             for i in 0..<3 { try p.write("d\(i)/before\(i)", megabytes: 4, seed: UInt64(i + 1)) }
-            try Self.ploop("resize", "-s", "2t", p.dd)
+            let resized = try Self.ploop("resize", "--json", "-s", "2t", p.dd)
+            try Golden.compareShape(resized.stdout, "json/resize.shape.txt")
             #expect(try Self.sizeSectors(p.dd) == 4 << 30)
             #expect(Place.mounted(p.mnt) && p.filesMatch())
             let grown = try FileManager.default.attributesOfFileSystem(forPath: p.mnt)[.systemSize] as? UInt64 ?? 0
@@ -166,36 +167,36 @@ struct FileSystemDiskTests {
             let p = try Place()
             try Self.ploop("init", "-s", "512m", "-t", "ext4", p.folder + "/root.hds")
             let bad = try TestSupport.ploop("init", "-s", "512m", "-t", "xfs", p.root.file("other.hds"))
-            #expect(bad.code != 0 && bad.stderr.contains("-t xfs"), "\(bad)")
+            #expect(bad.code == 38 && bad.stderr.contains("-t xfs"), "\(bad)")
             #expect(!FileManager.default.fileExists(atPath: p.root.file("other.hds")))
             try Self.ploop("mount", "-m", p.mnt, p.dd)
             try p.write("big", megabytes: 300, seed: 7)
             let before = p.descriptor()
             let table = try TestSupport.sh("sgdisk", "-p", try Self.device(p.dd).0).stdout
-            for (args, says) in [
-                (["resize", "-s", "100m", p.dd], "at least"),
-                (["resize", "-s", "0", p.dd], "zero"),
-                (["resize", "-s", "512m", p.dd], "already"),
-                (["mount", "-m", p.root.file("missing"), p.dd], "not a directory"),
-                (["umount", "-m", p.root.path], "nothing is mounted"),
-                (["umount", "-m", "/proc"], "not from a ploop device"),
-            ] {
+            for (args, says, code) in [
+                (["resize", "-s", "100m", p.dd], "at least", 38),
+                (["resize", "-s", "0", p.dd], "zero", 38),
+                (["resize", "-s", "512m", p.dd], "already", 38),
+                (["mount", "-m", p.root.file("missing"), p.dd], "not a directory", 21),
+                (["umount", "-m", p.root.path], "nothing is mounted", 40),
+                (["umount", "-m", "/proc"], "not from a ploop device", 2),
+            ] as [([String], String, Int32)] {
                 let r = try TestSupport.ploop(args)
-                #expect(r.code != 0 && r.stderr.contains(says), "ploop \(args.joined(separator: " ")): \(r)")
+                #expect(r.code == code && r.stderr.contains(says), "ploop \(args.joined(separator: " ")): expected exit \(code): \(r)")
                 #expect(p.descriptor() == before && Place.mounted(p.mnt) && p.filesMatch(), "after ploop \(args.joined(separator: " "))")
             }
             #expect(try TestSupport.sh("sgdisk", "-p", try Self.device(p.dd).0).stdout == table)
             try Self.ploop("umount", p.dd)
             // Mount points that cannot be used: nothing is left running.
             let busy = try TestSupport.ploop("mount", "-m", "/proc", p.dd)
-            #expect(busy.code != 0 && busy.stderr.contains("busy"), "\(busy)")
+            #expect(busy.code == 21 && busy.stderr.contains("busy"), "\(busy)")
             let missing = try TestSupport.ploop("mount", "-m", p.root.file("missing"), p.dd)
-            #expect(missing.code != 0 && missing.stderr.contains("not a directory"), "\(missing)")
+            #expect(missing.code == 21 && missing.stderr.contains("not a directory"), "\(missing)")
             #expect(try Self.device(p.dd).0.isEmpty)
             // A disk mounted read-only is not resized.
             try Self.ploop("mount", "-r", "-m", p.mnt, p.dd)
             let ro = try TestSupport.ploop("resize", "-s", "1g", p.dd)
-            #expect(ro.code != 0 && ro.stderr.contains("read-only"), "\(ro)")
+            #expect(ro.code == 38 && ro.stderr.contains("read-only"), "\(ro)")
             #expect(p.descriptor() == before && p.filesMatch())
             try Self.ploop("umount", p.dd)
             #expect(!Place.mounted(p.mnt))
@@ -255,8 +256,10 @@ struct FileSystemDiskTests {
             try Self.ploop("mount", "-m", p.mnt, p.dd)
             try p.write("a", megabytes: 8, seed: 31)
             let frozen = p.files["a"]!
-            let t = try Self.ploop("tsnapshot", "-u", "{22222222-2222-4222-8222-222222222222}", "-c", "backup", "-m", snap, p.dd)
-            let snapDev = t.stdout.split(separator: "\n").last.map(String.init) ?? ""
+            let t = try Self.ploop("tsnapshot", "--json", "-u", "{22222222-2222-4222-8222-222222222222}", "-c", "backup", "-m", snap, p.dd)
+            let snapDev = (try? JSONSerialization.jsonObject(with: Data(t.stdout.utf8)) as? [String: Any])?["device"] as? String ?? ""
+            #expect(snapDev.hasPrefix("/dev/ploop"), "\(t)")
+            try Golden.compareShape(t.stdout, "json/tsnapshot.shape.txt")
             defer { _ = try? TestSupport.ploop("umount", "-d", snapDev) }
             #expect(Place.mounted(snap), "\(t)")
             try p.write("a", megabytes: 8, seed: 32)
@@ -268,6 +271,8 @@ struct FileSystemDiskTests {
             #expect(shown.stdout.contains("is 0 bytes"), "\(shown)")
             try Self.ploop("balloon", "change", "-s", "64m", p.dd)
             #expect(try Self.ploop("balloon", "show", p.dd).stdout.contains("is \(64 << 20) bytes"))
+            try Golden.compareShape(try Self.ploop("balloon", "show", "--json", p.dd).stdout, "json/balloon-show.shape.txt")
+            try Golden.compareShape(try Self.ploop("balloon", "status", "--json", p.dd).stdout, "json/balloon-status.shape.txt")
             #expect(p.filesMatch())
             try Self.ploop("balloon", "change", "-s", "0", p.dd)
             try Self.ploop("umount", p.dd)

@@ -156,6 +156,8 @@ struct SimulatorTests {
             w.stop()
             let list = try TestSupport.ploop("list", "--json")
             #expect(list.stdout.contains(base) && !list.stdout.contains("root.hdd.1\""))
+            // log: simulator devices only; mergeProgress: while an online merge runs.
+            try Golden.compareShape(list.stdout, "json/list.shape.txt", optional: [".[].log: string", ".[].mergeProgress: object", ".[].mergeProgress.done: number", ".[].mergeProgress.total: number"])
             // The backend under test served the device.
             let served = try JSONDecoder().decode([DeviceSummary].self, from: Data(list.stdout.utf8))
             #expect(served.map(\.backend) == [backend == "kernel-fake" ? "kernel" : "simulator"], "\(list)")
@@ -383,6 +385,42 @@ struct SimulatorTests {
             // The user's node is back as it was.
             let st = try TestSupport.sh("stat", "-c", "%t:%T", node).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(st == String(format: "b6:%x", free * 16))
+        }
+    }
+
+    /// `ploop -v 4 mount` asks the daemon for a line per request in its log; `ploop list` says
+    /// where the log is; a device mounted without it logs only its life (serving, stopped).
+    @Test func daemonLogsEveryRequestWhenAsked() throws {
+        try DeviceTestLock.run {
+            let s = try Stage()
+            for (name, verbose) in [("quiet.hdd", false), ("loud.hdd", true)] {
+                let image = s.dir.file(name)
+                _ = try s.ploop("init", "--no-descriptor", "-s", "64m", image)
+                // The loud one with --json: the device document (its shape is recorded).
+                let r = try TestSupport.ploop((verbose ? ["-v", "4"] : []) + ["mount", "--backend", "simulator"] + (verbose ? ["--json"] : []) + [image])
+                #expect(r.code == 0, "\(r)")
+                var dev = r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+                if verbose {
+                    dev = (try? JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any])?["device"] as? String ?? ""
+                    try Golden.compareShape(r.stdout, "json/mount.shape.txt", optional: [".mergeProgress: object", ".mergeProgress.done: number", ".mergeProgress.total: number"])
+                }
+                guard r.code == 0, dev.hasPrefix("/dev/ploop") else { return }
+                s.devices.append(dev)
+                #expect(verbose == r.stderr.contains("debug ploop: "), "\(r)")
+                // A request the daemon answers.
+                _ = try s.ploop("snapshot", "-d", dev, s.dir.file(name + ".1"))
+                let list = try TestSupport.ploop("list")
+                let block = list.stdout.components(separatedBy: dev).dropFirst().first ?? ""
+                guard let line = block.split(separator: "\n").first(where: { $0.hasPrefix("  log ") }) else {
+                    Issue.record("ploop list names no log for \(dev): \(list)")
+                    continue
+                }
+                let log = (try? String(contentsOfFile: String(line.dropFirst("  log ".count)), encoding: .utf8)) ?? ""
+                #expect(log.contains("info ploop.daemon") && log.contains("serving"), "\(log)")
+                #expect(log.range(of: #"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"#, options: [.regularExpression, .anchored]) != nil, "no timestamp: \(log)")
+                #expect(verbose == (log.contains("debug ploop.daemon") && log.contains("request") && log.contains("snapshot")), "\(log)")
+                try s.umount(dev)
+            }
         }
     }
 }

@@ -15,7 +15,7 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
         var env: BackendChoice?
         if let text = environment["PLOOP_BACKEND"], !text.isEmpty {
             guard let choice = BackendChoice(rawValue: text) else {
-                throw CommandFailure("PLOOP_BACKEND=\(text) is not a backend: use auto, kernel or simulator (or unset it)")
+                throw CommandFailure("PLOOP_BACKEND=\(text) is not a backend: use auto, kernel or simulator (or unset it)", code: ExitCodes.param)
             }
             env = choice
         }
@@ -28,14 +28,14 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
             // A test hook: the kernel backend's ioctls answered by the fake driver over the
             // simulator's devices, so the whole tool can run through KernelBackend here.
             if environment["PLOOP_KERNEL_FAKE"] == "simulator" {
-                if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)") }
+                if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)", code: ExitCodes.device) }
                 let paths = RuntimePaths()
                 return KernelBackend(transport: FakeKernel(lower: SimulatorBackend(paths: paths), sysfsRoot: paths.root + "/fake-kernel"))
             }
-            if let why = KernelBackend.unavailableReason() { throw CommandFailure("cannot use the kernel backend: \(why)") }
+            if let why = KernelBackend.unavailableReason() { throw CommandFailure("cannot use the kernel backend: \(why)", code: ExitCodes.device) }
             return KernelBackend()
         case .simulator, .auto:
-            if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)") }
+            if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)", code: ExitCodes.device) }
             return SimulatorBackend()
         }
     }

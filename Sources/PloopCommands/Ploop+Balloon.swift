@@ -42,30 +42,30 @@ extension Ploop {
         func resolve(needMount: Bool = true) throws -> (BalloonProcedure, any DeviceBackend) {
             var named = device
             if let disk {
-                guard device == nil && mountPoint == nil else { throw CommandFailure("give the disk, or -d/-m, not both") }
+                guard device == nil && mountPoint == nil else { throw CommandFailure("give the disk, or -d/-m, not both", code: ExitCodes.param) }
                 let d = try DiskDevices.open(disk, backend: backend)
                 guard let be = d.backend, let running = DiskDevices.device(of: d, backend: be) else {
-                    throw CommandFailure("the disk \(d.descriptorPath) is not running: mount it first ('ploop mount -m DIR \(d.descriptorPath)')")
+                    throw CommandFailure("the disk \(d.descriptorPath) is not running: mount it first ('ploop mount -m DIR \(d.descriptorPath)')", code: ExitCodes.notMounted)
                 }
                 named = running.device
             }
             var mnt = mountPoint.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
             if named == nil, let m = mnt {
-                guard let d = Mounts.device(at: m) else { throw CommandFailure("nothing is mounted at \(m)") }
+                guard let d = Mounts.device(at: m) else { throw CommandFailure("nothing is mounted at \(m)", code: ExitCodes.notMounted) }
                 named = d
             }
-            guard let given = named else { throw CommandFailure("give -d DEVICE or -m MOUNT_POINT") }
-            guard let node = PloopNode(given) else { throw CommandFailure("\(given) is not a ploop device") }
+            guard let given = named else { throw CommandFailure("give -d DEVICE or -m MOUNT_POINT", code: ExitCodes.param) }
+            guard let node = PloopNode(given) else { throw CommandFailure("\(given) is not a ploop device (/dev/ploopN)", code: ExitCodes.device) }
             let dev = node.device
             var offset = node.offsetBytes
             if let m = mnt {
-                guard let source = Mounts.device(at: m), PloopNode(source)?.device == dev else { throw CommandFailure("\(m) is not a mount point of \(dev)") }
+                guard let source = Mounts.device(at: m), PloopNode(source)?.device == dev else { throw CommandFailure("\(m) is not a mount point of \(dev)", code: ExitCodes.param) }
                 offset = PloopNode(source)!.offsetBytes
             } else {
                 let mounted = Mounts.all().first { PloopNode($0.source)?.device == dev }
                 mnt = mounted?.target
                 offset = mounted.flatMap { PloopNode($0.source)?.offsetBytes } ?? 0
-                if mnt == nil && needMount { throw CommandFailure("no file system of \(dev) is mounted: mount it, or give -m") }
+                if mnt == nil && needMount { throw CommandFailure("no file system of \(dev) is mounted: mount it, or give -m", code: ExitCodes.notMounted) }
             }
             let be = try backend.backend.resolve()
             let json = self.json
@@ -129,9 +129,9 @@ extension Ploop {
             let (p, be) = try target.resolve(needMount: false)
             let state = try failing { try be.balloon(p.device, inflate: false, keepIntact: false).state }
             guard state == .off else {
-                throw CommandFailure("can't clear stale in-kernel \"BALLOON\" maintenance state because kernel is in \"\(state)\" state now", code: 17)
+                throw CommandFailure("can't clear stale in-kernel \"BALLOON\" maintenance state because kernel is in \"\(state)\" state now", code: ExitCodes.busy)
             }
-            print("Current state of in-kernel maintenance is OFF now")
+            say("Current state of in-kernel maintenance is OFF now")
         }
     }
 
@@ -173,8 +173,8 @@ extension Ploop {
 /// Balloon and system errors as one line.
 func balloonErrors<T>(_ body: () throws -> T) throws -> T {
     do { return try body() } catch let e as BalloonProcedure.Failure {
-        throw CommandFailure(e.description)
+        throw CommandFailure(e)
     } catch let e as SystemError {
-        throw CommandFailure(e.description)
+        throw CommandFailure(e)
     }
 }

@@ -66,7 +66,7 @@ extension Ploop {
                 try DiskCommands.check(image, uuid: uuid, options: o, silent: silent, json: json, hardForce: hardForce)
                 return
             }
-            if uuid != nil { throw CommandFailure("-u names a snapshot of a disk: give DiskDescriptor.xml") }
+            if uuid != nil { throw CommandFailure("-u names a snapshot of a disk: give DiskDescriptor.xml", code: ExitCodes.param) }
             let report = try failing { try Checker.check(path: image, options: o, raw: raw) }
             if json {
                 print(try Output.json(JSONReport(report)))

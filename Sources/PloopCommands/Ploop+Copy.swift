@@ -56,7 +56,7 @@ extension Ploop {
                 if DeviceName.index(dev) == nil, Disk.descriptorPath(for: dev) != nil {
                     let d = try DiskDevices.open(dev, backend: backend)
                     guard let running = DiskDevices.device(of: d, backend: be) else {
-                        throw CommandFailure(DiskError.notMounted(d.descriptorPath).description + ": copy the image files instead, or mount it")
+                        throw CommandFailure(DiskError.notMounted(d.descriptorPath).description + ": copy the image files instead, or mount it", code: ExitCodes.notMounted)
                     }
                     dev = running.device
                 }
@@ -91,8 +91,8 @@ extension Ploop {
 
 func copyErrors<T>(_ body: () throws -> T) throws -> T {
     do { return try failing(body) } catch let e as CopyStream.Error {
-        throw CommandFailure(e.description)
+        throw CommandFailure(e)
     } catch let e as CopySender.Failure {
-        throw CommandFailure(e.description)
+        throw CommandFailure(e)
     }
 }

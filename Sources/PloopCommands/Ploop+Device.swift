@@ -66,14 +66,14 @@ extension Ploop {
                 try DiskCommands.mount(images[0], uuid: uuid, readOnly: readOnly, device: device, fileSystem: fs, backend: backend, json: json)
                 return
             }
-            if uuid != nil { throw CommandFailure("-u names a snapshot of a disk: give DiskDescriptor.xml") }
+            if uuid != nil { throw CommandFailure("-u names a snapshot of a disk: give DiskDescriptor.xml", code: ExitCodes.param) }
             let paths = images.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
             for p in paths { _ = try failing { try ImagePath.open(p, write: false) } }
             let be = try backend.backend.resolve()
             if let m = mountPoint {
                 var isDir: ObjCBool = false
                 guard FileManager.default.fileExists(atPath: m, isDirectory: &isDir), isDir.boolValue else {
-                    throw CommandFailure("mount point \(m) is not a directory")
+                    throw CommandFailure("mount point \(m) is not a directory", code: ExitCodes.mount)
                 }
             }
             // An image a running device holds is not a crash's leftover: refuse it before the
@@ -81,7 +81,7 @@ extension Ploop {
             let held = ((try? be.list()) ?? []).flatMap { d in d.levels.compactMap { l in PathInfo.identity(l.path).map { ($0, d.device) } } }
             for p in paths {
                 guard let id = PathInfo.identity(p), let (_, dev) = held.first(where: { $0.0 == id }) else { continue }
-                throw CommandFailure("\(p) is in use by \(dev): unmount it first ('ploop umount -d \(dev)')")
+                throw CommandFailure("\(p) is in use by \(dev): unmount it first ('ploop umount -d \(dev)')", code: ExitCodes.inUse)
             }
             try DirtyImages.repair(paths, baseFormat: format)
             let dev = try failing {
@@ -140,8 +140,8 @@ extension Ploop {
             var dev = device
             if let disk { dev = try DiskCommands.umount(disk, backend: backend) }
             if let m = mountPoint {
-                guard let d = Mounts.device(at: m) else { throw CommandFailure("nothing is mounted at \(m): nothing was unmounted") }
-                guard let node = PloopNode(d) else { throw CommandFailure("\(m) is mounted from \(d), not from a ploop device: nothing was unmounted") }
+                guard let d = Mounts.device(at: m) else { throw CommandFailure("nothing is mounted at \(m): nothing was unmounted", code: ExitCodes.notMounted) }
+                guard let node = PloopNode(d) else { throw CommandFailure("\(m) is mounted from \(d), not from a ploop device: nothing was unmounted", code: ExitCodes.device) }
                 dev = node.device
             }
             let be = try backend.backend.resolve()
@@ -158,12 +158,12 @@ extension Ploop {
         /// refusal that touches nothing: a name that is not a ploop device, or one that is not ours.
         static func knownDevice(_ device: String, backend be: any DeviceBackend) throws -> String {
             guard let index = DeviceName.index(device) else {
-                throw CommandFailure("\(device) is not a ploop device name (/dev/ploopN): nothing was unmounted")
+                throw CommandFailure("\(device) is not a ploop device name (/dev/ploopN): nothing was unmounted", code: ExitCodes.device)
             }
             let name = DeviceName.name(index)
             let known = try failing { try be.list() }
             guard known.contains(where: { $0.device == name }) else {
-                throw CommandFailure("no ploop device \(name) (see 'ploop list'): nothing was unmounted")
+                throw CommandFailure("no ploop device \(name) (see 'ploop list'): nothing was unmounted", code: ExitCodes.device)
             }
             return name
         }
@@ -208,7 +208,7 @@ extension Ploop {
             let path = URL(fileURLWithPath: delta).standardizedFileURL.path
             FileSystem.syncAll(on: device)
             try failing { try be.snapshot(device, newDelta: path) }
-            print("Snapshot of \(device): new top delta \(path)")
+            say("Snapshot of \(device): new top delta \(path)")
         }
     }
 
@@ -240,6 +240,7 @@ extension Ploop {
                 for l in d.levels {
                     print("  \(l.level)  \(l.readOnly ? "ro" : "rw")  \(l.format.rawValue)  \(l.path)")
                 }
+                if let log = d.log { print("  log \(log)") }
             }
         }
     }
@@ -253,7 +254,7 @@ extension Ploop {
 
         func run() throws {
             let l: Wire.Launch
-            do { l = try Wire.Launch.decode(launch) } catch { throw CommandFailure("__serve --launch: \(error)", code: 2) }
+            do { l = try Wire.Launch.decode(launch) } catch { throw CommandFailure("__serve --launch: \(error)", code: ExitCodes.param) }
             // Signals go to the daemon's signal thread only.
             var set = sigset_t()
             sigemptyset(&set)
@@ -272,7 +273,7 @@ extension Ploop {
             } catch {
                 let e = (error as? DeviceError) ?? .unavailable("\(error)")
                 try report(Wire.Ready(error: e))
-                throw CommandFailure(e.description)
+                throw CommandFailure(e)
             }
             try report(Wire.Ready())
             try? ready?.close()
@@ -297,9 +298,9 @@ enum DirtyImages {
             let r: Checker.Report
             do { r = try Checker.repairStaleMark(path: p) } catch {
                 if case .corrupt(_, let why) = error {
-                    throw CommandFailure("\(p) needs repair before it can be mounted: run 'ploop check -f \(p)' (\(why))")
+                    throw CommandFailure("\(p) needs repair before it can be mounted: run 'ploop check -f \(p)' (\(why))", code: ExitCodes.format)
                 }
-                throw CommandFailure(error.description)
+                throw CommandFailure(error)
             }
             let fixed = r.findings.filter { $0.action == .fixed }.map(\.message)
             FileHandle.standardError.write("ploop: \(p) was not closed cleanly; checked: \(fixed.joined(separator: "; "))\n")

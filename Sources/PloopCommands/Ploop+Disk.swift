@@ -10,7 +10,7 @@ import PloopSystem
 /// Turns disk errors into the one line a user reads.
 func diskErrors<T>(_ body: () throws -> T) throws -> T {
     do { return try failing(body) } catch let e as DiskError {
-        throw CommandFailure(e.description)
+        throw CommandFailure(e)
     }
 }
 
@@ -36,7 +36,7 @@ enum DiskDevices {
     static func requireOffline(_ disk: Disk) throws {
         guard let be = disk.backend else { return }
         if let d = device(of: disk, backend: be, anyLevel: true) {
-            throw CommandFailure(DiskError.mounted(disk.descriptorPath, device: d.device).description)
+            throw CommandFailure(DiskError.mounted(disk.descriptorPath, device: d.device))
         }
     }
 
@@ -54,7 +54,7 @@ enum DiskDevices {
         guard let be = d.backend else { return (d, nil) }
         if let running = device(of: d, backend: be) { return (d, running.device) }
         if let held = device(of: d, backend: be, anyLevel: true) {
-            throw CommandFailure("\(held.device) runs part of the disk \(d.descriptorPath) (not from its top): unmount it first")
+            throw CommandFailure("\(held.device) runs part of the disk \(d.descriptorPath) (not from its top): unmount it first", code: ExitCodes.inUse)
         }
         return (d, nil)
     }
@@ -64,7 +64,7 @@ enum DiskDevices {
     /// operation by asking its device.
     static func open(_ argument: String, backend: BackendOptions? = nil) throws -> Disk {
         guard let dd = Disk.descriptorPath(for: argument) else {
-            throw CommandFailure(DiskError.noDescriptor(argument).description)
+            throw CommandFailure(DiskError.noDescriptor(argument))
         }
         let be = try? (backend?.backend ?? .auto).resolve()
         return try diskErrors { try Disk.open(dd, backend: be) { FileHandle.standardError.write("ploop: \($0)\n") } }
@@ -177,7 +177,7 @@ extension Ploop {
             let (d, device) = try DiskDevices.openOnline(disk, backend: backend)
             let g = try parseGUID(uuid)
             if d.finishedOperation == "snapshot-delete \(g.key)" {
-                print("ploop snapshot \(g): the interrupted delete is finished")
+                say("ploop snapshot \(g): the interrupted delete is finished")
                 return
             }
             let progress = ProgressLine("merging")
@@ -221,12 +221,12 @@ extension Ploop {
             let (d, device) = try DiskDevices.openOnline(disk, backend: backend)
             let op = all ? "snapshot-merge -A" : "snapshot-merge \(try uuid.map(parseGUID)?.key ?? "top")"
             if d.finishedOperation == op {
-                print("ploop snapshot merged (an interrupted merge was finished)")
+                say("ploop snapshot merged (an interrupted merge was finished)")
                 return
             }
             let progress = ProgressLine("merging")
             try diskErrors { try d.mergeSnapshot(try uuid.map(parseGUID), all: all, newDelta: newDelta, device: device, progress: progress.update) }
-            print("ploop snapshot merged")
+            say("ploop snapshot merged")
         }
     }
 
@@ -256,11 +256,11 @@ extension Ploop {
         func run() throws {
             let d = try DiskDevices.openOffline(disk, backend: backend)
             if d.finishedOperation == "snapshot-switch \(try parseGUID(uuid).key)" {
-                print("ploop snapshot has been successfully switched (an interrupted switch was finished)")
+                say("ploop snapshot has been successfully switched (an interrupted switch was finished)")
                 return
             }
             try diskErrors { try d.switchSnapshot(try parseGUID(uuid), keepOldTop: keepOldTop) }
-            print("ploop snapshot has been successfully switched")
+            say("ploop snapshot has been successfully switched")
         }
     }
 
@@ -290,7 +290,7 @@ extension Ploop {
 
         func run() throws {
             let dd = try diskErrors { try Disk.restoreDescriptor(folder: folder, image: image, format: format, blocksize: try ClusterOption.parse(blocksize)) }
-            print("Storing \(dd)")
+            say("Storing \(dd)")
         }
     }
 }
@@ -301,11 +301,11 @@ enum DiskCommands {
         let d = try DiskDevices.open(argument, backend: backend)
         let guid = try uuid.map(parseGUID)
         if let guid, d.finishedOperation == "snapshot \(guid.key)" {
-            print("ploop snapshot \(guid) has been successfully created (an interrupted snapshot was finished)")
+            say("ploop snapshot \(guid) has been successfully created (an interrupted snapshot was finished)")
             return
         }
         let g = try take(d, guid: guid, temporary: false)
-        print("ploop snapshot \(g) has been successfully created")
+        say("ploop snapshot \(g) has been successfully created")
     }
 
     /// A snapshot of an open disk, online when a device runs it from its top; temporary
@@ -314,7 +314,7 @@ enum DiskCommands {
         let be = d.backend
         let running = be.flatMap { DiskDevices.device(of: d, backend: $0) }
         if running == nil, let be, let held = DiskDevices.device(of: d, backend: be, anyLevel: true) {
-            throw CommandFailure("\(held.device) runs part of the disk \(d.descriptorPath) (not from its top): unmount it first")
+            throw CommandFailure("\(held.device) runs part of the disk \(d.descriptorPath) (not from its top): unmount it first", code: ExitCodes.inUse)
         }
         try mergeTemporaries(d, device: running?.device)
         let (g, _) = try diskErrors {
@@ -347,10 +347,10 @@ enum DiskCommands {
         // Without a backend the open could not have one; resolving again says why.
         let be = try d.backend ?? backend.backend.resolve()
         if let running = DiskDevices.device(of: d, backend: be, anyLevel: true) {
-            throw CommandFailure("the disk \(d.descriptorPath) is running on \(running.device) already")
+            throw CommandFailure("the disk \(d.descriptorPath) is running on \(running.device) already", code: ExitCodes.inUse)
         }
         let g = try uuid.map(parseGUID)
-        if let g, d.descriptor.shot(g) == nil { throw CommandFailure(DiskError.unknownGUID(d.descriptorPath, g).description) }
+        if let g, d.descriptor.shot(g) == nil { throw CommandFailure(DiskError.unknownGUID(d.descriptorPath, g)) }
         // A snapshot below the top is mounted read-only, as the original.
         let ro = readOnly || (g != nil && g != d.descriptor.topGUID)
         let paths = d.chainPaths(from: g)
@@ -381,14 +381,14 @@ enum DiskCommands {
             // With the backend, so an interrupted online operation is recovered, not refused.
             let d = try diskErrors { try Disk.open(dd, backend: be) }
             guard let dev = DiskDevices.device(of: d, backend: be, anyLevel: true) else {
-                throw CommandFailure(DiskError.notMounted(d.descriptorPath).description)
+                throw CommandFailure(DiskError.notMounted(d.descriptorPath))
             }
             return dev.device
         }
         // An image: the device that holds it at any level.
-        guard let id = PathInfo.identity(argument) else { throw CommandFailure("\(argument): no such file (give a device with -d, a mount point with -m, a disk or an image)") }
+        guard let id = PathInfo.identity(argument) else { throw CommandFailure("\(argument): no such file (give a device with -d, a mount point with -m, a disk or an image)", code: ExitCodes.open) }
         guard let dev = ((try? be.list()) ?? []).first(where: { $0.levels.contains { PathInfo.identity($0.path) == id } }) else {
-            throw CommandFailure("no ploop device holds \(argument)")
+            throw CommandFailure("no ploop device holds \(argument)", code: ExitCodes.notMounted)
         }
         return dev.device
     }
@@ -396,7 +396,7 @@ enum DiskCommands {
     static func check(_ argument: String, uuid: String?, options: Checker.Options, silent: Bool, json: Bool, hardForce: Bool) throws {
         let d = try DiskDevices.open(argument)
         let g = try uuid.map(parseGUID)
-        if let g, d.descriptor.shot(g) == nil { throw CommandFailure(DiskError.unknownGUID(d.descriptorPath, g).description) }
+        if let g, d.descriptor.shot(g) == nil { throw CommandFailure(DiskError.unknownGUID(d.descriptorPath, g)) }
         var worst: Int32 = 0
         var reports: [Ploop.JSONReport] = []
         for (i, p) in d.chainPaths(from: g).enumerated() {
@@ -450,17 +450,17 @@ enum DiskCommands {
         }
     }
 
-    static func grow(_ argument: String, sectors: UInt64, backend: BackendOptions) throws {
+    /// Grows a disk (online when a device runs it); returns what `grow --json` reports.
+    static func grow(_ argument: String, sectors: UInt64, backend: BackendOptions) throws -> Ploop.Grow.Grown {
         let d = try DiskDevices.open(argument, backend: backend)
         if let be = d.backend, let dev = DiskDevices.device(of: d, backend: be) {
             try failing { try be.grow(dev.device, sizeSectors: sectors) }
             let info = try failing { try be.info(dev.device) }
             try diskErrors { try d.commitSize(info.sizeBytes / 512) }
-            print("Grown \(dev.device) (\(d.descriptorPath)) to \(Output.size(info.sizeBytes))")
-            return
+            return .init(target: d.descriptorPath, descriptor: d.descriptorPath, device: dev.device, sizeBytes: info.sizeBytes)
         }
         try diskErrors { try d.grow(toSectors: sectors) }
-        print("Grown \(d.descriptorPath) to \(Output.size(d.descriptor.diskSizeSectors * 512))")
+        return .init(target: d.descriptorPath, descriptor: d.descriptorPath, sizeBytes: d.descriptor.diskSizeSectors * 512)
     }
 }
 
@@ -511,7 +511,7 @@ extension Ploop {
             let be = try d.backend ?? backend.backend.resolve()
             // A file system to mount must be there before any snapshot is taken.
             if let m = mountPoint, try !DiskCommands.hasFileSystem(d, be) {
-                throw CommandFailure("-m \(m): \(d.descriptorPath) has no file system to mount (it was made with -t none); leave -m out")
+                throw CommandFailure("-m \(m): \(d.descriptorPath) has no file system to mount (it was made with -t none); leave -m out", code: ExitCodes.param)
             }
             let g = try DiskCommands.take(d, guid: try parseGUID(uuid), temporary: true)
             let paths = d.chainPaths(from: g)
@@ -524,7 +524,7 @@ extension Ploop {
             let dev: String
             do { dev = try be.mount(request) } catch {
                 mergeBack()
-                throw CommandFailure("the temporary snapshot \(g) could not be started read-only (\(error)); it was merged back")
+                throw CommandFailure("the temporary snapshot \(g) could not be started read-only (\(error)); it was merged back", code: ExitCodes.deviceIoctl)
             }
             if let m = mountPoint {
                 let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
@@ -536,13 +536,13 @@ extension Ploop {
                 } catch {
                     try? be.umount(dev)
                     mergeBack()
-                    throw CommandFailure("the temporary snapshot \(g) could not be mounted at \(m) (\(error)); it was merged back")
+                    throw CommandFailure("the temporary snapshot \(g) could not be mounted at \(m) (\(error)); it was merged back", code: ExitCodes.mount)
                 }
             }
             if json {
                 print(try Output.json(["device": dev, "uuid": g.text, "component": component]))
             } else {
-                print("ploop snapshot \(g) (temporary, for \(component)) has been successfully created")
+                say("ploop snapshot \(g) (temporary, for \(component)) has been successfully created")
                 print(dev)
             }
         }
@@ -594,7 +594,7 @@ extension Ploop {
             if let f = format {
                 let target = Offline.Layout(argument: f)!
                 guard Disk.descriptorPath(for: disk) != nil else {
-                    throw CommandFailure("-f \(f) converts a disk: give its DiskDescriptor.xml or folder (for an image file, use 'ploop merge' or 'qemu-img convert')")
+                    throw CommandFailure("-f \(f) converts a disk: give its DiskDescriptor.xml or folder (for an image file, use 'ploop merge' or 'qemu-img convert')", code: ExitCodes.param)
                 }
                 let d = try DiskDevices.openOffline(disk, backend: backend)
                 let progress = ProgressLine("converting")
@@ -656,7 +656,7 @@ extension Ploop {
             let d = try DiskDevices.openOffline(disk, backend: backend)
             let selector: Disk.ImageSelector = try uuid.map { .guid(try parseGUID($0)) } ?? level.map { .level(Int($0)!) } ?? .file(current!)
             let g = try diskErrors { try d.replace(selector, with: input, keepName: keepName) }
-            print("ploop image \(g) has been successfully replaced")
+            say("ploop image \(g) has been successfully replaced")
         }
     }
 }

@@ -36,6 +36,9 @@ extension Ploop {
 
         @OptionGroup var backend: BackendOptions
 
+        @Flag(help: "Print the result as JSON (see docs/JSON.md).")
+        var json = false
+
         @Argument(help: "The image to grow (offline).")
         var image: String?
 
@@ -44,24 +47,49 @@ extension Ploop {
             if (device == nil) == (image == nil) { throw ValidationError("give either -d DEVICE (online) or IMAGE (offline)") }
         }
 
+        /// What was grown and its size now.
+        struct Grown: Encodable {
+            /// The image, device or descriptor given.
+            var target: String
+            var descriptor: String?
+            var device: String?
+            var sizeBytes: UInt64
+            var sizeSectors: UInt64 { sizeBytes / 512 }
+
+            enum CodingKeys: String, CodingKey { case target, descriptor, device, sizeBytes, sizeSectors }
+            func encode(to encoder: any Encoder) throws {
+                var c = encoder.container(keyedBy: CodingKeys.self)
+                try c.encode(target, forKey: .target)
+                try c.encodeIfPresent(descriptor, forKey: .descriptor)
+                try c.encodeIfPresent(device, forKey: .device)
+                try c.encode(sizeBytes, forKey: .sizeBytes)
+                try c.encode(sizeSectors, forKey: .sizeSectors)
+            }
+        }
+
         func run() throws {
             let sectors = try SizeOption.parse(size)
+            let grown: Grown
             if let dev = device {
                 let be = try backend.backend.resolve()
                 try failing { try be.grow(dev, sizeSectors: sectors) }
                 let info = try failing { try be.info(dev) }
-                print("Grown \(dev) to \(Output.size(info.sizeBytes))")
-                return
+                grown = Grown(target: dev, device: dev, sizeBytes: info.sizeBytes)
+            } else if Disk.descriptorPath(for: image!) != nil {
+                grown = try DiskCommands.grow(image!, sectors: sectors, backend: backend)
+            } else {
+                let image = self.image!
+                let progress = ProgressLine("relocating")
+                try failing { try Offline.grow(path: image, toSectors: sectors, format: format, progress: progress.update) }
+                let info = try failing { try ImageInfo.read(path: image) }
+                grown = Grown(target: image, sizeBytes: info.virtualSize)
             }
-            let image = self.image!
-            if Disk.descriptorPath(for: image) != nil {
-                try DiskCommands.grow(image, sectors: sectors, backend: backend)
-                return
+            if json {
+                print(try Output.json(grown))
+            } else {
+                let what = [grown.device, grown.descriptor.map { grown.device == nil ? $0 : "(\($0))" }].compactMap { $0 }.joined(separator: " ")
+                say("Grown \(what.isEmpty ? grown.target : what) to \(Output.size(grown.sizeBytes))")
             }
-            let progress = ProgressLine("relocating")
-            try failing { try Offline.grow(path: image, toSectors: sectors, format: format, progress: progress.update) }
-            let info = try failing { try ImageInfo.read(path: image) }
-            print("Grown \(image) to \(Output.size(info.virtualSize))")
         }
     }
 }

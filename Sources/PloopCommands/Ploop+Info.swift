@@ -36,7 +36,7 @@ extension Ploop {
                 try DiskCommands.info(image, spec: spec, device: device, json: json, backend: backend)
                 return
             }
-            if spec || device { throw CommandFailure("-s and -d describe a disk: give DiskDescriptor.xml or its folder") }
+            if spec || device { throw CommandFailure("-s and -d describe a disk: give DiskDescriptor.xml or its folder", code: ExitCodes.param) }
             let info = try failing { try ImageInfo.read(path: image) }
             if json {
                 print(try Output.json(info))

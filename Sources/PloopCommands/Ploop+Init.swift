@@ -104,12 +104,12 @@ extension Ploop {
             switch layout.format {
             case .ploop1:
                 let how = layout == .preallocated ? " preallocated" : ""
-                print("Created \(image): ploop1 \(v)\(how), \(Output.size(header.virtualBytes)), \(Output.size(UInt64(header.clusterBytes))) clusters")
+                say("Created \(image): ploop1 \(v)\(how), \(Output.size(header.virtualBytes)), \(Output.size(UInt64(header.clusterBytes))) clusters")
             case .raw:
-                print("Created \(image): raw, \(Output.size(header.virtualBytes))")
+                say("Created \(image): raw, \(Output.size(header.virtualBytes))")
             }
             if let stored {
-                print("Storing \(stored)")
+                say("Storing \(stored)")
                 if type != "none" {
                     let made = [URL(fileURLWithPath: image).standardizedFileURL.path, stored, stored + ".lck"]
                     let options = FileSystem.MakeOptions(type: type, blockSize: fsBlockSize, label: label, lazy: !noLazy)

@@ -66,12 +66,12 @@ extension Ploop {
 
         /// The levels asked for, checked against the device's 0...top.
         static func levelRange(_ text: String?, top: Int, device: String) throws -> ClosedRange<Int> {
-            guard top > 0 else { throw CommandFailure("\(device) has one level (0): there is nothing to merge") }
+            guard top > 0 else { throw CommandFailure("\(device) has one level (0): there is nothing to merge", code: ExitCodes.param) }
             guard let text else { return (top - 1)...top }
             let (a, b) = try parseLevels(text)
             let upper = b ?? top
             guard a < top, upper <= top else {
-                throw CommandFailure("-l \(text): \(device) has levels 0..\(top), so give L1..L2 with L1 < L2 <= \(top)")
+                throw CommandFailure("-l \(text): \(device) has levels 0..\(top), so give L1..L2 with L1 < L2 <= \(top)", code: ExitCodes.param)
             }
             return a...upper
         }
@@ -86,7 +86,7 @@ extension Ploop {
                 if json {
                     print(try Output.json(["merged": removed]))
                 } else {
-                    print("Merged levels \(range.lowerBound)..\(range.upperBound) of \(dev); files no longer in the stack: \(removed.joined(separator: " "))")
+                    say("Merged levels \(range.lowerBound)..\(range.upperBound) of \(dev); files no longer in the stack: \(removed.joined(separator: " "))")
                 }
                 return
             }
@@ -99,9 +99,9 @@ extension Ploop {
             if json {
                 print(try Output.json(summary))
             } else {
-                if summary.repairedStaleMark { print("\(dst) was not closed cleanly; checked and repaired first") }
-                if summary.destinationGrew { print("\(dst) grown to fit the sources") }
-                print("Merged \(sources.count) delta(s) into \(dst): \(summary.clustersCopied) cluster(s) copied")
+                if summary.repairedStaleMark { say("\(dst) was not closed cleanly; checked and repaired first") }
+                if summary.destinationGrew { say("\(dst) grown to fit the sources") }
+                say("Merged \(sources.count) delta(s) into \(dst): \(summary.clustersCopied) cluster(s) copied")
             }
         }
     }

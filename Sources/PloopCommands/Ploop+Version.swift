@@ -9,8 +9,8 @@ extension Ploop {
         static let configuration = CommandConfiguration(
             abstract: "Print the version and what this host offers: the kernel driver, the simulator, the tools.",
             discussion: """
-                The first thing a bug report needs. '--version' prints the version alone (for scripts); \
-                this adds which device backends can run here and why not, and the external tools the \
+                The first thing a bug report needs. '--version' prints the version and the git commit \
+                it was built from (for scripts: the first word is the version); this adds which device backends can run here and why not, and the external tools the \
                 file-system commands use.
 
                 Example:
@@ -29,6 +29,9 @@ extension Ploop {
 
         struct Report: Encodable {
             var version: String
+            /// The git commit built from (absent outside a git checkout).
+            var commit: String?
+            var uncommittedChanges: Bool
             var kernelModule: Bool
             var largeDisks: Bool
             var backends: [Backend]
@@ -43,7 +46,8 @@ extension Ploop {
             var tools: [String: String] = [:]
             for t in ["mke2fs", "e2fsck", "resize2fs", "dumpe2fs", "mount", "umount"] { tools[t] = Tool.path(t) ?? "missing" }
             return Report(
-                version: PloopVersion.string, kernelModule: module.loaded, largeDisks: module.largeDisks,
+                version: PloopVersion.number, commit: PloopVersion.commit.isEmpty ? nil : PloopVersion.commit,
+                uncommittedChanges: PloopVersion.uncommittedChanges, kernelModule: module.loaded, largeDisks: module.largeDisks,
                 backends: [
                     Backend(name: "kernel", available: kernel == nil, why: kernel),
                     Backend(name: "simulator", available: simulator == nil, why: simulator),
@@ -57,7 +61,7 @@ extension Ploop {
                 print(try Output.json(r))
                 return
             }
-            print("ploop \(r.version)")
+            print("ploop \(PloopVersion.string)")
             print("kernel module: \(r.kernelModule ? "loaded" + (r.largeDisks ? " (large disks: yes)" : "") : "not loaded")")
             for b in r.backends { print("backend \(b.name): \(b.available ? "available" : "unavailable: \(b.why ?? "")")") }
             print("default backend: \(r.defaultBackend)")

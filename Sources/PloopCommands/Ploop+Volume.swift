@@ -22,7 +22,7 @@ enum Scratch {
     static func directory() throws -> String {
         let dir = (ProcessInfo.processInfo.environment["PLOOP_RUNTIME_DIR"] ?? "/run/ploop") + "/scratch"
         do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700]) } catch {
-            throw CommandFailure("cannot create \(dir): \(error.localizedDescription)")
+            throw CommandFailure("cannot create \(dir): \(error.localizedDescription)", code: ExitCodes.open)
         }
         return dir
     }
@@ -73,13 +73,13 @@ extension DiskCommands {
 
     /// The descriptor of the disk a device runs (from its top image), for the DEV forms.
     static func descriptor(ofDevice device: String, backend: BackendOptions) throws -> String {
-        guard let node = PloopNode(device), node.partition == nil else { throw CommandFailure("\(device) is not a ploop device name (/dev/ploopN)") }
+        guard let node = PloopNode(device), node.partition == nil else { throw CommandFailure("\(device) is not a ploop device name (/dev/ploopN)", code: ExitCodes.device) }
         let be = try backend.backend.resolve()
         guard let info = try? be.info(node.device), let top = info.levels.last else {
-            throw CommandFailure("no ploop device \(node.device) (see 'ploop list')")
+            throw CommandFailure("no ploop device \(node.device) (see 'ploop list')", code: ExitCodes.device)
         }
         guard let dd = DiskLookup.descriptor(naming: top.path) else {
-            throw CommandFailure("\(node.device) runs \(top.path), which no DiskDescriptor.xml beside it names: give the disk")
+            throw CommandFailure("\(node.device) runs \(top.path), which no DiskDescriptor.xml beside it names: give the disk", code: ExitCodes.param)
         }
         return dd
     }
@@ -164,12 +164,12 @@ extension Ploop {
             let be = try d.backend ?? backend.backend.resolve()
             let json = self.json
             var r = DiskResize(disk: d, backend: be) { if !json { print($0) } }
-            if !json { r.progress = ProgressLine.onTerminal() }
+            r.progress = ProgressLine.onTerminal()
             let size = try volumeCommand { try failing { try r.resize(toSectors: sectors) } }
             if json {
                 print(try Output.json(Report(descriptor: d.descriptorPath, sizeSectors: size)))
             } else {
-                print("Resized \(d.descriptorPath) to \(Output.size(size * 512))")
+                say("Resized \(d.descriptorPath) to \(Output.size(size * 512))")
             }
         }
     }

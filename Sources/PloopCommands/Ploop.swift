@@ -1,4 +1,6 @@
 import ArgumentParser
+import Synchronization
+import CPloopBuild
 import PloopVolume
 import Foundation
 import PloopFormat
@@ -19,10 +21,13 @@ public struct Ploop: ParsableCommand {
             sectors when given as a bare number, or bytes with a k, m, g or t suffix (binary units): \
             -s 2048 and -s 1m are the same size.
 
-            Exit codes: 0 success, 1 failure, 2 usage error; 'ploop check' uses the original tool's \
-            codes (11 format error, 17 busy, 37 image in use), and so do the file-system commands \
-            (init -t, mount -m, resize, fsck): 21 mount failed, 22 umount failed, 24 mkfs failed, \
-            26 resize2fs failed, 33 partition table, 38 bad parameter, 41 fsck left errors.
+            Global options, before the command: -q prints only errors and the data asked for; \
+            -v, -vv… or -v N (N from -1 to 5; 3 is the default) print more: at 4 debug lines on \
+            stderr, and the simulator daemon of a device mounted then logs every request to the \
+            log file 'ploop list' shows.
+
+            Exit codes, the original tool's where it has one for the case:
+            \(ExitCodes.helpText)
             """,
         version: PloopVersion.string,
         subcommands: [
@@ -35,7 +40,15 @@ public struct Ploop: ParsableCommand {
 }
 
 public enum PloopVersion {
-    public static let string = "0.1.0"
+    /// The release; `scripts/package` names the .deb after it.
+    public static let number = "0.1.0"
+    /// The git commit the binary was built from ("" outside a git checkout).
+    public static let commit = String(cString: ploop_build_commit())
+    /// Whether that checkout had changes not committed.
+    public static let uncommittedChanges = ploop_build_uncommitted_changes() != 0
+    /// What `ploop --version` prints: `0.1.0 (git 0123456789ab)`, `+changes` after the hash for
+    /// a checkout with uncommitted changes, the number alone outside git.
+    public static let string = commit.isEmpty ? number : "\(number) (git \(commit.prefix(12))\(uncommittedChanges ? "+changes" : ""))"
 }
 
 /// A failure that has already been put into words, with the exit code to leave with.
@@ -51,27 +64,50 @@ public struct CommandFailure: Error, CustomStringConvertible {
 
 /// Runs the CLI with the given arguments (without the program name); returns the exit code.
 public enum PloopMain {
-    public static func run(_ arguments: [String]) -> Int32 {
+    public static func run(_ all: [String]) -> Int32 {
+        let arguments: [String]
+        do {
+            let (level, rest) = try Verbosity.take(all)
+            Verbosity.set(level)
+            arguments = rest
+        } catch {
+            FileHandle.standardError.write("ploop: \(error.message)\n")
+            return error.code
+        }
+        let code = dispatch(arguments)
+        log.debug("exit \(code)", metadata: ["command": .string(arguments.first ?? "")])
+        return code
+    }
+
+    static func dispatch(_ arguments: [String]) -> Int32 {
         if arguments.isEmpty {
             FileHandle.standardError.write(Ploop.helpMessage() + "\n")
-            return 2
+            return ExitCodes.param
         }
-        // A command alone prints its usage and exits 2, a command group (balloon) included.
+        // A command alone prints its usage and exits as a usage error, a command group (balloon) included.
         if arguments.count == 1,
             let sub = Ploop.configuration.subcommands.first(where: { $0._commandName == arguments[0] }),
             !sub.configuration.subcommands.isEmpty || (try? Ploop.parseAsRoot(arguments)) == nil
         {
             FileHandle.standardError.write(Ploop.helpMessage(for: sub) + "\n")
-            return 2
+            return ExitCodes.param
         }
+        // With --json, progress goes to stderr as JSON lines (see ProgressLine).
+        if arguments.contains("--json") { ProgressLine.events.store(true, ordering: .relaxed) }
         do {
             var command = try Ploop.parseAsRoot(arguments)
+            log.debug("running \(type(of: command)._commandName)", metadata: ["verbosity": "\(Verbosity.level)"])
             try command.run()
             return 0
         } catch let failure as CommandFailure {
             if !failure.message.isEmpty { FileHandle.standardError.write("ploop: \(failure.message)\n") }
             return failure.code
         } catch {
+            // A library error no command turned into words: its own words, and its code.
+            if let code = ExitCodes.of(error) {
+                FileHandle.standardError.write("ploop: \(error)\n")
+                return code
+            }
             let code = Ploop.exitCode(for: error)
             let message = Ploop.fullMessage(for: error)
             if code == .success {
@@ -86,7 +122,7 @@ public enum PloopMain {
                 }
                 let command = (["ploop"] + words).joined(separator: " ")
                 FileHandle.standardError.write("ploop: \(what.replacingOccurrences(of: "\n", with: "; ")) (see '\(command) --help')\n")
-                return 2
+                return ExitCodes.param
             }
             FileHandle.standardError.write(message + "\n")
             return code.rawValue
@@ -108,11 +144,11 @@ func print(_ items: Any..., separator: String = " ", terminator: String = "\n") 
 /// Turns library errors into the one line a user reads.
 func failing<T>(_ body: () throws -> T) throws -> T {
     do { return try body() } catch let e as ImageError {
-        throw CommandFailure(e.description)
+        throw CommandFailure(e)
     } catch let e as SizeArgument.ParseError {
-        throw CommandFailure(e.description, code: 2)
+        throw CommandFailure(e)
     } catch let e as DeviceError {
-        throw CommandFailure(e.description)
+        throw CommandFailure(e)
     }
 }
 
@@ -127,27 +163,38 @@ enum Output {
     static func size(_ bytes: UInt64) -> String { SizeArgument.describe(bytes: bytes) }
 }
 
-/// One line on a terminal for a long step: its name, percent, rate and time left, rewritten in
-/// place; nothing at all when the stream is not a terminal. A step of several passes gives each
-/// pass its own line (`update(step:)`).
+/// Progress of a long step, in one of two forms:
+///   - on a terminal, one line rewritten in place: the step's name, percent, rate and time left
+///     (a step of several passes gives each pass its own line, `update(step:)`); nothing when the
+///     stream is not a terminal;
+///   - with `--json` (`ProgressLine.events`), one JSON object per line on standard error, whether
+///     or not it is a terminal, for scripts: `{"event":"progress","step":…,"done":…,"total":…,
+///     "percent":…}` plus `rate` (units per second) and `secondsLeft` once they are known.
+///     Standard output keeps the one JSON document the command prints at the end.
 final class ProgressLine: @unchecked Sendable {
     private let label: String
     private let handle: FileHandle
     private let enabled: Bool
+    private let asEvents: Bool
     private var step = ""
     private var started = Date()
     private var lastPercent = -1
 
+    /// Set once before the command runs (by `PloopMain` when `--json` is given).
+    static let events = Atomic<Bool>(false)
+
     /// On standard error (`fd` 2) by default, as the commands whose standard output is data.
     init(_ label: String, fd: Int32 = 2) {
         self.label = label
-        handle = fd == 1 ? FileHandle.standardOutput : FileHandle.standardError
-        enabled = isatty(fd) != 0
+        asEvents = Self.events.load(ordering: .relaxed)
+        handle = asEvents || fd != 1 ? FileHandle.standardError : FileHandle.standardOutput
+        enabled = asEvents || isatty(fd) != 0
     }
 
-    /// A reporter on standard output when it is a terminal; nil (quiet) otherwise.
+    /// A reporter on standard output when it is a terminal (on standard error as events with
+    /// `--json`); nil (quiet) otherwise.
     static func onTerminal() -> StepProgress? {
-        guard isatty(1) != 0 else { return nil }
+        guard events.load(ordering: .relaxed) || isatty(1) != 0 else { return nil }
         let line = ProgressLine("", fd: 1)
         return { line.update(step: $0, $1, $2) }
     }
@@ -157,7 +204,7 @@ final class ProgressLine: @unchecked Sendable {
     func update(step name: String, _ done: Int, _ total: Int) {
         guard enabled, total > 0 else { return }
         if name != step {
-            if !step.isEmpty && lastPercent < 100 { handle.write("\n") }
+            if !asEvents && !step.isEmpty && lastPercent < 100 { handle.write("\n") }
             step = name
             started = Date()
             lastPercent = -1
@@ -166,13 +213,41 @@ final class ProgressLine: @unchecked Sendable {
         guard percent != lastPercent else { return }
         lastPercent = percent
         let elapsed = Date().timeIntervalSince(started)
+        let rate = elapsed > 0.5 && done > 0 ? Double(done) / elapsed : nil
+        let left = rate.map { done < total ? Double(total - done) / $0 : 0 }
+        if asEvents {
+            let event = Event(step: name, done: done, total: total, percent: percent, rate: rate.map { ($0 * 10).rounded() / 10 }, secondsLeft: left.map { ($0 * 10).rounded() / 10 })
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            if let data = try? encoder.encode(event) { handle.write(String(decoding: data, as: UTF8.self) + "\n") }
+            return
+        }
         var line = "\r\(name): \(percent)% (\(done)/\(total))"
-        if elapsed > 0.5, done > 0 {
-            let rate = Double(done) / elapsed
+        if let rate {
             line += String(format: ", %.0f/s", rate)
-            if done < total { line += String(format: ", %.0f s left", Double(total - done) / rate) }
+            if done < total, let left { line += String(format: ", %.0f s left", left) }
         }
         handle.write(line + "\u{1B}[K" + (percent == 100 ? "\n" : ""))
+    }
+
+    /// One progress event (`--json`).
+    struct Event: Encodable {
+        var event = "progress"
+        var step: String
+        var done: Int
+        var total: Int
+        var percent: Int
+        var rate: Double?
+        var secondsLeft: Double?
+
+        init(step: String, done: Int, total: Int, percent: Int, rate: Double?, secondsLeft: Double?) {
+            self.step = step
+            self.done = done
+            self.total = total
+            self.percent = percent
+            self.rate = rate
+            self.secondsLeft = secondsLeft
+        }
     }
 }
 

@@ -59,6 +59,10 @@ public enum CopyStream {
         case positionOutOfRange(UInt64, at: UInt64)
         case truncated(at: UInt64)
         case destinationExists(String)
+        /// The destination is there and is not a regular file (PathInfo.PublishError's words).
+        case destinationNotRegular(String)
+        /// A descriptor given on the command line (-i, -f) is not open.
+        case descriptorNotOpen(role: String, fd: Int32, purpose: String)
         case io(String)
         case feedback(String)
 
@@ -69,6 +73,8 @@ public enum CopyStream {
             case .positionOutOfRange(let p, let at): "stream corrupted: a record for position \(p) at stream offset \(at) (past any image)"
             case .truncated(let at): "the stream ended at offset \(at) without its end record: the copy is incomplete"
             case .destinationExists(let p): "\(p) already exists: remove it or choose another name"
+            case .destinationNotRegular(let s): s
+            case .descriptorNotOpen(let role, let fd, let purpose): "\(role) \(fd) is not open: give the descriptor of \(purpose)"
             case .io(let s): s
             case .feedback(let s): "feedback channel: \(s)"
             }
@@ -78,7 +84,7 @@ public enum CopyStream {
     /// A descriptor given on the command line must be open, or the error says which one it is.
     public static func checkOpen(_ fd: Int32, _ role: String, _ purpose: String) throws(Error) {
         if fd < 0 || fcntl(fd, F_GETFD) < 0 {
-            throw .io("\(role) \(fd) is not open: give the descriptor of \(purpose)")
+            throw .descriptorNotOpen(role: role, fd: fd, purpose: purpose)
         }
     }
 

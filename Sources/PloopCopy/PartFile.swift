@@ -16,7 +16,7 @@ final class PartFile {
             switch error {
             case .exists: throw CopyStream.Error.destinationExists(destination)
             case .system(let e): throw CopyStream.Error.io("cannot create the temporary file of \(destination) (\(e.path)): \(e.message)")
-            case .notRegular: throw CopyStream.Error.io(error.description)
+            case .notRegular: throw CopyStream.Error.destinationNotRegular(error.description)
             }
         }
         for p in temporary.removedStale {

@@ -108,6 +108,8 @@ public struct DeviceInfo: Sendable, Codable, Equatable {
     public var running: Bool
     public var levels: [LevelInfo]
     public var mergeProgress: MergeProgress?
+    /// Where the device's server writes its log (the simulator's daemon); nil for the kernel.
+    public var log: String?
     public init(device: String, backend: String, sizeBytes: UInt64, clusterBytes: Int, state: MaintenanceState, running: Bool, levels: [LevelInfo], mergeProgress: MergeProgress?) {
         self.device = device
         self.backend = backend

@@ -24,6 +24,9 @@ public final class SimulatorDaemon: Sendable {
         }
     }
 
+    /// The environment variable naming the log level (swift-log's names; info when unset).
+    public static let logLevelVariable = "PLOOP_DAEMON_LOG_LEVEL"
+
     let options: Options
     let model: DeviceModel
     let device: String
@@ -60,6 +63,8 @@ public final class SimulatorDaemon: Sendable {
         self.device = DeviceName.name(options.index)
         var log = Logger(label: "ploop.daemon") { label in StreamLogHandler.standardError(label: label) }
         log[metadataKey: "device"] = .string(DeviceName.name(options.index))
+        // `ploop -v 4 mount` (or more) asks for every request in the log.
+        log.logLevel = ProcessInfo.processInfo.environment[Self.logLevelVariable].flatMap(Logger.Level.init(rawValue:)) ?? .info
         self.log = log
         let dir = options.paths.directory(options.index)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
@@ -234,6 +239,10 @@ public final class SimulatorDaemon: Sendable {
                 }
             }
             saveStateLogged()
+            // Every request and its answer, at debug (`ploop -v 4 mount`).
+            if log.logLevel <= .debug {
+                log.debug("request", metadata: ["request": .string(String(decoding: line.prefix(512), as: UTF8.self)), "reply": .string("\(reply)".prefix(512).description)])
+            }
             do { try ch.send(reply) } catch { log.warning("cannot answer a request", metadata: ["request": "\(line.count) bytes", "error": "\(error)"]) }
             if umount, reply == .done {
                 exitAfterShutdown()

@@ -302,14 +302,17 @@ public final class SimulatorBackend: DeviceBackend {
 
     public func info(_ device: String) throws(DeviceError) -> DeviceInfo {
         let n = try index(device)
+        var info: DeviceInfo
         do throws(DeviceError) {
             let reply = try call(device, .info)
             guard case .info(let i) = reply else { throw Self.unexpected(reply, to: .info) }
-            return i
+            info = i
         } catch .notRunning {
             guard let st = RuntimeState.read(paths.state(n)) else { throw .noSuchDevice(device) }
-            return Self.info(from: st)
+            info = Self.info(from: st)
         } catch { throw error }
+        info.log = paths.log(n)
+        return info
     }
 
     static func info(from st: RuntimeState) -> DeviceInfo {
@@ -324,7 +327,10 @@ public final class SimulatorBackend: DeviceBackend {
     public func list() throws(DeviceError) -> [DeviceInfo] {
         paths.indexes().compactMap { n in
             guard let st = RuntimeState.read(paths.state(n)) else { return nil }
-            return (try? info(st.device)) ?? Self.info(from: st)
+            if let i = try? info(st.device) { return i }
+            var i = Self.info(from: st)
+            i.log = paths.log(n)
+            return i
         }
     }
 

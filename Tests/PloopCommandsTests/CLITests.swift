@@ -1,4 +1,5 @@
 import Foundation
+import PloopCommands
 import PloopFormat
 import PloopImage
 import PloopTestSupport
@@ -9,7 +10,7 @@ import Testing
 struct UsageTests {
     @Test func noArgumentsListsCommands() throws {
         let r = try TestSupport.ploop([])
-        #expect(r.code == 2)
+        #expect(r.code == 38)
         for cmd in ["init", "merge", "grow", "check", "info"] { #expect(r.stderr.contains("  \(cmd) ")) }
     }
 
@@ -21,7 +22,7 @@ struct UsageTests {
         let before = dir.read("a.hdd")
         for args in [["list", "--backend", "kernel"], ["mount", "--backend", "kernel", dir.file("a.hdd")]] {
             let r = try TestSupport.ploop(args)
-            #expect(r.code == 1, "\(r)")
+            #expect(r.code == 2, "\(r)")
             #expect(r.stderr.contains("ploop kernel module is not loaded") && r.stderr.contains("--backend simulator"), "\(r)")
         }
         #expect(dir.read("a.hdd") == before)
@@ -30,7 +31,7 @@ struct UsageTests {
     @Test(arguments: ["init", "merge", "grow", "check", "info"])
     func commandAloneShowsItsUsage(_ cmd: String) throws {
         let r = try TestSupport.ploop([cmd])
-        #expect(r.code == 2)
+        #expect(r.code == 38)
         #expect(r.stderr.contains("USAGE: ploop \(cmd)"))
     }
 
@@ -84,6 +85,7 @@ struct BadInputTests {
     struct Bad: Sendable, CustomTestStringConvertible {
         var args: [String]
         var expect: String
+        var code: Int32
         var testDescription: String { args.joined(separator: " ") }
     }
 
@@ -116,53 +118,53 @@ struct BadInputTests {
     }
 
     static let cases: [Bad] = [
-        Bad(args: ["init", "-s", "1g", "good.hdd"], expect: "already exists"),
-        Bad(args: ["init", "-s", "1g", "dir"], expect: "already exists"),
-        Bad(args: ["init", "-s", "0", "new.hdd"], expect: "zero"),
-        Bad(args: ["init", "-s", "-5", "new.hdd"], expect: "size \"-5\" is negative"),
-        Bad(args: ["init", "-s", "99999999999999999999", "new.hdd"], expect: "larger than the largest image"),
-        Bad(args: ["init", "-s", "1000b", "new.hdd"], expect: "not a multiple of 512"),
-        Bad(args: ["init", "-s", "12q", "new.hdd"], expect: "unknown unit"),
-        Bad(args: ["init", "-s", "1g", "-b", "100", "new.hdd"], expect: "power of two"),
-        Bad(args: ["init", "-s", "1g", "-v", "3", "new.hdd"], expect: "-v 3: the header version is 1 or 2"),
-        Bad(args: ["init", "-s", "3t", "-v", "1", "new.hdd"], expect: "v1 format limit"),
-        Bad(args: ["init", "-s", "60t", "new.hdd"], expect: "50 TiB"),
-        Bad(args: ["init", "-s", "1g", "nodir/new.hdd"], expect: "the folder nodir does not exist"),
-        Bad(args: ["merge", "missing.hdd", "good.hdd"], expect: "no such file"),
-        Bad(args: ["merge", "raw.img", "good.hdd"], expect: "not a ploop1 image"),
-        Bad(args: ["merge", "small.hdd", "good.hdd"], expect: "clusters"),
-        Bad(args: ["merge", "good.hdd", "good.hdd"], expect: "same file"),
-        Bad(args: ["merge", "good.hdd", "other.hdd", "good.hdd"], expect: "same file"),
-        Bad(args: ["merge", "good.hdd", "missing.hdd"], expect: "no such file"),
-        Bad(args: ["merge", "-f", "raw", "good.hdd", "other.hdd"], expect: "-f ploop1"),
-        Bad(args: ["merge", "good.hdd", "raw.img"], expect: "not a ploop1 image"),
-        Bad(args: ["merge", "empty", "other.hdd"], expect: "not a ploop1 image"),
-        Bad(args: ["merge", "trunc.hdd", "other.hdd"], expect: "truncated"),
-        Bad(args: ["merge", "cut.hdd", "other.hdd"], expect: "truncated"),
-        Bad(args: ["merge", "dirty.hdd", "other.hdd"], expect: "marked in use"),
-        Bad(args: ["merge", "dir", "other.hdd"], expect: "is a directory"),
-        Bad(args: ["merge", "good.hdd"], expect: "at least one source"),
-        Bad(args: ["grow", "-s", "1m", "good.hdd"], expect: "cannot shrink"),
-        Bad(args: ["grow", "-s", "1g", "missing.hdd"], expect: "no such file"),
-        Bad(args: ["grow", "-s", "1g", "dir"], expect: "is a directory"),
-        Bad(args: ["grow", "-s", "1g", "-f", "raw", "good.hdd"], expect: "-f ploop1"),
-        Bad(args: ["grow", "-s", "1g", "garbage"], expect: "-f raw"),
-        Bad(args: ["grow", "-s", "1k", "-f", "raw", "raw.img"], expect: "cannot shrink"),
-        Bad(args: ["grow", "-s", "1g", "dirty.hdd"], expect: "marked in use"),
-        Bad(args: ["grow", "-s", "1g", "cut.hdd"], expect: "truncated"),
-        Bad(args: ["grow", "-s", "0", "good.hdd"], expect: "zero"),
-        Bad(args: ["check", "-f", "-r", "empty"], expect: "truncated"),
-        Bad(args: ["check", "-f", "-r", "trunc.hdd"], expect: "truncated"),
-        Bad(args: ["check", "-r", "-f", "garbage"], expect: "wrong signature"),
-        Bad(args: ["check", "-f", "-r", "cut.hdd"], expect: "inside the header/BAT"),
-        Bad(args: ["check", "-f", "missing.hdd"], expect: "no such file"),
-        Bad(args: ["check", "-f", "dir"], expect: "is a directory"),
-        Bad(args: ["check", "-r", "dirty.hdd"], expect: "dirty flag"),
-        Bad(args: ["check", "-R", "raw.img"], expect: "-b SECTORS"),
-        Bad(args: ["info", "missing.hdd"], expect: "no such file"),
-        Bad(args: ["info", "dir"], expect: "is a directory"),
-        Bad(args: ["info", "cut.hdd"], expect: "truncated"),
-        Bad(args: ["info", "empty"], expect: "empty"),
+        Bad(args: ["init", "-s", "1g", "good.hdd"], expect: "already exists", code: 4),
+        Bad(args: ["init", "-s", "1g", "dir"], expect: "already exists", code: 4),
+        Bad(args: ["init", "-s", "0", "new.hdd"], expect: "zero", code: 38),
+        Bad(args: ["init", "-s", "-5", "new.hdd"], expect: "size \"-5\" is negative", code: 38),
+        Bad(args: ["init", "-s", "99999999999999999999", "new.hdd"], expect: "larger than the largest image", code: 38),
+        Bad(args: ["init", "-s", "1000b", "new.hdd"], expect: "not a multiple of 512", code: 38),
+        Bad(args: ["init", "-s", "12q", "new.hdd"], expect: "unknown unit", code: 38),
+        Bad(args: ["init", "-s", "1g", "-b", "100", "new.hdd"], expect: "power of two", code: 38),
+        Bad(args: ["init", "-s", "1g", "-v", "3", "new.hdd"], expect: "-v 3: the header version is 1 or 2", code: 38),
+        Bad(args: ["init", "-s", "3t", "-v", "1", "new.hdd"], expect: "v1 format limit", code: 38),
+        Bad(args: ["init", "-s", "60t", "new.hdd"], expect: "50 TiB", code: 38),
+        Bad(args: ["init", "-s", "1g", "nodir/new.hdd"], expect: "the folder nodir does not exist", code: 4),
+        Bad(args: ["merge", "missing.hdd", "good.hdd"], expect: "no such file", code: 4),
+        Bad(args: ["merge", "raw.img", "good.hdd"], expect: "not a ploop1 image", code: 11),
+        Bad(args: ["merge", "small.hdd", "good.hdd"], expect: "clusters", code: 11),
+        Bad(args: ["merge", "good.hdd", "good.hdd"], expect: "same file", code: 38),
+        Bad(args: ["merge", "good.hdd", "other.hdd", "good.hdd"], expect: "same file", code: 38),
+        Bad(args: ["merge", "good.hdd", "missing.hdd"], expect: "no such file", code: 4),
+        Bad(args: ["merge", "-f", "raw", "good.hdd", "other.hdd"], expect: "-f ploop1", code: 38),
+        Bad(args: ["merge", "good.hdd", "raw.img"], expect: "not a ploop1 image", code: 11),
+        Bad(args: ["merge", "empty", "other.hdd"], expect: "not a ploop1 image", code: 11),
+        Bad(args: ["merge", "trunc.hdd", "other.hdd"], expect: "truncated", code: 11),
+        Bad(args: ["merge", "cut.hdd", "other.hdd"], expect: "truncated", code: 11),
+        Bad(args: ["merge", "dirty.hdd", "other.hdd"], expect: "marked in use", code: 37),
+        Bad(args: ["merge", "dir", "other.hdd"], expect: "is a directory", code: 4),
+        Bad(args: ["merge", "good.hdd"], expect: "at least one source", code: 38),
+        Bad(args: ["grow", "-s", "1m", "good.hdd"], expect: "cannot shrink", code: 38),
+        Bad(args: ["grow", "-s", "1g", "missing.hdd"], expect: "no such file", code: 4),
+        Bad(args: ["grow", "-s", "1g", "dir"], expect: "is a directory", code: 4),
+        Bad(args: ["grow", "-s", "1g", "-f", "raw", "good.hdd"], expect: "-f ploop1", code: 38),
+        Bad(args: ["grow", "-s", "1g", "garbage"], expect: "-f raw", code: 11),
+        Bad(args: ["grow", "-s", "1k", "-f", "raw", "raw.img"], expect: "cannot shrink", code: 38),
+        Bad(args: ["grow", "-s", "1g", "dirty.hdd"], expect: "marked in use", code: 37),
+        Bad(args: ["grow", "-s", "1g", "cut.hdd"], expect: "truncated", code: 11),
+        Bad(args: ["grow", "-s", "0", "good.hdd"], expect: "zero", code: 38),
+        Bad(args: ["check", "-f", "-r", "empty"], expect: "truncated", code: 11),
+        Bad(args: ["check", "-f", "-r", "trunc.hdd"], expect: "truncated", code: 11),
+        Bad(args: ["check", "-r", "-f", "garbage"], expect: "wrong signature", code: 11),
+        Bad(args: ["check", "-f", "-r", "cut.hdd"], expect: "inside the header/BAT", code: 11),
+        Bad(args: ["check", "-f", "missing.hdd"], expect: "no such file", code: 4),
+        Bad(args: ["check", "-f", "dir"], expect: "is a directory", code: 4),
+        Bad(args: ["check", "-r", "dirty.hdd"], expect: "dirty flag", code: 37),
+        Bad(args: ["check", "-R", "raw.img"], expect: "-b SECTORS", code: 38),
+        Bad(args: ["info", "missing.hdd"], expect: "no such file", code: 4),
+        Bad(args: ["info", "dir"], expect: "is a directory", code: 4),
+        Bad(args: ["info", "cut.hdd"], expect: "truncated", code: 11),
+        Bad(args: ["info", "empty"], expect: "empty", code: 11),
     ]
 
     @Test(arguments: cases)
@@ -170,7 +172,7 @@ struct BadInputTests {
         let dir = try Self.prepare()
         let before = try dir.snapshot()
         let r = try TestSupport.ploop(bad.args, cwd: dir.path)
-        #expect(r.code != 0, "\(r)")
+        #expect(r.code == bad.code, "expected exit \(bad.code): \(r)")
         let text = r.stdout + r.stderr
         #expect(text.contains(bad.expect), "\(r)")
         // The error itself is one line ("ploop: …" or the parser's "Error: …").
@@ -186,7 +188,7 @@ struct BadInputTests {
         let before = try dir.snapshot()
         for args in [["check", "-f", "good.hdd"], ["merge", "other.hdd", "good.hdd"], ["grow", "-s", "1g", "good.hdd"], ["merge", "good.hdd", "other.hdd"]] {
             let r = try TestSupport.ploop(args, cwd: dir.path)
-            #expect(r.code != 0)
+            #expect(r.code == ExitCodes.lock, "\(args): \(r)")
             #expect(r.stderr.contains("in use by another ploop process"), "\(args): \(r)")
         }
         #expect(try dir.snapshot() == before)

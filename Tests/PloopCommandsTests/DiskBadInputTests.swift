@@ -1,4 +1,5 @@
 import Foundation
+import PloopCommands
 import PloopDisk
 import PloopSystem
 import PloopTestSupport
@@ -96,10 +97,11 @@ struct DiskBadInputTests {
         ["snapshot-merge"], ["snapshot-switch", "-u", g1], ["check", "-f"], ["info", "-s"], ["grow", "-s", "128m"], ["mount", "-r"],
     ]
 
-    static func expectRefused(_ args: [String], _ expect: String, root: ScratchDirectory, disk: String, env: [String: String] = [:], _ label: String) throws {
+    /// Refused with one line saying `expect`, exit `code`, and the disk's files as they were.
+    static func expectRefused(_ args: [String], _ expect: String, code: Int32, root: ScratchDirectory, disk: String, env: [String: String] = [:], _ label: String) throws {
         let before = try ScratchDirectoryState(disk)
         let r = try TestSupport.run("/bin/sh", ["-c", "ulimit -v \(TestSupport.addressSpaceLimitKiB); exec \"$0\" \"$@\"", TestSupport.ploopBinary] + args, cwd: root.path, environment: env)
-        #expect(r.signal == nil && r.code != 0, "\(label): \(r)")
+        #expect(r.signal == nil && r.code == code, "\(label): expected exit \(code): \(r)")
         let lines = r.stderr.split(separator: "\n")
         #expect(lines.count == 1 && lines[0].hasPrefix("ploop: "), "\(label): not one line: \(r)")
         #expect(r.stderr.contains(expect), "\(label): expected «\(expect)»: \(r)")
@@ -117,51 +119,52 @@ struct DiskBadInputTests {
         #expect(edited != text, "\(b.name): the edit changed nothing")
         try edited.write(toFile: dd, atomically: false, encoding: .utf8)
         for cmd in Self.commands {
-            try Self.expectRefused(cmd + [dd], b.expect, root: root, disk: disk, "\(b.name): \(cmd.joined(separator: " "))")
+            try Self.expectRefused(cmd + [dd], b.expect, code: ExitCodes.descriptor, root: root, disk: disk, "\(b.name): \(cmd.joined(separator: " "))")
         }
     }
 
     struct Wrong: Sendable, CustomTestStringConvertible {
         var args: [String]
         var expect: String
+        var code: Int32
         var testDescription: String { args.joined(separator: " ") }
     }
 
     static let wrong: [Wrong] = [
-        Wrong(args: ["snapshot-delete", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot {99999999-9999-4999-8999-999999999999}"),
-        Wrong(args: ["snapshot-delete", "-u", "garbage", "@"], expect: "garbage is not a GUID"),
-        Wrong(args: ["snapshot-delete", "@"], expect: "Missing expected argument '--uuid <GUID>'"),
-        Wrong(args: ["snapshot-merge", "-u", g1, "@"], expect: "is the base image"),
-        Wrong(args: ["snapshot-merge", "-A", "-u", g2, "@"], expect: "Options -u and -A can't be used together"),
-        Wrong(args: ["snapshot-merge", "-u", g2, "-n", "@root.hds", "@"], expect: "already exists"),
-        Wrong(args: ["snapshot-switch", "-u", top, "@"], expect: "already on \(top)"),
-        Wrong(args: ["snapshot-switch", "-u", top.uppercased(), "@"], expect: "already on"),
-        Wrong(args: ["snapshot-switch", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot"),
-        Wrong(args: ["snapshot", "-u", g1, "@"], expect: "already has a snapshot \(g1)"),
-        Wrong(args: ["snapshot", "-u", g1.uppercased(), "@"], expect: "already has a snapshot"),
-        Wrong(args: ["snapshot", "-u", "{00000000-0000-0000-0000-000000000000}", "@"], expect: "reserved"),
-        Wrong(args: ["snapshot-list", "-o", "uuid,size", "@"], expect: "Unknown field: size"),
-        Wrong(args: ["snapshot-list", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot"),
-        Wrong(args: ["snapshot-delete", "-u", g2, "@root.hds"], expect: "no DiskDescriptor.xml there"),
-        Wrong(args: ["snapshot-list", "@nowhere"], expect: "no DiskDescriptor.xml there"),
-        Wrong(args: ["restore-descriptor", "@.", "@root.hds"], expect: "already exists"),
-        Wrong(args: ["init", "-s", "1g", "@new.hds"], expect: "DiskDescriptor.xml already exists"),
-        Wrong(args: ["grow", "-s", "1m", "@"], expect: "cannot shrink"),
-        Wrong(args: ["check", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot"),
-        Wrong(args: ["mount", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot"),
-        Wrong(args: ["tsnapshot", "-u", g1, "-c", "backup", "@"], expect: "already has a snapshot \(g1)"),
-        Wrong(args: ["tsnapshot", "-u", "garbage", "-c", "backup", "@"], expect: "garbage is not a GUID"),
-        Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "Missing expected argument '--component <COMPONENT>'"),
-        Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "-c", "a/b", "@"], expect: "a component is a name of 1 to 63 bytes"),
-        Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "-c", "backup", "-m", "/mnt", "@"], expect: "has no file system to mount"),
-        Wrong(args: ["convert", "-f", "raw", "@"], expect: "has snapshots (3 images)"),
+        Wrong(args: ["snapshot-delete", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot {99999999-9999-4999-8999-999999999999}", code: 43),
+        Wrong(args: ["snapshot-delete", "-u", "garbage", "@"], expect: "garbage is not a GUID", code: 38),
+        Wrong(args: ["snapshot-delete", "@"], expect: "Missing expected argument '--uuid <GUID>'", code: 38),
+        Wrong(args: ["snapshot-merge", "-u", g1, "@"], expect: "is the base image", code: 38),
+        Wrong(args: ["snapshot-merge", "-A", "-u", g2, "@"], expect: "Options -u and -A can't be used together", code: 38),
+        Wrong(args: ["snapshot-merge", "-u", g2, "-n", "@root.hds", "@"], expect: "already exists", code: 4),
+        Wrong(args: ["snapshot-switch", "-u", top, "@"], expect: "already on \(top)", code: 38),
+        Wrong(args: ["snapshot-switch", "-u", top.uppercased(), "@"], expect: "already on", code: 38),
+        Wrong(args: ["snapshot-switch", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot", code: 43),
+        Wrong(args: ["snapshot", "-u", g1, "@"], expect: "already has a snapshot \(g1)", code: 38),
+        Wrong(args: ["snapshot", "-u", g1.uppercased(), "@"], expect: "already has a snapshot", code: 38),
+        Wrong(args: ["snapshot", "-u", "{00000000-0000-0000-0000-000000000000}", "@"], expect: "reserved", code: 38),
+        Wrong(args: ["snapshot-list", "-o", "uuid,size", "@"], expect: "Unknown field: size", code: 38),
+        Wrong(args: ["snapshot-list", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot", code: 43),
+        Wrong(args: ["snapshot-delete", "-u", g2, "@root.hds"], expect: "no DiskDescriptor.xml there", code: 39),
+        Wrong(args: ["snapshot-list", "@nowhere"], expect: "no DiskDescriptor.xml there", code: 39),
+        Wrong(args: ["restore-descriptor", "@.", "@root.hds"], expect: "already exists", code: 38),
+        Wrong(args: ["init", "-s", "1g", "@new.hds"], expect: "DiskDescriptor.xml already exists", code: 38),
+        Wrong(args: ["grow", "-s", "1m", "@"], expect: "cannot shrink", code: 38),
+        Wrong(args: ["check", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot", code: 43),
+        Wrong(args: ["mount", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "has no snapshot", code: 43),
+        Wrong(args: ["tsnapshot", "-u", g1, "-c", "backup", "@"], expect: "already has a snapshot \(g1)", code: 38),
+        Wrong(args: ["tsnapshot", "-u", "garbage", "-c", "backup", "@"], expect: "garbage is not a GUID", code: 38),
+        Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "@"], expect: "Missing expected argument '--component <COMPONENT>'", code: 38),
+        Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "-c", "a/b", "@"], expect: "a component is a name of 1 to 63 bytes", code: 38),
+        Wrong(args: ["tsnapshot", "-u", "{99999999-9999-4999-8999-999999999999}", "-c", "backup", "-m", "/mnt", "@"], expect: "has no file system to mount", code: 38),
+        Wrong(args: ["convert", "-f", "raw", "@"], expect: "has snapshots (3 images)", code: 38),
     ]
 
     @Test(arguments: wrong)
     func wrongRequestIsRefused(_ w: Wrong) throws {
         let (root, disk) = try Self.stage()
         let args = w.args.map { a in a == "@" ? disk + "/DiskDescriptor.xml" : a.hasPrefix("@") ? disk + "/" + a.dropFirst() : a }
-        try Self.expectRefused(args, w.expect, root: root, disk: disk, w.testDescription)
+        try Self.expectRefused(args, w.expect, code: w.code, root: root, disk: disk, w.testDescription)
     }
 
     @Test func singleImageBaseCannotBeDeletedOrMerged() throws {
@@ -169,9 +172,9 @@ struct DiskBadInputTests {
         let disk = root.file("disk")
         try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
         #expect(try TestSupport.ploop("init", "-s", "64m", disk + "/root.hds").code == 0)
-        try Self.expectRefused(["snapshot-delete", "-u", Self.top, disk], "unable to delete the base image", root: root, disk: disk, "delete")
-        try Self.expectRefused(["snapshot-merge", disk], "is the base image", root: root, disk: disk, "merge")
-        try Self.expectRefused(["snapshot-merge", "-A", disk], "has one image", root: root, disk: disk, "merge -A")
+        try Self.expectRefused(["snapshot-delete", "-u", Self.top, disk], "unable to delete the base image", code: ExitCodes.param, root: root, disk: disk, "delete")
+        try Self.expectRefused(["snapshot-merge", disk], "is the base image", code: ExitCodes.param, root: root, disk: disk, "merge")
+        try Self.expectRefused(["snapshot-merge", "-A", disk], "has one image", code: ExitCodes.param, root: root, disk: disk, "merge -A")
     }
 
     @Test func switchingToATemporarySnapshotIsRefused() throws {
@@ -181,7 +184,7 @@ struct DiskBadInputTests {
         let marked = text.replacingOccurrences(of: "<GUID>\(Self.g2)</GUID>\n      <ParentGUID>\(Self.g1)</ParentGUID>\n", with: "<GUID>\(Self.g2)</GUID>\n      <ParentGUID>\(Self.g1)</ParentGUID>\n      <Temporary/>\n")
         #expect(marked != text)
         try marked.write(toFile: dd, atomically: false, encoding: .utf8)
-        try Self.expectRefused(["snapshot-switch", "-u", Self.g2, dd], "is temporary", root: root, disk: disk, "switch to a temporary snapshot")
+        try Self.expectRefused(["snapshot-switch", "-u", Self.g2, dd], "is temporary", code: ExitCodes.param, root: root, disk: disk, "switch to a temporary snapshot")
     }
 
     @Test func aLockHeldByAnotherProcessIsNamed() throws {
@@ -201,7 +204,7 @@ struct DiskBadInputTests {
         }
         #expect(held)
         for cmd in [["snapshot", "-u", "{33333333-3333-4333-8333-333333333333}"], ["snapshot-delete", "-u", Self.g2], ["snapshot-list"]] {
-            try Self.expectRefused(cmd + [disk], "is locked by process", root: root, disk: disk, env: ["PLOOP_LOCK_TIMEOUT": "0.3"], cmd.joined(separator: " "))
+            try Self.expectRefused(cmd + [disk], "is locked by process", code: ExitCodes.lock, root: root, disk: disk, env: ["PLOOP_LOCK_TIMEOUT": "0.3"], cmd.joined(separator: " "))
         }
     }
 }
@@ -244,19 +247,19 @@ struct DiskReplaceTests {
         _ = try TestSupport.run("/bin/cp", [disk + "/root.hds.1", root.file("corrupt.hds")])
         let f = try File(path: root.file("corrupt.hds"), mode: .readWrite)
         try [UInt8](arrayLiteral: 0xFF, 0xFF, 0xFF, 0x7F).withUnsafeBytes { try f.write($0, at: 64 + 4 * 9) }
-        let cases: [([String], String)] = [
-            (["replace", "-u", DiskBadInputTests.g1, "-i", root.file("bigger.hds"), dd], "must be the same size"),
-            (["replace", "-u", DiskBadInputTests.g1, "-i", root.file("other-cluster.hds"), dd], "has clusters of 256 sectors, the disk 128"),
-            (["replace", "-l", "1", "-i", root.file("corrupt.hds"), dd], "is corrupt"),
-            (["replace", "-l", "7", "-i", root.file("corrupt.hds"), dd], "-l 7: the disk has levels 0..2"),
-            (["replace", "-o", root.file("bigger.hds"), "-i", root.file("corrupt.hds"), dd], "is not an image of"),
-            (["replace", "-l", "0", "-i", disk + "/root.hds.1", dd], "already an image of"),
-            (["replace", "-l", "0", "-i", root.file("missing.hds"), dd], "no such file"),
-            (["replace", "-l", "0", "-u", DiskBadInputTests.g1, "-i", root.file("bigger.hds"), dd], "exactly one of"),
-            (["replace", "-l", "0", dd], "Missing expected argument"),
+        let cases: [([String], String, Int32)] = [
+            (["replace", "-u", DiskBadInputTests.g1, "-i", root.file("bigger.hds"), dd], "must be the same size", 38),
+            (["replace", "-u", DiskBadInputTests.g1, "-i", root.file("other-cluster.hds"), dd], "has clusters of 256 sectors, the disk 128", 38),
+            (["replace", "-l", "1", "-i", root.file("corrupt.hds"), dd], "is corrupt", 11),
+            (["replace", "-l", "7", "-i", root.file("corrupt.hds"), dd], "-l 7: the disk has levels 0..2", 38),
+            (["replace", "-o", root.file("bigger.hds"), "-i", root.file("corrupt.hds"), dd], "is not an image of", 38),
+            (["replace", "-l", "0", "-i", disk + "/root.hds.1", dd], "already an image of", 38),
+            (["replace", "-l", "0", "-i", root.file("missing.hds"), dd], "no such file", 4),
+            (["replace", "-l", "0", "-u", DiskBadInputTests.g1, "-i", root.file("bigger.hds"), dd], "exactly one of", 38),
+            (["replace", "-l", "0", dd], "Missing expected argument", 38),
         ]
-        for (args, expect) in cases {
-            try DiskBadInputTests.expectRefused(args, expect, root: root, disk: disk, args.joined(separator: " "))
+        for (args, expect, code) in cases {
+            try DiskBadInputTests.expectRefused(args, expect, code: code, root: root, disk: disk, args.joined(separator: " "))
         }
     }
 }

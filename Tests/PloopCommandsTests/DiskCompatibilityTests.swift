@@ -259,7 +259,7 @@ struct DiskCompatibilityTests {
         // The same GUID twice, in another case, is refused and changes nothing.
         let state = try ScratchDirectoryState(disk)
         let again = try TestSupport.ploop("snapshot", "-u", Self.g1.uppercased(), disk)
-        #expect(again.code == 1 && again.stderr.contains("already has a snapshot"), "\(again)")
+        #expect(again.code == 38 && again.stderr.contains("already has a snapshot"), "\(again)")
         #expect(try ScratchDirectoryState(disk) == state)
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import PloopCommands
 import PloopFormat
 import PloopImage
 import PloopSystem
@@ -105,10 +106,10 @@ struct HostileInputTests {
         let name = (bad as NSString).lastPathComponent
         let cleanBefore = try TestSupport.ploopLimited(["check", "-f", "-r", name], cwd: dir.path).code == 0
         let readOnly: [([String], Set<Int32>)] = [
-            (["info", name], [0, 1]),
-            (["info", "--json", name], [0, 1]),
-            (["check", "-f", "-r", name], [0, 1, 11, 17, 37]),
-            (["check", "-f", "-r", "-c", name], [0, 1, 11, 17, 37]),
+            (["info", name], [0, 11]),
+            (["info", "--json", name], [0, 11]),
+            (["check", "-f", "-r", name], [0, 11, 17, 37]),
+            (["check", "-f", "-r", "-c", name], [0, 11, 17, 37]),
         ]
         for (args, allowed) in readOnly {
             let before = snapshot(dir.path)
@@ -126,7 +127,7 @@ struct HostileInputTests {
             let saved = snapshotBytes(dir)
             let before = snapshot(dir.path)
             let r = try TestSupport.ploopLimited(args, cwd: dir.path)
-            expectSane(r, allowed: [0, 1], unchanged: false, before: before, dir: dir.path, "\(label): \(args.joined(separator: " "))")
+            expectSane(r, allowed: [0, 11], unchanged: false, before: before, dir: dir.path, "\(label): \(args.joined(separator: " "))")
             if r.code == 0 && cleanBefore {
                 for target in [args.last!] where target != "raw.img" {
                     let after = try TestSupport.ploopLimited(["check", "-f", "-r", target], cwd: dir.path)
@@ -203,7 +204,7 @@ struct HostileInputTests {
         // Nothing that writes may trust this BAT.
         for args in [["merge", "bad.hdd", "other.hdd"], ["merge", "other.hdd", "bad.hdd"], ["merge", "-f", "raw", "bad.hdd", "raw.img"], ["grow", "-s", "8g", "bad.hdd"]] {
             let r = try TestSupport.ploopLimited(args, cwd: dir.path)
-            Self.expectSane(r, allowed: [1], unchanged: true, before: before, dir: dir.path, "\(c.testDescription): \(args.joined(separator: " "))")
+            Self.expectSane(r, allowed: [ExitCodes.format], unchanged: true, before: before, dir: dir.path, "\(c.testDescription): \(args.joined(separator: " "))")
             #expect(r.stderr.contains("bad.hdd is corrupt"), "\(c.testDescription): \(args): \(r)")
         }
         let check = try TestSupport.ploopLimited(["check", "-f", "-r", "bad.hdd"], cwd: dir.path)
@@ -266,7 +267,7 @@ struct HostileInputTests {
         for (args, input) in runs {
             let before = Self.snapshot(dir.path)
             let r = try TestSupport.ploopLimited(args, cwd: dir.path, input: input)
-            Self.expectSane(r, allowed: [1], unchanged: true, before: before, dir: dir.path, "\(kind): \(args.joined(separator: " "))")
+            Self.expectSane(r, allowed: [ExitCodes.open], unchanged: true, before: before, dir: dir.path, "\(kind): \(args.joined(separator: " "))")
         }
     }
 
@@ -303,7 +304,7 @@ struct HostileInputTests {
         let dir = try Self.stage()
         let before = Self.snapshot(dir.path)
         let r = try TestSupport.ploopLimited(args, cwd: dir.path)
-        Self.expectSane(r, allowed: [1, 2], unchanged: true, before: before, dir: dir.path, args.joined(separator: " "))
+        Self.expectSane(r, allowed: [ExitCodes.param], unchanged: true, before: before, dir: dir.path, args.joined(separator: " "))
     }
 
     @Test(arguments: [["copy", "-d", "out", "-f", "99"], ["copy", "-d", "out", "-i", "99"], ["copy", "-d", "out", "-i", "-3"]])
@@ -311,7 +312,7 @@ struct HostileInputTests {
         let dir = try Self.stage()
         let before = Self.snapshot(dir.path)
         let r = try TestSupport.ploopLimited(args, cwd: dir.path)
-        Self.expectSane(r, allowed: [1, 2], unchanged: true, before: before, dir: dir.path, args.joined(separator: " "))
+        Self.expectSane(r, allowed: [ExitCodes.param], unchanged: true, before: before, dir: dir.path, args.joined(separator: " "))
         #expect(r.stderr.contains("99 is not open") || r.stderr.contains("-3 is not open"), "\(r)")
     }
 
@@ -348,7 +349,7 @@ struct HostileInputTests {
         _ = FileManager.default.createFile(atPath: input.file("s"), contents: Data(bytes))
         let before = Self.snapshot(dir.path)
         let r = try TestSupport.ploopLimited(["copy", "-d", "out"], cwd: dir.path, input: input.file("s"))
-        Self.expectSane(r, allowed: [1], unchanged: true, before: before, dir: dir.path, "stream \(name)")
+        Self.expectSane(r, allowed: [ExitCodes.protocolError], unchanged: true, before: before, dir: dir.path, "stream \(name)")
     }
 
     // MARK: - Device names that are not ours
@@ -372,7 +373,8 @@ struct HostileInputTests {
         let mountsBefore = try String(contentsOfFile: "/proc/mounts", encoding: .utf8)
         let before = snapshot(dir.path)
         let r = try TestSupport.ploopLimited(args, cwd: dir.path)
-        expectSane(r, allowed: [1, 2], unchanged: true, before: before, dir: dir.path, args.joined(separator: " "))
+        // Not a ploop device name (38), or no such ploop device (2).
+        expectSane(r, allowed: [ExitCodes.device, ExitCodes.param], unchanged: true, before: before, dir: dir.path, args.joined(separator: " "))
         #expect(try String(contentsOfFile: "/proc/mounts", encoding: .utf8) == mountsBefore, "\(args): mounts changed")
     }
 }

@@ -58,7 +58,7 @@ struct SafetyRegressionTests {
         let before = try dir.snapshot()
         let r = try TestSupport.ploopLimited(args, cwd: dir.path)
         #expect(r.signal == nil, "\(r)")
-        #expect(r.code == 2, "\(r)")
+        #expect(r.code == 38, "\(r)")
         #expect(r.stderr.contains("larger than the largest image ploop supports"), "\(r)")
         #expect(try dir.snapshot() == before)
     }
@@ -80,7 +80,7 @@ struct SafetyRegressionTests {
         let stream = dir.file("stream")
         _ = FileManager.default.createFile(atPath: stream, contents: Data(CopyStreamBytes.valid()))
         let r = try TestSupport.ploopLimited(["copy", "-d", target, "--replace"], cwd: dir.path, input: stream)
-        #expect(r.code == 1, "\(r)")
+        #expect(r.code == 4, "\(r)")
         #expect(r.stderr.contains("not a regular file: it is never replaced"), "\(r)")
         #expect(PathInfo.entryKind(target) == (kind == "fifo" ? .fifo : kind == "symlink" ? .symbolicLink : .directory))
         #expect(Images.bytes(victim) == Data("keep me".utf8))
@@ -94,7 +94,7 @@ struct SafetyRegressionTests {
         let stream = dir.file("stream")
         _ = FileManager.default.createFile(atPath: stream, contents: Data(CopyStreamBytes.valid()))
         let refused = try TestSupport.ploopLimited(["copy", "-d", target], cwd: dir.path, input: stream)
-        #expect(refused.code == 1 && refused.stderr.contains("already exists"), "\(refused)")
+        #expect(refused.code == 4 && refused.stderr.contains("already exists"), "\(refused)")
         let r = try TestSupport.ploopLimited(["copy", "-d", target, "--replace"], cwd: dir.path, input: stream)
         #expect(r.code == 0, "\(r)")
         #expect(Images.bytes(target) == Data(CopyStreamBytes.payload))
@@ -126,8 +126,8 @@ struct SafetyRegressionTests {
         var status: Int32 = 0
         _ = waitpid(pid, &status, 0)
         let stderr = String(decoding: logs.read("err"), as: UTF8.self)
-        // Exited (1) with a message, not killed by SIGPIPE.
-        #expect(status & 0x7f == 0 && (status >> 8) & 0xff == 1, "status \(status): \(stderr)")
+        // Exited (13, the protocol code) with a message, not killed by SIGPIPE.
+        #expect(status & 0x7f == 0 && (status >> 8) & 0xff == 13, "status \(status): \(stderr)")
         #expect(stderr.contains("feedback channel") && stderr.contains("descriptor 3"), "\(stderr)")
         #expect(!FileManager.default.fileExists(atPath: dir.file("out")))
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path) == ["stream"])
@@ -138,7 +138,7 @@ struct SafetyRegressionTests {
         let stream = dir.file("stream")
         _ = FileManager.default.createFile(atPath: stream, contents: Data(CopyStreamBytes.valid()))
         let r = try TestSupport.ploopLimited(["copy", "-d", dir.file("out"), "-f", "99"], cwd: dir.path, input: stream)
-        #expect(r.code == 1, "\(r)")
+        #expect(r.code == 38, "\(r)")
         #expect(r.stderr.contains("feedback descriptor (-f) 99 is not open"), "\(r)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path) == ["stream"])
     }
@@ -148,11 +148,11 @@ struct SafetyRegressionTests {
         let stream = dir.file("stream")
         _ = FileManager.default.createFile(atPath: stream, contents: Data(CopyStreamBytes.valid().dropLast(16)))
         let r = try TestSupport.ploopLimited(["copy", "-d", dir.file("out")], cwd: dir.path, input: stream)
-        #expect(r.code == 1 && r.stderr.contains("without its end record"), "\(r)")
+        #expect(r.code == 13 && r.stderr.contains("without its end record"), "\(r)")
         // A write that fails (a 512-byte file size limit, SIGXFSZ ignored: EFBIG) is told about
         // the destination the user named, not the temporary file.
         let full = try TestSupport.run("/bin/sh", ["-c", "trap '' XFSZ; ulimit -f 1; exec \"$0\" copy -d \"$1\" < \"$2\"", TestSupport.ploopBinary, dir.file("out"), stream])
-        #expect(full.code == 1 && full.stderr.contains("writing \(dir.file("out")): File too large"), "\(full)")
+        #expect(full.code == 12 && full.stderr.contains("writing \(dir.file("out")): File too large"), "\(full)")
         #expect(!full.stderr.contains(".part-"), "\(full)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path) == ["stream"])
     }
@@ -235,7 +235,7 @@ struct SafetyRegressionTests {
             }
             let before = try dir.snapshot()
             let r = try TestSupport.ploopLimited(["merge", "-f", format, src, dir.file("dst")])
-            #expect(r.code == 1, "\(format): \(r)")
+            #expect(r.code == 11, "\(format): \(r)")
             #expect(r.stderr.contains("src.hdd is corrupt") && r.stderr.contains("ploop check"), "\(r)")
             #expect(try dir.snapshot() == before, "\(format): files changed")
         }
@@ -249,7 +249,7 @@ struct SafetyRegressionTests {
         try Images.pokeEntry(dst, c.cluster, c.value)
         let before = try dir.snapshot()
         let r = try TestSupport.ploopLimited(["merge", src, dst])
-        #expect(r.code == 1 && r.stderr.contains("dst.hdd is corrupt"), "\(r)")
+        #expect(r.code == 11 && r.stderr.contains("dst.hdd is corrupt"), "\(r)")
         #expect(try dir.snapshot() == before)
     }
 
@@ -261,7 +261,7 @@ struct SafetyRegressionTests {
         let before = try dir.snapshot()
         // 64 GiB of 32 KiB clusters needs a larger BAT: clusters would move.
         let r = try TestSupport.ploopLimited(["grow", "-s", "64g", img])
-        #expect(r.code == 1 && r.stderr.contains("a.hdd is corrupt"), "\(r)")
+        #expect(r.code == 11 && r.stderr.contains("a.hdd is corrupt"), "\(r)")
         #expect(try dir.snapshot() == before)
     }
 
@@ -334,7 +334,7 @@ struct SafetyRegressionTests {
         #expect(names == [[0x62, 0x61, 0x64, 0xFF, 0x2E, 0x69, 0x6D, 0x67]])
         // The name replaced with U+FFFD is another file, which does not exist.
         let other = try TestSupport.ploop(["info", "bad\u{FFFD}.img"], cwd: dir.path)
-        #expect(other.code == 1 && other.stderr.contains("no such file"), "\(other)")
+        #expect(other.code == 4 && other.stderr.contains("no such file"), "\(other)")
     }
 
     // MARK: 9. messages
@@ -342,22 +342,23 @@ struct SafetyRegressionTests {
     struct Message: Sendable, CustomTestStringConvertible {
         var args: [String]
         var expect: String
+        var code: Int32
         var testDescription: String { args.joined(separator: " ") }
     }
 
     static let messages = [
-        Message(args: ["init", "-s", "-5", "new.hdd"], expect: "size \"-5\" is negative"),
-        Message(args: ["grow", "-s", "-1g", "a.hdd"], expect: "size \"-1g\" is negative"),
-        Message(args: ["init", "-s", "1m", "-b", "-64", "new.hdd"], expect: "-b -64: the cluster size is a power of two"),
-        Message(args: ["init", "-s", "1m", "-v", "-1", "new.hdd"], expect: "-v -1: the header version is 1 or 2"),
-        Message(args: ["merge", "-d", "/dev/ploop0", "-l", "-1..2"], expect: "-l -1..2: give L1..L2 or L"),
-        Message(args: ["info", "loop1"], expect: "too many levels of symbolic links"),
-        Message(args: ["info", "a.hdd/x"], expect: "a.hdd is not a folder"),
-        Message(args: ["info", String(repeating: "n", count: 300)], expect: "too long"),
-        Message(args: ["init", "-s", "1m", "nodir/new.hdd"], expect: "cannot create nodir/new.hdd: the folder nodir does not exist"),
-        Message(args: ["init", "-s", "1m", "a.hdd/new.hdd"], expect: "a.hdd is not a folder"),
-        Message(args: ["init", "-s", "1m", "dangling"], expect: "dangling already exists"),
-        Message(args: ["balloon"], expect: "USAGE: ploop balloon"),
+        Message(args: ["init", "-s", "-5", "new.hdd"], expect: "size \"-5\" is negative", code: 38),
+        Message(args: ["grow", "-s", "-1g", "a.hdd"], expect: "size \"-1g\" is negative", code: 38),
+        Message(args: ["init", "-s", "1m", "-b", "-64", "new.hdd"], expect: "-b -64: the cluster size is a power of two", code: 38),
+        Message(args: ["init", "-s", "1m", "-v", "-1", "new.hdd"], expect: "-v -1: the header version is 1 or 2", code: 38),
+        Message(args: ["merge", "-d", "/dev/ploop0", "-l", "-1..2"], expect: "-l -1..2: give L1..L2 or L", code: 38),
+        Message(args: ["info", "loop1"], expect: "too many levels of symbolic links", code: 4),
+        Message(args: ["info", "a.hdd/x"], expect: "a.hdd is not a folder", code: 4),
+        Message(args: ["info", String(repeating: "n", count: 300)], expect: "too long", code: 4),
+        Message(args: ["init", "-s", "1m", "nodir/new.hdd"], expect: "cannot create nodir/new.hdd: the folder nodir does not exist", code: 4),
+        Message(args: ["init", "-s", "1m", "a.hdd/new.hdd"], expect: "a.hdd is not a folder", code: 4),
+        Message(args: ["init", "-s", "1m", "dangling"], expect: "dangling already exists", code: 4),
+        Message(args: ["balloon"], expect: "USAGE: ploop balloon", code: 38),
     ]
 
     @Test(arguments: messages)
@@ -369,7 +370,7 @@ struct SafetyRegressionTests {
         try FileManager.default.createSymbolicLink(atPath: dir.file("dangling"), withDestinationPath: "nowhere")
         let before = try dir.snapshot()
         let r = try TestSupport.ploopLimited(m.args, cwd: dir.path)
-        #expect(r.code == 1 || r.code == 2, "\(r)")
+        #expect(r.code == m.code, "\(r)")
         #expect(r.stderr.contains(m.expect), "\(r)")
         #expect(try dir.snapshot() == before)
     }
@@ -386,7 +387,7 @@ struct SafetyRegressionTests {
 
     @Test func unknownBackendIsAnError() throws {
         let r = try TestSupport.run(TestSupport.ploopBinary, ["list"], environment: ["PLOOP_BACKEND": "kernal"])
-        #expect(r.code == 1 && r.stderr.contains("PLOOP_BACKEND=kernal is not a backend"), "\(r)")
+        #expect(r.code == 38 && r.stderr.contains("PLOOP_BACKEND=kernal is not a backend"), "\(r)")
     }
 
     // MARK: 10. slow paths
