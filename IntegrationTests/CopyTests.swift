@@ -60,6 +60,9 @@ struct CopyTests {
             if mode == "local" {
                 r = try TestSupport.ploop("copy", "-s", dev, "-d", copy, "-F", stop, "--json")
                 if r.code == 0 { try Golden.compareShape(r.stdout, "json/copy-sender.shape.txt") }
+                // The full pass's progress, as JSON lines among the sender's messages on stderr.
+                let events = r.stderr.split(separator: "\n").filter { $0.hasPrefix("{") && $0.contains("\"event\":\"progress\"") }
+                #expect(events.last?.contains("\"percent\":100") == true && events.allSatisfy { $0.contains("\"step\":\"copying (full pass)\"") }, "\(r.stderr)")
             } else if mode == "tcp" {
                 // Across a loopback TCP connection (no feedback channel: the sender waits 5 s at
                 // its sync point, as the original does). The connecting side retries until the

@@ -95,8 +95,9 @@ public enum ExitCodes {
             .symlinkLoop, .nameTooLong, .readOnly:
             open
         case .io: system
-        // A size the format cannot take comes from the command line (init, grow), not from a header.
-        case .format(_, .sizeZero), .format(_, .sizeTooLarge): param
+        // A size the format's version cannot hold comes from the command line (init -v 1, grow);
+        // a header with a zero or impossible size is a format error like any other.
+        case .format(_, .sizeTooLarge): param
         case .format, .truncated, .notPloop1, .clusterSizeMismatch, .corrupt, .empty, .rawNeedsFormat, .fileTooLarge:
             format
         case .versionConverting: busy

@@ -401,7 +401,8 @@ enum DiskCommands {
         var reports: [Ploop.JSONReport] = []
         for (i, p) in d.chainPaths(from: g).enumerated() {
             if i == 0 && d.baseFormat == .raw { continue }
-            let r = try failing { try Checker.check(path: p, options: options) }
+            let progress = ProgressLine("checking")
+            let r = try failing { try Checker.check(path: p, options: options, progress: { progress.update(step: $0, $1, $2) }) }
             reports.append(Ploop.JSONReport(r))
             if !silent && !json { Ploop.Check.show(r, image: p, hardForce: hardForce) }
             if r.exitCode != 0 && worst == 0 { worst = r.exitCode }

@@ -239,15 +239,6 @@ final class ProgressLine: @unchecked Sendable {
         var percent: Int
         var rate: Double?
         var secondsLeft: Double?
-
-        init(step: String, done: Int, total: Int, percent: Int, rate: Double?, secondsLeft: Double?) {
-            self.step = step
-            self.done = done
-            self.total = total
-            self.percent = percent
-            self.rate = rate
-            self.secondsLeft = secondsLeft
-        }
     }
 }
 

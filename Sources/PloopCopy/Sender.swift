@@ -88,6 +88,8 @@ public struct CopySender {
     /// Run before the freeze (e.g. to stop the container), via /bin/sh -c.
     public let stopCommand: String?
     public let say: (String) -> Void
+    /// The full pass's progress (step, MiB done, MiB in all): the long part of a copy.
+    public var progress: ((String, Int, Int) -> Void)?
 
     public init(backend: any DeviceBackend, device: String, mountPoint: String?, stopCommand: String?, say: @escaping (String) -> Void = { _ in }) {
         self.backend = backend
@@ -296,6 +298,8 @@ final class CopyRun {
             }
             for r in ranges { try sendTracked(r) }
             pos = windowEnd
+            let mib = { (b: UInt64) in Int((b + (1 << 20) - 1) >> 20) }
+            sender.progress?("copying (full pass)", mib(pos), mib(trackEnd))
         }
         report.passes = 1
     }

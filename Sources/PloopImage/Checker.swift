@@ -109,8 +109,13 @@ public enum Checker {
     /// Checks (and unless read-only, repairs) the image in `file`, in the phases of `CheckRun`:
     /// the header, the BAT (one streamed pass), blocks two clusters share, unreferenced blocks
     /// (detailed), the tail, the header's flags, holes inside clusters.
-    public static func check(_ file: any BlockFile, options o: Options, holes: ((UInt64, UInt64) throws(ImageError) -> [Range<UInt64>])? = nil) throws(ImageError) -> Report {
+    /// `progress` (step, done, total) follows the long passes: the BAT scan in slots, the hole
+    /// scan in blocks.
+    public static func check(
+        _ file: any BlockFile, options o: Options, progress: Progress? = nil, holes: ((UInt64, UInt64) throws(ImageError) -> [Range<UInt64>])? = nil
+    ) throws(ImageError) -> Report {
         let run = try CheckRun(file, options: o)
+        run.progress = progress
         guard try run.readHeader() else { return run.report }
         try run.scanBAT()
         try run.separateSharedBlocks()
@@ -127,6 +132,9 @@ public enum Checker {
         if run.notClean { run.report.status = .formatError } else if keepInUse { run.report.status = .inUse }
         return run.report
     }
+
+    /// A long pass's progress: its name, units done, units in all.
+    public typealias Progress = (String, Int, Int) -> Void
 
     /// One check's state, shared by its phases.
     final class CheckRun {
@@ -150,6 +158,7 @@ public enum Checker {
         var allocHead: UInt32 = 0
         var valid = 0
         var zeroed = 0
+        var progress: Progress?
 
         init(_ file: any BlockFile, options: Options) throws(ImageError) {
             self.file = file
@@ -222,7 +231,8 @@ public enum Checker {
             used = Bitmap(count: Int(size / cb))
             allocHead = l1
             let entries = Int(header.batEntries)
-            try BATScan.forEachNonZero(file, count: slots) { (slot, entry) throws(ImageError) in
+            let batProgress = progress.map { p in { (done: Int, total: Int) in p("checking the BAT", done, total) } }
+            try BATScan.forEachNonZero(file, count: slots, progress: batProgress) { (slot, entry) throws(ImageError) in
                 let clu = UInt64(slot)
                 if slot >= entries { try softFix(.slotBeyondSize(cluster: clu), slot); return }
                 let blk: UInt32
@@ -345,8 +355,10 @@ public enum Checker {
         func checkHoles(_ holes: (UInt64, UInt64) throws(ImageError) -> [Range<UInt64>]) throws(ImageError) {
             let fileBlocks = Int(size / cb)
             var b = Int(l1)
+            defer { progress?("checking for holes", fileBlocks, fileBlocks) }
             while b < fileBlocks {
                 guard used[b] else { b += 1; continue }
+                progress?("checking for holes", b, fileBlocks)
                 var e = b
                 while e < fileBlocks, used[e] { e += 1 }
                 var pos = UInt64(b) * cb
@@ -437,7 +449,7 @@ public enum Checker {
 
     /// `ploop check` on a path: opens read-write unless `-r`, and refuses an image a running
     /// device or another ploop process holds.
-    public static func check(path: String, options: Options, raw: Bool = false) throws(ImageError) -> Report {
+    public static func check(path: String, options: Options, raw: Bool = false, progress: Progress? = nil) throws(ImageError) -> Report {
         let file = try ImagePath.open(path, write: !options.readOnly)
         try ImagePath.lock(file, exclusive: !options.readOnly)
         // An interrupted v1/v2 conversion whose staged BAT is there is finished (check is where
@@ -459,7 +471,7 @@ public enum Checker {
         // The file's allocated ranges once (FIEMAP), then answered per run of blocks.
         let allocated: [Range<UInt64>]
         do { allocated = try file.file.allocatedRanges(from: 0, to: UInt64.max) } catch { throw .io(error) }
-        var report = try check(file, options: options) { (from, to) throws(ImageError) -> [Range<UInt64>] in
+        var report = try check(file, options: options, progress: progress) { (from, to) throws(ImageError) -> [Range<UInt64>] in
             Self.clip(allocated, from: from, to: to)
         }
         if finishedConversion { report.findings.insert(Finding(problem: .versionConverting, action: .fixed), at: 0) }

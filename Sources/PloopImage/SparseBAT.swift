@@ -55,9 +55,13 @@ struct SparseBAT: Sendable {
 enum BATScan {
     static let windowEntries = 1 << 18
 
-    /// Calls `body` for each non-zero slot of the `count` slots that start at byte 64, in order.
-    static func forEachNonZero(_ file: any BlockFile, count: Int, _ body: (Int, UInt32) throws(ImageError) -> Void) throws(ImageError) {
+    /// Calls `body` for each non-zero slot of the `count` slots that start at byte 64, in order;
+    /// `progress` after each window (slots done, `count`).
+    static func forEachNonZero(
+        _ file: any BlockFile, count: Int, progress: ((Int, Int) -> Void)? = nil, _ body: (Int, UInt32) throws(ImageError) -> Void
+    ) throws(ImageError) {
         guard count > 0 else { return }
+        defer { progress?(count, count) }
         let start = UInt64(PloopSpec.headerSize)
         let end = start + 4 * UInt64(count)
         let data = try file.dataRanges(from: start, to: end)
@@ -69,6 +73,7 @@ enum BATScan {
             let lo = start + 4 * UInt64(first)
             let hi = lo + 4 * UInt64(n)
             first += n
+            if first < count { progress?(first - n, count) }
             while next < data.count, data[next].upperBound <= lo { next += 1 }
             guard next < data.count, data[next].lowerBound < hi else { continue }
             let got = try rethrowingImageError {

@@ -136,5 +136,15 @@ struct JSONProgressTests {
         let moved = try Self.events(grow.stderr)
         #expect(moved.last?["percent"] as? Int == 100 && moved.allSatisfy { $0["step"] as? String == "relocating" }, "\(grow)")
         #expect(try TestSupport.ploop("check", "-f", b).code == 0)
+        // check: the BAT scan, then the scan of the used clusters for holes, each to 100%.
+        let check = try TestSupport.ploop("check", "-f", "--json", a)
+        #expect(check.code == 0, "\(check)")
+        let checked = try Self.events(check.stderr)
+        let steps = checked.compactMap { $0["step"] as? String }
+        #expect(steps.first == "checking the BAT" && steps.last == "checking for holes", "\(check)")
+        for step in ["checking the BAT", "checking for holes"] {
+            #expect(checked.last { $0["step"] as? String == step }?["percent"] as? Int == 100, "\(step): \(check)")
+        }
+        #expect((try JSONSerialization.jsonObject(with: Data(check.stdout.utf8)) as? [String: Any])?["status"] as? String == "ok", "\(check.stdout)")
     }
 }
