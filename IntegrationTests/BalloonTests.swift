@@ -42,7 +42,13 @@ struct BalloonTests {
         let r = try TestSupport.ploop("balloon", "change", "-s", size, "-m", mnt, "--json")
         #expect(r.code == 0, "\(r)")
         try Golden.compareShape(r.stdout, "json/balloon-change.shape.txt")
-        return try JSONDecoder().decode(Change.self, from: Data(r.stdout.utf8))
+        let change = try JSONDecoder().decode(Change.self, from: Data(r.stdout.utf8))
+        // Blocks moved: the relocation's progress events on stderr, ending at 100%.
+        if change.relocated > 0 {
+            let events = r.stderr.split(separator: "\n").filter { $0.contains("\"event\":\"progress\"") && $0.contains("\"step\":\"relocating\"") }
+            #expect(events.last?.contains("\"percent\":100") == true && events.last?.contains("\"total\":\(change.relocated)") == true, "\(r)")
+        }
+        return change
     }
 
     @Test(arguments: TestSupport.cliBackends)
@@ -60,6 +66,8 @@ struct BalloonTests {
                 if cycle == 0 {
                     #expect(before - after == r.bytesCut, "before \(before) after \(after) cut \(r.bytesCut)")
                     #expect(r.bytesCut > 300 << 20, "cut only \(r.bytesCut)")
+                    // Tail blocks moved into the balloon's (so `change` saw relocation progress).
+                    #expect(r.relocated > 0, "\(r)")
                 }
                 #expect(try Self.keptFileIntact(s))
                 #expect(try TestSupport.ploop("balloon", "show", "-m", mnt).stdout.contains("\(600 << 20) bytes"))
@@ -156,8 +164,10 @@ struct BalloonTests {
                 #expect(try TestSupport.ploop("balloon", "clear", "-d", dev).code == 0)
             }
             #expect(try TestSupport.ploop("balloon", "status", "-d", dev).stdout.contains("OFF"))
-            // Whatever was reached, repair finishes the job.
-            #expect(try TestSupport.ploop("balloon", "repair", "-m", mnt).code == 0)
+            // Whatever was reached, repair finishes the job; it reports as change does.
+            let repaired = try TestSupport.ploop("balloon", "repair", "-m", mnt, "--json")
+            #expect(repaired.code == 0, "\(repaired)")
+            if repaired.code == 0 { try Golden.compareShape(repaired.stdout, "json/balloon-change.shape.txt") }
             #expect(try Self.keptFileIntact(s))
             try s.finishClean(image: img, device: dev, mount: mnt)
         }

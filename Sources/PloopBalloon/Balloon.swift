@@ -21,6 +21,9 @@ public struct BalloonProcedure: Sendable {
     public let say: @Sendable (String) -> Void
     /// Test hook: stop (as if killed) right after the named step.
     public let stopAfter: String?
+    /// The relocation's progress (step, blocks done, blocks to move). The device moves them in
+    /// one request (RELOCBLKS), so it is reported when the request starts and when it ends.
+    public var progress: (@Sendable (String, Int, Int) -> Void)?
 
     public init(backend: any DeviceBackend, device: String, mountPoint: String, say: @escaping @Sendable (String) -> Void = { _ in }) {
         self.backend = backend
@@ -225,7 +228,9 @@ public struct BalloonProcedure: Sendable {
         }
         result.relocated = extents.filter { !$0.free }.count
         say("Relocating \(result.relocated) tail blocks into free blocks")
+        progress?("relocating", 0, result.relocated)
         let cut = try backend.relocateBlocks(device, level: level, allocHead: allocHead, extents: extents)
+        progress?("relocating", result.relocated, result.relocated)
         result.clustersCut = cut
         result.bytesCut = UInt64(cut) * UInt64(info.clusterBytes)
         say("TRUNCATED: \(cut) cluster-blocks (\(result.bytesCut) bytes)")

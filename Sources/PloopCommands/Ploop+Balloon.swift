@@ -73,6 +73,8 @@ extension Ploop {
                 if !json { print(line) }
             }
             p.partitionOffset = offset
+            let line = ProgressLine("relocating")
+            p.progress = { line.update(step: $0, $1, $2) }
             return (p, be)
         }
     }

@@ -89,6 +89,7 @@ struct GoldenOutputTests {
         _ = try run("snapshot", "-u", "{11111111-1111-4111-8111-111111111111}", "disk")
         try Self.compare(try run("snapshot-list", "--json", "disk"), "json/snapshot-list.json")
         try Self.compare(try run("info", "-s", "--json", "disk"), "json/info-disk.json")
+        try Self.compare(try run("check", "-f", "--json", "disk"), "json/check-disk.json")
     }
 }
 
