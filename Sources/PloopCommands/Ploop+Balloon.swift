@@ -73,8 +73,7 @@ extension Ploop {
                 if !json { print(line) }
             }
             p.partitionOffset = offset
-            let line = ProgressLine("relocating")
-            p.progress = { line.update(step: $0, $1, $2) }
+            p.progress = ProgressLine("relocating").reporter
             return (p, be)
         }
     }

@@ -69,8 +69,8 @@ extension Ploop {
             if uuid != nil { throw CommandFailure("-u names a snapshot of a disk: give DiskDescriptor.xml", code: ExitCodes.param) }
             // A large image's BAT and hole scans show their progress (stderr: a terminal, or
             // JSON events with --json).
-            let progress = ProgressLine("checking")
-            let report = try failing { try Checker.check(path: image, options: o, raw: raw, progress: { progress.update(step: $0, $1, $2) }) }
+            let progress = ProgressLine("checking").reporter
+            let report = try failing { try Checker.check(path: image, options: o, raw: raw, progress: progress) }
             if json {
                 print(try Output.json(JSONReport(report)))
             } else if !silent {

@@ -73,8 +73,7 @@ extension Ploop {
                 }
                 var sender = CopySender(backend: be, device: dev, mountPoint: Mounts.mountPoints(ofDeviceOrPartitions: dev).first, stopCommand: stopCommand) { err.write("ploop copy: \($0)\n") }
                 // On stderr: the stream or the copy's messages may hold stdout.
-                let progress = ProgressLine("copying")
-                sender.progress = { progress.update(step: $0, $1, $2) }
+                sender.progress = ProgressLine("copying").reporter
                 let r = try copyErrors { try sender.run(into: sink) }
                 let line = String(format: "copied %llu bytes in %d passes, %.3f s total, frozen %.3f s (%.1f%%)", r.bytesSent, r.passes, r.totalSeconds, r.frozenSeconds, r.totalSeconds > 0 ? 100 * r.frozenSeconds / r.totalSeconds : 0)
                 if json {

@@ -401,8 +401,8 @@ enum DiskCommands {
         var reports: [Ploop.JSONReport] = []
         for (i, p) in d.chainPaths(from: g).enumerated() {
             if i == 0 && d.baseFormat == .raw { continue }
-            let progress = ProgressLine("checking")
-            let r = try failing { try Checker.check(path: p, options: options, progress: { progress.update(step: $0, $1, $2) }) }
+            let progress = ProgressLine("checking").reporter
+            let r = try failing { try Checker.check(path: p, options: options, progress: progress) }
             reports.append(Ploop.JSONReport(r))
             if !silent && !json { Ploop.Check.show(r, image: p, hardForce: hardForce) }
             if r.exitCode != 0 && worst == 0 { worst = r.exitCode }
@@ -458,10 +458,10 @@ enum DiskCommands {
             try failing { try be.grow(dev.device, sizeSectors: sectors) }
             let info = try failing { try be.info(dev.device) }
             try diskErrors { try d.commitSize(info.sizeBytes / 512) }
-            return .init(target: d.descriptorPath, descriptor: d.descriptorPath, device: dev.device, sizeBytes: info.sizeBytes)
+            return .init(target: argument, descriptor: d.descriptorPath, device: dev.device, sizeBytes: info.sizeBytes)
         }
         try diskErrors { try d.grow(toSectors: sectors) }
-        return .init(target: d.descriptorPath, descriptor: d.descriptorPath, sizeBytes: d.descriptor.diskSizeSectors * 512)
+        return .init(target: argument, descriptor: d.descriptorPath, sizeBytes: d.descriptor.diskSizeSectors * 512)
     }
 }
 

@@ -54,16 +54,24 @@ extension Ploop {
             var descriptor: String?
             var device: String?
             var sizeBytes: UInt64
-            var sizeSectors: UInt64 { sizeBytes / 512 }
+            var sizeSectors: UInt64
 
-            enum CodingKeys: String, CodingKey { case target, descriptor, device, sizeBytes, sizeSectors }
-            func encode(to encoder: any Encoder) throws {
-                var c = encoder.container(keyedBy: CodingKeys.self)
-                try c.encode(target, forKey: .target)
-                try c.encodeIfPresent(descriptor, forKey: .descriptor)
-                try c.encodeIfPresent(device, forKey: .device)
-                try c.encode(sizeBytes, forKey: .sizeBytes)
-                try c.encode(sizeSectors, forKey: .sizeSectors)
+            init(target: String, descriptor: String? = nil, device: String? = nil, sizeBytes: UInt64) {
+                self.target = target
+                self.descriptor = descriptor
+                self.device = device
+                self.sizeBytes = sizeBytes
+                self.sizeSectors = sizeBytes / 512
+            }
+
+            /// How the text names it: the device and its disk, whichever are known.
+            var name: String {
+                switch (device, descriptor) {
+                case let (dev?, dd?): "\(dev) (\(dd))"
+                case let (dev?, nil): dev
+                case let (nil, dd?): dd
+                case (nil, nil): target
+                }
             }
         }
 
@@ -87,8 +95,7 @@ extension Ploop {
             if json {
                 print(try Output.json(grown))
             } else {
-                let what = [grown.device, grown.descriptor.map { grown.device == nil ? $0 : "(\($0))" }].compactMap { $0 }.joined(separator: " ")
-                say("Grown \(what.isEmpty ? grown.target : what) to \(Output.size(grown.sizeBytes))")
+                say("Grown \(grown.name) to \(Output.size(grown.sizeBytes))")
             }
         }
     }

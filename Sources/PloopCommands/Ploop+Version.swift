@@ -10,7 +10,8 @@ extension Ploop {
             abstract: "Print the version and what this host offers: the kernel driver, the simulator, the tools.",
             discussion: """
                 The first thing a bug report needs. '--version' prints the version and the git commit \
-                it was built from (for scripts: the first word is the version); this adds which device backends can run here and why not, and the external tools the \
+                it was built from (for scripts: the first word is the version); this adds which \
+                device backends can run here and why not, and the external tools the \
                 file-system commands use.
 
                 Example:

@@ -195,11 +195,13 @@ final class ProgressLine: @unchecked Sendable {
     /// `--json`); nil (quiet) otherwise.
     static func onTerminal() -> StepProgress? {
         guard events.load(ordering: .relaxed) || isatty(1) != 0 else { return nil }
-        let line = ProgressLine("", fd: 1)
-        return { line.update(step: $0, $1, $2) }
+        return ProgressLine("", fd: 1).reporter
     }
 
     func update(_ done: Int, _ total: Int) { update(step: label, done, total) }
+
+    /// `update(step:)` as the (step, done, total) closure the engines take.
+    var reporter: @Sendable (String, Int, Int) -> Void { { self.update(step: $0, $1, $2) } }
 
     func update(step name: String, _ done: Int, _ total: Int) {
         guard enabled, total > 0 else { return }
