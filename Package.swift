@@ -22,6 +22,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.0"),
     ],
     targets: [
         // Pure values: header codec, BAT geometry, CHS, size parsing. No I/O.
@@ -33,7 +34,8 @@ let package = Package(
         // libfuse3 (pkg-config fuse3) and the small C file that speaks its low-level API.
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .target(name: "CPloopFuse", dependencies: ["CFuse3"], exclude: ["README.md"]),
-        .target(name: "PloopSystem", dependencies: ["CPloopSys"], exclude: ["README.md"], swiftSettings: swiftSettings),
+        .target(
+            name: "PloopSystem", dependencies: ["CPloopSys", .product(name: "SystemPackage", package: "swift-system")], exclude: ["README.md"], swiftSettings: swiftSettings),
         // Deltas on files and the offline operations (init, merge, grow, check, info).
         .target(name: "PloopImage", dependencies: ["PloopFormat", "PloopSystem"], exclude: ["README.md"], swiftSettings: swiftSettings),
         // The model of the kernel device, the backend protocol, the in-process backend.
@@ -76,7 +78,7 @@ let package = Package(
             name: "ploop-bench", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem"],
             swiftSettings: swiftSettings),
 
-        .target(name: "PloopTestSupport", dependencies: ["PloopDevice", "PloopImage"], path: "Tests/PloopTestSupport", swiftSettings: swiftSettings),
+        .target(name: "PloopTestSupport", dependencies: ["PloopDevice", "PloopImage", "PloopSystem"], path: "Tests/PloopTestSupport", swiftSettings: swiftSettings),
         .testTarget(name: "PloopFormatTests", dependencies: ["PloopFormat"], swiftSettings: swiftSettings),
         .testTarget(name: "PloopImageTests", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
         .testTarget(

@@ -1,6 +1,4 @@
 #define _GNU_SOURCE
-#include <spawn.h>
-#include <sys/wait.h>
 #include "cploopsys.h"
 #include <errno.h>
 #include <fcntl.h>
@@ -219,19 +217,8 @@ void cploop_close_from(int first) {
 
 int cploop_syncfs(int fd) { return syncfs(fd) == 0 ? 0 : -errno; }
 
-int cploop_run_shell(const char *command) {
-    extern char **environ;
-    char *argv[] = {"sh", "-c", (char *)command, NULL};
-    pid_t pid;
-    int r = posix_spawn(&pid, "/bin/sh", NULL, NULL, argv, environ);
-    if (r != 0) return -r;
-    int status;
-    while (waitpid(pid, &status, 0) < 0) {
-        if (errno != EINTR) return -errno;
-    }
-    if (WIFEXITED(status)) return WEXITSTATUS(status);
-    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-    return 1;
+int cploop_spawn_chdir(posix_spawn_file_actions_t *actions, const char *path) {
+    return posix_spawn_file_actions_addchdir_np(actions, path);
 }
 
 int cploop_blkdiscard(int fd, uint64_t off, uint64_t len) {

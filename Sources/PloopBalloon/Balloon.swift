@@ -74,7 +74,7 @@ public struct BalloonProcedure: Sendable {
         if stopAfter == step {
             say("test hook: stopping after \(step)")
             // As if killed: no cleanup, no state reset.
-            _exit(9)
+            Host.exitImmediately(9)
         }
     }
 
@@ -125,9 +125,7 @@ public struct BalloonProcedure: Sendable {
             throw DeviceError.busy(reply.state)
         }
         // Enough free space, or nothing changes.
-        var vfs = statvfs()
-        if statvfs(mountPoint, &vfs) == 0 {
-            let available = UInt64(vfs.f_bavail) * UInt64(vfs.f_frsize)
+        if let available = try? MountedFileSystem(mountPoint).space().bytesAvailable {
             if new - old > available { throw Failure.noSpace(requested: new - old, available: available) }
         }
         do {
@@ -239,7 +237,7 @@ public struct BalloonProcedure: Sendable {
     /// The balloon's extents in [from, to), as whole device clusters that the top delta stores.
     func freeExtents(_ balloon: File, from: UInt64, to: UInt64) throws -> ([FreeExtent], Int) {
         // The BAT on disk must be current: push the file system and the device first.
-        balloon.syncFileSystem()
+        try balloon.syncFileSystem()
         try backend.sync(device)
         let info = try backend.info(device)
         let level = info.levels.count - 1

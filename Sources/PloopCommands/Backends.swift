@@ -30,13 +30,13 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
             if environment["PLOOP_KERNEL_FAKE"] == "simulator" {
                 if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)", code: ExitCodes.device) }
                 let paths = RuntimePaths()
-                return KernelBackend(transport: FakeKernel(lower: SimulatorBackend(paths: paths), sysfsRoot: paths.root + "/fake-kernel"))
+                return KernelBackend(transport: FakeKernel(lower: SimulatorBackend(paths: paths, daemonLogLevel: Verbosity.daemonLogLevel), sysfsRoot: paths.root + "/fake-kernel"))
             }
             if let why = KernelBackend.unavailableReason() { throw CommandFailure("cannot use the kernel backend: \(why)", code: ExitCodes.device) }
             return KernelBackend()
         case .simulator, .auto:
             if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)", code: ExitCodes.device) }
-            return SimulatorBackend()
+            return SimulatorBackend(daemonLogLevel: Verbosity.daemonLogLevel)
         }
     }
 }

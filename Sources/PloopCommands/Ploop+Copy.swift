@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import PloopCopy
+import PloopSystem
 import PloopDevice
 import PloopDisk
 import PloopVolume
@@ -64,7 +65,7 @@ extension Ploop {
                 if let d = destination {
                     sink = try copyErrors { try FileSink(destination: URL(fileURLWithPath: d).standardizedFileURL.path, replace: replace) }
                 } else {
-                    signal(SIGPIPE, SIG_IGN)
+                    Signals.ignoreBrokenPipe()
                     try copyErrors {
                         try CopyStream.checkOpen(output, "output descriptor (-o)", "the stream to write")
                         if let fb = feedback { try CopyStream.checkOpen(fb, "feedback descriptor (-f)", "the channel back from the receiver") }

@@ -256,15 +256,11 @@ extension Ploop {
             let l: Wire.Launch
             do { l = try Wire.Launch.decode(launch) } catch { throw CommandFailure("__serve --launch: \(error)", code: ExitCodes.param) }
             // Signals go to the daemon's signal thread only.
-            var set = sigset_t()
-            sigemptyset(&set)
-            sigaddset(&set, SIGTERM)
-            sigaddset(&set, SIGINT)
-            pthread_sigmask(SIG_BLOCK, &set, nil)
-            signal(SIGPIPE, SIG_IGN)
+            Signals.blockTermination()
+            Signals.ignoreBrokenPipe()
             // Keep only stdin/out/err and the readiness pipe: whatever else the starter had open
             // (its caller's pipes) must not stay open for the daemon's lifetime.
-            cploop_close_from(max(l.readyFD, 2) + 1)
+            Signals.closeDescriptors(from: max(l.readyFD, 2) + 1)
             let ready = l.readyFD >= 0 ? FileHandle(fileDescriptor: l.readyFD, closeOnDealloc: true) : nil
             func report(_ line: Wire.Ready) throws { ready?.write(String(decoding: try JSONEncoder().encode(line), as: UTF8.self) + "\n") }
             let daemon: SimulatorDaemon

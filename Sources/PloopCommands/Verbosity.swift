@@ -62,9 +62,10 @@ public enum Verbosity {
 
     static func set(_ level: Int) {
         current.store(level, ordering: .relaxed)
-        // A daemon started by this command (mount) logs at the same detail.
-        if level >= 4 { setenv(SimulatorDaemon.logLevelVariable, level >= 5 ? "trace" : "debug", 1) }
     }
+
+    /// What a daemon started by this command (mount) logs: the same detail at 4 and up.
+    static var daemonLogLevel: String? { level >= 5 ? "trace" : level >= 4 ? "debug" : nil }
 
     static var logLevel: Logger.Level {
         switch level {
@@ -98,15 +99,16 @@ struct ConsoleLogHandler: LogHandler {
         FileHandle.standardError.write("\(Self.timestamp()) \(event.level) ploop: \(event.message)\(extra)\n")
     }
 
+    /// UTC, to the microsecond: 2026-12-03T10:40:00.123456Z.
     static func timestamp() -> String {
-        var tv = timeval()
-        gettimeofday(&tv, nil)
-        var t = time_t(tv.tv_sec)
-        var parts = tm()
-        gmtime_r(&t, &parts)
+        let now = Date().timeIntervalSince1970
+        let seconds = now.rounded(.down)
+        var utc = Calendar(identifier: .gregorian)
+        utc.timeZone = TimeZone(identifier: "UTC")!
+        let c = utc.dateComponents([.year, .month, .day, .hour, .minute, .second], from: Date(timeIntervalSince1970: seconds))
         return String(
-            format: "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", parts.tm_year + 1900, parts.tm_mon + 1, parts.tm_mday, parts.tm_hour, parts.tm_min,
-            parts.tm_sec, Int(tv.tv_usec))
+            format: "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", c.year!, c.month!, c.day!, c.hour!, c.minute!, c.second!,
+            min(999_999, Int((now - seconds) * 1_000_000)))
     }
 }
 

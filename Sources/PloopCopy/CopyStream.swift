@@ -1,4 +1,5 @@
 import PloopFormat
+import PloopSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -83,7 +84,7 @@ public enum CopyStream {
 
     /// A descriptor given on the command line must be open, or the error says which one it is.
     public static func checkOpen(_ fd: Int32, _ role: String, _ purpose: String) throws(Error) {
-        if fd < 0 || fcntl(fd, F_GETFD) < 0 {
+        if !Channel.isOpen(fd) {
             throw .descriptorNotOpen(role: role, fd: fd, purpose: purpose)
         }
     }

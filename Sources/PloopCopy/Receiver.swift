@@ -23,7 +23,7 @@ public struct CopyReceiver {
     /// each sync record. The sender going away (EPIPE on `feedback`, the input ending early) is an
     /// error with the destination left as it was, never a silent death by SIGPIPE.
     public func receive(input: Int32, feedback: Int32? = nil) throws -> Summary {
-        signal(SIGPIPE, SIG_IGN)
+        Signals.ignoreBrokenPipe()
         try CopyStream.checkOpen(input, "input descriptor (-i)", "the stream to read")
         if let fb = feedback { try CopyStream.checkOpen(fb, "feedback descriptor (-f)", "the channel back to the sender") }
         let part = try PartFile(destination: destination, replace: replace)
@@ -61,29 +61,11 @@ public struct CopyReceiver {
     }
 
     /// Fills `buffer`; false if the input ended first (the caller reports where).
-    static func readFull(_ fd: Int32, _ buffer: inout [UInt8]) throws -> Bool {
-        var done = 0
-        while done < buffer.count {
-            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + done, $0.count - done) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw CopyStream.Error.io("reading the stream: \(String(cString: strerror(errno)))")
-            }
-            if n == 0 { return false }
-            done += n
-        }
-        return true
+    static func readFull(_ fd: Int32, _ buffer: inout [UInt8]) throws(CopyStream.Error) -> Bool {
+        do { return try Channel(fd, owning: false).readFull(&buffer) } catch { throw .io("reading the stream: \(error.message)") }
     }
 
-    static func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws {
-        var done = 0
-        while done < bytes.count {
-            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, $0.count - done) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw CopyStream.Error.io(String(cString: strerror(errno)))
-            }
-            done += n
-        }
+    static func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws(CopyStream.Error) {
+        do { try Channel(fd, owning: false).writeAll(bytes) } catch { throw .io(error.message) }
     }
 }

@@ -1,4 +1,3 @@
-import CPloopSys
 import Foundation
 import PloopDevice
 import PloopFormat
@@ -172,7 +171,7 @@ final class CopyRun {
     var tracking = false
     var trackPos: UInt64 = 0
     var trackEnd: UInt64 = 0
-    var frozen: Int32 = -1
+    var frozen: MountedFileSystem?
     var frozenAt: Date?
 
     var backend: any DeviceBackend { sender.backend }
@@ -203,10 +202,9 @@ final class CopyRun {
     }
 
     func thaw() {
-        guard frozen >= 0 else { return }
-        _ = cploop_fithaw(frozen)
-        close(frozen)
-        frozen = -1
+        guard let fs = frozen else { return }
+        try? fs.thaw()
+        frozen = nil
     }
 
     // MARK: - Sending
@@ -325,13 +323,7 @@ final class CopyRun {
         nonisolated(unsafe) var flushError: (any Error)?
         let (backend, device, mountPoint) = (self.backend, self.device, sender.mountPoint)
         let flusher = Thread {
-            if let m = mountPoint {
-                let fd = open(m, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-                if fd >= 0 {
-                    _ = cploop_syncfs(fd)
-                    close(fd)
-                }
-            }
+            if let m = mountPoint { try? MountedFileSystem(m).sync() }
             do { try backend.sync(device) } catch { flushError = error }
             flushed.signal()
         }
@@ -349,22 +341,18 @@ final class CopyRun {
     func stopAndFreeze() throws {
         begin("running the stop command")
         if let cmd = sender.stopCommand {
-            // posix_spawn: Foundation's Process took 50 ms to start a shell here.
-            let status = cploop_run_shell(cmd)
-            guard status >= 0 else { throw CopyStream.Error.io("cannot run '\(cmd)': \(String(cString: strerror(-status)))") }
+            // posix_spawn (Spawn): Foundation's Process took 50 ms to start a shell here.
+            let status: Int32
+            do { status = try Spawn.shell(cmd) } catch { throw CopyStream.Error.io("cannot run '\(cmd)': \(error.message)") }
             guard status == 0 else { throw CopyStream.Error.io("'\(cmd)' exited with \(status)") }
         }
         begin("freezing the file system")
         frozenAt = Date()
         if let m = sender.mountPoint {
-            let fd = open(m, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-            guard fd >= 0 else { throw CopyStream.Error.io("open \(m): \(String(cString: strerror(errno)))") }
-            let r = cploop_fifreeze(fd)
-            guard r == 0 else {
-                close(fd)
-                throw CopyStream.Error.io("FIFREEZE \(m): \(String(cString: strerror(-r)))")
-            }
-            frozen = fd
+            let fs: MountedFileSystem
+            do { fs = try MountedFileSystem(m) } catch { throw CopyStream.Error.io("open \(m): \(error.message)") }
+            do { try fs.freeze() } catch { throw CopyStream.Error.io("FIFREEZE \(m): \(error.message)") }
+            frozen = fs
         }
         try backend.sync(device)
     }

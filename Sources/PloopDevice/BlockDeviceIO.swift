@@ -1,9 +1,4 @@
-import CPloopSys
 import PloopSystem
-
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Block I/O on a device node, through `PloopSystem.File`'s full positional reads and writes.
 public final class BlockDeviceIO: DeviceIO, Sendable {
@@ -17,9 +12,7 @@ public final class BlockDeviceIO: DeviceIO, Sendable {
 
     public var sizeBytes: UInt64 {
         get throws(DeviceError) {
-            let end = lseek(file.fd, 0, SEEK_END)
-            guard end >= 0 else { throw .system("size of \(file.path)", errno: errno) }
-            return UInt64(end)
+            do { return try file.endOffset() } catch { throw .system("size of \(file.path)", errno: error.errno) }
         }
     }
 
@@ -37,8 +30,7 @@ public final class BlockDeviceIO: DeviceIO, Sendable {
     /// BLKDISCARD: the block layer passes it to the driver (for the simulator: loop, then a FUSE
     /// PUNCH_HOLE).
     public func discard(at offset: UInt64, length: UInt64) throws(DeviceError) {
-        let r = cploop_blkdiscard(file.fd, offset, length)
-        if r != 0 { throw .system("BLKDISCARD on \(file.path)", errno: -r) }
+        do { try file.discard(at: offset, length: length) } catch { throw .system("BLKDISCARD on \(file.path)", errno: error.errno) }
     }
 
     public func flush() throws(DeviceError) {

@@ -1,3 +1,4 @@
+import PloopSystem
 import PloopImage
 
 /// Errors of devices and their backends. The cases follow the errno values of the kernel ABI so a
@@ -73,7 +74,7 @@ public enum DeviceError: Error, Sendable, Equatable, Codable, CustomStringConver
         case .readOnly(let d): "\(d) is read-only"
         case .outOfRange(let o, let l, let s): "I/O of \(l) bytes at \(o) is beyond the device size \(s)"
         case .image(let e): e.description
-        case .system(let what, let e): "\(what): \(String(cString: strerror(e)))"
+        case .system(let what, let e): "\(what): \(SystemError.words(e))"
         case .unavailable(let s): s
         case .levelsOutOfRange(let r, let top):
             "levels \(r.lowerBound)..\(r.upperBound) do not fit the stack 0..\(top): give L1..L2 with L1 < L2 <= \(top)"

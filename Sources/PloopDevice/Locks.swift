@@ -1,40 +1,10 @@
+import PloopSystem
 import Synchronization
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
-/// A value guarded by a readers-writer lock: I/O reads the delta stack in shared mode, stack
+/// The delta stack is a `ReadWriteLock` (PloopSystem): I/O reads it in shared mode, stack
 /// changes (snapshot, the end of a merge, grow) take it exclusively, so they are atomic with
-/// respect to I/O. Writer-preferring, so a stack change is not starved by a stream of I/O.
-final class StackLock<Value>: @unchecked Sendable {
-    private var lock = pthread_rwlock_t()
-    private var value: Value
-
-    init(_ value: Value) {
-        self.value = value
-        var attr = pthread_rwlockattr_t()
-        pthread_rwlockattr_init(&attr)
-        // PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
-        pthread_rwlockattr_setkind_np(&attr, 2)
-        pthread_rwlock_init(&lock, &attr)
-        pthread_rwlockattr_destroy(&attr)
-    }
-
-    deinit { pthread_rwlock_destroy(&lock) }
-
-    func read<T, E: Error>(_ body: (Value) throws(E) -> T) throws(E) -> T {
-        pthread_rwlock_rdlock(&lock)
-        defer { pthread_rwlock_unlock(&lock) }
-        return try body(value)
-    }
-
-    func write<T, E: Error>(_ body: (inout Value) throws(E) -> T) throws(E) -> T {
-        pthread_rwlock_wrlock(&lock)
-        defer { pthread_rwlock_unlock(&lock) }
-        return try body(&value)
-    }
-}
+/// respect to I/O; writer-preferring, so a stack change is not starved by a stream of I/O.
+typealias StackLock = ReadWriteLock
 
 /// Per-cluster lockout: I/O and maintenance on the same virtual cluster are serialised; different
 /// clusters proceed in parallel (striped, so memory does not grow with the device).

@@ -1,4 +1,3 @@
-import CPloopSys
 import Foundation
 import PloopSystem
 
@@ -59,12 +58,13 @@ public enum PartitionNodes {
                 guard m == deviceMajor || m == ploopMajor || m == p.major else {
                     throw .invalid("\(node) is a device node of another driver: it is not replaced; remove it")
                 }
-                unlink(node)
+                BlockNode.remove(node)
             case let other:
                 throw .invalid("\(node) exists and is \(other), not a block device node: remove it")
             }
-            let r = cploop_mknod_block(node, p.major, p.minor, 0o660)
-            if r != 0 && r != -EEXIST { throw .system("mknod \(node)", errno: -r) }
+            do { try BlockNode.make(node, major: p.major, minor: p.minor) } catch {
+                if error.code != .fileExists { throw .system("mknod \(node)", errno: error.errno) }
+            }
         }
         let kept = Set(parts.map(\.number))
         let partitionMajors = Set(parts.map(\.major))
@@ -74,7 +74,7 @@ public enum PartitionNodes {
             if let (m, _) = LoopDevice.numbers(node(device, k)), m != ploopMajor, window(node(device, k)) == nil,
                 m == deviceMajor || partitionMajors.contains(m) || m == extendedMajor
             {
-                unlink(node(device, k))
+                BlockNode.remove(node(device, k))
             }
         }
         return parts
@@ -116,7 +116,7 @@ public enum PartitionNodes {
             guard window(node)?.backing == device || LoopDevice.numbers(node).map({ $0.0 == loopMajor && window(node) == nil }) == true else {
                 throw .invalid("\(node) is a device node of another driver: it is not replaced; remove it")
             }
-            unlink(node)
+            BlockNode.remove(node)
         case let other:
             throw .invalid("\(node) exists and is \(other), not a block device node: remove it")
         }
@@ -125,10 +125,9 @@ public enum PartitionNodes {
             try? LoopDevice.detach(loop)
             throw .system("stat \(loop)", errno: ENODEV)
         }
-        let m = cploop_mknod_block(node, maj, min, 0o660)
-        if m != 0 {
+        do { try BlockNode.make(node, major: maj, minor: min) } catch {
             try? LoopDevice.detach(loop)
-            throw .system("mknod \(node)", errno: -m)
+            throw .system("mknod \(node)", errno: error.errno)
         }
     }
 
@@ -152,7 +151,7 @@ public enum PartitionNodes {
     static func detachWindow(_ node: String) throws(DeviceError) {
         guard let w = window(node) else { return }
         try LoopDevice.detach(w.loop)
-        unlink(node)
+        BlockNode.remove(node)
     }
 
     /// The length in sectors of the loop window `node` leads to; nil for a partition the kernel found.
@@ -161,19 +160,14 @@ public enum PartitionNodes {
     /// Gives the loop window `node` leads to a new length (in place, also while mounted).
     public static func resizeWindow(_ node: String, sectors: UInt64) throws(DeviceError) {
         guard let w = window(node) else { throw .invalid("\(node) is not a loop window") }
-        let r = cploop_loop_set_sizelimit(w.loop, sectors * 512)
-        if r != 0 { throw .system("resizing \(w.loop) (\(node))", errno: -r) }
+        do { try LoopControl.setSizeLimit(w.loop, bytes: sectors * 512) } catch { throw .system("resizing \(w.loop) (\(node))", errno: error.errno) }
     }
 
     /// Whether a partition of `device` is held (mounted): the device must not stop then.
     public static func anyBusy(_ device: String) -> Bool {
         (1...15).contains { k in
             let n = node(device, k)
-            guard PathInfo.entryKind(n) == .device else { return false }
-            let fd = open(n, O_RDONLY | O_EXCL | O_CLOEXEC)
-            if fd < 0 { return errno == EBUSY }
-            close(fd)
-            return false
+            return PathInfo.entryKind(n) == .device && BlockNode.isHeld(n)
         }
     }
 
@@ -186,21 +180,24 @@ public enum PartitionNodes {
     /// partition is mounted: use `resize` for a mounted partition instead.
     @discardableResult
     public static func rescan(_ device: String) throws(DeviceError) -> [Found] {
-        var r: Int32 = 0
         // udev-less hosts still see a short EBUSY right after the last close of a partition.
-        for _ in 0..<20 {
-            r = cploop_reread_partitions(device)
-            if r != -EBUSY { break }
-            usleep(50_000)
+        for attempt in 0..<20 {
+            do {
+                try BlockNode.rereadPartitions(device)
+                break
+            } catch {
+                if error.code != .resourceBusy || attempt == 19 { throw .system("re-reading the partition table of \(device)", errno: error.errno) }
+            }
+            Host.pause(milliseconds: 50)
         }
-        if r != 0 { throw .system("re-reading the partition table of \(device)", errno: -r) }
         return try publish(device)
     }
 
     /// Tells the kernel a partition's new extent (BLKPG resize), which works while it is mounted.
     public static func resize(_ device: String, number: Int, start: UInt64, sectors: UInt64) throws(DeviceError) {
-        let r = cploop_blkpg_partition(device, 3, Int32(number), start * 512, sectors * 512)
-        if r != 0 { throw .system("resizing partition \(number) of \(device) (BLKPG)", errno: -r) }
+        do { try BlockNode.change(device, .resize, number: number, start: start * 512, length: sectors * 512) } catch {
+            throw .system("resizing partition \(number) of \(device) (BLKPG)", errno: error.errno)
+        }
     }
 
     /// Removes the partition nodes of `device` that have `major` (the loop driver's, for a
@@ -210,7 +207,7 @@ public enum PartitionNodes {
         for k in 1...15 {
             let n = node(device, k)
             guard let (m, _) = LoopDevice.numbers(n), m != ploopMajor, m == major || m == partitionMajor else { continue }
-            unlink(n)
+            BlockNode.remove(n)
         }
     }
 

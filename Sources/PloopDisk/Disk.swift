@@ -106,18 +106,18 @@ public final class Disk {
             do { ok = try f.tryLock(.exclusive) } catch { throw .io("cannot lock \(lockPath): \(error.message)") }
             if ok { return f }
             if Date().timeIntervalSince(start) >= limit { throw .locked(descriptorPath, holder: lockHolder(of: f)) }
-            usleep(50_000)
+            Host.pause(milliseconds: 50)
         }
     }
 
     /// The process holding a flock on `file`, from /proc/locks (matched by inode).
     static func lockHolder(of file: File) -> Int32? {
-        guard let st = try? file.stat(), let text = try? String(contentsOfFile: "/proc/locks", encoding: .utf8) else { return nil }
+        guard let inode = file.identity?.inode, let text = try? String(contentsOfFile: "/proc/locks", encoding: .utf8) else { return nil }
         for line in text.split(separator: "\n") {
             let f = line.split(separator: " ", omittingEmptySubsequences: true)
             guard f.count >= 6, f[1] == "FLOCK", let pid = Int32(f[4]) else { continue }
             let id = f[5].split(separator: ":")
-            if id.count == 3, UInt64(id[2]) == UInt64(st.st_ino), pid != getpid() { return pid }
+            if id.count == 3, UInt64(id[2]) == inode, pid != Host.processID { return pid }
         }
         return nil
     }

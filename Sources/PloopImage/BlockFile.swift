@@ -1,9 +1,6 @@
 import PloopSystem
 import Synchronization
 
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The byte store under an image: a real file, or memory in tests. The seam through which
 /// crash tests stop an operation after any write.
@@ -165,7 +162,7 @@ public final class PosixBlockFile: BlockFile {
     public func punchHole(at offset: UInt64, length: UInt64) throws(ImageError) {
         do { try file.punchHole(at: offset, length: length) } catch {
             // A file system without holes: zeros do the same for readers.
-            guard error.errno == EOPNOTSUPP else { throw .io(error) }
+            guard error.code == .notSupported else { throw .io(error) }
             let end = min(offset + length, try size())
             if end > offset { try writeZeros(at: offset, count: end - offset) }
         }

@@ -1,8 +1,5 @@
 import PloopFormat
 import PloopSystem
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Errors of image files and offline operations. Each message names the file, says what is wrong
 /// and, where there is one, what to do.
@@ -77,14 +74,14 @@ public enum ImageError: Error, Sendable, Equatable, Codable, CustomStringConvert
 
     static func from(_ e: SystemError) -> ImageError {
         if e.reason != nil { return .io(e) }
-        switch e.errno {
-        case ENOENT: return .notFound(e.path)
-        case EACCES, EPERM: return .permissionDenied(e.path)
-        case EEXIST: return .alreadyExists(e.path)
-        case EISDIR: return .isDirectory(e.path)
-        case ELOOP: return .symlinkLoop(e.path)
-        case ENAMETOOLONG: return .nameTooLong(e.path)
-        case ENOTDIR: return .notAFolder(Self.parent(of: e.path), file: e.path)
+        switch e.code {
+        case .noSuchFileOrDirectory: return .notFound(e.path)
+        case .permissionDenied, .notPermitted: return .permissionDenied(e.path)
+        case .fileExists: return .alreadyExists(e.path)
+        case .isDirectory: return .isDirectory(e.path)
+        case .tooManySymbolicLinkLevels: return .symlinkLoop(e.path)
+        case .fileNameTooLong: return .nameTooLong(e.path)
+        case .notDirectory: return .notAFolder(Self.parent(of: e.path), file: e.path)
         default: return .io(e)
         }
     }

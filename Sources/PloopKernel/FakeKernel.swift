@@ -138,8 +138,8 @@ public final class FakeKernel: KernelTransport {
             _ = pending.withLock { $0.removeValue(forKey: n) }
             try? FileManager.default.removeItem(atPath: directory(n))
             // Leave no empty tree behind.
-            rmdir(sysfsRoot + "/block")
-            rmdir(sysfsRoot)
+            Folder.removeEmpty(sysfsRoot + "/block")
+            Folder.removeEmpty(sysfsRoot)
         case .delDelta:
             let level = Int(try a.u32(0))
             if running(n) != nil {
@@ -282,7 +282,7 @@ public final class FakeKernel: KernelTransport {
     /// The header the kernel reads through the descriptor (nil for a file without the signature).
     static func header(of fd: Int32) throws(DeviceError) -> ImageHeader? {
         var bytes = [UInt8](repeating: 0, count: PloopSpec.headerSize)
-        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+        let n = bytes.withUnsafeMutableBytes { b in try? File(borrowing: fd, path: "delta descriptor \(fd)").read(into: b, at: 0) }
         guard n == bytes.count, ImageHeader.hasSignature(bytes) else { return nil }
         return try? ImageHeader.decode(bytes)
     }
@@ -342,8 +342,7 @@ public final class FakeKernel: KernelTransport {
         guard h.virtualBytes == info.sizeBytes, h.clusterBytes == info.clusterBytes, !h.inUse else {
             throw .invalid("\(path) does not match the device's size and cluster")
         }
-        var st = stat()
-        guard fstat(fd, &st) == 0, UInt64(st.st_size) == h.layout.firstDataOffset else {
+        guard (try? File(borrowing: fd, path: path).size()) == h.layout.firstDataOffset else {
             throw .invalid("\(path) is not an empty delta")
         }
         PathInfo.remove(path)

@@ -26,7 +26,7 @@ public final class KernelBackend: DeviceBackend {
         if !KernelDeviceState.module(sysfs: root).loaded {
             return "the ploop kernel module is not loaded (\(root)/module/ploop is missing): load it with 'modprobe ploop', or use --backend simulator"
         }
-        if geteuid() != 0 { return "the kernel backend needs root" }
+        if !Host.isRoot { return "the kernel backend needs root" }
         return nil
     }
 

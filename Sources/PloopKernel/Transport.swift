@@ -35,27 +35,25 @@ public struct SystemTransport: KernelTransport {
     /// Makes `/dev/ploopN` if it is missing; refuses a node that belongs to another driver.
     public func ensureNode(_ index: Int) throws(DeviceError) {
         let path = node(index)
-        var maj: UInt32 = 0
-        var min: UInt32 = 0
-        let r = cploop_block_numbers(path, &maj, &min)
-        if r == 0 {
+        if let (maj, min) = BlockNode.numbers(path) {
             guard maj == Self.major, min == UInt32(DeviceName.minor(index)) else {
                 throw .invalid("\(path) is the block device \(maj):\(min), not the ploop device \(Self.major):\(DeviceName.minor(index)): remove it, or stop what made it (the simulator links its nodes to loop devices)")
             }
             return
         }
-        guard r == -ENOENT else { throw .system("stat \(path)", errno: -r) }
-        let m = cploop_mknod_block(path, Self.major, UInt32(DeviceName.minor(index)), 0o600)
-        if m != 0 && m != -EEXIST { throw KernelErrors.unreachable(path, errno: -m) }
+        if let e = PathInfo.statError(path), e != ENOENT { throw .system("stat \(path)", errno: e) }
+        if PathInfo.statError(path) == nil { throw .system("stat \(path)", errno: ENOTBLK) }
+        do { try BlockNode.make(path, major: Self.major, minor: UInt32(DeviceName.minor(index)), permissions: 0o600) } catch {
+            if error.code != .fileExists { throw KernelErrors.unreachable(path, errno: error.errno) }
+        }
     }
 
     public func ioctl(device index: Int, request: UInt, argument: UnsafeMutableRawPointer?) throws(DeviceError) -> Int32 {
         try ensureNode(index)
         let path = node(index)
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw KernelErrors.unreachable(path, errno: errno) }
-        defer { close(fd) }
-        return cploop_ioctl(fd, request, argument)
+        let node: File
+        do { node = try File(path: path, mode: .readOnly) } catch { throw KernelErrors.unreachable(path, errno: error.errno) }
+        return node.control(request, argument)
     }
 
     public func openIO(device index: Int) throws(DeviceError) -> any DeviceIO {
@@ -68,7 +66,7 @@ enum KernelErrors {
     static func unreachable(_ path: String, errno e: Int32) -> DeviceError {
         switch e {
         case ENXIO, ENODEV:
-            .unavailable("\(path): no driver answers (\(String(cString: strerror(e)))): load the ploop kernel module ('modprobe ploop') or use --backend simulator")
+            .unavailable("\(path): no driver answers (\(SystemError.words(e))): load the ploop kernel module ('modprobe ploop') or use --backend simulator")
         case EACCES, EPERM:
             .unavailable("\(path): permission denied: the kernel backend needs root on the host")
         default:

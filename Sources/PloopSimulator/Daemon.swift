@@ -46,7 +46,7 @@ public final class SimulatorDaemon: Sendable {
         var fuse: FuseSession?
         var loop = ""
         var replacedNode: [UInt32]?
-        var listenFD: Int32 = -1
+        var listener: Channel?
     }
 
     private let life = Mutex(Life())
@@ -142,10 +142,10 @@ public final class SimulatorDaemon: Sendable {
         // The loop driver scanned the partitions when it attached: their nodes follow.
         try PartitionNodes.publish(device)
         try saveState()
-        let fd = cploop_unix_listen(options.paths.socket(options.index))
-        guard fd >= 0 else { throw DeviceError.system("control socket", errno: -fd) }
+        let listener: Channel
+        do { listener = try UnixSocket.listen(options.paths.socket(options.index)) } catch { throw DeviceError.system("control socket", errno: error.errno) }
         life.withLock {
-            $0.listenFD = fd
+            $0.listener = listener
             $0.phase = .serving
         }
         log.info("serving", metadata: ["images": .array(options.request.images.map { .string($0) }), "loop": .string(loop)])
@@ -171,7 +171,7 @@ public final class SimulatorDaemon: Sendable {
             guard l.phase != .stopped else { return }
             let info = model.info(device: device, backend: "simulator")
             let st = RuntimeState(
-                device: device, index: options.index, pid: getpid(), images: info.levels.map(\.path),
+                device: device, index: options.index, pid: Host.processID, images: info.levels.map(\.path),
                 baseFormat: info.levels.first?.format ?? .ploop1, readOnly: options.request.readOnly,
                 clusterBytes: info.clusterBytes, sizeBytes: info.sizeBytes, loop: l.loop,
                 fuseFile: options.paths.fuseFile(options.index), state: info.state, replacedNode: l.replacedNode)
@@ -189,33 +189,24 @@ public final class SimulatorDaemon: Sendable {
     /// Accepts control connections until umount; each connection is served on its own thread.
     public func run() {
         let sigs = Thread { [self] in
-            var set = sigset_t()
-            sigemptyset(&set)
-            sigaddset(&set, SIGTERM)
-            sigaddset(&set, SIGINT)
-            var sig: Int32 = 0
-            sigwait(&set, &sig)
+            let sig = Signals.waitForTermination()
             log.notice("signal \(sig): stopping")
             do { try shutdown(force: true) } catch { log.error("forced shutdown failed", metadata: ["error": "\(error)"]) }
             exitAfterShutdown()
         }
         sigs.start()
-        let listenFD = life.withLock { $0.listenFD }
+        // The loop keeps its own reference: teardown drops the state's, the process ends after.
+        guard let listener = life.withLock({ $0.listener }) else { exitAfterShutdown() }
         while phase == .serving {
-            let c = accept(listenFD, nil, nil)
-            if c < 0 {
-                if Glibc.errno == EINTR { continue }
+            let c: Channel
+            do { c = try UnixSocket.accept(listener) } catch {
                 if phase != .serving { break }
-                log.warning("accept failed", metadata: ["errno": "\(Glibc.errno)"])
+                log.warning("accept failed", metadata: ["error": "\(error)"])
                 continue
             }
-            var uid: UInt32 = 0
-            var pid: Int32 = 0
-            if cploop_peer_credentials(c, &uid, &pid) != 0 || (uid != 0 && uid != getuid()) {
-                close(c)
-                continue
-            }
-            Thread { [self] in serve(LineChannel(fd: c)) }.start()
+            // Only root and the daemon's own user may drive the device.
+            guard let peer = try? UnixSocket.peer(c), peer.uid == 0 || peer.uid == Host.userID else { continue }
+            Thread { [self] in serve(LineChannel(c)) }.start()
         }
         // Stopped serving: the process ends only once the shutdown that ended it is complete.
         exitAfterShutdown()
@@ -349,10 +340,7 @@ public final class SimulatorDaemon: Sendable {
             l.fuse = nil
         }
         do { try model.stop() } catch { log.error("stopping the model left an image unclean", metadata: ["error": "\(error)"]) }
-        if l.listenFD >= 0 {
-            close(l.listenFD)
-            l.listenFD = -1
-        }
+        l.listener = nil
         do { try FileManager.default.removeItem(atPath: options.paths.directory(options.index)) } catch {
             log.warning("cannot remove the runtime folder", metadata: ["error": "\(error)"])
         }

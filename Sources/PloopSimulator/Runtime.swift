@@ -63,4 +63,4 @@ public struct RuntimeState: Codable, Sendable, Equatable {
 }
 
 /// A process id that is alive.
-func processAlive(_ pid: Int32) -> Bool { pid > 0 && (kill(pid, 0) == 0 || errno == EPERM) }
+func processAlive(_ pid: Int32) -> Bool { Host.processExists(pid) }

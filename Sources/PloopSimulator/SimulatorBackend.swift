@@ -13,11 +13,15 @@ public final class SimulatorBackend: DeviceBackend {
     /// The `ploop` binary to start daemons with.
     public let executable: String
     public let threads: Int
+    /// The log level of the daemons this backend starts ("debug", "trace"; nil: their default,
+    /// or what `PLOOP_DAEMON_LOG_LEVEL` in our environment says).
+    public let daemonLogLevel: String?
 
     /// `threads`: FUSE worker threads per device (1: libfuse's single-threaded loop). Default 4,
     /// or `PLOOP_FUSE_THREADS`.
-    public init(executable: String? = nil, paths: RuntimePaths = RuntimePaths(), threads: Int? = nil) {
+    public init(executable: String? = nil, paths: RuntimePaths = RuntimePaths(), threads: Int? = nil, daemonLogLevel: String? = nil) {
         self.paths = paths
+        self.daemonLogLevel = daemonLogLevel
         self.threads = threads ?? ProcessInfo.processInfo.environment["PLOOP_FUSE_THREADS"].flatMap(Int.init) ?? 4
         self.executable = executable ?? ProcessInfo.processInfo.environment["PLOOP_BINARY"] ?? Self.selfExecutable()
     }
@@ -28,9 +32,9 @@ public final class SimulatorBackend: DeviceBackend {
 
     /// Why this backend cannot run here, or nil.
     public static func unavailableReason() -> String? {
-        if getuid() != 0 { return "the simulator needs root (FUSE allow_other, loop devices, /dev nodes)" }
-        if access("/dev/fuse", R_OK | W_OK) != 0 { return "/dev/fuse is missing (modprobe fuse; apt-get install fuse3)" }
-        if access("/dev/loop-control", R_OK | W_OK) != 0 { return "/dev/loop-control is missing (modprobe loop)" }
+        if Host.userID != 0 { return "the simulator needs root (FUSE allow_other, loop devices, /dev nodes)" }
+        if !Host.canReadWrite("/dev/fuse") { return "/dev/fuse is missing (modprobe fuse; apt-get install fuse3)" }
+        if !Host.canReadWrite("/dev/loop-control") { return "/dev/loop-control is missing (modprobe loop)" }
         return nil
     }
 
@@ -49,7 +53,7 @@ public final class SimulatorBackend: DeviceBackend {
         do {
             lock = try File(path: paths.lock, mode: .createOrOpen)
         } catch { throw .system("\(paths.lock)", errno: error.errno) }
-        while (try? lock.tryLock(.exclusive)) != true { usleep(10_000) }
+        while (try? lock.tryLock(.exclusive)) != true { Host.pause(milliseconds: 10) }
         defer { lock.unlock() }
         let n: Int
         if let d = request.device {
@@ -75,45 +79,35 @@ public final class SimulatorBackend: DeviceBackend {
         do {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         } catch { throw .system("creating \(dir)", errno: EACCES) }
-        var fds: [Int32] = [0, 0]
-        guard pipe(&fds) == 0 else { throw .system("pipe", errno: errno) }
         var launched = request
         launched.images = request.images.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         launched.device = DeviceName.name(n)
         let launch = Wire.Launch(index: n, threads: threads, runDir: paths.root, request: launched, readyFD: 3)
         let args: [String]
         do { args = try launch.arguments(executable: executable) } catch { throw .invalid("describing the daemon to start: \(error)") }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, paths.log(n), O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0o600)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        posix_spawn_file_actions_adddup2(&actions, fds[1], 3)
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        posix_spawnattr_setflags(&attr, Int16(0x80))  // POSIX_SPAWN_SETSID
-        var pid: pid_t = 0
-        let cargs = args.map { strdup($0) } + [nil]
-        defer { for a in cargs { free(a) } }
         // The crash hook of a command under test is for that command: the daemon it starts
         // must outlive it, as a real daemon outlives a killed client.
-        let env = ProcessInfo.processInfo.environment.filter { $0.key != CrashPoint.variable }.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { for e in env { free(e) } }
-        let r = posix_spawn(&pid, executable, &actions, &attr, cargs, env)
-        close(fds[1])
-        guard r == 0 else {
-            close(fds[0])
+        var environment = ProcessInfo.processInfo.environment.filter { $0.key != CrashPoint.variable }
+        if let daemonLogLevel { environment[SimulatorDaemon.logLevelVariable] = daemonLogLevel }
+        let pid: Int32
+        let ch: LineChannel
+        do {
+            let readiness = try Channel.pipe()
+            // Its own session; stdin /dev/null; stdout and stderr the log; fd 3 the readiness pipe.
+            pid = try Spawn.start(
+                executable, arguments: args, environment: environment,
+                descriptors: [(0, .null), (1, .append(paths.log(n))), (2, .descriptor(1)), (3, .descriptor(readiness.write.fd))],
+                newSession: true)
+            ch = LineChannel(readiness.read)
+        } catch {
             try? FileManager.default.removeItem(atPath: dir)
-            throw .system("starting \(executable) __serve", errno: r)
+            throw .system("starting \(executable) __serve", errno: error.errno)
         }
-        let ch = LineChannel(fd: fds[0])
+        // Our write end closed with the scope: only the daemon holds one, so the read ends if it dies.
         let line = (try? ch.receive(Wire.Ready.self)) ?? nil
         if let line, line.error == nil { return }
         // Failed: reap the daemon and leave nothing behind.
-        var status: Int32 = 0
-        waitpid(pid, &status, 0)
+        _ = try? Spawn.wait(pid)
         let log = (try? String(contentsOfFile: paths.log(n), encoding: .utf8)) ?? ""
         try? FileManager.default.removeItem(atPath: dir)
         throw line?.error ?? .unavailable("the device daemon exited before it was ready: \(log.trimmingCharacters(in: .whitespacesAndNewlines))")
@@ -137,11 +131,10 @@ public final class SimulatorBackend: DeviceBackend {
                 return try finish(device, n, pooled, req, progress)
             }
         }
-        let fd = cploop_unix_connect(paths.socket(n))
-        guard fd >= 0 else {
+        guard let socket = try? UnixSocket.connect(paths.socket(n)) else {
             throw .notRunning("\(device) (its daemon is gone: 'ploop umount -d \(device)' cleans up, then mount again)")
         }
-        let ch = LineChannel(fd: fd)
+        let ch = LineChannel(socket)
         do { try ch.send(message) } catch { throw .system("control socket of \(device)", errno: EPIPE) }
         return try finish(device, n, ch, req, progress)
     }
@@ -195,11 +188,10 @@ public final class SimulatorBackend: DeviceBackend {
                     if !processAlive(st.pid) { break }
                     if isZombie(st.pid) {
                         // Started by this process: reap it (elsewhere waitpid says ECHILD, harmlessly).
-                        var status: Int32 = 0
-                        waitpid(st.pid, &status, WNOHANG)
+                        Spawn.reapIfEnded(st.pid)
                         break
                     }
-                    usleep(10_000)
+                    Host.pause(milliseconds: 10)
                 }
                 return
             } catch .notRunning {
@@ -221,7 +213,7 @@ public final class SimulatorBackend: DeviceBackend {
         PartitionNodes.removeWindows(st.device)
         if !st.loop.isEmpty { try? LoopDevice.detach(st.loop) }
         Loop.unlinkNode(st.device, restoring: st.replacedNode)
-        umount2(st.fuseFile, Int32(MNT_DETACH))
+        try? MountedFileSystem.detach(st.fuseFile)
         try? FileManager.default.removeItem(atPath: paths.directory(st.index))
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import PloopSystem
 import PloopDevice
 import PloopImage
 
@@ -115,26 +116,17 @@ public enum Wire {
 
 /// Newline-delimited JSON over a file descriptor.
 final class LineChannel: @unchecked Sendable {
-    let fd: Int32
+    // @unchecked: one thread uses a channel at a time (a serving thread, or a client call that
+    // took it from the idle pool).
+    let channel: Channel
     private var buffer = [UInt8]()
 
-    init(fd: Int32) { self.fd = fd }
-    deinit { close(fd) }
+    init(_ channel: Channel) { self.channel = channel }
 
     func send<T: Encodable>(_ value: T) throws {
         var data = try JSONEncoder().encode(value)
         data.append(UInt8(ascii: "\n"))
-        try data.withUnsafeBytes { b in
-            var off = 0
-            while off < b.count {
-                let n = Glibc.write(fd, b.baseAddress! + off, b.count - off)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw DeviceError.system("control socket write", errno: errno)
-                }
-                off += n
-            }
-        }
+        do { try channel.writeAll(Array(data)) } catch { throw DeviceError.system("control socket write", errno: error.errno) }
     }
 
     func receive<T: Decodable>(_ type: T.Type) throws -> T? {
@@ -151,10 +143,9 @@ final class LineChannel: @unchecked Sendable {
                 return line
             }
             var chunk = [UInt8](repeating: 0, count: 65536)
-            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw DeviceError.system("control socket read", errno: errno)
+            let n: Int
+            do { n = try chunk.withUnsafeMutableBytes { b in Result { () throws(SystemError) in try channel.readSome(into: b) } }.get() } catch {
+                throw DeviceError.system("control socket read", errno: error.errno)
             }
             if n == 0 { return nil }
             buffer.append(contentsOf: chunk[0..<n])

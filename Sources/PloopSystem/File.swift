@@ -1,23 +1,32 @@
 import CPloopSys
 import Glibc
+import SystemPackage
 
-/// An open file descriptor, closed once when the object goes away. All positional I/O is full:
-/// short reads stop only at end of file, short writes are continued.
+/// An open file descriptor (swift-system's `FileDescriptor`), closed once when the object goes
+/// away. All positional I/O is full: short reads stop only at end of file, short writes are
+/// continued. EINTR is retried by swift-system, or by `retrying`/`shim` for the calls it lacks.
 public final class File: Sendable {
-    public let fd: Int32
+    public let descriptor: FileDescriptor
     public let path: String
     public let writable: Bool
+    /// Whether the descriptor is ours to close (false for one `borrowing` made).
+    let owning: Bool
+    /// The raw descriptor, for the C shims and libfuse.
+    public var fd: Int32 { descriptor.rawValue }
 
     public struct OpenMode: Sendable, Equatable {
         public var write: Bool
         public var create: Bool
         public var exclusive: Bool
         public var direct: Bool = false
-        public init(write: Bool, create: Bool, exclusive: Bool, direct: Bool = false) {
+        /// `O_DIRECTORY`: the path must be a folder (for fsync of it, syncfs, FIFREEZE).
+        public var directory: Bool = false
+        public init(write: Bool, create: Bool, exclusive: Bool, direct: Bool = false, directory: Bool = false) {
             self.write = write
             self.create = create
             self.exclusive = exclusive
             self.direct = direct
+            self.directory = directory
         }
         /// Create if missing, keep if present.
         public static let createOrOpen = OpenMode(write: true, create: true, exclusive: false)
@@ -25,34 +34,53 @@ public final class File: Sendable {
         public static let readWrite = OpenMode(write: true, create: false, exclusive: false)
         /// Create a new file; fail if it exists (`O_CREAT|O_EXCL`).
         public static let createNew = OpenMode(write: true, create: true, exclusive: true)
+        /// A folder, read-only.
+        public static let folder = OpenMode(write: false, create: false, exclusive: false, directory: true)
+        /// `O_EXCL` without `O_CREAT` on a block device: fails with EBUSY while a holder (a mounted
+        /// file system, another exclusive opener) has it.
+        public static let exclusiveDevice = OpenMode(write: false, create: false, exclusive: true)
     }
 
     /// `open(2)`. A mode that may create the file opens only a regular file that is really at
     /// `path`: a symlink there is not followed (`O_NOFOLLOW`), and a FIFO, device node or
     /// directory is refused before it is opened, so nothing that is not ours is written or cut.
     public init(path: String, mode: OpenMode, permissions: mode_t = 0o600) throws(SystemError) {
-        var flags = (mode.write ? O_RDWR : O_RDONLY) | O_CLOEXEC
+        var options: FileDescriptor.OpenOptions = [.closeOnExec]
         if mode.create {
-            flags |= O_CREAT | O_NOFOLLOW
+            options.formUnion([.create, .noFollow])
             switch PathInfo.entryKind(path) {
             case .missing, .regular: break
-            case let other: throw SystemError("open", path: path, errno: EEXIST, reason: "exists and is \(other), not a regular file: refusing to write it")
+            case let other: throw SystemError("open", path: path, .fileExists, reason: "exists and is \(other), not a regular file: refusing to write it")
             }
         }
-        if mode.exclusive { flags |= O_EXCL }
-        if mode.direct { flags |= cploop_o_direct() }
-        self.fd = try retrying("open", path) { RawPath.withCString(path) { open($0, flags, permissions) } }
+        if mode.exclusive { options.insert(.exclusiveCreate) }
+        if mode.direct { options.insert(FileDescriptor.OpenOptions(rawValue: cploop_o_direct())) }
+        if mode.directory { options.insert(.directory) }
+        let access: FileDescriptor.AccessMode = mode.write ? .readWrite : .readOnly
+        self.descriptor = try lifting("open", path) {
+            try FileDescriptor.open(RawPath.filePath(path), access, options: options, permissions: FilePermissions(rawValue: permissions))
+        }
         self.path = path
         self.writable = mode.write
+        self.owning = true
         if mode.create {
             var st = Glibc.stat()
-            if fstat(fd, &st) == 0, st.st_mode & S_IFMT != S_IFREG {
-                throw SystemError("open", path: path, errno: EEXIST, reason: "is not a regular file: refusing to write it")
+            if fstat(descriptor.rawValue, &st) == 0, st.st_mode & S_IFMT != S_IFREG {
+                throw SystemError("open", path: path, .fileExists, reason: "is not a regular file: refusing to write it")
             }
         }
     }
 
-    deinit { close(fd) }
+    /// A file over a descriptor someone else opened and will close (one passed to us in an
+    /// ioctl argument, say): read and stat it, never close it.
+    public init(borrowing fd: Int32, path: String) {
+        descriptor = FileDescriptor(rawValue: fd)
+        self.path = path
+        writable = false
+        owning = false
+    }
+
+    deinit { if owning { try? descriptor.close() } }
 
     /// `fstat(2)`.
     public func stat() throws(SystemError) -> Glibc.stat {
@@ -63,12 +91,18 @@ public final class File: Sendable {
 
     public func size() throws(SystemError) -> UInt64 { UInt64(try stat().st_size) }
 
+    /// The offset of the end (`lseek(SEEK_END)`): a block device's size, which `fstat` does not give.
+    public func endOffset() throws(SystemError) -> UInt64 {
+        UInt64(try lifting("lseek", path) { try descriptor.seek(offset: 0, from: .end) })
+    }
+
     /// `pread(2)` until the buffer is full or end of file; returns the bytes read.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
         var done = 0
         while done < buffer.count {
             let at = try position("read", offset, done)
-            let n = try retrying("read", path) { pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(at)) }
+            let rest = UnsafeMutableRawBufferPointer(rebasing: buffer[done...])
+            let n = try lifting("read", path) { try descriptor.read(fromAbsoluteOffset: at, into: rest) }
             if n == 0 { break }
             done += n
         }
@@ -81,7 +115,8 @@ public final class File: Sendable {
         var done = 0
         while done < buffer.count {
             let at = try position("write", offset, done)
-            let n = try retrying("write", path) { pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(at)) }
+            let rest = UnsafeRawBufferPointer(rebasing: buffer[done...])
+            let n = try lifting("write", path) { try descriptor.write(toAbsoluteOffset: at, rest) }
             done += n
         }
     }
@@ -118,13 +153,13 @@ public final class File: Sendable {
     }
 
     /// `syncfs(2)`: the whole file system holding this file.
-    public func syncFileSystem() { _ = cploop_syncfs(fd) }
+    public func syncFileSystem() throws(SystemError) { try shim("syncfs", path) { cploop_syncfs(fd) } }
 
     /// `ftruncate(2)`.
     public func truncate(to length: UInt64) throws(SystemError) {
         CrashPoint.step()
         let to = try position("ftruncate", length, 0)
-        _ = try retrying("ftruncate", path) { ftruncate(fd, off_t(to)) }
+        try lifting("ftruncate", path) { try descriptor.resize(to: to) }
     }
 
     public enum LockKind: Sendable { case shared, exclusive }
@@ -147,7 +182,7 @@ public final class File: Sendable {
     public func punchHole(at offset: UInt64, length: UInt64) throws(SystemError) {
         CrashPoint.step()
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
-        try negErrno("fallocate") { cploop_fallocate(fd, FallocateMode([.punchHole, .keepSize]).rawValue, at, len) }
+        try shim("fallocate", path) { cploop_fallocate(fd, FallocateMode([.punchHole, .keepSize]).rawValue, at, len) }
     }
 
     /// `fallocate(2)` mode 0: real space that reads as zeros. Returns false where the file system
@@ -200,7 +235,7 @@ public final class File: Sendable {
             let n = cploop_fiemap(fd, start, UInt64.max - start, &buf, UInt32(batch), &last)
             if n < 0 { throw SystemError("FIEMAP", path: path, errno: -n) }
             for i in 0..<Int(n) {
-                out.append(Extent(logical: buf[i].logical, physical: buf[i].physical, length: buf[i].length, unwritten: buf[i].flags & 0x800 != 0))
+                out.append(Extent(logical: buf[i].logical, physical: buf[i].physical, length: buf[i].length, unwritten: ExtentFlags(rawValue: buf[i].flags).contains(.unwritten)))
             }
             if n == 0 || last != 0 { break }
             start = buf[Int(n) - 1].logical + buf[Int(n) - 1].length
@@ -270,15 +305,6 @@ public final class File: Sendable {
             pos = hole
         }
         return ranges
-    }
-
-    private func negErrno(_ call: String, _ body: () -> Int32) throws(SystemError) {
-        while true {
-            let r = body()
-            if r >= 0 { return }
-            if r == -EINTR { continue }
-            throw SystemError(call, path: path, errno: -r)
-        }
     }
 }
 
@@ -418,10 +444,9 @@ public enum PathInfo {
     /// fsyncs the directory holding `path`, so a create or rename in it is durable.
     public static func syncParentDirectory(of path: String) {
         let dir = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
-        let fd = RawPath.withCString(dir.isEmpty ? "/" : dir) { open($0, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
-        guard fd >= 0 else { return }
-        _ = fsync(fd)
-        close(fd)
+        // Not a crash point of its own: a kill here is a kill just after the rename.
+        guard let folder = try? File(path: dir.isEmpty ? "/" : dir, mode: .folder) else { return }
+        _ = try? retrying("fsync", dir) { fsync(folder.fd) }
     }
 
     public static func remove(_ path: String) { _ = RawPath.withCString(path) { unlink($0) } }
@@ -437,6 +462,14 @@ extension File {
         guard let st = try? stat() else { return nil }
         return FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
     }
+}
+
+/// FIEMAP's extent flags (linux/fiemap.h) that we read.
+public struct ExtentFlags: OptionSet, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// FIEMAP_EXTENT_UNWRITTEN: allocated, reads as zeros (fallocate without data).
+    public static let unwritten = ExtentFlags(rawValue: 0x800)
 }
 
 /// `fallocate(2)`'s mode bits (linux/falloc.h), instead of bare numbers.

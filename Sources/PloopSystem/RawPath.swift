@@ -1,3 +1,5 @@
+import SystemPackage
+
 /// File names are bytes; Swift strings are Unicode. A name that is not valid UTF-8 (Linux allows
 /// any byte but `/` and NUL) must still reach the system call exactly as the user typed it, so
 /// each byte of an invalid sequence is carried inside the `String` as one code point of the last
@@ -49,6 +51,9 @@ public enum RawPath {
         let raw = bytes(path).map { CChar(bitPattern: $0) } + [0]
         return try raw.withUnsafeBufferPointer { try body($0.baseAddress!) }
     }
+
+    /// The path as swift-system's `FilePath`, with the bytes the kernel is to see.
+    public static func filePath(_ path: String) -> FilePath { withCString(path) { FilePath(platformString: $0) } }
 
     static func needsUnescaping(_ path: String) -> Bool {
         path.utf8.contains(0xF4) && path.unicodeScalars.contains { $0.value >= escapeBase }

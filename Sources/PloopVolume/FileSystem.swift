@@ -1,4 +1,4 @@
-import CPloopSys
+import PloopSystem
 import Foundation
 import PloopFormat
 
@@ -138,21 +138,15 @@ public enum FileSystem {
     /// Makes the empty hidden balloon file (mode 0600) in the root of a mounted file system.
     public static func createBalloon(in mountPoint: String) throws(VolumeError) {
         let path = mountPoint + "/" + balloonName
-        let fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0o600)
-        guard fd >= 0 else {
-            if errno == EEXIST { return }
-            throw VolumeError("creating \(path): \(String(cString: strerror(errno)))", code: VolumeError.mkfs)
+        do { try File(path: path, mode: .createNew, permissions: 0o600).sync() } catch {
+            if error.code == .fileExists { return }
+            throw VolumeError("creating \(path): \(error.message)", code: VolumeError.mkfs)
         }
-        fsync(fd)
-        close(fd)
     }
 
     /// syncfs(2) of the file system mounted at `mountPoint`: what it caches reaches the device.
     public static func sync(_ mountPoint: String) {
-        let fd = open(mountPoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard fd >= 0 else { return }
-        _ = cploop_syncfs(fd)
-        close(fd)
+        try? MountedFileSystem(mountPoint).sync()
     }
 
     /// Every file system mounted from `device` or its partitions, synced.
@@ -171,11 +165,11 @@ public enum FileSystem {
     }
 
     public static func usage(_ mountPoint: String) throws(VolumeError) -> Usage {
-        var s = statvfs()
-        guard statvfs(mountPoint, &s) == 0 else { throw VolumeError("statvfs \(mountPoint): \(String(cString: strerror(errno)))", code: VolumeError.mount) }
+        let s: MountedFileSystem.Space
+        do { s = try MountedFileSystem(mountPoint).space() } catch { throw VolumeError("statvfs \(mountPoint): \(error.message)", code: VolumeError.mount) }
         return Usage(
-            blockSize: UInt64(s.f_frsize), blocks: UInt64(s.f_blocks), blocksFree: UInt64(s.f_bfree), blocksAvailable: UInt64(s.f_bavail),
-            inodes: UInt64(s.f_files), inodesFree: UInt64(s.f_ffree))
+            blockSize: s.blockSize, blocks: s.blocks, blocksFree: s.blocksFree, blocksAvailable: s.blocksAvailable,
+            inodes: s.inodes, inodesFree: s.inodesFree)
     }
 }
 

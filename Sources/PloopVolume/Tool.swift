@@ -1,7 +1,5 @@
 import Foundation
-#if canImport(Glibc)
-import Glibc
-#endif
+import PloopSystem
 
 /// The e2fsprogs and util-linux programs a file-system disk needs, run with their output kept
 /// for the error message.
@@ -25,34 +23,15 @@ public enum Tool {
         guard let exe = path(name) else {
             throw VolumeError("\(name) is not installed (it comes with e2fsprogs or util-linux): install it and run the command again", code: code)
         }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = args
-        var env = ProcessInfo.processInfo.environment
-        env["LC_ALL"] = "C"
-        p.environment = env
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        p.standardInput = FileHandle.nullDevice
-        do { try p.run() } catch { throw VolumeError("cannot run \(exe): \(error)", code: code) }
-        // Read both pipes while it runs: a chatty tool would block on a full pipe otherwise.
-        let errData = Handoff()
-        let t = Thread { errData.set(err.fileHandleForReading.readDataToEndOfFile()) }
-        t.start()
-        var o = Data()
-        let fd = out.fileHandleForReading.fileDescriptor
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            o.append(contentsOf: chunk[0..<n])
-            output?(chunk[0..<n])
+        var environment = Spawn.environment
+        environment["LC_ALL"] = "C"
+        let r: Spawn.Output
+        do { r = try Spawn.run(exe, arguments: [exe] + args, environment: environment, output: output) } catch {
+            throw VolumeError("cannot run \(exe): \(error)", code: code)
         }
-        p.waitUntilExit()
-        let e = errData.wait()
-        return Result(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+        return Result(
+            status: r.termination.status, stdout: String(decoding: r.standardOutput, as: UTF8.self),
+            stderr: String(decoding: r.standardError, as: UTF8.self))
     }
 
     /// Runs `name args` and returns its output; a non-zero status is an error with `code`.
@@ -64,24 +43,5 @@ public enum Tool {
             throw VolumeError("\(name) \(args.joined(separator: " ")) failed (exit \(r.status)): \(text)", code: code)
         }
         return r.stdout
-    }
-}
-
-/// A value handed from a reader thread to the caller once.
-final class Handoff: @unchecked Sendable {
-    private let cond = NSCondition()
-    private var value: Data?
-    func set(_ d: Data) {
-        cond.lock()
-        value = d
-        cond.signal()
-        cond.unlock()
-    }
-    func wait() -> Data {
-        cond.lock()
-        while value == nil { cond.wait() }
-        let v = value!
-        cond.unlock()
-        return v
     }
 }

@@ -68,9 +68,9 @@ public struct Volume {
     /// Runs `body` with the file system mounted on a fresh directory under `scratch`, then
     /// unmounts it and removes the directory, whatever happened.
     public func withTemporaryMount<T>(_ node: String, scratch: String, options: [String] = [], _ body: (String) throws(VolumeError) -> T) throws(VolumeError) -> T {
-        let dir = scratch + "/mnt.\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
-        guard mkdir(dir, 0o700) == 0 else { throw VolumeError("mkdir \(dir): \(String(cString: strerror(errno)))", code: 27) }
-        defer { rmdir(dir) }
+        let dir = scratch + "/mnt.\(Host.processID).\(UInt32.random(in: 0...UInt32.max))"
+        do { try Folder.make(dir) } catch { throw VolumeError("mkdir \(dir): \(error.message)", code: 27) }
+        defer { Folder.removeEmpty(dir) }
         try FileSystem.mount(node, at: dir, type: nil, options: options)
         let result: T
         do { result = try body(dir) } catch {

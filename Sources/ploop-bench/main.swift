@@ -16,11 +16,7 @@ func arg(_ name: String, _ def: String) -> String {
     return def
 }
 
-func now() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
+func now() -> Double { Double(Host.monotonicNanoseconds()) / 1e9 }
 
 /// Something to read and write at byte offsets.
 protocol Target: Sendable {
@@ -96,9 +92,12 @@ func io() throws {
     let seconds = Double(arg("--seconds", "3"))!
     let dir = arg("--dir", "/var/tmp")
     let size = sizeMiB << 20
-    let plainPath = dir + "/ploop-bench-plain.\(getpid())"
-    let imagePath = dir + "/ploop-bench-image.\(getpid())"
-    defer { unlink(plainPath); unlink(imagePath) }
+    let plainPath = dir + "/ploop-bench-plain.\(Host.processID)"
+    let imagePath = dir + "/ploop-bench-image.\(Host.processID)"
+    defer {
+        PathInfo.removeRegularFile(plainPath)
+        PathInfo.removeRegularFile(imagePath)
+    }
     let plain = try File(path: plainPath, mode: .createNew)
     try Offline.initialize(.init(path: imagePath, sizeSectors: size / 512))
     let model = try DeviceModel(MountRequest(images: [imagePath]))

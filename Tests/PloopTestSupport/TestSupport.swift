@@ -1,4 +1,5 @@
 import Foundation
+import PloopSystem
 
 /// Helpers shared by the test targets: run the built `ploop` (and qemu's tools), scratch
 /// directories removed by exact path, file snapshots to prove nothing was touched.
@@ -25,6 +26,12 @@ public enum TestSupport {
         public var stderr: String
         /// The signal that ended the program (a trap is SIGILL or SIGTRAP), if one did.
         public var signal: Int32? = nil
+        public init(code: Int32, stdout: String, stderr: String, signal: Int32? = nil) {
+            self.code = code
+            self.stdout = stdout
+            self.stderr = stderr
+            self.signal = signal
+        }
         public var description: String { "exit \(code)\(signal.map { " (signal \($0))" } ?? "")\nstdout: \(stdout)\nstderr: \(stderr)" }
     }
 
@@ -42,34 +49,18 @@ public enum TestSupport {
         return try $backendEnvironment.withValue(env, operation: body)
     }
 
-    /// Runs a program to completion, capturing its output.
+    /// Runs a program to completion, capturing its output. Through PloopSystem's `Spawn`, as the
+    /// tool starts its own children: an empty signal mask and default dispositions, whatever the
+    /// test runner blocked (a shell's `wait` hung on an inherited blocked SIGCHLD once).
     public static func run(_ executable: String, _ arguments: [String], cwd: String? = nil, environment: [String: String]? = nil) throws -> Result {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = arguments
-        if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
         let extra = backendEnvironment.merging(environment ?? [:]) { $1 }
-        if !extra.isEmpty { p.environment = ProcessInfo.processInfo.environment.merging(extra) { $1 } }
-        let out = Pipe()
-        let err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
-        // Read both pipes while the child runs, so a full pipe cannot block it.
-        nonisolated(unsafe) var errData = Data()
-        let group = DispatchGroup()
-        group.enter()
-        DispatchQueue.global().async {
-            errData = err.fileHandleForReading.readDataToEndOfFile()
-            group.leave()
+        let env = ProcessInfo.processInfo.environment.merging(extra) { $1 }
+        let r = try Spawn.run(executable, arguments: [executable] + arguments, environment: env, directory: cwd)
+        let out = String(decoding: r.standardOutput, as: UTF8.self), err = String(decoding: r.standardError, as: UTF8.self)
+        switch r.termination {
+        case .exited(let code): return Result(code: code, stdout: out, stderr: err)
+        case .signaled(let s): return Result(code: s, stdout: out, stderr: err, signal: s)
         }
-        let outData = out.fileHandleForReading.readDataToEndOfFile()
-        group.wait()
-        p.waitUntilExit()
-        return Result(
-            code: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self),
-            signal: p.terminationReason == .uncaughtSignal ? p.terminationStatus : nil)
     }
 
     public static func ploop(_ arguments: String..., cwd: String? = nil) throws -> Result {

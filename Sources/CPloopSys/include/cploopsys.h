@@ -4,6 +4,7 @@
 #include <sys/types.h>
 #include <sys/stat.h>
 #include <stdint.h>
+#include <spawn.h>
 #include "ploop_abi.h"
 
 /// open(2) flag O_DIRECT (a GNU extension Swift does not see).
@@ -59,9 +60,9 @@ int cploop_peer_credentials(int fd, uint32_t *uid, int32_t *pid);
 int cploop_fifreeze(int fd);
 int cploop_fithaw(int fd);
 
-/// Runs `/bin/sh -c command` (posix_spawn, inheriting our descriptors) and waits for it: its exit
-/// status (128+N for a signal N), or -errno when it could not be started.
-int cploop_run_shell(const char *command);
+/// posix_spawn_file_actions_addchdir_np (a GNU extension Swift does not see): the child starts
+/// in `path`; 0 or an errno.
+int cploop_spawn_chdir(posix_spawn_file_actions_t *actions, const char *path);
 
 /// BLKDISCARD of [off, off+len) on a block device; 0 or -errno.
 int cploop_blkdiscard(int fd, uint64_t off, uint64_t len);
