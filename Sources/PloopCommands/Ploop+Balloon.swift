@@ -94,7 +94,7 @@ extension Ploop {
         func run() throws {
             let bytes = try Self.bytes(size)
             let (p, _) = try target.resolve()
-            let r = try failing { try balloonErrors { try p.change(to: bytes) } }
+            let r = try p.change(to: bytes)
             if target.json { print(try Output.json(r)) }
         }
     }
@@ -104,7 +104,7 @@ extension Ploop {
         @OptionGroup var target: Target
         func run() throws {
             let (p, _) = try target.resolve()
-            let size = try failing { try p.size() }
+            let size = try p.size()
             if target.json { print(try Output.json(["size": size])) } else { print("Current size of hidden balloon is \(size) bytes") }
         }
     }
@@ -114,7 +114,7 @@ extension Ploop {
         @OptionGroup var target: Target
         func run() throws {
             let (p, be) = try target.resolve(needMount: false)
-            let state = try failing { try be.state(p.device) }
+            let state = try be.state(p.device)
             if target.json {
                 print(try Output.json(["state": state.description]))
             } else {
@@ -128,7 +128,7 @@ extension Ploop {
         @OptionGroup var target: Target
         func run() throws {
             let (p, be) = try target.resolve(needMount: false)
-            let state = try failing { try be.balloon(p.device, inflate: false, keepIntact: false).state }
+            let state = try be.balloon(p.device, inflate: false, keepIntact: false).state
             guard state == .off else {
                 throw CommandFailure("can't clear stale in-kernel \"BALLOON\" maintenance state because kernel is in \"\(state)\" state now", code: ExitCodes.busy)
             }
@@ -141,7 +141,7 @@ extension Ploop {
         @OptionGroup var target: Target
         func run() throws {
             let (p, _) = try target.resolve(needMount: false)
-            let r = try failing { try balloonErrors { try p.complete() } }
+            let r = try p.complete()
             if target.json { print(try Output.json(r)) }
         }
     }
@@ -153,7 +153,7 @@ extension Ploop {
         @OptionGroup var target: Target
         func run() throws {
             let (p, _) = try target.resolve()
-            let r = try failing { try balloonErrors { try p.checkAndRepair(repair: false) } }
+            let r = try p.checkAndRepair(repair: false)
             if target.json { print(try Output.json(r)) }
         }
     }
@@ -165,17 +165,9 @@ extension Ploop {
         @OptionGroup var target: Target
         func run() throws {
             let (p, _) = try target.resolve()
-            let r = try failing { try balloonErrors { try p.checkAndRepair(repair: true) } }
+            let r = try p.checkAndRepair(repair: true)
             if target.json { print(try Output.json(r)) }
         }
     }
 }
 
-/// Balloon and system errors as one line.
-func balloonErrors<T>(_ body: () throws -> T) throws -> T {
-    do { return try body() } catch let e as BalloonProcedure.Failure {
-        throw CommandFailure(e)
-    } catch let e as SystemError {
-        throw CommandFailure(e)
-    }
-}

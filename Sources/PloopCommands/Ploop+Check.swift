@@ -70,7 +70,7 @@ extension Ploop {
             // A large image's BAT and hole scans show their progress (stderr: a terminal, or
             // JSON events with --json).
             let progress = ProgressLine("checking").reporter
-            let report = try failing { try Checker.check(path: image, options: o, raw: raw, progress: progress) }
+            let report = try Checker.check(path: image, options: o, raw: raw, progress: progress)
             if json {
                 print(try Output.json(JSONReport(report)))
             } else if !silent {

@@ -63,19 +63,17 @@ extension Ploop {
                 }
                 let sink: any CopySink
                 if let d = destination {
-                    sink = try copyErrors { try FileSink(destination: URL(fileURLWithPath: d).standardizedFileURL.path, replace: replace) }
+                    sink = try FileSink(destination: URL(fileURLWithPath: d).standardizedFileURL.path, replace: replace)
                 } else {
                     Signals.ignoreBrokenPipe()
-                    try copyErrors {
-                        try CopyStream.checkOpen(output, "output descriptor (-o)", "the stream to write")
-                        if let fb = feedback { try CopyStream.checkOpen(fb, "feedback descriptor (-f)", "the channel back from the receiver") }
-                    }
+                    try CopyStream.checkOpen(output, "output descriptor (-o)", "the stream to write")
+                    if let fb = feedback { try CopyStream.checkOpen(fb, "feedback descriptor (-f)", "the channel back from the receiver") }
                     sink = StreamSink(fd: output, feedback: feedback)
                 }
                 var sender = CopySender(backend: be, device: dev, mountPoint: Mounts.mountPoints(ofDeviceOrPartitions: dev).first, stopCommand: stopCommand) { err.write("ploop copy: \($0)\n") }
                 // On stderr: the stream or the copy's messages may hold stdout.
                 sender.progress = ProgressLine("copying").reporter
-                let r = try copyErrors { try sender.run(into: sink) }
+                let r = try sender.run(into: sink)
                 let line = String(format: "copied %llu bytes in %d passes, %.3f s total, frozen %.3f s (%.1f%%)", r.bytesSent, r.passes, r.totalSeconds, r.frozenSeconds, r.totalSeconds > 0 ? 100 * r.frozenSeconds / r.totalSeconds : 0)
                 if json {
                     let text = try Output.json(r)
@@ -86,16 +84,9 @@ extension Ploop {
                 return
             }
             let receiver = CopyReceiver(destination: URL(fileURLWithPath: destination!).standardizedFileURL.path, replace: replace)
-            let s = try copyErrors { try receiver.receive(input: input, feedback: feedback) }
+            let s = try receiver.receive(input: input, feedback: feedback)
             if json { print(try Output.json(s)) } else { err.write("ploop copy: received \(s.bytes) bytes in \(s.records) records\n") }
         }
     }
 }
 
-func copyErrors<T>(_ body: () throws -> T) throws -> T {
-    do { return try failing(body) } catch let e as CopyStream.Error {
-        throw CommandFailure(e)
-    } catch let e as CopySender.Failure {
-        throw CommandFailure(e)
-    }
-}

@@ -68,7 +68,7 @@ extension Ploop {
             }
             if uuid != nil { throw CommandFailure("-u names a snapshot of a disk: give DiskDescriptor.xml", code: ExitCodes.param) }
             let paths = images.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
-            for p in paths { _ = try failing { try ImagePath.open(p, write: false) } }
+            for p in paths { _ = try ImagePath.open(p, write: false) }
             let be = try backend.backend.resolve()
             if let m = mountPoint {
                 var isDir: ObjCBool = false
@@ -84,23 +84,19 @@ extension Ploop {
                 throw CommandFailure("\(p) is in use by \(dev): unmount it first ('ploop umount -d \(dev)')", code: ExitCodes.inUse)
             }
             try DirtyImages.repair(paths, baseFormat: format)
-            let dev = try failing {
-                try be.mount(MountRequest(images: paths, baseFormat: format, readOnly: readOnly, device: device, clusterSectors: try ClusterOption.parse(blocksize)))
-            }
+            let dev = try be.mount(MountRequest(images: paths, baseFormat: format, readOnly: readOnly, device: device, clusterSectors: try ClusterOption.parse(blocksize)))
             if let m = mountPoint {
                 // Partition 1 where the device has a GPT (a disk ploop init -t made), else the whole device.
                 let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(try ClusterOption.parse(blocksize) ?? PloopSpec.defaultClusterSectors))
                 do {
-                    try volumeErrors { () throws(VolumeError) in
-                        _ = try vol.mount(at: m, type: type ?? "ext4", options: options.map { [$0] } ?? [], fsck: false, readOnly: readOnly)
-                    }
+                    _ = try vol.mount(at: m, type: type ?? "ext4", options: options.map { [$0] } ?? [], fsck: false, readOnly: readOnly)
                 } catch {
                     try? be.umount(dev)
                     throw error
                 }
             }
             if json {
-                print(try Output.json(try failing { try be.info(dev) }))
+                print(try Output.json(try be.info(dev)))
             } else {
                 print(dev)
             }
@@ -151,7 +147,7 @@ extension Ploop {
             for m in Mounts.mountPoints(ofDeviceOrPartitions: name).reversed() {
                 do { try FileSystem.umount(m) } catch { throw CommandFailure(error.description, code: error.code) }
             }
-            try failing { try be.umount(name) }
+            try be.umount(name)
         }
 
         /// `device` as the backend knows it (running, or dead but with its state kept), or a
@@ -161,7 +157,7 @@ extension Ploop {
                 throw CommandFailure("\(device) is not a ploop device name (/dev/ploopN): nothing was unmounted", code: ExitCodes.device)
             }
             let name = DeviceName.name(index)
-            let known = try failing { try be.list() }
+            let known = try be.list()
             guard known.contains(where: { $0.device == name }) else {
                 throw CommandFailure("no ploop device \(name) (see 'ploop list'): nothing was unmounted", code: ExitCodes.device)
             }
@@ -207,7 +203,7 @@ extension Ploop {
             let be = try backend.backend.resolve()
             let path = URL(fileURLWithPath: delta).standardizedFileURL.path
             FileSystem.syncAll(on: device)
-            try failing { try be.snapshot(device, newDelta: path) }
+            try be.snapshot(device, newDelta: path)
             say("Snapshot of \(device): new top delta \(path)")
         }
     }
@@ -227,7 +223,7 @@ extension Ploop {
 
         func run() throws {
             let be = try backend.backend.resolve()
-            let devices = try failing { try be.list() }
+            let devices = try be.list()
             if json {
                 print(try Output.json(devices))
                 return
@@ -288,7 +284,7 @@ enum DirtyImages {
             guard info.inUse else {
                 // A device serving a BAT with shared blocks or entries past the end would hand
                 // one cluster's data to another: refuse what 'check' calls corrupt.
-                try failing { try Checker.validate(try ImagePath.open(p, write: false)) }
+                try Checker.validate(try ImagePath.open(p, write: false))
                 continue
             }
             let r: Checker.Report

@@ -7,13 +7,6 @@ import PloopImage
 import PloopVolume
 import PloopSystem
 
-/// Turns disk errors into the one line a user reads.
-func diskErrors<T>(_ body: () throws -> T) throws -> T {
-    do { return try failing(body) } catch let e as DiskError {
-        throw CommandFailure(e)
-    }
-}
-
 /// `-u GUID`, with or without braces, in any case.
 func parseGUID(_ text: String) throws -> GUID {
     guard let g = GUID(parsing: text) else { throw ValidationError(DiskError.badGUID(text).description) }
@@ -67,7 +60,7 @@ enum DiskDevices {
             throw CommandFailure(DiskError.noDescriptor(argument))
         }
         let be = try? (backend?.backend ?? .auto).resolve()
-        return try diskErrors { try Disk.open(dd, backend: be) { FileHandle.standardError.write("ploop: \($0)\n") } }
+        return try Disk.open(dd, backend: be) { FileHandle.standardError.write("ploop: \($0)\n") }
     }
 }
 
@@ -140,7 +133,7 @@ extension Ploop {
 
         func run() throws {
             let d = try DiskDevices.open(disk)
-            let rows = try diskErrors { try d.listRows(from: try uuid.map(parseGUID), hideTop: snapshotsOnly) }
+            let rows = try d.listRows(from: try uuid.map(parseGUID), hideTop: snapshotsOnly)
             if json {
                 print(try Output.json(rows))
                 return
@@ -181,7 +174,7 @@ extension Ploop {
                 return
             }
             let progress = ProgressLine("merging")
-            let merged = try diskErrors { try d.deleteSnapshot(g, device: device, progress: progress.update) }
+            let merged = try d.deleteSnapshot(g, device: device, progress: progress.update)
             try DiskCommands.mergeTemporaries(d, device: device)
             print(merged ? "ploop snapshot merged" : "ploop snapshot \(g) has been successfully deleted")
         }
@@ -225,7 +218,7 @@ extension Ploop {
                 return
             }
             let progress = ProgressLine("merging")
-            try diskErrors { try d.mergeSnapshot(try uuid.map(parseGUID), all: all, newDelta: newDelta, device: device, progress: progress.update) }
+            try d.mergeSnapshot(try uuid.map(parseGUID), all: all, newDelta: newDelta, device: device, progress: progress.update)
             say("ploop snapshot merged")
         }
     }
@@ -259,7 +252,7 @@ extension Ploop {
                 say("ploop snapshot has been successfully switched (an interrupted switch was finished)")
                 return
             }
-            try diskErrors { try d.switchSnapshot(try parseGUID(uuid), keepOldTop: keepOldTop) }
+            try d.switchSnapshot(try parseGUID(uuid), keepOldTop: keepOldTop)
             say("ploop snapshot has been successfully switched")
         }
     }
@@ -289,7 +282,7 @@ extension Ploop {
         func validate() throws { _ = try ClusterOption.parse(blocksize) }
 
         func run() throws {
-            let dd = try diskErrors { try Disk.restoreDescriptor(folder: folder, image: image, format: format, blocksize: try ClusterOption.parse(blocksize)) }
+            let dd = try Disk.restoreDescriptor(folder: folder, image: image, format: format, blocksize: try ClusterOption.parse(blocksize))
             say("Storing \(dd)")
         }
     }
@@ -317,13 +310,11 @@ enum DiskCommands {
             throw CommandFailure("\(held.device) runs part of the disk \(d.descriptorPath) (not from its top): unmount it first", code: ExitCodes.inUse)
         }
         try mergeTemporaries(d, device: running?.device)
-        let (g, _) = try diskErrors {
-            try d.snapshot(guid, temporary: temporary, device: running?.device) { (file) throws(DiskError) in
-                guard let dev = running, let be else { return try d.createEmptyDeltaForSnapshot(file) }
-                // A mounted file system's cached writes belong in the snapshot.
-                FileSystem.syncAll(on: dev.device)
-                do { try be.snapshot(dev.device, newDelta: file) } catch let e as DeviceError { throw .refused(e.description) } catch { throw .refused("\(error)") }
-            }
+        let (g, _) = try d.snapshot(guid, temporary: temporary, device: running?.device) { (file) throws(DiskError) in
+            guard let dev = running, let be else { return try d.createEmptyDeltaForSnapshot(file) }
+            // A mounted file system's cached writes belong in the snapshot.
+            FileSystem.syncAll(on: dev.device)
+            do { try be.snapshot(dev.device, newDelta: file) } catch let e as DeviceError { throw .refused(e.description) } catch { throw .refused("\(error)") }
         }
         return g
     }
@@ -332,17 +323,15 @@ enum DiskCommands {
     static func mergeTemporaries(_ d: Disk, device: String?) throws {
         guard d.descriptor.shots.contains(where: \.temporary) else { return }
         let devices = ((try? d.backend?.list()) ?? nil) ?? []
-        _ = try diskErrors {
-            try d.mergeTemporarySnapshots(device: device, held: { g in
-                let file = PathInfo.identity(d.path(of: g))
-                return devices.contains { $0.device != device && $0.levels.last.flatMap { PathInfo.identity($0.path) } == file }
-            })
-        }
+        _ = try d.mergeTemporarySnapshots(device: device, held: { g in
+            let file = PathInfo.identity(d.path(of: g))
+            return devices.contains { $0.device != device && $0.levels.last.flatMap { PathInfo.identity($0.path) } == file }
+        })
     }
 
     static func mount(_ argument: String, uuid: String?, readOnly: Bool, device: String?, fileSystem: FileSystemMount?, backend: BackendOptions, json: Bool) throws {
         // A mount point that cannot be used is refused before the device starts.
-        if let fs = fileSystem { try volumeErrors { () throws(VolumeError) in try Volume.checkMountPoint(fs.directory) } }
+        if let fs = fileSystem { try Volume.checkMountPoint(fs.directory) }
         let d = try DiskDevices.open(argument, backend: backend)
         // Without a backend the open could not have one; resolving again says why.
         let be = try d.backend ?? backend.backend.resolve()
@@ -355,31 +344,27 @@ enum DiskCommands {
         let ro = readOnly || (g != nil && g != d.descriptor.topGUID)
         let paths = d.chainPaths(from: g)
         try DirtyImages.repair(paths, baseFormat: d.baseFormat)
-        let dev = try failing {
-            try be.mount(MountRequest(images: paths, baseFormat: d.baseFormat, readOnly: ro, device: device, clusterSectors: d.descriptor.blocksize))
-        }
+        let dev = try be.mount(MountRequest(images: paths, baseFormat: d.baseFormat, readOnly: ro, device: device, clusterSectors: d.descriptor.blocksize))
         // /dev/ploopNp1 as soon as the device runs (a disk without a table has none).
         if fileSystem == nil { _ = try? Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize)).layout() }
         if let fs = fileSystem {
             // Nothing is left running when the file system cannot be mounted.
             let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
             do {
-                try volumeErrors { () throws(VolumeError) in
-                    _ = try vol.mount(at: fs.directory, type: fs.type, options: fs.options.map { [$0] } ?? [], fsck: fs.fsck, readOnly: ro)
-                }
+                _ = try vol.mount(at: fs.directory, type: fs.type, options: fs.options.map { [$0] } ?? [], fsck: fs.fsck, readOnly: ro)
             } catch {
                 try? be.umount(dev)
                 throw error
             }
         }
-        if json { print(try Output.json(try failing { try be.info(dev) })) } else { print(dev) }
+        if json { print(try Output.json(try be.info(dev))) } else { print(dev) }
     }
 
     static func umount(_ argument: String, backend: BackendOptions) throws -> String {
         let be = try backend.backend.resolve()
         if let dd = Disk.descriptorPath(for: argument) {
             // With the backend, so an interrupted online operation is recovered, not refused.
-            let d = try diskErrors { try Disk.open(dd, backend: be) }
+            let d = try Disk.open(dd, backend: be)
             guard let dev = DiskDevices.device(of: d, backend: be, anyLevel: true) else {
                 throw CommandFailure(DiskError.notMounted(d.descriptorPath))
             }
@@ -402,7 +387,7 @@ enum DiskCommands {
         for (i, p) in d.chainPaths(from: g).enumerated() {
             if i == 0 && d.baseFormat == .raw { continue }
             let progress = ProgressLine("checking").reporter
-            let r = try failing { try Checker.check(path: p, options: options, progress: progress) }
+            let r = try Checker.check(path: p, options: options, progress: progress)
             reports.append(Ploop.JSONReport(r))
             if !silent && !json { Ploop.Check.show(r, image: p, hardForce: hardForce) }
             if r.exitCode != 0 && worst == 0 { worst = r.exitCode }
@@ -426,7 +411,7 @@ enum DiskCommands {
     static func info(_ argument: String, spec: Bool, device showDevice: Bool, json: Bool, backend: BackendOptions) throws {
         let d = try DiskDevices.open(argument, backend: backend)
         let topPath = d.path(of: d.descriptor.topGUID)
-        let top = try failing { try ImageInfo.read(path: topPath) }
+        let top = try ImageInfo.read(path: topPath)
         let dev = d.backend.flatMap { DiskDevices.device(of: d, backend: $0) }?.device
         // Plain info reports the file system's usage, as the original (a disk without one: the spec).
         let usage = spec || showDevice ? nil : try usage(d)
@@ -455,12 +440,12 @@ enum DiskCommands {
     static func grow(_ argument: String, sectors: UInt64, backend: BackendOptions) throws -> Ploop.Grow.Grown {
         let d = try DiskDevices.open(argument, backend: backend)
         if let be = d.backend, let dev = DiskDevices.device(of: d, backend: be) {
-            try failing { try be.grow(dev.device, sizeSectors: sectors) }
-            let info = try failing { try be.info(dev.device) }
-            try diskErrors { try d.commitSize(info.sizeBytes / 512) }
+            try be.grow(dev.device, sizeSectors: sectors)
+            let info = try be.info(dev.device)
+            try d.commitSize(info.sizeBytes / 512)
             return .init(target: argument, descriptor: d.descriptorPath, device: dev.device, sizeBytes: info.sizeBytes)
         }
-        try diskErrors { try d.grow(toSectors: sectors) }
+        try d.grow(toSectors: sectors)
         return .init(target: argument, descriptor: d.descriptorPath, sizeBytes: d.descriptor.diskSizeSectors * 512)
     }
 }
@@ -506,7 +491,7 @@ extension Ploop {
         }
 
         func run() throws {
-            if let m = mountPoint { try volumeErrors { () throws(VolumeError) in try Volume.checkMountPoint(m) } }
+            if let m = mountPoint { try Volume.checkMountPoint(m) }
             let d = try DiskDevices.open(disk, backend: backend)
             // Without a backend the open could not have one; resolving again says why.
             let be = try d.backend ?? backend.backend.resolve()
@@ -520,7 +505,7 @@ extension Ploop {
             // As the original: the snapshot goes back at once when it cannot be started or mounted.
             func mergeBack() {
                 let running = DiskDevices.device(of: d, backend: be)?.device
-                try? diskErrors { try d.mergeSnapshot(nil, all: false, newDelta: nil, device: running) }
+                try? d.mergeSnapshot(nil, all: false, newDelta: nil, device: running)
             }
             let dev: String
             do { dev = try be.mount(request) } catch {
@@ -530,10 +515,8 @@ extension Ploop {
             if let m = mountPoint {
                 let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
                 do {
-                    try volumeErrors { () throws(VolumeError) in
-                        let type = try FileSystem.superblock(vol.layout().node).journaled ? ["noload"] : []
-                        _ = try vol.mount(at: m, type: nil, options: type, fsck: false, readOnly: true)
-                    }
+                    let type = try FileSystem.superblock(vol.layout().node).journaled ? ["noload"] : []
+                    _ = try vol.mount(at: m, type: nil, options: type, fsck: false, readOnly: true)
                 } catch {
                     try? be.umount(dev)
                     mergeBack()
@@ -599,18 +582,18 @@ extension Ploop {
                 }
                 let d = try DiskDevices.openOffline(disk, backend: backend)
                 let progress = ProgressLine("converting")
-                let changed = try diskErrors { try d.convertLayout(to: target, version: DefaultVersion.detect(), progress: progress.update) }
+                let changed = try d.convertLayout(to: target, version: DefaultVersion.detect(), progress: progress.update)
                 print(changed ? "ploop image has been successfully converted" : "\(d.descriptorPath) is already \(target.rawValue)")
                 return
             }
             let v = FormatVersion(rawValue: Int(version!)!)!
             guard Disk.descriptorPath(for: disk) != nil else {
-                let changed = try failing { try Offline.convertVersion(path: disk, to: v) }
+                let changed = try Offline.convertVersion(path: disk, to: v)
                 print(changed ? "ploop image has been successfully converted" : "\(disk) is already v\(v.rawValue)")
                 return
             }
             let d = try DiskDevices.openOffline(disk, backend: backend)
-            let done = try diskErrors { try d.convertVersion(to: v) }
+            let done = try d.convertVersion(to: v)
             print(done.isEmpty ? "every image of \(d.descriptorPath) is already v\(v.rawValue)" : "ploop image has been successfully converted")
         }
     }
@@ -656,7 +639,7 @@ extension Ploop {
         func run() throws {
             let d = try DiskDevices.openOffline(disk, backend: backend)
             let selector: Disk.ImageSelector = try uuid.map { .guid(try parseGUID($0)) } ?? level.map { .level(Int($0)!) } ?? .file(current!)
-            let g = try diskErrors { try d.replace(selector, with: input, keepName: keepName) }
+            let g = try d.replace(selector, with: input, keepName: keepName)
             say("ploop image \(g) has been successfully replaced")
         }
     }

@@ -80,16 +80,16 @@ extension Ploop {
             let grown: Grown
             if let dev = device {
                 let be = try backend.backend.resolve()
-                try failing { try be.grow(dev, sizeSectors: sectors) }
-                let info = try failing { try be.info(dev) }
+                try be.grow(dev, sizeSectors: sectors)
+                let info = try be.info(dev)
                 grown = Grown(target: dev, device: dev, sizeBytes: info.sizeBytes)
             } else if Disk.descriptorPath(for: image!) != nil {
                 grown = try DiskCommands.grow(image!, sectors: sectors, backend: backend)
             } else {
                 let image = self.image!
                 let progress = ProgressLine("relocating")
-                try failing { try Offline.grow(path: image, toSectors: sectors, format: format, progress: progress.update) }
-                let info = try failing { try ImageInfo.read(path: image) }
+                try Offline.grow(path: image, toSectors: sectors, format: format, progress: progress.update)
+                let info = try ImageInfo.read(path: image)
                 grown = Grown(target: image, sizeBytes: info.virtualSize)
             }
             if json {

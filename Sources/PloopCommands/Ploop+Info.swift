@@ -37,7 +37,7 @@ extension Ploop {
                 return
             }
             if spec || device { throw CommandFailure("-s and -d describe a disk: give DiskDescriptor.xml or its folder", code: ExitCodes.param) }
-            let info = try failing { try ImageInfo.read(path: image) }
+            let info = try ImageInfo.read(path: image)
             if json {
                 print(try Output.json(info))
                 return

@@ -95,10 +95,10 @@ extension Ploop {
             let header: ImageHeader
             var stored: String?
             if noDescriptor {
-                header = try failing { try Offline.initialize(request) }
+                header = try Offline.initialize(request)
             } else {
-                let (d, dd) = try diskErrors { try Disk.initialize(request) { print($0) } }
-                header = try failing { try ImageHeader.new(sizeSectors: d.diskSizeSectors, clusterSectors: d.blocksize, version: v) }
+                let (d, dd) = try Disk.initialize(request) { print($0) }
+                header = try ImageHeader.new(sizeSectors: d.diskSizeSectors, clusterSectors: d.blocksize, version: v)
                 stored = dd
             }
             switch layout.format {

@@ -79,10 +79,10 @@ extension Ploop {
         func run() throws {
             if let dev = device {
                 let be = try backend.backend.resolve()
-                let info = try failing { try be.info(dev) }
+                let info = try be.info(dev)
                 let range = try Self.levelRange(levels, top: info.levels.count - 1, device: dev)
                 let progress = ProgressLine("merging")
-                let removed = try failing { try be.merge(dev, levels: range) { progress.update($0, $1) } }
+                let removed = try be.merge(dev, levels: range) { progress.update($0, $1) }
                 if json {
                     print(try Output.json(["merged": removed]))
                 } else {
@@ -93,9 +93,7 @@ extension Ploop {
             let sources = Array(images.dropLast())
             let dst = images.last!
             let progress = ProgressLine("merging")
-            let summary = try failing {
-                try Offline.merge(sources: sources, destination: dst, format: format, progress: progress.update)
-            }
+            let summary = try Offline.merge(sources: sources, destination: dst, format: format, progress: progress.update)
             if json {
                 print(try Output.json(summary))
             } else {

@@ -7,16 +7,6 @@ import PloopImage
 import PloopSystem
 import PloopVolume
 
-/// Runs a closure whose errors are `VolumeError`s, as a command failure with the error's code.
-func volumeErrors<T>(_ body: () throws(VolumeError) -> T) throws -> T {
-    do { return try body() } catch { throw CommandFailure(error.description, code: error.code) }
-}
-
-/// Any error of the disk and volume layers as a command failure.
-func volumeCommand<T>(_ body: () throws -> T) throws -> T {
-    do { return try diskErrors(body) } catch let e as VolumeError { throw CommandFailure(e.description, code: e.code) }
-}
-
 /// Scratch directories for temporary mounts: under the runtime directory, never in the disk's folder.
 enum Scratch {
     static func directory() throws -> String {
@@ -40,15 +30,13 @@ extension DiskCommands {
     /// `readOnly`) and stopped again afterwards whatever happens.
     static func withDevice<T>(_ d: Disk, _ be: any DeviceBackend, readOnly: Bool = false, _ body: (String) throws -> T) throws -> T {
         if let running = DiskDevices.device(of: d, backend: be, anyLevel: true) { return try body(running.device) }
-        let dev = try failing {
-            try be.mount(MountRequest(images: d.chainPaths(), baseFormat: d.baseFormat, readOnly: readOnly, device: nil, clusterSectors: d.descriptor.blocksize))
-        }
+        let dev = try be.mount(MountRequest(images: d.chainPaths(), baseFormat: d.baseFormat, readOnly: readOnly, device: nil, clusterSectors: d.descriptor.blocksize))
         let result: T
         do { result = try body(dev) } catch {
             try? be.umount(dev)
             throw error
         }
-        try failing { try be.umount(dev) }
+        try be.umount(dev)
         return result
     }
 
@@ -56,13 +44,13 @@ extension DiskCommands {
     /// a device started for that and stopped again. Any failure removes every file init made.
     static func makeFileSystem(descriptor dd: String, options: FileSystem.MakeOptions, backend: BackendOptions, made: [String]) throws {
         do {
-            let d = try diskErrors { try Disk.open(dd) }
+            let d = try Disk.open(dd)
             let be = try backend.backend.resolve()
             let scratch = try Scratch.directory()
             try withDevice(d, be) { dev in
                 let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize)) { print($0) }
                 let progress = ProgressLine.onTerminal()
-                try volumeErrors { () throws(VolumeError) in try vol.format(options, scratch: scratch, progress: progress) }
+                try vol.format(options, scratch: scratch, progress: progress)
             }
         } catch {
             for f in made { PathInfo.removeRegularFile(f) }
@@ -99,13 +87,11 @@ extension DiskCommands {
         let scratch = try Scratch.directory()
         return try withDevice(d, be, readOnly: true) { dev in
             let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
-            return try volumeErrors { () throws(VolumeError) -> FileSystem.Usage? in
-                let layout = try vol.layout()
-                if let m = Mounts.entries(of: layout.node).first { return try FileSystem.usage(m.target) }
-                // A disk without a file system has no usage to show.
-                guard (try? FileSystem.superblock(layout.node)) != nil else { return nil }
-                return try vol.withTemporaryMount(layout.node, scratch: scratch, options: ["ro"]) { (dir) throws(VolumeError) in try FileSystem.usage(dir) }
-            }
+            let layout = try vol.layout()
+            if let m = Mounts.entries(of: layout.node).first { return try FileSystem.usage(m.target) }
+            // A disk without a file system has no usage to show.
+            guard (try? FileSystem.superblock(layout.node)) != nil else { return nil }
+            return try vol.withTemporaryMount(layout.node, scratch: scratch, options: ["ro"]) { (dir) throws(VolumeError) in try FileSystem.usage(dir) }
         }
     }
 
@@ -165,7 +151,7 @@ extension Ploop {
             let json = self.json
             var r = DiskResize(disk: d, backend: be) { if !json { print($0) } }
             r.progress = ProgressLine.onTerminal()
-            let size = try volumeCommand { try failing { try r.resize(toSectors: sectors) } }
+            let size = try r.resize(toSectors: sectors)
             if json {
                 print(try Output.json(Report(descriptor: d.descriptorPath, sizeSectors: size)))
             } else {
@@ -199,14 +185,12 @@ extension Ploop {
             let force = self.force
             try DiskCommands.withDevice(d, be) { dev in
                 let vol = Volume(device: dev, backend: be, clusterSectors: UInt64(d.descriptor.blocksize))
-                try volumeErrors { () throws(VolumeError) in
-                    let node = try vol.layout().node
-                    if let m = Mounts.entries(of: node).first {
-                        throw VolumeError("\(node) is mounted at \(m.target): unmount it first ('ploop umount -m \(m.target)')", code: VolumeError.fsck)
-                    }
-                    try FileSystem.check(node, force: force, progress: progress)
-                    print("\(node): clean")
+                let node = try vol.layout().node
+                if let m = Mounts.entries(of: node).first {
+                    throw VolumeError("\(node) is mounted at \(m.target): unmount it first ('ploop umount -m \(m.target)')", code: VolumeError.fsck)
                 }
+                try FileSystem.check(node, force: force, progress: progress)
+                print("\(node): clean")
             }
         }
     }

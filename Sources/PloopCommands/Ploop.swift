@@ -103,7 +103,8 @@ public enum PloopMain {
             if !failure.message.isEmpty { FileHandle.standardError.write("ploop: \(failure.message)\n") }
             return failure.code
         } catch {
-            // A library error no command turned into words: its own words, and its code.
+            // A library error (commands let them through as they are): its own words, and the
+            // code ExitCodes gives its case.
             if let code = ExitCodes.of(error) {
                 FileHandle.standardError.write("ploop: \(error)\n")
                 return code
@@ -139,17 +140,6 @@ extension FileHandle {
 func print(_ items: Any..., separator: String = " ", terminator: String = "\n") {
     let text = items.map { "\($0)" }.joined(separator: separator) + terminator
     FileHandle.standardOutput.write(text)
-}
-
-/// Turns library errors into the one line a user reads.
-func failing<T>(_ body: () throws -> T) throws -> T {
-    do { return try body() } catch let e as ImageError {
-        throw CommandFailure(e)
-    } catch let e as SizeArgument.ParseError {
-        throw CommandFailure(e)
-    } catch let e as DeviceError {
-        throw CommandFailure(e)
-    }
 }
 
 /// Shared output helpers.
