@@ -50,7 +50,7 @@ extension Ploop {
         }
 
         func run() throws {
-            let err = FileHandle.standardError
+            let err = { (line: String) in Console.write(to: .error, line) }
             if var dev = source {
                 let be = try backend.backend.resolve()
                 // A disk (DiskDescriptor.xml or its folder) is copied from the device running it.
@@ -70,22 +70,22 @@ extension Ploop {
                     if let fb = feedback { try CopyStream.checkOpen(fb, "feedback descriptor (-f)", "the channel back from the receiver") }
                     sink = StreamSink(fd: output, feedback: feedback)
                 }
-                var sender = CopySender(backend: be, device: dev, mountPoint: Mounts.mountPoints(ofDeviceOrPartitions: dev).first, stopCommand: stopCommand) { err.write("ploop copy: \($0)\n") }
+                var sender = CopySender(backend: be, device: dev, mountPoint: Mounts.mountPoints(ofDeviceOrPartitions: dev).first, stopCommand: stopCommand) { err("ploop copy: \($0)\n") }
                 // On stderr: the stream or the copy's messages may hold stdout.
                 sender.progress = ProgressLine("copying").reporter
                 let r = try sender.run(into: sink)
                 let line = String(format: "copied %llu bytes in %d passes, %.3f s total, frozen %.3f s (%.1f%%)", r.bytesSent, r.passes, r.totalSeconds, r.frozenSeconds, r.totalSeconds > 0 ? 100 * r.frozenSeconds / r.totalSeconds : 0)
                 if json {
                     let text = try Output.json(r)
-                    if destination == nil { err.write(text + "\n") } else { print(text) }
+                    if destination == nil { err(text + "\n") } else { print(text) }
                 } else {
-                    err.write("ploop copy: \(line)\n")
+                    err("ploop copy: \(line)\n")
                 }
                 return
             }
             let receiver = CopyReceiver(destination: URL(fileURLWithPath: destination!).standardizedFileURL.path, replace: replace)
             let s = try receiver.receive(input: input, feedback: feedback)
-            if json { print(try Output.json(s)) } else { err.write("ploop copy: received \(s.bytes) bytes in \(s.records) records\n") }
+            if json { print(try Output.json(s)) } else { err("ploop copy: received \(s.bytes) bytes in \(s.records) records\n") }
         }
     }
 }

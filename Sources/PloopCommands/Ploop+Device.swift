@@ -257,8 +257,8 @@ extension Ploop {
             // Keep only stdin/out/err and the readiness pipe: whatever else the starter had open
             // (its caller's pipes) must not stay open for the daemon's lifetime.
             Signals.closeDescriptors(from: max(l.readyFD, 2) + 1)
-            let ready = l.readyFD >= 0 ? FileHandle(fileDescriptor: l.readyFD, closeOnDealloc: true) : nil
-            func report(_ line: Wire.Ready) throws { ready?.write(String(decoding: try JSONEncoder().encode(line), as: UTF8.self) + "\n") }
+            var ready = l.readyFD >= 0 ? Channel(l.readyFD, name: "the readiness pipe", owning: true) : nil
+            func report(_ line: Wire.Ready) throws { try ready?.writeAll(Array(try JSONEncoder().encode(line)) + [UInt8(ascii: "\n")]) }
             let daemon: SimulatorDaemon
             do {
                 daemon = try SimulatorDaemon(.init(index: l.index, request: l.request, threads: l.threads, paths: RuntimePaths(root: l.runDir)))
@@ -268,7 +268,7 @@ extension Ploop {
                 throw CommandFailure(e)
             }
             try report(Wire.Ready())
-            try? ready?.close()
+            ready = nil  // closed: the starter has its answer
             daemon.run()
         }
     }
@@ -295,7 +295,7 @@ enum DirtyImages {
                 throw CommandFailure(error)
             }
             let fixed = r.findings.filter { $0.action == .fixed }.map(\.message)
-            FileHandle.standardError.write("ploop: \(p) was not closed cleanly; checked: \(fixed.joined(separator: "; "))\n")
+            Console.write(to: .error, "ploop: \(p) was not closed cleanly; checked: \(fixed.joined(separator: "; "))\n")
         }
     }
 }

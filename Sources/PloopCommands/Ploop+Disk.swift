@@ -60,7 +60,7 @@ enum DiskDevices {
             throw CommandFailure(DiskError.noDescriptor(argument))
         }
         let be = try? (backend?.backend ?? .auto).resolve()
-        return try Disk.open(dd, backend: be) { FileHandle.standardError.write("ploop: \($0)\n") }
+        return try Disk.open(dd, backend: be) { Console.write(to: .error, "ploop: \($0)\n") }
     }
 }
 
@@ -138,7 +138,7 @@ extension Ploop {
                 print(try Output.json(rows))
                 return
             }
-            FileHandle.standardOutput.write(Self.render(rows, fields: try Self.fields(output), header: !noHeader))
+            Console.write(to: .output, Self.render(rows, fields: try Self.fields(output), header: !noHeader))
         }
     }
 

@@ -65,23 +65,21 @@ public struct CommandFailure: Error, CustomStringConvertible {
 /// Runs the CLI with the given arguments (without the program name); returns the exit code.
 public enum PloopMain {
     public static func run(_ all: [String]) -> Int32 {
-        let arguments: [String]
-        do {
-            let (level, rest) = try Verbosity.take(all)
-            Verbosity.set(level)
-            arguments = rest
-        } catch {
-            FileHandle.standardError.write("ploop: \(error.message)\n")
+        let level: Int, arguments: [String]
+        do { (level, arguments) = try Verbosity.take(all) } catch {
+            Console.write(to: .error, "ploop: \(error.message)\n")
             return error.code
         }
-        let code = dispatch(arguments)
-        log.debug("exit \(code)", metadata: ["command": .string(arguments.first ?? "")])
-        return code
+        return Verbosity.with(level) {
+            let code = dispatch(arguments)
+            log.debug("exit \(code)", metadata: ["command": .string(arguments.first ?? "")])
+            return code
+        }
     }
 
     static func dispatch(_ arguments: [String]) -> Int32 {
         if arguments.isEmpty {
-            FileHandle.standardError.write(Ploop.helpMessage() + "\n")
+            Console.write(to: .error, Ploop.helpMessage() + "\n")
             return ExitCodes.param
         }
         // A command alone prints its usage and exits as a usage error, a command group (balloon) included.
@@ -89,24 +87,28 @@ public enum PloopMain {
             let sub = Ploop.configuration.subcommands.first(where: { $0._commandName == arguments[0] }),
             !sub.configuration.subcommands.isEmpty || (try? Ploop.parseAsRoot(arguments)) == nil
         {
-            FileHandle.standardError.write(Ploop.helpMessage(for: sub) + "\n")
+            Console.write(to: .error, Ploop.helpMessage(for: sub) + "\n")
             return ExitCodes.param
         }
         // With --json, progress goes to stderr as JSON lines (see ProgressLine).
-        if arguments.contains("--json") { ProgressLine.events.store(true, ordering: .relaxed) }
+        return ProgressLine.$events.withValue(arguments.contains("--json")) { run(parsing: arguments) }
+    }
+
+    /// Parses and runs one command; every error becomes its message and exit code.
+    static func run(parsing arguments: [String]) -> Int32 {
         do {
             var command = try Ploop.parseAsRoot(arguments)
             log.debug("running \(type(of: command)._commandName)", metadata: ["verbosity": "\(Verbosity.level)"])
             try command.run()
             return 0
         } catch let failure as CommandFailure {
-            if !failure.message.isEmpty { FileHandle.standardError.write("ploop: \(failure.message)\n") }
+            if !failure.message.isEmpty { Console.write(to: .error, "ploop: \(failure.message)\n") }
             return failure.code
         } catch {
             // A library error (commands let them through as they are): its own words, and the
             // code ExitCodes gives its case.
             if let code = ExitCodes.of(error) {
-                FileHandle.standardError.write("ploop: \(error)\n")
+                Console.write(to: .error, "ploop: \(error)\n")
                 return code
             }
             let code = Ploop.exitCode(for: error)
@@ -122,24 +124,19 @@ public enum PloopMain {
                     Ploop.configuration.subcommands.contains { $0._commandName == w } || Ploop.Balloon.configuration.subcommands.contains { $0._commandName == w }
                 }
                 let command = (["ploop"] + words).joined(separator: " ")
-                FileHandle.standardError.write("ploop: \(what.replacingOccurrences(of: "\n", with: "; ")) (see '\(command) --help')\n")
+                Console.write(to: .error, "ploop: \(what.replacingOccurrences(of: "\n", with: "; ")) (see '\(command) --help')\n")
                 return ExitCodes.param
             }
-            FileHandle.standardError.write(message + "\n")
+            Console.write(to: .error, message + "\n")
             return code.rawValue
         }
     }
 }
 
-extension FileHandle {
-    /// Text out, a path's escaped bytes (see `RawPath`) written back as the bytes they stand for.
-    func write(_ string: String) { write(Data(RawPath.bytes(string))) }
-}
-
 /// `print` for this module: as Swift's, but paths come out as the bytes the user typed.
 func print(_ items: Any..., separator: String = " ", terminator: String = "\n") {
     let text = items.map { "\($0)" }.joined(separator: separator) + terminator
-    FileHandle.standardOutput.write(text)
+    Console.write(to: .output, text)
 }
 
 /// Shared output helpers.
@@ -163,29 +160,29 @@ enum Output {
 ///     Standard output keeps the one JSON document the command prints at the end.
 final class ProgressLine: @unchecked Sendable {
     private let label: String
-    private let handle: FileHandle
+    private let stream: Console.Stream
     private let enabled: Bool
     private let asEvents: Bool
     private var step = ""
     private var started = Date()
     private var lastPercent = -1
 
-    /// Set once before the command runs (by `PloopMain` when `--json` is given).
-    static let events = Atomic<Bool>(false)
+    /// Bound for the command by `PloopMain` (true when `--json` is given).
+    @TaskLocal static var events = false
 
-    /// On standard error (`fd` 2) by default, as the commands whose standard output is data.
-    init(_ label: String, fd: Int32 = 2) {
+    /// On standard error by default, as the commands whose standard output is data.
+    init(_ label: String, on stream: Console.Stream = .error) {
         self.label = label
-        asEvents = Self.events.load(ordering: .relaxed)
-        handle = asEvents || fd != 1 ? FileHandle.standardError : FileHandle.standardOutput
-        enabled = asEvents || isatty(fd) != 0
+        asEvents = Self.events
+        self.stream = asEvents ? .error : stream
+        enabled = asEvents || Console.isTerminal(stream)
     }
 
     /// A reporter on standard output when it is a terminal (on standard error as events with
     /// `--json`); nil (quiet) otherwise.
     static func onTerminal() -> StepProgress? {
-        guard events.load(ordering: .relaxed) || isatty(1) != 0 else { return nil }
-        return ProgressLine("", fd: 1).reporter
+        guard events || Console.isTerminal(.output) else { return nil }
+        return ProgressLine("", on: .output).reporter
     }
 
     func update(_ done: Int, _ total: Int) { update(step: label, done, total) }
@@ -196,7 +193,7 @@ final class ProgressLine: @unchecked Sendable {
     func update(step name: String, _ done: Int, _ total: Int) {
         guard enabled, total > 0 else { return }
         if name != step {
-            if !asEvents && !step.isEmpty && lastPercent < 100 { handle.write("\n") }
+            if !asEvents && !step.isEmpty && lastPercent < 100 { Console.write(to: stream, "\n") }
             step = name
             started = Date()
             lastPercent = -1
@@ -211,7 +208,7 @@ final class ProgressLine: @unchecked Sendable {
             let event = Event(step: name, done: done, total: total, percent: percent, rate: rate.map { ($0 * 10).rounded() / 10 }, secondsLeft: left.map { ($0 * 10).rounded() / 10 })
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-            if let data = try? encoder.encode(event) { handle.write(String(decoding: data, as: UTF8.self) + "\n") }
+            if let data = try? encoder.encode(event) { Console.write(to: stream, String(decoding: data, as: UTF8.self) + "\n") }
             return
         }
         var line = "\r\(name): \(percent)% (\(done)/\(total))"
@@ -219,7 +216,7 @@ final class ProgressLine: @unchecked Sendable {
             line += String(format: ", %.0f/s", rate)
             if done < total, let left { line += String(format: ", %.0f s left", left) }
         }
-        handle.write(line + "\u{1B}[K" + (percent == 100 ? "\n" : ""))
+        Console.write(to: stream, line + "\u{1B}[K" + (percent == 100 ? "\n" : ""))
     }
 
     /// One progress event (`--json`).

@@ -15,9 +15,11 @@ import Synchronization
 ///   5+      also trace lines
 public enum Verbosity {
     public static let normal = 3
-    static let current = Atomic<Int>(normal)
+    /// Bound for each command by `PloopMain.run` (a task-local value, so commands run in process
+    /// side by side each keep their own).
+    @TaskLocal static var current = normal
 
-    public static var level: Int { current.load(ordering: .relaxed) }
+    public static var level: Int { current }
 
     /// The global options at the front of `arguments`, and what is left (the command and its
     /// arguments). A wrong one is a usage error, as in the original.
@@ -60,9 +62,8 @@ public enum Verbosity {
         return (level, Array(arguments[i...]))
     }
 
-    static func set(_ level: Int) {
-        current.store(level, ordering: .relaxed)
-    }
+    /// Runs `body` at `level`.
+    static func with<T>(_ level: Int, _ body: () -> T) -> T { $current.withValue(level, operation: body) }
 
     /// What a daemon started by this command (mount) logs: the same detail at 4 and up.
     static var daemonLogLevel: String? { level >= 5 ? "trace" : level >= 4 ? "debug" : nil }
@@ -96,7 +97,7 @@ struct ConsoleLogHandler: LogHandler {
         var all = metadata
         if let m = event.metadata { all.merge(m) { $1 } }
         let extra = all.isEmpty ? "" : " " + all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        FileHandle.standardError.write("\(Self.timestamp()) \(event.level) ploop: \(event.message)\(extra)\n")
+        Console.write(to: .error, "\(Self.timestamp()) \(event.level) ploop: \(event.message)\(extra)\n")
     }
 
     /// UTC, to the microsecond: 2026-12-03T10:40:00.123456Z.

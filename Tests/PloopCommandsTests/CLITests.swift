@@ -9,7 +9,7 @@ import Testing
 /// one-line error, a non-zero exit, and every file byte-identical afterwards.
 struct UsageTests {
     @Test func noArgumentsListsCommands() throws {
-        let r = try TestSupport.ploop([])
+        let r = InProcess.ploop([])
         #expect(r.code == 38)
         for cmd in ["init", "merge", "grow", "check", "info"] { #expect(r.stderr.contains("  \(cmd) ")) }
     }
@@ -18,7 +18,7 @@ struct UsageTests {
     @Test(.enabled(if: !FileManager.default.fileExists(atPath: "/sys/module/ploop"), "the ploop module is loaded here"))
     func kernelBackendWithoutTheModule() throws {
         let dir = try ScratchDirectory()
-        #expect(try TestSupport.ploop("init", "-s", "16m", dir.file("a.hdd")).code == 0)
+        #expect(InProcess.ploop("init", "-s", "16m", dir.file("a.hdd")).code == 0)
         let before = dir.read("a.hdd")
         for args in [["list", "--backend", "kernel"], ["mount", "--backend", "kernel", dir.file("a.hdd")]] {
             let r = try TestSupport.ploop(args)
@@ -30,14 +30,14 @@ struct UsageTests {
 
     @Test(arguments: ["init", "merge", "grow", "check", "info"])
     func commandAloneShowsItsUsage(_ cmd: String) throws {
-        let r = try TestSupport.ploop([cmd])
+        let r = InProcess.ploop([cmd])
         #expect(r.code == 38)
         #expect(r.stderr.contains("USAGE: ploop \(cmd)"))
     }
 
     @Test(arguments: ["init", "merge", "grow", "check", "info"])
     func helpHasAnExample(_ cmd: String) throws {
-        let r = try TestSupport.ploop(cmd, "--help")
+        let r = InProcess.ploop(cmd, "--help")
         #expect(r.code == 0)
         #expect(r.stdout.contains("Example"))
         #expect(r.stdout.contains("ploop \(cmd) "))
@@ -47,7 +47,7 @@ struct UsageTests {
 struct InitCommandTests {
     @Test func createsWhatItSays() throws {
         let dir = try ScratchDirectory()
-        let r = try TestSupport.ploop("init", "-s", "64m", "-b", "128", "-v", "1", dir.file("a.hdd"))
+        let r = InProcess.ploop("init", "-s", "64m", "-b", "128", "-v", "1", dir.file("a.hdd"))
         #expect(r.code == 0, "\(r)")
         let info = try ImageInfo.read(path: dir.file("a.hdd"))
         #expect(info.format == .ploop1 && info.version == 1)
@@ -59,20 +59,20 @@ struct InitCommandTests {
 
     @Test func rawImage() throws {
         let dir = try ScratchDirectory()
-        #expect(try TestSupport.ploop("init", "-f", "raw", "-s", "1000", dir.file("r")).code == 0)
+        #expect(InProcess.ploop("init", "-f", "raw", "-s", "1000", dir.file("r")).code == 0)
         // Rounded up to a whole (default 1 MiB) cluster.
         #expect(try ImageInfo.read(path: dir.file("r")).fileSize == 1 << 20)
     }
 
     @Test func infoAndCheckJSON() throws {
         let dir = try ScratchDirectory()
-        _ = try TestSupport.ploop("init", "-s", "1g", dir.file("a"))
-        let info = try TestSupport.ploop("info", "--json", dir.file("a"))
+        _ = InProcess.ploop("init", "-s", "1g", dir.file("a"))
+        let info = InProcess.ploop("info", "--json", dir.file("a"))
         let obj = try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as! [String: Any]
         #expect(obj["virtualSize"] as? Int == 1 << 30)
         #expect(obj["clusterSize"] as? Int == 1 << 20)
         #expect(obj["cylinders"] as? Int == 2080)
-        let check = try TestSupport.ploop("check", "-f", "--json", dir.file("a"))
+        let check = InProcess.ploop("check", "-f", "--json", dir.file("a"))
         #expect(check.code == 0)
         let rep = try JSONSerialization.jsonObject(with: Data(check.stdout.utf8)) as! [String: Any]
         #expect(rep["status"] as? String == "ok")
@@ -98,7 +98,7 @@ struct BadInputTests {
             ("good.hdd", ["-s", "64m"]), ("small.hdd", ["-s", "64m", "-b", "128"]), ("dirty.hdd", ["-s", "64m"]),
             ("other.hdd", ["-s", "64m"]),
         ] {
-            let r = try TestSupport.ploop(["init", "--no-descriptor"] + args + [d.file(name)])
+            let r = InProcess.ploop(["init", "--no-descriptor"] + args + [d.file(name)])
             precondition(r.code == 0, "\(r)")
         }
         let image = try Ploop1Image(file: try ImagePath.open(d.file("good.hdd"), write: true), writable: true)
@@ -108,7 +108,7 @@ struct BadInputTests {
         var dirty = d.read("dirty.hdd")
         dirty[44] = 0x59; dirty[45] = 0x6E; dirty[46] = 0x6F; dirty[47] = 0x74
         d.write("dirty.hdd", dirty)
-        _ = try TestSupport.ploop("init", "--no-descriptor", "-f", "raw", "-s", "64m", d.file("raw.img"))
+        _ = InProcess.ploop("init", "--no-descriptor", "-f", "raw", "-s", "64m", d.file("raw.img"))
         d.write("empty", [])
         d.write("trunc.hdd", Array(d.read("good.hdd")[0..<40]))
         d.write("cut.hdd", Array(d.read("good.hdd")[0..<4096]))

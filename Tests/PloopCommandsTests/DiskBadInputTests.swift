@@ -17,9 +17,9 @@ struct DiskBadInputTests {
         let root = try ScratchDirectory("ploop-ddbad")
         let disk = root.file("disk")
         try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
-        #expect(try TestSupport.ploop("init", "-s", "64m", "-b", "128", disk + "/root.hds").code == 0)
-        #expect(try TestSupport.ploop("snapshot", "-u", g1, disk).code == 0)
-        #expect(try TestSupport.ploop("snapshot", "-u", g2, disk).code == 0)
+        #expect(InProcess.ploop("init", "-s", "64m", "-b", "128", disk + "/root.hds").code == 0)
+        #expect(InProcess.ploop("snapshot", "-u", g1, disk).code == 0)
+        #expect(InProcess.ploop("snapshot", "-u", g2, disk).code == 0)
         // Rename the random delta names to fixed ones, in files and descriptor.
         var text = try String(contentsOfFile: disk + "/DiskDescriptor.xml", encoding: .utf8)
         let names = try FileManager.default.contentsOfDirectory(atPath: disk).filter { $0.hasPrefix("root.hds.{") }.sorted { a, b in
@@ -171,7 +171,7 @@ struct DiskBadInputTests {
         let root = try ScratchDirectory("ploop-ddbad")
         let disk = root.file("disk")
         try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
-        #expect(try TestSupport.ploop("init", "-s", "64m", disk + "/root.hds").code == 0)
+        #expect(InProcess.ploop("init", "-s", "64m", disk + "/root.hds").code == 0)
         try Self.expectRefused(["snapshot-delete", "-u", Self.top, disk], "unable to delete the base image", code: ExitCodes.param, root: root, disk: disk, "delete")
         try Self.expectRefused(["snapshot-merge", disk], "is the base image", code: ExitCodes.param, root: root, disk: disk, "merge")
         try Self.expectRefused(["snapshot-merge", "-A", disk], "has one image", code: ExitCodes.param, root: root, disk: disk, "merge -A")
@@ -217,7 +217,7 @@ struct DiskReplaceTests {
         let before = try DiskCrashTests.content(disk)
         // -u: the descriptor names the copy (outside the folder), the old file stays.
         _ = try TestSupport.run("/bin/cp", [disk + "/root.hds", root.file("copy-base.hds")])
-        let r1 = try TestSupport.ploop("replace", "-u", DiskBadInputTests.g1, "-i", root.file("copy-base.hds"), dd)
+        let r1 = InProcess.ploop("replace", "-u", DiskBadInputTests.g1, "-i", root.file("copy-base.hds"), dd)
         #expect(r1.code == 0, "\(r1)")
         #expect(try String(contentsOfFile: dd, encoding: .utf8).contains("<File>../copy-base.hds</File>"))
         #expect(FileManager.default.fileExists(atPath: disk + "/root.hds"))
@@ -225,25 +225,25 @@ struct DiskReplaceTests {
         let text = try String(contentsOfFile: dd, encoding: .utf8)
         _ = try TestSupport.run("/bin/cp", [disk + "/root.hds.1", root.file("copy-1.hds")])
         let inode = PathInfo.identity(disk + "/root.hds.1")
-        let r2 = try TestSupport.ploop("replace", "-l", "1", "-k", "-i", root.file("copy-1.hds"), dd)
+        let r2 = InProcess.ploop("replace", "-l", "1", "-k", "-i", root.file("copy-1.hds"), dd)
         #expect(r2.code == 0, "\(r2)")
         #expect(try String(contentsOfFile: dd, encoding: .utf8) == text)
         #expect(PathInfo.identity(disk + "/root.hds.1") != inode)
         #expect(!FileManager.default.fileExists(atPath: root.file("copy-1.hds")))
         // -o: by the current file.
         _ = try TestSupport.run("/bin/cp", [disk + "/root.hds.2", disk + "/top-copy.hds"])
-        let r3 = try TestSupport.ploop("replace", "-o", disk + "/root.hds.2", "-i", disk + "/top-copy.hds", dd)
+        let r3 = InProcess.ploop("replace", "-o", disk + "/root.hds.2", "-i", disk + "/top-copy.hds", dd)
         #expect(r3.code == 0, "\(r3)")
         #expect(try String(contentsOfFile: dd, encoding: .utf8).contains("<File>top-copy.hds</File>"))
         #expect(try DiskCrashTests.content(disk) == before)
-        #expect(try TestSupport.ploop("check", "-f", "-r", dd).code == 0)
+        #expect(InProcess.ploop("check", "-f", "-r", dd).code == 0)
     }
 
     @Test func refusesWhatIsNotEquivalent() throws {
         let (root, disk) = try DiskBadInputTests.stage()
         let dd = disk + "/DiskDescriptor.xml"
-        #expect(try TestSupport.ploop("init", "--no-descriptor", "-s", "128m", "-b", "128", root.file("bigger.hds")).code == 0)
-        #expect(try TestSupport.ploop("init", "--no-descriptor", "-s", "64m", "-b", "256", root.file("other-cluster.hds")).code == 0)
+        #expect(InProcess.ploop("init", "--no-descriptor", "-s", "128m", "-b", "128", root.file("bigger.hds")).code == 0)
+        #expect(InProcess.ploop("init", "--no-descriptor", "-s", "64m", "-b", "256", root.file("other-cluster.hds")).code == 0)
         _ = try TestSupport.run("/bin/cp", [disk + "/root.hds.1", root.file("corrupt.hds")])
         let f = try File(path: root.file("corrupt.hds"), mode: .readWrite)
         try [UInt8](arrayLiteral: 0xFF, 0xFF, 0xFF, 0x7F).withUnsafeBytes { try f.write($0, at: 64 + 4 * 9) }

@@ -77,7 +77,7 @@ struct DiskCompatibilityTests {
         let d = try DiskDescriptor.parse(before, path: "before")
         for (k, image) in d.images.enumerated() {
             let p = disk + "/" + image.file
-            let r = try TestSupport.ploop("init", "--no-descriptor", "-s", "1g", "-b", "2048", p)
+            let r = InProcess.ploop("init", "--no-descriptor", "-s", "1g", "-b", "2048", p)
             precondition(r.code == 0, "\(r)")
             try write(p, clusters(k), fill(k))
         }
@@ -91,7 +91,7 @@ struct DiskCompatibilityTests {
                 precondition(r.code == 0, "\(r)")
             }
             // qemu leaves CIF_Empty set; our check repairs it and nothing else.
-            _ = try TestSupport.ploop("check", "-f", path)
+            _ = InProcess.ploop("check", "-f", path)
             return
         }
         let image = try Ploop1Image(file: try ImagePath.open(path, write: true), writable: true)
@@ -192,7 +192,7 @@ struct DiskCompatibilityTests {
         #expect(try files().map { Self.normalize($0, known: known, dir: disk) }.sorted() == recordedFiles.map { Self.normalize($0, known: known, dir: "DIR") }.sorted())
         // The snapshot list, byte for byte.
         if let recorded = try Self.recordedList(c) {
-            let list = try TestSupport.ploop("snapshot-list", disk + "/DiskDescriptor.xml")
+            let list = InProcess.ploop("snapshot-list", disk + "/DiskDescriptor.xml")
             #expect(Self.normalize(list.stdout, known: known, dir: disk) == Self.normalize(recorded, known: known, dir: "DIR/\(c.folder)/\(c.name)").replacingOccurrences(of: "DIR/\(c.folder)/\(c.name)", with: "DIR"))
         }
         try Self.expectContent(ours, disk: disk, before: before, from: from)
@@ -206,7 +206,7 @@ struct DiskCompatibilityTests {
         var expected: [UInt64: UInt8] = [:]
         for k in chainBefore { for cl in clusters(k) { expected[cl] = fill(k) } }
         #expect(try content(chainAfter) == expected)
-        let check = try TestSupport.ploop("check", "-f", "-r", disk + "/DiskDescriptor.xml")
+        let check = InProcess.ploop("check", "-f", "-r", disk + "/DiskDescriptor.xml")
         #expect(check.code == 0, "\(check)")
         if let qemuImg = TestSupport.which("qemu-img") {
             for p in chainAfter {
@@ -219,7 +219,7 @@ struct DiskCompatibilityTests {
     @Test func initWritesTheOriginalsDescriptor() throws {
         let dir = try ScratchDirectory("ploop-compat")
         try FileManager.default.createDirectory(atPath: dir.file("disk"), withIntermediateDirectories: false)
-        let r = try TestSupport.ploop("init", "-s", "1g", "-b", "2048", "-v", "2", dir.file("disk/root.hds"))
+        let r = InProcess.ploop("init", "-s", "1g", "-b", "2048", "-v", "2", dir.file("disk/root.hds"))
         #expect(r.code == 0 && r.stdout.contains("Storing \(dir.file("disk/DiskDescriptor.xml"))"), "\(r)")
         let ours = try Data(contentsOf: URL(fileURLWithPath: dir.file("disk/DiskDescriptor.xml")))
         let theirs = try Data(contentsOf: URL(fileURLWithPath: "\(Self.fixtures)/01a-init-v2/DiskDescriptor.xml"))
@@ -239,15 +239,15 @@ struct DiskCompatibilityTests {
         let dir = try ScratchDirectory("ploop-compat")
         let disk = dir.file("disk")
         try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
-        #expect(try TestSupport.ploop("init", "-s", "1g", "-b", "2048", "-v", "2", disk + "/root.hds").code == 0)
+        #expect(InProcess.ploop("init", "-s", "1g", "-b", "2048", "-v", "2", disk + "/root.hds").code == 0)
         for (g, step) in [(Self.g1, 1), (Self.g2, 2)] {
-            let r = try TestSupport.ploop("snapshot", "-u", g, disk + "/DiskDescriptor.xml")
+            let r = InProcess.ploop("snapshot", "-u", g, disk + "/DiskDescriptor.xml")
             #expect(r.code == 0 && r.stdout == "ploop snapshot \(g) has been successfully created\n", "\(r)")
             let ours = try String(contentsOfFile: disk + "/DiskDescriptor.xml", encoding: .utf8)
             let theirs = try String(contentsOfFile: "\(Self.fixtures)/02-snapshot/DiskDescriptor.step\(step).xml", encoding: .utf8)
             #expect(Self.normalize(ours, known: ["root.hds"], dir: disk) == Self.normalize(theirs, known: ["root.hds"], dir: "DIR"))
         }
-        let list = try TestSupport.ploop("snapshot-list", disk)
+        let list = InProcess.ploop("snapshot-list", disk)
         let recorded = """
             PARENT_UUID                            C UUID                                   FNAME                            \n\
             {00000000-0000-0000-0000-000000000000}   {11111111-1111-4111-8111-111111111111} DIR/root.hds
@@ -258,7 +258,7 @@ struct DiskCompatibilityTests {
         #expect(Self.normalize(list.stdout, known: ["root.hds"], dir: disk) == recorded)
         // The same GUID twice, in another case, is refused and changes nothing.
         let state = try ScratchDirectoryState(disk)
-        let again = try TestSupport.ploop("snapshot", "-u", Self.g1.uppercased(), disk)
+        let again = InProcess.ploop("snapshot", "-u", Self.g1.uppercased(), disk)
         #expect(again.code == 38 && again.stderr.contains("already has a snapshot"), "\(again)")
         #expect(try ScratchDirectoryState(disk) == state)
     }

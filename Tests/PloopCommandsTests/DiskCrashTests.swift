@@ -20,7 +20,7 @@ struct DiskCrashTests {
     static func stage(_ root: ScratchDirectory) throws -> String {
         let disk = root.file("disk")
         try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
-        #expect(try TestSupport.ploop("init", "-s", "64m", "-b", "128", disk + "/root.hds").code == 0)
+        #expect(InProcess.ploop("init", "-s", "64m", "-b", "128", disk + "/root.hds").code == 0)
         for (level, g) in [(0, g1), (1, g2), (2, nil)] as [(Int, String?)] {
             let d = try DiskDescriptor.parse(try Data(contentsOf: URL(fileURLWithPath: disk + "/DiskDescriptor.xml")), path: "dd")
             let top = disk + "/" + d.image(d.topGUID)!.file
@@ -30,7 +30,7 @@ struct DiskCrashTests {
                 try data.withUnsafeBytes { try image.write(cluster: ClusterIndex(c), data: $0) }
             }
             try image.close()
-            if let g { #expect(try TestSupport.ploop("snapshot", "-u", g, disk).code == 0) }
+            if let g { #expect(InProcess.ploop("snapshot", "-u", g, disk).code == 0) }
         }
         return disk
     }
@@ -82,7 +82,7 @@ struct DiskCrashTests {
         let reference = root.file("reference")
         try Self.copy(staged, to: reference)
         let args = { (disk: String) in command.map { $0.replacingOccurrences(of: "@", with: disk) } + [disk + "/DiskDescriptor.xml"] }
-        let whole = try TestSupport.ploop(args(reference))
+        let whole = InProcess.ploop(args(reference))
         #expect(whole.code == 0, "\(whole)")
         let new = try Self.content(reference)
         let files = { (disk: String) throws -> [String] in
@@ -106,10 +106,10 @@ struct DiskCrashTests {
             } else {
                 #expect(command.first == "convert", "after a kill at write \(n) the disk cannot be read")
             }
-            let again = try TestSupport.ploop(args(disk))
+            let again = InProcess.ploop(args(disk))
             #expect(again.code == 0, "re-run after a kill at write \(n): \(again)")
             #expect(try Self.content(disk) == new, "after the re-run (kill at write \(n))")
-            let check = try TestSupport.ploop("check", "-f", "-r", disk + "/DiskDescriptor.xml")
+            let check = InProcess.ploop("check", "-f", "-r", disk + "/DiskDescriptor.xml")
             #expect(check.code == 0, "check after a kill at write \(n): \(check)")
             #expect(try files(disk) == referenceFiles, "leftovers after a kill at write \(n)")
         }
@@ -134,11 +134,11 @@ struct InitCrashTests {
             crashes += 1
             let names = try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.contains(".init-") && !$0.hasSuffix(".tmp") }.sorted()
             #expect(names == [] || names == ["root.hds"] || names == ["DiskDescriptor.xml", "root.hds"], "kill at write \(n): \(names)")
-            if names.contains("root.hds") { #expect(try TestSupport.ploop("check", "-f", "-r", disk + "/root.hds").code == 0) }
-            let again = try TestSupport.ploop(args)
+            if names.contains("root.hds") { #expect(InProcess.ploop("check", "-f", "-r", disk + "/root.hds").code == 0) }
+            let again = InProcess.ploop(args)
             #expect(again.code == 0, "re-run after a kill at write \(n): \(again)")
             #expect(try FileManager.default.contentsOfDirectory(atPath: disk).sorted() == ["DiskDescriptor.xml", "root.hds"], "kill at write \(n): leftovers")
-            #expect(try TestSupport.ploop("snapshot-list", disk).code == 0)
+            #expect(InProcess.ploop("snapshot-list", disk).code == 0)
             #expect(try DiskLayoutTests.layout(disk) == (layout == "ploop1" ? "expanded" : layout))
         }
         #expect(crashes >= 3)
@@ -152,7 +152,7 @@ struct ConvertCrashTests {
     func checkFinishesAnInterruptedConversion(_ from: Int, _ to: Int) throws {
         let root = try ScratchDirectory("ploop-convert")
         let image = root.file("a.hds")
-        #expect(try TestSupport.ploop("init", "--no-descriptor", "-s", "64m", "-b", "128", "-v", "\(from)", image).code == 0)
+        #expect(InProcess.ploop("init", "--no-descriptor", "-s", "64m", "-b", "128", "-v", "\(from)", image).code == 0)
         let writer = try Ploop1Image(file: try ImagePath.open(image, write: true), writable: true)
         for c in [UInt64(0), 7, 900] {
             let data = [UInt8](repeating: UInt8(c & 0xff) | 1, count: writer.clusterBytes)
@@ -169,12 +169,12 @@ struct ConvertCrashTests {
             if r.code == 0 { break }
             #expect(r.code == 137, "\(r)")
             crashes += 1
-            let check = try TestSupport.ploop("check", "-f", image)
+            let check = InProcess.ploop("check", "-f", image)
             #expect(check.code == 0, "kill at write \(n): \(check)")
             let info = try ImageInfo.read(path: image)
             #expect(info.version == from || info.version == to)
             #expect(try ImageContent.clusters(image) == expected, "kill at write \(n): data changed")
-            #expect(try TestSupport.ploop("convert", "-v", "\(to)", image).code == 0)
+            #expect(InProcess.ploop("convert", "-v", "\(to)", image).code == 0)
             #expect(try ImageInfo.read(path: image).version == to)
             #expect(try ImageContent.clusters(image) == expected)
             #expect(try FileManager.default.contentsOfDirectory(atPath: root.path) == ["a.hds"], "kill at write \(n): leftovers")

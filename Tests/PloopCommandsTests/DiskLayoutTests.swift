@@ -19,7 +19,7 @@ struct DiskLayoutTests {
     static func stage(_ root: ScratchDirectory, _ layout: String) throws -> String {
         let disk = root.file("disk")
         try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
-        let r = try TestSupport.ploop("init", "-f", layout, "-s", "8m", "-b", "128", disk + "/root.hds")
+        let r = InProcess.ploop("init", "-f", layout, "-s", "8m", "-b", "128", disk + "/root.hds")
         #expect(r.code == 0, "\(r)")
         let image = disk + "/root.hds"
         if layout == "raw" {
@@ -104,7 +104,7 @@ struct DiskLayoutTests {
         let root = try ScratchDirectory("ploop-layout")
         let disk = root.file("disk")
         try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: false)
-        let r = try TestSupport.ploop("init", "-f", "preallocated", "-s", "64m", "-b", "128", disk + "/root.hds")
+        let r = InProcess.ploop("init", "-f", "preallocated", "-s", "64m", "-b", "128", disk + "/root.hds")
         #expect(r.code == 0 && r.stdout.contains("preallocated"), "\(r)")
         #expect(try Self.layout(disk) == "preallocated")
         let xml = try String(contentsOfFile: disk + "/DiskDescriptor.xml", encoding: .utf8)
@@ -115,7 +115,7 @@ struct DiskLayoutTests {
         #expect(stat(disk + "/root.hds", &st) == 0)
         #expect(UInt64(st.st_blocks) * 512 >= 64 << 20, "only \(st.st_blocks) sectors allocated")
         #expect(try Self.content(disk) == [:])
-        #expect(try TestSupport.ploop("check", "-f", disk + "/root.hds").code == 0)
+        #expect(InProcess.ploop("check", "-f", disk + "/root.hds").code == 0)
         if let qemu = TestSupport.which("qemu-img") {
             let q = try TestSupport.run(qemu, ["check", "-f", "parallels", disk + "/root.hds"])
             #expect(q.code == 0, "\(q)")
@@ -124,7 +124,7 @@ struct DiskLayoutTests {
         for f in ["ploop1", "expanded"] {
             let other = root.file(f)
             try FileManager.default.createDirectory(atPath: other, withIntermediateDirectories: false)
-            #expect(try TestSupport.ploop("init", "-f", f, "-s", "64m", "-b", "128", other + "/root.hds").code == 0)
+            #expect(InProcess.ploop("init", "-f", f, "-s", "64m", "-b", "128", other + "/root.hds").code == 0)
             #expect(try Self.layout(other) == "expanded")
             #expect(try ImageInfo.read(path: other + "/root.hds").allocatedClusters == 0)
         }
@@ -141,12 +141,12 @@ struct DiskLayoutTests {
         let disk = try Self.stage(root, from)
         #expect(try Self.layout(disk) == from)
         #expect(try Self.content(disk) == Self.expected)
-        let r = try TestSupport.ploop("convert", "-f", to, disk)
+        let r = InProcess.ploop("convert", "-f", to, disk)
         #expect(r.code == 0 && r.stdout == "ploop image has been successfully converted\n", "\(r)")
         #expect(try Self.layout(disk) == to)
         #expect(try Self.content(disk) == Self.expected)
         #expect(try FileManager.default.contentsOfDirectory(atPath: disk).sorted() == ["DiskDescriptor.xml", "DiskDescriptor.xml.lck", "root.hds"])
-        let check = try TestSupport.ploop("check", "-f", disk)
+        let check = InProcess.ploop("check", "-f", disk)
         #expect(check.code == 0, "\(check)")
         let image = disk + "/root.hds"
         if to == "raw" {
@@ -171,7 +171,7 @@ struct DiskLayoutTests {
         }
         // Converting to the layout it has does nothing.
         let state = try ScratchDirectoryState(disk)
-        let again = try TestSupport.ploop("convert", "-f", to, disk)
+        let again = InProcess.ploop("convert", "-f", to, disk)
         #expect(again.code == 0 && again.stdout.contains("is already \(to)"), "\(again)")
         #expect(try ScratchDirectoryState(disk) == state)
     }
@@ -195,7 +195,7 @@ struct DiskLayoutTests {
             // (killed between the rename and the descriptor), the next command that opens the disk
             // finishes it first.
             if PathInfo.kind(disk + "/DiskDescriptor.xml.journal") == .regular {
-                let opened = try TestSupport.ploop("snapshot-list", disk)
+                let opened = InProcess.ploop("snapshot-list", disk)
                 #expect(opened.code == 0 && opened.stderr.contains("finishing an interrupted convert -f \(to)"), "kill at write \(n): \(opened)")
             }
             // Old or new: the descriptor and the file it names agree, and read the same data.
@@ -203,9 +203,9 @@ struct DiskLayoutTests {
             #expect(now == from || now == to, "kill at write \(n): the disk is \(now)")
             #expect(try Self.content(disk) == Self.expected, "kill at write \(n): the data changed")
             // check finds nothing it cannot repair (a reserved tail past the last entry is trimmed).
-            let check = try TestSupport.ploop("check", "-f", disk)
+            let check = InProcess.ploop("check", "-f", disk)
             #expect(check.code == 0, "check after a kill at write \(n): \(check)")
-            let again = try TestSupport.ploop("convert", "-f", to, disk)
+            let again = InProcess.ploop("convert", "-f", to, disk)
             #expect(again.code == 0, "re-run after a kill at write \(n): \(again)")
             #expect(try Self.layout(disk) == to, "after the re-run (kill at write \(n))")
             #expect(try Self.content(disk) == Self.expected)
@@ -218,7 +218,7 @@ struct DiskLayoutTests {
     @Test func refusals() throws {
         let root = try ScratchDirectory("ploop-layoutbad")
         let disk = try Self.stage(root, "expanded")
-        #expect(try TestSupport.ploop("snapshot", "-u", "{11111111-1111-4111-8111-111111111111}", disk).code == 0)
+        #expect(InProcess.ploop("snapshot", "-u", "{11111111-1111-4111-8111-111111111111}", disk).code == 0)
         let cases: [([String], String)] = [
             (["convert", "-f", "raw", disk], "has snapshots (2 images)"),
             (["convert", "-f", "preallocated", disk], "merge them first with 'ploop snapshot-merge -A'"),
@@ -230,7 +230,7 @@ struct DiskLayoutTests {
         ]
         for (args, expect) in cases {
             let before = try ScratchDirectoryState(root.path)
-            let r = try TestSupport.ploop(args)
+            let r = InProcess.ploop(args)
             #expect(r.code != 0 && r.stderr.contains(expect), "\(args): \(r)")
             #expect(r.stderr.split(separator: "\n").count == 1, "\(args): more than one line: \(r.stderr)")
             #expect(try ScratchDirectoryState(root.path) == before, "\(args) changed files")
@@ -238,8 +238,8 @@ struct DiskLayoutTests {
         // → expanded is only the descriptor, and is allowed with snapshots.
         let other = try ScratchDirectory("ploop-layoutbad")
         let pre = try Self.stage(other, "preallocated")
-        #expect(try TestSupport.ploop("snapshot", pre).code == 0)
-        let r = try TestSupport.ploop("convert", "-f", "expanded", pre)
+        #expect(InProcess.ploop("snapshot", pre).code == 0)
+        let r = InProcess.ploop("convert", "-f", "expanded", pre)
         #expect(r.code == 0, "\(r)")
         #expect(try !Self.descriptor(pre).preallocated)
     }
@@ -251,22 +251,22 @@ struct RawDiskSnapshotTests {
     @Test func plainEverywhereAsTheOriginal() throws {
         let root = try ScratchDirectory("ploop-rawsnap")
         let disk = try DiskLayoutTests.stage(root, "raw")
-        let r = try TestSupport.ploop("snapshot", "-u", "{11111111-1111-4111-8111-111111111111}", disk)
+        let r = InProcess.ploop("snapshot", "-u", "{11111111-1111-4111-8111-111111111111}", disk)
         #expect(r.code == 0, "\(r)")
         let xml = try String(contentsOfFile: disk + "/DiskDescriptor.xml", encoding: .utf8)
         #expect(xml.components(separatedBy: "<Type>Plain</Type>").count == 3 && !xml.contains("Compressed"), "\(xml)")
         // Read back: the base raw, the delta ploop1.
         let d = try DiskLayoutTests.descriptor(disk)
         #expect(d.image(d.topGUID)!.kind == .compressed && d.image(d.base!)!.kind == .plain)
-        #expect(try TestSupport.ploop("snapshot-list", disk).code == 0)
-        #expect(try TestSupport.ploop("check", "-f", disk).code == 0)
+        #expect(InProcess.ploop("snapshot-list", disk).code == 0)
+        #expect(InProcess.ploop("check", "-f", disk).code == 0)
         // What we wrote before (Compressed above a Plain base) still reads.
         let older = xml.replacingOccurrences(of: "<Type>Plain</Type>\n        <File>root.hds.", with: "<Type>Compressed</Type>\n        <File>root.hds.")
         #expect(older != xml)
         try older.write(toFile: disk + "/DiskDescriptor.xml", atomically: true, encoding: .utf8)
-        #expect(try TestSupport.ploop("snapshot-list", disk).code == 0)
+        #expect(InProcess.ploop("snapshot-list", disk).code == 0)
         // Merging the snapshot down into the raw base keeps the data, and the disk is raw again.
-        let m = try TestSupport.ploop("snapshot-merge", disk)
+        let m = InProcess.ploop("snapshot-merge", disk)
         #expect(m.code == 0, "\(m)")
         #expect(try DiskLayoutTests.layout(disk) == "raw")
         #expect(try DiskLayoutTests.content(disk) == DiskLayoutTests.expected)
@@ -274,7 +274,7 @@ struct RawDiskSnapshotTests {
         let bad = try String(contentsOfFile: disk + "/DiskDescriptor.xml", encoding: .utf8)
             .replacingOccurrences(of: "</Blocksize>\n", with: "</Blocksize>\n      <Preallocated>1</Preallocated>\n")
         try bad.write(toFile: disk + "/DiskDescriptor.xml", atomically: true, encoding: .utf8)
-        let s = try TestSupport.ploop("snapshot-list", disk)
+        let s = InProcess.ploop("snapshot-list", disk)
         #expect(s.code != 0 && s.stderr.contains("<Preallocated> is set on a Plain (raw) disk"), "\(s)")
     }
 }

@@ -26,7 +26,7 @@ struct ExitCodeTests {
     }
 
     @Test func helpAndReadmePrintEveryRow() throws {
-        let help = try TestSupport.ploop("--help")
+        let help = InProcess.ploop("--help")
         #expect(help.code == 0)
         let readme = try String(contentsOfFile: TestSupport.packageRoot.appendingPathComponent("README.md").path, encoding: .utf8)
         for row in ExitCodes.table {
@@ -74,7 +74,7 @@ struct ExitCodeTests {
         try FileManager.default.createDirectory(atPath: dir.file("disk"), withIntermediateDirectories: false)
         try FileManager.default.createDirectory(atPath: dir.file("broken"), withIntermediateDirectories: false)
         for args in [["init", "-s", "16m", dir.file("disk/root.hds")], ["snapshot", "-u", g1, dir.file("disk")], ["init", "--no-descriptor", "-s", "16m", dir.file("a.hdd")]] {
-            let r = try TestSupport.ploop(args)
+            let r = InProcess.ploop(args)
             precondition(r.code == 0, "\(r)")
         }
         dir.write("bad.hdd", [UInt8](repeating: 0xAB, count: 100_000))
@@ -114,25 +114,25 @@ struct VerbosityTests {
 
     @Test func quietPrintsOnlyDataAndErrors() throws {
         let dir = try ScratchDirectory("ploop-verbosity")
-        let loud = try TestSupport.ploop("init", "--no-descriptor", "-s", "16m", dir.file("a.hdd"))
+        let loud = InProcess.ploop("init", "--no-descriptor", "-s", "16m", dir.file("a.hdd"))
         #expect(loud.code == 0 && loud.stdout.contains("Created"), "\(loud)")
-        let quiet = try TestSupport.ploop("-q", "init", "--no-descriptor", "-s", "16m", dir.file("b.hdd"))
+        let quiet = InProcess.ploop("-q", "init", "--no-descriptor", "-s", "16m", dir.file("b.hdd"))
         #expect(quiet.code == 0 && quiet.stdout.isEmpty && quiet.stderr.isEmpty, "\(quiet)")
         #expect(dir.read("a.hdd") == dir.read("b.hdd"), "-q changed what was made")
         // The data asked for is still printed, and errors too.
-        let info = try TestSupport.ploop("-q", "info", "--json", dir.file("b.hdd"))
+        let info = InProcess.ploop("-q", "info", "--json", dir.file("b.hdd"))
         #expect(info.code == 0 && info.stdout.contains("\"format\""), "\(info)")
-        let missing = try TestSupport.ploop("-q", "info", dir.file("c.hdd"))
+        let missing = InProcess.ploop("-q", "info", dir.file("c.hdd"))
         #expect(missing.code == 4 && missing.stderr.contains("no such file"), "\(missing)")
     }
 
     @Test func debugLinesAtFour() throws {
         let dir = try ScratchDirectory("ploop-verbosity")
-        _ = try TestSupport.ploop("init", "--no-descriptor", "-s", "16m", dir.file("a.hdd"))
-        let plain = try TestSupport.ploop("info", dir.file("a.hdd"))
+        _ = InProcess.ploop("init", "--no-descriptor", "-s", "16m", dir.file("a.hdd"))
+        let plain = InProcess.ploop("info", dir.file("a.hdd"))
         #expect(plain.code == 0 && plain.stderr.isEmpty, "\(plain)")
         for options in [["-v", "4"], ["-v"], ["-vv"], ["--verbose=4"]] {
-            let r = try TestSupport.ploop(options + ["info", dir.file("a.hdd")])
+            let r = InProcess.ploop(options + ["info", dir.file("a.hdd")])
             #expect(r.code == 0 && r.stdout == plain.stdout, "\(options): \(r)")
             // A UTC timestamp, the level, and what ran.
             let lines = r.stderr.split(separator: "\n")
