@@ -178,27 +178,23 @@ extension DeviceModel {
     func mergeLower(_ range: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] {
         let l1 = range.lowerBound
         let dest = try openForMerge(l1, tracked: false)
-        // The winner of each cluster: the highest source level that has it.
+        // The winner of each cluster: the highest source level that has it (top-most first).
         let sources: [Ploop1Image] = try stack.read { s throws(DeviceError) in
             try s.levels[(l1 + 1)...range.upperBound].reversed().map { lv throws(DeviceError) in
                 guard case .ploop1(let i) = lv.image else { throw .invalid("only the base may be raw") }
                 return i
             }
         }
-        var winners: [UInt64: (Ploop1Image, ImageBlock)] = [:]
-        for src in sources {
-            for (c, b) in src.allocatedClusters() where winners[c.value] == nil { winners[c.value] = (src, b) }
-        }
-        let order = winners.keys.sorted()
+        let winners = Offline.winners(of: sources)
         let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterBytes, alignment: 4096)
         defer { scratch.deallocate() }
-        for (i, c) in order.enumerated() {
-            let (src, b) = winners[c]!
+        for (i, w) in winners.enumerated() {
+            let (c, src) = (w.cluster.value, sources[w.source])
             try stack.read { _ throws(DeviceError) in
-                try locks.with(c) { () throws(DeviceError) in try copyCluster(c, from: src, b, into: dest, scratch: scratch) }
+                try locks.with(c) { () throws(DeviceError) in try copyCluster(c, from: src, w.block, into: dest, scratch: scratch) }
             }
             if i % 256 == 255 { try flushDelta(dest) }
-            reportProgress(i + 1, order.count, progress)
+            reportProgress(i + 1, winners.count, progress)
         }
         return try stack.write { s throws(DeviceError) -> [String] in
             try flushDelta(dest)

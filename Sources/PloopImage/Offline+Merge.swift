@@ -7,7 +7,35 @@ public enum MergeDestination: Sendable {
     case raw(RawImage)
 }
 
+/// A cluster of a merge and the copy that wins it: the top-most source's.
+public struct MergeWinner: Sendable, Equatable {
+    public var cluster: ClusterIndex
+    /// Which source (an index into them, top-most first).
+    public var source: Int
+    public var block: ImageBlock
+}
+
 extension Offline {
+    /// Every virtual cluster below `clusters` that some source maps, in cluster order, with the
+    /// top-most source's copy (`sources` top-most first). Only mapped clusters are listed: a
+    /// sparse 32 TiB image has a billion that none maps. The offline merge and the device's merge
+    /// of levels below its top both copy these.
+    public static func winners(of sources: [Ploop1Image], below clusters: UInt64 = .max) -> [MergeWinner] {
+        var all: [MergeWinner] = []
+        for (i, s) in sources.enumerated() {
+            for (c, b) in s.allocatedClusters() where c.value < clusters { all.append(MergeWinner(cluster: c, source: i, block: b)) }
+        }
+        all.sort { ($0.cluster.value, $0.source) < ($1.cluster.value, $1.source) }
+        // The first of each cluster is the top-most source's; the rest go, in place.
+        var kept = 0
+        for w in all.indices where kept == 0 || all[kept - 1].cluster != all[w].cluster {
+            all[kept] = all[w]
+            kept += 1
+        }
+        all.removeLast(all.count - kept)
+        return all
+    }
+
     public struct MergeSummary: Sendable, Codable, Equatable {
         public var clustersCopied: Int
         public var destinationGrew: Bool
@@ -46,19 +74,9 @@ extension Offline {
         var scratch = [UInt8](repeating: 0, count: cb)
         var copied = 0
         var sinceFlush = 0
-        // Only clusters some source maps (a sparse 32 TiB image has a billion that none does).
-        var mapped: [UInt64] = []
-        for s in sources { for (c, _) in s.allocatedClusters() where c.value < UInt64(clusters) { mapped.append(c.value) } }
-        mapped.sort()
-        var unique: [UInt64] = []
-        unique.reserveCapacity(mapped.count)
-        for c in mapped where unique.last != c { unique.append(c) }
-        mapped = []
-        for (i, c) in unique.enumerated() {
-            let cluster = ClusterIndex(c)
-            guard let (src, blk) = sources.lazy.compactMap({ s in s.block(of: cluster).map { (s, $0) } }).first else {
-                continue
-            }
+        let winners = winners(of: sources, below: UInt64(clusters))
+        for (i, w) in winners.enumerated() {
+            let (cluster, src, blk) = (w.cluster, sources[w.source], w.block)
             try rethrowingImageError {
                 try scratch.withUnsafeMutableBytes { s in
                     switch destination {
@@ -77,7 +95,7 @@ extension Offline {
                 try dst.flush()
                 sinceFlush = 0
             }
-            progress?(i + 1, unique.count)
+            progress?(i + 1, winners.count)
         }
         switch destination {
         case .ploop1(let dst): try dst.flush()

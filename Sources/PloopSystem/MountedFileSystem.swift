@@ -23,7 +23,7 @@ public final class MountedFileSystem: Sendable {
     public func thaw() throws(SystemError) { try shim("FITHAW", mountPoint) { cploop_fithaw(folder.fd) } }
 
     /// The file system's blocks and inodes, as df counts them.
-    public struct Space: Sendable, Equatable {
+    public struct Space: Codable, Sendable, Equatable {
         public var blockSize: UInt64
         public var blocks: UInt64
         public var blocksFree: UInt64

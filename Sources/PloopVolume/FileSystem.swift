@@ -154,22 +154,11 @@ public enum FileSystem {
         for m in Mounts.mountPoints(ofDeviceOrPartitions: device) { sync(m) }
     }
 
-    /// Usage of a mounted file system, as df counts it.
-    public struct Usage: Codable, Equatable, Sendable {
-        public var blockSize: UInt64
-        public var blocks: UInt64
-        public var blocksFree: UInt64
-        public var blocksAvailable: UInt64
-        public var inodes: UInt64
-        public var inodesFree: UInt64
-    }
+    /// Usage of a mounted file system, as df counts it (`disk info` prints it, JSON included).
+    public typealias Usage = MountedFileSystem.Space
 
     public static func usage(_ mountPoint: String) throws(VolumeError) -> Usage {
-        let s: MountedFileSystem.Space
-        do { s = try MountedFileSystem(mountPoint).space() } catch { throw VolumeError("statvfs \(mountPoint): \(error.message)", code: VolumeError.mount) }
-        return Usage(
-            blockSize: s.blockSize, blocks: s.blocks, blocksFree: s.blocksFree, blocksAvailable: s.blocksAvailable,
-            inodes: s.inodes, inodesFree: s.inodesFree)
+        do { return try MountedFileSystem(mountPoint).space() } catch { throw VolumeError("statvfs \(mountPoint): \(error.message)", code: VolumeError.mount) }
     }
 }
 
