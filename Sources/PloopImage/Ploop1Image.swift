@@ -186,7 +186,9 @@ public final class Ploop1Image: Sendable {
         commit(cluster: cluster, block: block)
     }
 
-    /// Makes every write durable: sync data, write the pending BAT entries, sync again.
+    /// Makes every write durable: sync data, write the pending BAT entries, sync again; then, the
+    /// first time the image holds data, the header without `CIF_Empty` (in-use mark kept), so an
+    /// image a crash leaves behind does not say it is empty while its BAT maps clusters.
     public func flush() throws(ImageError) {
         guard writable else { return }
         try flushLock.withLock { _ throws(ImageError) in
@@ -205,6 +207,7 @@ public final class Ploop1Image: Sendable {
                 try file.writeBytes(bytes, at: UInt64(PloopSpec.headerSize) + 4 * UInt64(first))
             }
             try file.sync()
+            try refreshEmptyFlag()
         }
     }
 

@@ -47,6 +47,23 @@ struct Ploop1ImageTests {
         try image.close()
     }
 
+    /// A flush that makes the first data durable also says so in the header: an image a crash
+    /// leaves behind (in-use mark still set, never closed) must not claim CIF_Empty while its BAT
+    /// maps clusters. Before, only a close or the driver's SYNC cleared the flag.
+    @Test func firstFlushOfDataClearsTheEmptyFlag() throws {
+        let file = try Fixture.image(clusters: 8)
+        let image = try Ploop1Image(file: file, writable: true)
+        #expect(try ImageHeader.decode(file.readBytes(64, at: 0)).flags.contains(.empty))
+        try Fixture.write(image, 5, Fixture.pattern(5, 1))
+        try image.flush()
+        // As a crash finds it: no close.
+        let h = try ImageHeader.decode(file.readBytes(64, at: 0))
+        #expect(h.inUse)
+        #expect(!h.flags.contains(.empty))
+        #expect(try file.readBytes(4, at: 64 + 4 * 5) == [1, 0, 0, 0])
+        try image.close()
+    }
+
     @Test func overwriteStaysInPlace() throws {
         let file = try Fixture.image(clusters: 8)
         _ = try Fixture.populate(file, clusters: [2], generation: 1)
