@@ -425,4 +425,46 @@ struct SimulatorTests {
             }
         }
     }
+
+    /// `snapshot -d` killed at each write before the driver takes the new delta over (the kernel
+    /// backend, whose user space makes the delta; the fake driver answers). Nothing but a whole
+    /// image ever appears under the new name, and the retry succeeds. Before, a kill before the
+    /// header was written left a 0-byte NEWDELTA that `check` calls fatal and a retry refused
+    /// ("already exists").
+    @Test func snapshotKilledWhileMakingItsDeltaLeavesNoHalfFile() throws {
+        try DeviceTestLock.run { try TestSupport.withBackend("kernel-fake") {
+            let s = try Stage()
+            let base = s.dir.file("base.hdd")
+            _ = try s.ploop("init", "--no-descriptor", "-s", "64m", base)
+            let dev = try s.mount([base])
+            var level = 0
+            for n in 1...8 {
+                let delta = s.dir.file("d\(n).hdd")
+                let run = try TestSupport.run(TestSupport.ploopBinary, ["snapshot", "-d", dev, delta], environment: ["PLOOP_TEST_CRASH_AT": "\(n)"])
+                if run.code == 0 {
+                    level += 1  // this many writes finish the command
+                } else {
+                    #expect(run.code == 137, "write \(n): \(run)")
+                    let kind = PathInfo.kind(delta)
+                    if kind != .missing {
+                        // Killed after the rename: a whole empty delta, which check accepts.
+                        let check = try TestSupport.ploop("check", "-r", delta)
+                        #expect(check.code == 0, "write \(n) left \(delta) that check refuses: \(check)")
+                        continue
+                    }
+                    let retry = try TestSupport.ploop("snapshot", "-d", dev, delta)
+                    #expect(retry.code == 0, "write \(n): the retry was refused: \(retry)")
+                    if retry.code == 0 { level += 1 }
+                }
+                // The builder's leftovers are gone once the name was made again.
+                let names = try FileManager.default.contentsOfDirectory(atPath: s.dir.path)
+                #expect(!names.contains { $0.hasPrefix("d\(n).hdd.new-") }, "write \(n): \(names)")
+            }
+            let list = try TestSupport.ploop("list", "--json")
+            #expect(list.code == 0 && list.stdout.contains("d8.hdd"), "\(list)")
+            #expect(level >= 1)
+            try s.umount(dev)
+        } }
+    }
+
 }

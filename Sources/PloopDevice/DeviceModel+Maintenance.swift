@@ -35,9 +35,8 @@ extension DeviceModel {
             case .success(let h): header = h
             case .failure(let e): throw .image(.format(path, e))
             }
-            let file = try lifting { () throws(ImageError) in try opener.create(path) }
+            let file = try lifting { () throws(ImageError) in try opener.createImage(path, header: header) }
             do throws(DeviceError) {
-                try lifting { () throws(ImageError) in try Ploop1Image.create(on: file, header: header) }
                 try stack.write { s throws(DeviceError) in
                     guard s.running, !s.top.readOnly else { throw .readOnly("device") }
                     let old = s.top

@@ -1,3 +1,4 @@
+import PloopFormat
 import PloopImage
 import PloopSystem
 import Synchronization
@@ -11,6 +12,9 @@ public protocol ImageOpener: Sendable {
     func open(_ path: String, writable: Bool, lock: Bool) throws(ImageError) -> any BlockFile
     /// Creates a new file; fails if it exists.
     func create(_ path: String) throws(ImageError) -> any BlockFile
+    /// Creates a new, empty delta holding `header`; nothing appears at `path` until it is whole
+    /// (on disk: see `ImagePath.createImage`). Fails if something is there.
+    func createImage(_ path: String, header: ImageHeader) throws(ImageError) -> any BlockFile
     func remove(_ path: String)
     /// Changes the lock `open` took on `file` (a level that becomes the top or a merge destination
     /// takes it exclusively; one that becomes read-only shares it). Fails, keeping the old lock's
@@ -20,6 +24,13 @@ public protocol ImageOpener: Sendable {
 
 extension ImageOpener {
     public func relock(_ file: any BlockFile, exclusive: Bool) throws(ImageError) {}
+
+    /// In memory a file has no half-made state a crash could leave: create, then write.
+    public func createImage(_ path: String, header: ImageHeader) throws(ImageError) -> any BlockFile {
+        let f = try create(path)
+        try Ploop1Image.create(on: f, header: header)
+        return f
+    }
 }
 
 /// Files on disk. With `locking`, every file is `flock`ed while open: the writable top (and a
@@ -48,6 +59,10 @@ public struct PosixOpener: ImageOpener {
         if locking { try ImagePath.lock(f, exclusive: true) }
         PathInfo.syncParentDirectory(of: path)
         return f
+    }
+
+    public func createImage(_ path: String, header: ImageHeader) throws(ImageError) -> any BlockFile {
+        try ImagePath.createImage(path, header: header, lock: locking)
     }
 
     public func remove(_ path: String) { PathInfo.remove(path) }

@@ -253,8 +253,10 @@ public final class Disk {
 
     func endJournal(_ j: Journal) {
         for f in j.files {
-            // A delta being built when the process died is still under its temporary name.
+            // A delta being built when the process died is still under its temporary name (an
+            // offline init's, or a device snapshot's).
             TemporaryFile.removeStale(of: f, suffix: "init")
+            TemporaryFile.removeStale(of: f, suffix: ImagePath.newImageSuffix)
             if !references(f) { PathInfo.removeRegularFile(f) }
         }
         PathInfo.removeRegularFile(journalPath)

@@ -50,6 +50,34 @@ public enum ImagePath {
         if !ok { throw .locked(file.path) }
     }
 
+    /// The suffix of an image `createImage` is building (`PATH.new-PID`).
+    public static let newImageSuffix = "new"
+
+    /// A new, empty image at `path`, published whole: built as `PATH.new-PID` (header and empty
+    /// BAT, synced), renamed into place (never over anything) with its folder synced, then opened
+    /// by its name (and locked exclusively with `lock`). A kill before the rename leaves only the
+    /// temporary file, which the next creation of the same name removes: nothing is ever left
+    /// under `path` that is not a whole image (a 0-byte delta used to be, and `check` calls that
+    /// fatal).
+    public static func createImage(_ path: String, header: ImageHeader, lock: Bool) throws(ImageError) -> PosixBlockFile {
+        if PathInfo.kind(path) != .missing { throw .alreadyExists(path) }
+        do {
+            let building = try TemporaryFile(destination: path, suffix: newImageSuffix, replace: false)
+            try Ploop1Image.create(on: PosixBlockFile(building.file), header: header)
+            try building.publish(replace: false)
+        } catch let e as PathInfo.PublishError {
+            throw .from(e, path)
+        } catch let e as ImageError {
+            throw e
+        } catch {
+            throw .io(SystemError("create", path: path, errno: EIO, reason: "\(error)"))
+        }
+        // The builder's descriptor (and its lock) closed with the scope above.
+        let f = try PosixBlockFile(path: path, mode: .readWrite)
+        if lock { try Self.lock(f, exclusive: true) }
+        return f
+    }
+
     /// Reads the first bytes and tells whether the file carries a ploop1 signature.
     public static func detectFormat(_ file: any BlockFile) throws(ImageError) -> ImageFormat {
         ImageHeader.hasSignature(try file.readBytes(16, at: 0)) ? .ploop1 : .raw

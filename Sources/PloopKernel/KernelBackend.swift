@@ -210,12 +210,10 @@ public final class KernelBackend: DeviceBackend {
         do { header = try ImageHeader.new(sizeSectors: sectors, clusterSectors: st.blockSize, version: version) } catch {
             throw .image(.format(newDelta, error))
         }
-        // User space makes the empty delta; the kernel takes it over by its descriptor.
-        if PathInfo.kind(newDelta) != .missing { throw .image(.alreadyExists(newDelta)) }
-        let file = try lifting { () throws(ImageError) in try PosixBlockFile(path: newDelta, mode: .createNew) }
+        // User space makes the empty delta (whole, or not at all); the kernel takes it over by its
+        // descriptor.
+        let file = try lifting { () throws(ImageError) in try ImagePath.createImage(newDelta, header: header, lock: false) }
         do throws(DeviceError) {
-            try lifting { () throws(ImageError) in try Ploop1Image.create(on: file, header: header) }
-            PathInfo.syncParentDirectory(of: newDelta)
             var ctl = Self.deltaControl(format: KernelABI.formatPloop1, flags: KernelABI.flagFSSync, clusterSectors: st.blockSize, fd: file.file.fd)
             ctl.c.pctl_level = UInt8(truncatingIfNeeded: st.deltas.count)
             try IoctlArgument.with(&ctl) { (p) throws(DeviceError) in
