@@ -467,4 +467,41 @@ struct SimulatorTests {
         } }
     }
 
+
+    /// A process holding the device open (raw, no file system) keeps it running: umount waits for
+    /// it to let go (up to PLOOP_UMOUNT_TIMEOUT seconds, 60 by default), then refuses and names
+    /// it, as the kernel driver refuses STOP while the device is open. Before, the simulator's
+    /// umount pulled the device from under the holder, whose next write failed with EIO.
+    @Test(arguments: TestSupport.cliBackends.filter { $0 != "kernel" })
+    func umountWaitsForWhatHoldsTheDeviceAndNamesIt(_ backend: String) throws {
+        try DeviceTestLock.run { try TestSupport.withBackend(backend) {
+            let s = try Stage()
+            let image = s.dir.file("held.hdd")
+            _ = try s.ploop("init", "--no-descriptor", "-s", "64m", image)
+            let dev = try s.mount([image])
+            /// `sleep` with the device open on descriptor 3, started and ended by its PID.
+            func holder(seconds: Int) throws -> Int32 {
+                let pid = try Spawn.start("/bin/sh", arguments: ["sh", "-c", "exec sleep \(seconds) 3<>\"$0\"", dev], environment: Spawn.environment)
+                for _ in 0..<200 where !BlockNode.openers(dev).contains(where: { $0.pid == pid && $0.command == "sleep" }) { usleep(10_000) }
+                return pid
+            }
+            let stubborn = try holder(seconds: 60)
+            defer {
+                kill(stubborn, SIGKILL)
+                _ = try? Spawn.wait(stubborn)
+            }
+            let refused = try TestSupport.run(TestSupport.ploopBinary, ["umount", "-d", dev], environment: ["PLOOP_UMOUNT_TIMEOUT": "1"])
+            #expect(refused.code == 17, "\(refused)")
+            #expect(refused.stderr.contains("held open by \(stubborn) (sleep)"), "\(refused)")
+            #expect(try TestSupport.ploop("list").stdout.contains(dev), "the device must still run")
+            kill(stubborn, SIGKILL)
+            _ = try? Spawn.wait(stubborn)
+            // One that lets go in a second: the umount waits for it and succeeds.
+            let brief = try holder(seconds: 1)
+            try s.umount(dev)
+            // It returned only once the holder had let go: the holder has ended by now.
+            #expect(Spawn.reapIfEnded(brief) != nil, "umount succeeded while \(brief) still held \(dev)")
+        } }
+    }
+
 }

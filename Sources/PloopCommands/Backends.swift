@@ -19,6 +19,8 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
             }
             env = choice
         }
+        // How long umount waits for a device's holders to let go (both backends), 60 s by default.
+        let umountTimeout = environment["PLOOP_UMOUNT_TIMEOUT"].flatMap(Double.init) ?? 60
         var choice = self == .auto ? (env ?? .auto) : self
         if choice == .auto {
             choice = KernelDeviceState.module().loaded ? .kernel : .simulator
@@ -30,13 +32,13 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
             if environment["PLOOP_KERNEL_FAKE"] == "simulator" {
                 if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)", code: ExitCodes.device) }
                 let paths = RuntimePaths()
-                return KernelBackend(transport: FakeKernel(lower: SimulatorBackend(paths: paths, daemonLogLevel: Verbosity.daemonLogLevel), sysfsRoot: paths.root + "/fake-kernel"))
+                return KernelBackend(transport: FakeKernel(lower: SimulatorBackend(paths: paths, daemonLogLevel: Verbosity.daemonLogLevel, umountTimeout: 0), sysfsRoot: paths.root + "/fake-kernel"), umountTimeout: umountTimeout)
             }
             if let why = KernelBackend.unavailableReason() { throw CommandFailure("cannot use the kernel backend: \(why)", code: ExitCodes.device) }
-            return KernelBackend()
+            return KernelBackend(umountTimeout: umountTimeout)
         case .simulator, .auto:
             if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)", code: ExitCodes.device) }
-            return SimulatorBackend(daemonLogLevel: Verbosity.daemonLogLevel)
+            return SimulatorBackend(daemonLogLevel: Verbosity.daemonLogLevel, umountTimeout: umountTimeout)
         }
     }
 }

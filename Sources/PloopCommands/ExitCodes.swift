@@ -124,7 +124,7 @@ public enum ExitCodes {
 
     static func of(_ e: DeviceError) -> Int32 {
         switch e {
-        case .busy, .wrongState, .deviceInUse: busy
+        case .busy, .wrongState, .deviceInUse, .heldOpen: busy
         case .aborted: aborted
         case .noSuchDevice, .unavailable, .badDeviceName: device
         case .notRunning: notMounted

@@ -111,6 +111,10 @@ extension Ploop {
                 whose daemon died is cleaned up (its images keep the in-use mark; the next mount \
                 checks them).
 
+                While processes hold the device open (a program writing to it raw), umount waits \
+                for them to let go, up to 60 seconds (PLOOP_UMOUNT_TIMEOUT), then refuses and \
+                names them (exit 17), as the kernel driver refuses to stop an open device.
+
                 Examples (from the manual):
                   ploop umount -d /dev/ploop0
                   ploop umount -m /mnt

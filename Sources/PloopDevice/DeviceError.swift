@@ -18,6 +18,8 @@ public enum DeviceError: Error, Sendable, Equatable, Codable, CustomStringConver
     case notSupported(String)
     case noSuchDevice(String)
     case deviceInUse(String)
+    /// EBUSY on STOP: processes have the device (or a partition) open; by "PID (command)".
+    case heldOpen(String, by: [String])
     case notRunning(String)
     case readOnly(String)
     case outOfRange(offset: UInt64, length: Int, size: UInt64)
@@ -70,6 +72,8 @@ public enum DeviceError: Error, Sendable, Equatable, Codable, CustomStringConver
         case .notSupported(let s): "not supported: \(s)"
         case .noSuchDevice(let d): "\(d): no such ploop device (see 'ploop list')"
         case .deviceInUse(let d): "\(d) is already in use"
+        case .heldOpen(let d, let by):
+            "\(d) is held open by \(by.isEmpty ? "another process" : by.joined(separator: ", ")): close what uses it, then unmount again"
         case .notRunning(let d): "\(d) is not running"
         case .readOnly(let d): "\(d) is read-only"
         case .outOfRange(let o, let l, let s): "I/O of \(l) bytes at \(o) is beyond the device size \(s)"

@@ -163,6 +163,13 @@ public enum PartitionNodes {
         do { try LoopControl.setSizeLimit(w.loop, bytes: sectors * 512) } catch { throw .system("resizing \(w.loop) (\(node))", errno: error.errno) }
     }
 
+    /// The processes (other than `excluded`) with `device` or one of its partition nodes open.
+    public static func openers(_ device: String, excluding excluded: Set<Int32>) -> [BlockNode.Opener] {
+        let nodes = [device] + (1...15).map { node(device, $0) }.filter { PathInfo.entryKind($0) == .device }
+        var seen = Set<Int32>()
+        return nodes.flatMap { BlockNode.openers($0, excluding: excluded) }.filter { seen.insert($0.pid).inserted }
+    }
+
     /// Whether a partition of `device` is held (mounted): the device must not stop then.
     public static func anyBusy(_ device: String) -> Bool {
         (1...15).contains { k in

@@ -55,7 +55,7 @@ public final class FakeKernel: KernelTransport {
     /// The errno the driver returns where the model throws.
     static func errno(_ e: DeviceError) -> Int32 {
         switch e {
-        case .busy, .unreadExtents, .deviceInUse: EBUSY
+        case .busy, .unreadExtents, .deviceInUse, .heldOpen: EBUSY
         case .invalid, .notRunning, .outOfRange, .noSuchDevice: EINVAL
         case .levelsOutOfRange, .notTopLevel, .unsuitableLevel, .wrongState, .cannotShrink, .notClusterMultiple, .invalidClusterSize,
             .noImages, .badDeviceName, .conflictingFlags, .protocolMismatch:

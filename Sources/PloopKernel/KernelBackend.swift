@@ -184,6 +184,9 @@ public final class KernelBackend: DeviceBackend {
                 let s = try currentState(n)
                 if s != .off { throw .busy(s) }
                 if Date() > deadline {
+                    // Name the processes where /proc shows them (a mounted file system is no process's).
+                    let holders = PartitionNodes.openers(device, excluding: [Host.processID])
+                    if !holders.isEmpty { throw .heldOpen(device, by: holders.map(\.description)) }
                     throw .deviceInUse("\(device) (still held open: unmount its file system and close what uses it)")
                 }
                 Thread.sleep(forTimeInterval: delay)

@@ -206,7 +206,7 @@ public final class SimulatorDaemon: Sendable {
             }
             // Only root and the daemon's own user may drive the device.
             guard let peer = try? UnixSocket.peer(c), peer.uid == 0 || peer.uid == Host.userID else { continue }
-            Thread { [self] in serve(LineChannel(c)) }.start()
+            Thread { [self] in serve(LineChannel(c, peer: peer.pid)) }.start()
         }
         // Stopped serving: the process ends only once the shutdown that ended it is complete.
         exitAfterShutdown()
@@ -247,7 +247,7 @@ public final class SimulatorDaemon: Sendable {
         case .info:
             return .info(model.info(device: device, backend: "simulator"))
         case .umount:
-            try shutdown(force: false)
+            try shutdown(force: false, requester: ch.peer)
         case .snapshot(let newDelta):
             try model.snapshot(newDelta: newDelta)
         case .merge(let from, let to):
@@ -302,13 +302,20 @@ public final class SimulatorDaemon: Sendable {
     /// flush would wait on FUSE workers that no longer exist, in an uninterruptible sleep that
     /// keeps the process (and its /dev/fuse descriptor) from ever going away: a device, its mount
     /// and every client hung for good. Seen once in CI.
-    func shutdown(force: Bool) throws {
+    /// `requester`: the process asking (its own descriptors of the device do not count, as the
+    /// kernel driver's STOP is issued on one).
+    func shutdown(force: Bool, requester: Int32? = nil) throws {
         try life.withLock { l throws in
             if l.phase == .stopped { return }
             if !force {
                 if Loop.isBusy(device) || PartitionNodes.anyBusy(device) {
                     throw DeviceError.deviceInUse("\(device) (a file system is mounted on it: umount it first, or use 'ploop umount -m')")
                 }
+                // As the kernel driver refuses STOP while the device is open: a process writing
+                // to it would otherwise get EIO, and its next open of the vanished node would
+                // create a regular file in /dev.
+                let holders = PartitionNodes.openers(device, excluding: Set([Host.processID] + (requester.map { [$0] } ?? [])))
+                if !holders.isEmpty { throw DeviceError.heldOpen(device, by: holders.map(\.description)) }
                 let st = model.state
                 if st != .off { throw DeviceError.busy(st) }
             }

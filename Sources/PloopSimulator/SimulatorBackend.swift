@@ -16,12 +16,18 @@ public final class SimulatorBackend: DeviceBackend {
     /// The log level of the daemons this backend starts ("debug", "trace"; nil: their default,
     /// or what `PLOOP_DAEMON_LOG_LEVEL` in our environment says).
     public let daemonLogLevel: String?
+    /// How long umount waits for processes that hold the device open to let go.
+    public let umountTimeout: Double
 
     /// `threads`: FUSE worker threads per device (1: libfuse's single-threaded loop). Default 4,
     /// or `PLOOP_FUSE_THREADS`.
-    public init(executable: String? = nil, paths: RuntimePaths = RuntimePaths(), threads: Int? = nil, daemonLogLevel: String? = nil) {
+    public init(
+        executable: String? = nil, paths: RuntimePaths = RuntimePaths(), threads: Int? = nil, daemonLogLevel: String? = nil,
+        umountTimeout: Double = 60
+    ) {
         self.paths = paths
         self.daemonLogLevel = daemonLogLevel
+        self.umountTimeout = umountTimeout
         self.threads = threads ?? ProcessInfo.processInfo.environment["PLOOP_FUSE_THREADS"].flatMap(Int.init) ?? 4
         self.executable = executable ?? ProcessInfo.processInfo.environment["PLOOP_BINARY"] ?? Self.selfExecutable()
     }
@@ -182,7 +188,7 @@ public final class SimulatorBackend: DeviceBackend {
         }
         if processAlive(st.pid) {
             do throws(DeviceError) {
-                try perform(device, .umount)
+                try stopWaitingForHolders(device)
                 // Wait for the daemon to be gone, so its images are unlocked when we return.
                 for _ in 0..<1000 {
                     if !processAlive(st.pid) { break }
@@ -199,6 +205,22 @@ public final class SimulatorBackend: DeviceBackend {
             } catch { throw error }
         }
         cleanupDead(st)
+    }
+
+    /// The umount request, repeated while processes hold the device open (a late close, udev),
+    /// for up to `umountTimeout` seconds, as the kernel backend repeats STOP on EBUSY.
+    func stopWaitingForHolders(_ device: String) throws(DeviceError) {
+        let deadline = Host.monotonicNanoseconds() + UInt64(max(0, umountTimeout) * 1e9)
+        var delay = 10
+        while true {
+            do throws(DeviceError) {
+                return try perform(device, .umount)
+            } catch .heldOpen(let d, let by) {
+                if Host.monotonicNanoseconds() >= deadline { throw .heldOpen(d, by: by) }
+            } catch { throw error }
+            Host.pause(milliseconds: delay)
+            delay = min(delay * 2, 500)
+        }
     }
 
     func isZombie(_ pid: Int32) -> Bool {

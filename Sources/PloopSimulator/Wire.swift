@@ -119,9 +119,14 @@ final class LineChannel: @unchecked Sendable {
     // @unchecked: one thread uses a channel at a time (a serving thread, or a client call that
     // took it from the idle pool).
     let channel: Channel
+    /// The process at the other end, where the daemon knows it (SO_PEERCRED).
+    let peer: Int32?
     private var buffer = [UInt8]()
 
-    init(_ channel: Channel) { self.channel = channel }
+    init(_ channel: Channel, peer: Int32? = nil) {
+        self.channel = channel
+        self.peer = peer
+    }
 
     func send<T: Encodable>(_ value: T) throws {
         var data = try JSONEncoder().encode(value)

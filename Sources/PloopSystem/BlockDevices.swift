@@ -26,6 +26,28 @@ public enum BlockNode {
         return false
     }
 
+    /// A process that has a block device open, as `/proc` shows it.
+    public struct Opener: Sendable, Equatable, CustomStringConvertible {
+        public var pid: Int32
+        public var command: String
+        public var description: String { "\(pid) (\(command))" }
+    }
+
+    /// The processes other than `excluded` with the block device of `path` (by its numbers) open,
+    /// from `/proc/PID/fd`. What the kernel itself holds (a loop device's backing, a mounted file
+    /// system) is not a process's descriptor and is not listed.
+    public static func openers(_ path: String, excluding excluded: Set<Int32> = []) -> [Opener] {
+        guard let wanted = numbers(path) else { return [] }
+        var out: [Opener] = []
+        for name in Folder.names("/proc") {
+            guard let pid = Int32(name), !excluded.contains(pid) else { continue }
+            let fds = "/proc/\(pid)/fd"
+            guard Folder.names(fds).contains(where: { numbers(fds + "/" + $0).map { $0 == wanted } ?? false }) else { continue }
+            out.append(Opener(pid: pid, command: Host.command(of: pid) ?? "?"))
+        }
+        return out
+    }
+
     /// `fsync(2)` of the node: the block layer's cached dirty pages reach the driver.
     public static func flush(_ path: String) {
         guard let f = try? File(path: path, mode: .readOnly) else { return }

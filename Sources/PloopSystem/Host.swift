@@ -17,6 +17,14 @@ public enum Host {
     /// Whether the descriptor is a terminal.
     public static func isTerminal(_ fd: Int32) -> Bool { isatty(fd) != 0 }
 
+    /// A process's command name (`/proc/PID/comm`), or nil when it is gone.
+    public static func command(of pid: Int32) -> String? {
+        guard let f = try? File(path: "/proc/\(pid)/comm", mode: .readOnly) else { return nil }
+        var bytes = [UInt8](repeating: 0, count: 64)
+        let n = bytes.withUnsafeMutableBytes { (try? f.read(into: $0, at: 0)) ?? 0 }
+        return String(decoding: bytes[0..<n].prefix { $0 != UInt8(ascii: "\n") }, as: UTF8.self)
+    }
+
     /// Sleeps the calling thread (for the short waits of polling loops).
     public static func pause(milliseconds: Int) { usleep(UInt32(milliseconds) * 1000) }
 

@@ -56,6 +56,19 @@ public enum Folder {
         _ = try retrying("mkdir", path) { RawPath.withCString(path) { mkdir($0, permissions) } }
     }
 
+    /// The names in a folder (without . and ..), as the bytes the kernel gives (see `RawPath`);
+    /// empty when it cannot be read.
+    public static func names(_ path: String) -> [String] {
+        guard let d = RawPath.withCString(path.isEmpty ? "/" : path, { opendir($0) }) else { return [] }
+        defer { closedir(d) }
+        var out: [String] = []
+        while let entry = readdir(d) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { RawPath.decode($0.prefix { $0 != 0 }) }
+            if name != "." && name != ".." { out.append(name) }
+        }
+        return out
+    }
+
     /// `rmdir(2)`: removes the folder only if it is empty.
     @discardableResult
     public static func removeEmpty(_ path: String) -> Bool { RawPath.withCString(path) { rmdir($0) } == 0 }

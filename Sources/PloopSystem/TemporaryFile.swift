@@ -44,11 +44,8 @@ public final class TemporaryFile {
         let slash = destination.lastIndex(of: "/")
         let dir = slash.map { String(destination[..<$0]) } ?? "."
         let prefix = (slash.map { String(destination[destination.index(after: $0)...]) } ?? destination) + ".\(suffix)-"
-        guard let d = RawPath.withCString(dir.isEmpty ? "/" : dir, { opendir($0) }) else { return [] }
-        defer { closedir(d) }
         var removed: [String] = []
-        while let entry = readdir(d) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { RawPath.decode($0.prefix { $0 != 0 }) }
+        for name in Folder.names(dir) {
             guard name.hasPrefix(prefix) else { continue }
             let pid = name.dropFirst(prefix.count)
             guard !pid.isEmpty, pid.allSatisfy({ $0.isASCII && $0.isNumber }) else { continue }
