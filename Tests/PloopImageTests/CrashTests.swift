@@ -56,13 +56,8 @@ struct CrashTests {
     }
 
     @Test func mergeCrashesLoseNothing() throws {
-        let base = try Fixture.image(clusters: 9000, path: "base")
-        let top = try Fixture.image(clusters: 9000, path: "top")
-        let old = try Fixture.populate(base, clusters: [0, 1, 2, 5], generation: 1)
-        let new = try Fixture.populate(top, clusters: [1, 3, 8999], generation: 2)
-        var merged = old
-        for (k, v) in new { merged[k] = v }
-        let topImage = try Ploop1Image(file: top, writable: false)
+        let stage = try Fixture.mergeStage()
+        let (base, topImage, old, new, merged) = (stage.base, stage.top, stage.old, stage.new, stage.merged)
         let points = try Self.everyCrashPoint(base.contents, { f in
             let dst = try Ploop1Image(file: f, writable: true)
             _ = try Offline.merge(sources: [topImage], into: .ploop1(dst), flushEvery: 1)

@@ -44,6 +44,24 @@ enum Fixture {
         return ref
     }
 
+    /// Two levels to merge: a base (clusters 0, 1, 2, 5) and a top (1, 3, 8999) over it, 9000
+    /// clusters each, with the base's content before and after merging the top into it.
+    struct MergeStage {
+        var base: MemoryBlockFile
+        var top: Ploop1Image
+        var old: [UInt64: [UInt8]]
+        var new: [UInt64: [UInt8]]
+        var merged: [UInt64: [UInt8]]
+    }
+
+    static func mergeStage() throws -> MergeStage {
+        let base = try image(clusters: 9000, path: "base")
+        let top = try image(clusters: 9000, path: "top")
+        let old = try populate(base, clusters: [0, 1, 2, 5], generation: 1)
+        let new = try populate(top, clusters: [1, 3, 8999], generation: 2)
+        return MergeStage(base: base, top: try Ploop1Image(file: top, writable: false), old: old, new: new, merged: old.merging(new) { $1 })
+    }
+
     static var forceDrop: Checker.Options {
         var o = Checker.Options()
         o.force = true

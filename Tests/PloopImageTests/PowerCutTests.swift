@@ -63,13 +63,8 @@ struct PowerCutTests {
     }
 
     @Test func mergeKeepsEveryClusterThroughAnyPowerCut() throws {
-        let base = try Fixture.image(clusters: 9000, path: "base")
-        let top = try Fixture.image(clusters: 9000, path: "top")
-        let old = try Fixture.populate(base, clusters: [0, 1, 2, 5], generation: 1)
-        let new = try Fixture.populate(top, clusters: [1, 3, 8999], generation: 2)
-        var merged = old
-        for (k, v) in new { merged[k] = v }
-        let topImage = try Ploop1Image(file: top, writable: false)
+        let stage = try Fixture.mergeStage()
+        let (base, topImage, old, new, merged) = (stage.base, stage.top, stage.old, stage.new, stage.merged)
         let rec = RecordingBlockFile(MemoryBlockFile(path: "merge", bytes: base.contents))
         let dst = try Ploop1Image(file: rec, writable: true)
         _ = try Offline.merge(sources: [topImage], into: .ploop1(dst), flushEvery: 2)
