@@ -504,4 +504,30 @@ struct SimulatorTests {
         } }
     }
 
+
+    /// state.json is written when what it says changes, not after every request: `ploop list`
+    /// asks each daemon for its info, and that rewrote (and fsynced) the file every time.
+    @Test func stateFileIsWrittenOnlyWhenTheStateChanges() throws {
+        try DeviceTestLock.run {
+            let s = try Stage()
+            let image = s.dir.file("state.hdd")
+            _ = try s.ploop("init", "--no-descriptor", "-s", "64m", image)
+            let dev = try s.mount([image])
+            guard let n = Int(dev.dropFirst("/dev/ploop".count)) else { Issue.record("device \(dev)"); return }
+            let state = (ProcessInfo.processInfo.environment["PLOOP_RUN_DIR"] ?? "/run/ploop") + "/ploop\(n)/state.json"
+            // A mark only a rewrite removes: trailing blanks, which JSON readers skip.
+            let mark = "\n \n"
+            let original = (try? String(contentsOfFile: state, encoding: .utf8)) ?? ""
+            #expect(!original.isEmpty, "no \(state)")
+            try (original + mark).write(toFile: state, atomically: true, encoding: .utf8)
+            for _ in 0..<3 { #expect(try TestSupport.ploop("list").stdout.contains(dev)) }
+            let after = (try? String(contentsOfFile: state, encoding: .utf8)) ?? ""
+            #expect(after.hasSuffix(mark), "state.json was rewritten by requests that changed nothing")
+            _ = try s.ploop("snapshot", "-d", dev, s.dir.file("state.1.hdd"))
+            let text = (try? String(contentsOfFile: state, encoding: .utf8)) ?? ""
+            #expect(text.contains("state.1.hdd") && !text.hasSuffix(mark), "state.json missed the new top: \(text)")
+            try s.umount(dev)
+        }
+    }
+
 }

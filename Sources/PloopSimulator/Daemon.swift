@@ -47,6 +47,8 @@ public final class SimulatorDaemon: Sendable {
         var loop = ""
         var replacedNode: [UInt32]?
         var listener: Channel?
+        /// What state.json holds now (nil: not written yet).
+        var written: RuntimeState?
     }
 
     private let life = Mutex(Life())
@@ -164,8 +166,10 @@ public final class SimulatorDaemon: Sendable {
         }
     }
 
-    /// Writes state.json (what `ploop list` and a later cleanup read). Under `life`'s lock, so two
-    /// threads never write it at once and a torn-down device is not written back.
+    /// Writes state.json (what `ploop list` and a later cleanup read) when what it says changed:
+    /// a request that changes nothing (info, a tracking read) costs no write and no fsync. Under
+    /// `life`'s lock, so two threads never write it at once and a torn-down device is not
+    /// written back.
     func saveState() throws {
         try life.withLock { l throws in
             guard l.phase != .stopped else { return }
@@ -175,7 +179,9 @@ public final class SimulatorDaemon: Sendable {
                 baseFormat: info.levels.first?.format ?? .ploop1, readOnly: options.request.readOnly,
                 clusterBytes: info.clusterBytes, sizeBytes: info.sizeBytes, loop: l.loop,
                 fuseFile: options.paths.fuseFile(options.index), state: info.state, replacedNode: l.replacedNode)
+            guard st != l.written else { return }
             try st.write(options.paths.state(options.index))
+            l.written = st
         }
     }
 
