@@ -144,12 +144,7 @@ public final class File: Sendable {
     /// `fallocate(2)` mode 0 over [0, length): strict (no fallback); false only for EOPNOTSUPP.
     public func allocateStrict(length: UInt64) throws(SystemError) {
         let len = try position("fallocate", length, 0)
-        while true {
-            let r = cploop_fallocate(fd, 0, 0, len)
-            if r == 0 { return }
-            if r == -EINTR { continue }
-            throw SystemError("fallocate", path: path, errno: -r)
-        }
+        try shim("fallocate", path) { cploop_fallocate(fd, 0, 0, len) }
     }
 
     /// `syncfs(2)`: the whole file system holding this file.
@@ -167,13 +162,11 @@ public final class File: Sendable {
     /// `flock(2)` without waiting. Returns false if another open file holds a conflicting lock.
     public func tryLock(_ kind: LockKind) throws(SystemError) -> Bool {
         let op = (kind == .shared ? LOCK_SH : LOCK_EX) | LOCK_NB
-        while true {
-            if flock(fd, op) == 0 { return true }
-            let e = errno
-            if e == EINTR { continue }
-            if e == EWOULDBLOCK { return false }
-            throw SystemError("flock", path: path, errno: e)
+        do { _ = try retrying("flock", path) { flock(fd, op) } } catch {
+            if error.errno == EWOULDBLOCK { return false }
+            throw error
         }
+        return true
     }
 
     public func unlock() { _ = flock(fd, LOCK_UN) }
@@ -190,26 +183,26 @@ public final class File: Sendable {
     public func allocate(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
         CrashPoint.step()
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
-        while true {
-            let r = cploop_fallocate(fd, 0, at, len)
-            if r == 0 { return true }
-            if r == -EINTR { continue }
-            if r == -EOPNOTSUPP || r == -ENOSYS { return false }
-            throw SystemError("fallocate", path: path, errno: -r)
-        }
+        return try unlessUnsupported { () throws(SystemError) in try shim("fallocate", path) { cploop_fallocate(fd, 0, at, len) } }
     }
 
     /// `fallocate(2)` with `FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE`.
     public func zeroRange(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
         CrashPoint.step()
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
-        while true {
-            let r = cploop_fallocate(fd, FallocateMode([.zeroRange, .keepSize]).rawValue, at, len)
-            if r == 0 { return true }
-            if r == -EINTR { continue }
-            if r == -EOPNOTSUPP || r == -ENOSYS { return false }
-            throw SystemError("fallocate", path: path, errno: -r)
+        return try unlessUnsupported { () throws(SystemError) in
+            try shim("fallocate", path) { cploop_fallocate(fd, FallocateMode([.zeroRange, .keepSize]).rawValue, at, len) }
         }
+    }
+
+    /// Runs a call; false instead of an error where the file system does not support it
+    /// (EOPNOTSUPP, ENOSYS), so the caller can do the work another way.
+    private func unlessUnsupported(_ body: () throws(SystemError) -> Void) throws(SystemError) -> Bool {
+        do { try body() } catch {
+            if error.errno == EOPNOTSUPP || error.errno == ENOSYS { return false }
+            throw error
+        }
+        return true
     }
 
     /// The file's extents from FIEMAP: (logical offset, length, unwritten) in byte order.

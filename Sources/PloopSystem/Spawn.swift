@@ -153,9 +153,8 @@ public enum Spawn {
         var failure: SystemError?
         while open.contains(true) && failure == nil {
             var fds = (0..<2).map { pollfd(fd: open[$0] ? readers[$0].fd : -1, events: Int16(POLLIN), revents: 0) }
-            if poll(&fds, 2, -1) < 0 {
-                if errno == EINTR { continue }
-                failure = SystemError("poll", path: executable, errno: errno)
+            do { _ = try retrying("poll", executable) { poll(&fds, 2, -1) } } catch {
+                failure = error
                 break
             }
             for i in 0..<2 where open[i] && fds[i].revents != 0 {
