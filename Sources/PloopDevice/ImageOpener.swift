@@ -10,8 +10,6 @@ public protocol ImageOpener: Sendable {
     /// daemon's) holds it (exclusively when `writable`, shared when not) for as long as the
     /// returned file lives. Openers that do not lock (in-process tests, memory) ignore `lock`.
     func open(_ path: String, writable: Bool, lock: Bool) throws(ImageError) -> any BlockFile
-    /// Creates a new file; fails if it exists.
-    func create(_ path: String) throws(ImageError) -> any BlockFile
     /// Creates a new, empty delta holding `header`; nothing appears at `path` until it is whole
     /// (on disk: see `ImagePath.createImage`). Fails if something is there.
     func createImage(_ path: String, header: ImageHeader) throws(ImageError) -> any BlockFile
@@ -24,13 +22,6 @@ public protocol ImageOpener: Sendable {
 
 extension ImageOpener {
     public func relock(_ file: any BlockFile, exclusive: Bool) throws(ImageError) {}
-
-    /// In memory a file has no half-made state a crash could leave: create, then write.
-    public func createImage(_ path: String, header: ImageHeader) throws(ImageError) -> any BlockFile {
-        let f = try create(path)
-        try Ploop1Image.create(on: f, header: header)
-        return f
-    }
 }
 
 /// Files on disk. With `locking`, every file is `flock`ed while open: the writable top (and a
@@ -51,14 +42,6 @@ public struct PosixOpener: ImageOpener {
     public func relock(_ file: any BlockFile, exclusive: Bool) throws(ImageError) {
         guard locking, let f = file as? PosixBlockFile else { return }
         try ImagePath.lock(f, exclusive: exclusive)
-    }
-
-    public func create(_ path: String) throws(ImageError) -> any BlockFile {
-        if PathInfo.kind(path) != .missing { throw .alreadyExists(path) }
-        let f = try PosixBlockFile(path: path, mode: .createNew)
-        if locking { try ImagePath.lock(f, exclusive: true) }
-        PathInfo.syncParentDirectory(of: path)
-        return f
     }
 
     public func createImage(_ path: String, header: ImageHeader) throws(ImageError) -> any BlockFile {
@@ -87,7 +70,8 @@ public final class MemoryOpener: ImageOpener {
         return wrap(f)
     }
 
-    public func create(_ path: String) throws(ImageError) -> any BlockFile {
+    /// In memory a file has no half-made state a crash could leave: created, then written.
+    public func createImage(_ path: String, header: ImageHeader) throws(ImageError) -> any BlockFile {
         let made: MemoryBlockFile? = files.withLock { d in
             if d[path] != nil { return nil }
             let f = MemoryBlockFile(path: path)
@@ -95,7 +79,9 @@ public final class MemoryOpener: ImageOpener {
             return f
         }
         guard let made else { throw .alreadyExists(path) }
-        return wrap(made)
+        let f = wrap(made)
+        try Ploop1Image.create(on: f, header: header)
+        return f
     }
 
     public func remove(_ path: String) { _ = files.withLock { $0.removeValue(forKey: path) } }
