@@ -43,17 +43,12 @@ public enum LoopDevice {
 
     /// /dev/loopN may be missing where no udev runs: make it from sysfs.
     public static func ensureNode(_ path: String, index: Int) throws(DeviceError) {
-        if numbers(path) != nil { return }
+        if BlockNode.numbers(path) != nil { return }
         guard let text = try? String(contentsOfFile: "/sys/block/loop\(index)/dev", encoding: .utf8) else { return }
         let parts = text.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ":").compactMap { UInt32($0) }
         guard parts.count == 2 else { return }
         do { try BlockNode.make(path, major: parts[0], minor: parts[1]) } catch {
             if error.code != .fileExists { throw .system("mknod \(path)", errno: error.errno) }
         }
-    }
-
-    /// The major and minor numbers of a block device node.
-    public static func numbers(_ path: String) -> (UInt32, UInt32)? {
-        BlockNode.numbers(path).map { ($0.major, $0.minor) }
     }
 }

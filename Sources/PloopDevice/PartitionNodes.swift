@@ -29,7 +29,7 @@ public enum PartitionNodes {
 
     /// The partitions the kernel knows on the block device behind `device`.
     public static func found(_ device: String) -> [Found] {
-        guard let (major, minor) = LoopDevice.numbers(device) else { return [] }
+        guard let (major, minor) = BlockNode.numbers(device) else { return [] }
         let sys = URL(fileURLWithPath: "/sys/dev/block/\(major):\(minor)").resolvingSymlinksInPath().path
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: sys) else { return [] }
         return names.compactMap { name -> Found? in
@@ -46,14 +46,14 @@ public enum PartitionNodes {
     /// that are gone. A node of another driver at one of the names is refused, untouched.
     @discardableResult
     public static func publish(_ device: String) throws(DeviceError) -> [Found] {
-        guard let (deviceMajor, _) = LoopDevice.numbers(device) else { throw .system("stat \(device)", errno: ENODEV) }
+        guard let (deviceMajor, _) = BlockNode.numbers(device) else { throw .system("stat \(device)", errno: ENODEV) }
         let parts = found(device)
         for p in parts {
             let node = node(device, p.number)
             switch PathInfo.entryKind(node) {
             case .missing: break
             case .device:
-                guard let (m, n) = LoopDevice.numbers(node) else { break }
+                guard let (m, n) = BlockNode.numbers(node) else { break }
                 if (m, n) == (p.major, p.minor) { continue }
                 guard m == deviceMajor || m == ploopMajor || m == p.major else {
                     throw .invalid("\(node) is a device node of another driver: it is not replaced; remove it")
@@ -71,7 +71,7 @@ public enum PartitionNodes {
         for k in 1...15 where !kept.contains(k) {
             // Only nodes of the simulator's kind (not the ploop driver's, which udev or the user
             // may have made) are ours to remove.
-            if let (m, _) = LoopDevice.numbers(node(device, k)), m != ploopMajor, window(node(device, k)) == nil,
+            if let (m, _) = BlockNode.numbers(node(device, k)), m != ploopMajor, window(node(device, k)) == nil,
                 m == deviceMajor || partitionMajors.contains(m) || m == extendedMajor
             {
                 BlockNode.remove(node(device, k))
@@ -113,7 +113,7 @@ public enum PartitionNodes {
         case .missing: break
         case .device:
             // Ours only if it is a loop window over this device; anything else stays.
-            guard window(node)?.backing == device || LoopDevice.numbers(node).map({ $0.0 == loopMajor && window(node) == nil }) == true else {
+            guard window(node)?.backing == device || BlockNode.numbers(node).map({ $0.0 == loopMajor && window(node) == nil }) == true else {
                 throw .invalid("\(node) is a device node of another driver: it is not replaced; remove it")
             }
             BlockNode.remove(node)
@@ -121,7 +121,7 @@ public enum PartitionNodes {
             throw .invalid("\(node) exists and is \(other), not a block device node: remove it")
         }
         let loop = try LoopDevice.attach(device, readOnly: false, offset: e.start * 512, sizeLimit: e.sectors * 512)
-        guard let (maj, min) = LoopDevice.numbers(loop) else {
+        guard let (maj, min) = BlockNode.numbers(loop) else {
             try? LoopDevice.detach(loop)
             throw .system("stat \(loop)", errno: ENODEV)
         }
@@ -140,7 +140,7 @@ public enum PartitionNodes {
 
     /// The loop window a node leads to, if it is one.
     static func window(_ node: String) -> Window? {
-        guard let (maj, min) = LoopDevice.numbers(node), maj == loopMajor else { return nil }
+        guard let (maj, min) = BlockNode.numbers(node), maj == loopMajor else { return nil }
         let sys = URL(fileURLWithPath: "/sys/dev/block/\(maj):\(min)").resolvingSymlinksInPath().path
         guard let backing = read(sys + "/loop/backing_file"), let offset = read(sys + "/loop/offset").flatMap({ UInt64($0) }),
             let limit = read(sys + "/loop/sizelimit").flatMap({ UInt64($0) })
@@ -166,8 +166,7 @@ public enum PartitionNodes {
     /// The processes (other than `excluded`) with `device` or one of its partition nodes open.
     public static func openers(_ device: String, excluding excluded: Set<Int32>) -> [BlockNode.Opener] {
         let nodes = [device] + (1...15).map { node(device, $0) }.filter { PathInfo.entryKind($0) == .device }
-        var seen = Set<Int32>()
-        return nodes.flatMap { BlockNode.openers($0, excluding: excluded) }.filter { seen.insert($0.pid).inserted }
+        return BlockNode.openers(of: nodes, excluding: excluded)
     }
 
     /// Whether a partition of `device` is held (mounted): the device must not stop then.
@@ -213,7 +212,7 @@ public enum PartitionNodes {
         removeWindows(device)
         for k in 1...15 {
             let n = node(device, k)
-            guard let (m, _) = LoopDevice.numbers(n), m != ploopMajor, m == major || m == partitionMajor else { continue }
+            guard let (m, _) = BlockNode.numbers(n), m != ploopMajor, m == major || m == partitionMajor else { continue }
             BlockNode.remove(n)
         }
     }

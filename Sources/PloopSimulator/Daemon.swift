@@ -314,7 +314,7 @@ public final class SimulatorDaemon: Sendable {
         try life.withLock { l throws in
             if l.phase == .stopped { return }
             if !force {
-                if Loop.isBusy(device) || PartitionNodes.anyBusy(device) {
+                if BlockNode.isHeld(device) || PartitionNodes.anyBusy(device) {
                     throw DeviceError.deviceInUse("\(device) (a file system is mounted on it: umount it first, or use 'ploop umount -m')")
                 }
                 // As the kernel driver refuses STOP while the device is open: a process writing
@@ -326,7 +326,7 @@ public final class SimulatorDaemon: Sendable {
                 if st != .off { throw DeviceError.busy(st) }
             }
             // Whatever the block layer still caches for the device goes down to the model first.
-            Loop.flushBlockDevice(device)
+            BlockNode.flush(device)
             teardown(&l)
             log.info("stopped")
         }

@@ -11,14 +11,14 @@ enum Loop {
     /// Makes `/dev/ploopN` a block node with the loop device's numbers. A node the user made for
     /// the kernel driver (major 182) is replaced and its numbers returned, to restore on umount.
     static func linkNode(_ node: String, to loop: String) throws(DeviceError) -> [UInt32]? {
-        guard let (maj, min) = LoopDevice.numbers(loop) else { throw .system("stat \(loop)", errno: ENODEV) }
+        guard let (maj, min) = BlockNode.numbers(loop) else { throw .system("stat \(loop)", errno: ENODEV) }
         var replaced: [UInt32]?
         switch PathInfo.entryKind(node) {
         case .missing: break
         case .device:
             // Only a node of the ploop driver (put back on umount) or of the loop driver (a
             // simulated device's node left by a crash) is ours to replace.
-            guard let (m, n) = LoopDevice.numbers(node), m == 182 || m == maj else {
+            guard let (m, n) = BlockNode.numbers(node), m == 182 || m == maj else {
                 throw .invalid("\(node) is a device node of another driver: it is not replaced; remove it or choose another device")
             }
             if m == 182 { replaced = [m, n] }
@@ -32,14 +32,8 @@ enum Loop {
 
     /// Removes `/dev/ploopN` and the partition nodes made for it.
     static func unlinkNode(_ node: String, restoring replaced: [UInt32]?) {
-        if let (major, _) = LoopDevice.numbers(node), major != PartitionNodes.ploopMajor { PartitionNodes.removeNodes(node, major: major) }
+        if let (major, _) = BlockNode.numbers(node), major != PartitionNodes.ploopMajor { PartitionNodes.removeNodes(node, major: major) }
         BlockNode.remove(node)
         if let r = replaced, r.count == 2 { try? BlockNode.make(node, major: r[0], minor: r[1]) }
     }
-
-    /// fsync of a block device node: its cached dirty pages are written to the device.
-    static func flushBlockDevice(_ node: String) { BlockNode.flush(node) }
-
-    /// Whether a block device is held open exclusively (a mounted file system holds it).
-    static func isBusy(_ node: String) -> Bool { BlockNode.isHeld(node) }
 }

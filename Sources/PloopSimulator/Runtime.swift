@@ -62,5 +62,3 @@ public struct RuntimeState: Codable, Sendable, Equatable {
     }
 }
 
-/// A process id that is alive.
-func processAlive(_ pid: Int32) -> Bool { Host.processExists(pid) }

@@ -65,14 +65,14 @@ public final class SimulatorBackend: DeviceBackend {
         if let d = request.device {
             guard let i = DeviceName.index(d) else { throw .badDeviceName(d) }
             if FileManager.default.fileExists(atPath: paths.directory(i)) { throw .deviceInUse(d) }
-            if let (major, _) = LoopDevice.numbers(d), major != 182 {
+            if let (major, _) = BlockNode.numbers(d), major != 182 {
                 throw .deviceInUse("\(d) (a block device that is not ploop's)")
             }
             n = i
         } else {
             n = (0..<4096).first { i in
                 !FileManager.default.fileExists(atPath: paths.directory(i))
-                    && (LoopDevice.numbers(DeviceName.name(i)).map { $0.0 == 182 } ?? !FileManager.default.fileExists(atPath: DeviceName.name(i)))
+                    && (BlockNode.numbers(DeviceName.name(i)).map { $0.0 == 182 } ?? !FileManager.default.fileExists(atPath: DeviceName.name(i)))
             } ?? 4096
         }
         try spawn(index: n, request)
@@ -186,12 +186,12 @@ public final class SimulatorBackend: DeviceBackend {
             }
             throw .noSuchDevice(device)
         }
-        if processAlive(st.pid) {
+        if Host.processExists(st.pid) {
             do throws(DeviceError) {
                 try stopWaitingForHolders(device)
                 // Wait for the daemon to be gone, so its images are unlocked when we return.
                 for _ in 0..<1000 {
-                    if !processAlive(st.pid) { break }
+                    if !Host.processExists(st.pid) { break }
                     if isZombie(st.pid) {
                         // Started by this process: reap it (elsewhere waitpid says ECHILD, harmlessly).
                         Spawn.reapIfEnded(st.pid)
@@ -254,7 +254,7 @@ public final class SimulatorBackend: DeviceBackend {
 
     public func sync(_ device: String) throws(DeviceError) {
         // Push what the block layer still caches down to the daemon first.
-        Loop.flushBlockDevice(device)
+        BlockNode.flush(device)
         try perform(device, .sync)
     }
 

@@ -37,13 +37,22 @@ public enum BlockNode {
     /// from `/proc/PID/fd`. What the kernel itself holds (a loop device's backing, a mounted file
     /// system) is not a process's descriptor and is not listed.
     public static func openers(_ path: String, excluding excluded: Set<Int32> = []) -> [Opener] {
-        guard let wanted = numbers(path) else { return [] }
+        openers(of: [path], excluding: excluded)
+    }
+
+    /// The processes with any of the block devices of `paths` open, each once; `/proc` is read
+    /// once for all of them.
+    public static func openers(of paths: [String], excluding excluded: Set<Int32> = []) -> [Opener] {
+        let wanted = Set(paths.compactMap { numbers($0).map { UInt64($0.major) << 32 | UInt64($0.minor) } })
+        guard !wanted.isEmpty else { return [] }
         var out: [Opener] = []
         for name in Folder.names("/proc") {
             guard let pid = Int32(name), !excluded.contains(pid) else { continue }
             let fds = "/proc/\(pid)/fd"
-            guard Folder.names(fds).contains(where: { numbers(fds + "/" + $0).map { $0 == wanted } ?? false }) else { continue }
-            out.append(Opener(pid: pid, command: Host.command(of: pid) ?? "?"))
+            let holds = Folder.names(fds).contains { fd in
+                numbers(fds + "/" + fd).map { wanted.contains(UInt64($0.major) << 32 | UInt64($0.minor)) } ?? false
+            }
+            if holds { out.append(Opener(pid: pid, command: Host.command(of: pid) ?? "?")) }
         }
         return out
     }
