@@ -70,7 +70,8 @@ public final class MemoryOpener: ImageOpener {
         return wrap(f)
     }
 
-    /// In memory a file has no half-made state a crash could leave: created, then written.
+    /// The name is taken at once (a second create fails) and given up again if writing the
+    /// header fails (an injected fault), so nothing half-made stays under it, as on disk.
     public func createImage(_ path: String, header: ImageHeader) throws(ImageError) -> any BlockFile {
         let made: MemoryBlockFile? = files.withLock { d in
             if d[path] != nil { return nil }
@@ -80,7 +81,10 @@ public final class MemoryOpener: ImageOpener {
         }
         guard let made else { throw .alreadyExists(path) }
         let f = wrap(made)
-        try Ploop1Image.create(on: f, header: header)
+        do { try Ploop1Image.create(on: f, header: header) } catch {
+            remove(path)
+            throw error
+        }
         return f
     }
 

@@ -229,12 +229,25 @@ public final class MemoryBlockFile: BlockFile {
 }
 
 /// A count of mutating file calls (write, sync, truncate, allocate, punch, copy) that may still
-/// happen; the next one fails with `injectedCrash`. One budget can be shared by every file of an
-/// operation, so "the Nth change anywhere" is a crash point. Unarmed, it never fires.
+/// happen; the next one fails. One budget can be shared by every file of an operation, so "the
+/// Nth change anywhere" is a crash point (or a fault point). Unarmed, it never fires.
 public final class CrashBudget: Sendable {
-    private let remaining: Mutex<Int?>
+    /// What the call that spends the budget does.
+    public enum Failure: Sendable, Equatable {
+        /// Fails with `injectedCrash`, and so does every call after it: a process killed there.
+        case crash
+        /// Fails with this errno (as the disk's error, naming the call and the file); the calls
+        /// after it succeed (`sticky`: fail too, a disk that stays bad).
+        case error(Int32, sticky: Bool)
+    }
 
-    public init(_ calls: Int? = nil) { remaining = Mutex(calls) }
+    private let remaining: Mutex<Int?>
+    public let failure: Failure
+
+    public init(_ calls: Int? = nil, failure: Failure = .crash) {
+        remaining = Mutex(calls)
+        self.failure = failure
+    }
 
     /// Allows `n` more calls, then fails the next.
     public func arm(_ n: Int) { remaining.withLock { $0 = n } }
@@ -242,13 +255,20 @@ public final class CrashBudget: Sendable {
     /// Never fires again.
     public func disarm() { remaining.withLock { $0 = nil } }
 
-    public func step() throws(ImageError) {
-        let ok = remaining.withLock { r -> Bool in
-            guard let left = r else { return true }
+    public func step(_ call: String, _ path: String) throws(ImageError) {
+        let fires = remaining.withLock { r -> Bool in
+            guard let left = r else { return false }
             r = left - 1
-            return left > 0
+            switch failure {
+            case .crash, .error(_, sticky: true): return left <= 0
+            case .error(_, sticky: false): return left == 0
+            }
         }
-        if !ok { throw .injectedCrash }
+        guard fires else { return }
+        switch failure {
+        case .crash: throw .injectedCrash
+        case .error(let e, _): throw .io(SystemError(call, path: path, errno: e))
+        }
     }
 
     /// Whether a call failed.
@@ -277,34 +297,34 @@ public final class CrashingBlockFile: BlockFile {
     /// How many mutating calls were left when the operation ended (negative: it crashed).
     public var callsLeft: Int { budget.callsLeft ?? 0 }
 
-    private func step() throws(ImageError) { try budget.step() }
+    private func step(_ call: String) throws(ImageError) { try budget.step(call, base.path) }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(ImageError) -> Int {
         try base.read(into: buffer, at: offset)
     }
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageError) {
-        try step()
+        try step("write")
         try base.write(buffer, at: offset)
     }
     public func sync() throws(ImageError) {
-        try step()
+        try step("fsync")
         try base.sync()
     }
     public func truncate(to length: UInt64) throws(ImageError) {
-        try step()
+        try step("ftruncate")
         try base.truncate(to: length)
     }
     public func size() throws(ImageError) -> UInt64 { try base.size() }
     public func allocate(at offset: UInt64, length: UInt64) throws(ImageError) {
-        try step()
+        try step("fallocate")
         try base.allocate(at: offset, length: length)
     }
     public func punchHole(at offset: UInt64, length: UInt64) throws(ImageError) {
-        try step()
+        try step("fallocate")
         try base.punchHole(at: offset, length: length)
     }
     public func copy(from source: any BlockFile, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
-        try step()
+        try step("copy_file_range")
         try base.copy(from: source, at: sourceOffset, to: offset, length: length, scratch: scratch)
     }
 }

@@ -39,6 +39,10 @@ extension Ploop1Image {
             for (i, blk) in moving.enumerated() {
                 let target = ImageBlock(dest)
                 guard layout.canEncode(target) else { throw .fileTooLarge(path, block: dest) }
+                // Taken before it is written: if a later step fails while the image stays open (a
+                // device's online grow), the next allocation must not hand out a block an entry
+                // may already point at (at worst it is leaked, and `check` trims it).
+                setAllocHead(max(allocHead, dest + 1))
                 try rethrowingImageError {
                     try scratch.withUnsafeMutableBytes { s in
                         try file.copy(from: file, at: UInt64(blk) * cb, to: UInt64(dest) * cb, length: clusterBytes, scratch: s)
@@ -51,7 +55,7 @@ extension Ploop1Image {
                 dest += 1
                 progress?(i + 1, moving.count)
             }
-            setAllocHead(dest)
+            setAllocHead(max(allocHead, dest))
             // The new BAT area: old slots past the old size, and the clusters just vacated.
             try file.zeroFill(at: oldBATEnd, count: UInt64(newL1) * cb - oldBATEnd)
         } else {
