@@ -1,22 +1,69 @@
 import Glibc
 import Synchronization
 
-/// A test hook for crash tests of whole commands: with `PLOOP_TEST_CRASH_AT=N` in the
-/// environment, the process ends at once (`_exit(137)`, as if killed: no cleanup, no signal
-/// handlers) just before its Nth change to a file (write, sync, truncate, fallocate, rename,
-/// unlink). Everything before it happened; nothing after. Unset, it costs one load per call.
+/// Test hooks for crash and fault tests of whole commands. Each change a process makes to a file
+/// (write, sync, truncate, fallocate, rename, unlink) is a numbered step, from 1.
+///
+/// - `PLOOP_TEST_CRASH_AT=N`: the process ends at once (`_exit(137)`, as if killed: no cleanup,
+///   no signal handlers) just before step N. Everything before it happened; nothing after.
+/// - `PLOOP_TEST_FAULT=ERRNO@N` (`EIO@7`, `ENOSPC@12`): step N fails with that errno instead of
+///   doing anything, as a failing or full disk would; the steps after it run normally.
+///   `ERRNO@N+` fails step N and every step after it (a disk that stays bad).
+///
+/// A fault that fires says so on stderr (`ploop-test: injected ENOSPC at step 7 (write PATH)`),
+/// so a test knows it was reached even where the command handles the error. Unset, each costs
+/// one load per call.
 public enum CrashPoint {
-    /// The environment variable; processes a command starts for good (device daemons) do not get it.
+    /// The environment variables; processes a command starts for good (device daemons) get neither.
     public static let variable = "PLOOP_TEST_CRASH_AT"
+    public static let faultVariable = "PLOOP_TEST_FAULT"
+
+    /// A parsed `PLOOP_TEST_FAULT`.
+    public struct Fault: Sendable, Equatable {
+        public var errno: Int32
+        public var step: Int
+        public var sticky: Bool
+
+        /// The errnos a fault may name: what a disk returns.
+        public static let names: [String: Int32] = ["EIO": EIO, "ENOSPC": ENOSPC, "EDQUOT": EDQUOT, "EROFS": EROFS]
+
+        public init?(_ text: String) {
+            let parts = text.split(separator: "@", omittingEmptySubsequences: false)
+            guard parts.count == 2, let e = Self.names[String(parts[0])] else { return nil }
+            var n = Substring(parts[1])
+            sticky = n.hasSuffix("+")
+            if sticky { n = n.dropLast() }
+            guard let s = Int(n), s > 0 else { return nil }
+            errno = e
+            step = s
+        }
+
+        public func fails(_ n: Int) -> Bool { sticky ? n >= step : n == step }
+    }
+
     private static let limit: Int? = {
         guard let v = getenv(variable) else { return nil }
         return Int(String(cString: v))
     }()
+    private static let fault: Fault? = {
+        guard let v = getenv(faultVariable) else { return nil }
+        return Fault(String(cString: v))
+    }()
+    private static let armed = limit != nil || fault != nil
     private static let count = Atomic<Int>(0)
 
+    /// One step: `call` about to change `path`. Ends the process or throws the injected error
+    /// when a hook says so.
     @inline(__always)
-    public static func step() {
-        guard let limit else { return }
-        if count.add(1, ordering: .relaxed).newValue >= limit { _exit(137) }
+    public static func step(_ call: String, _ path: String) throws(SystemError) {
+        guard armed else { return }
+        let n = count.add(1, ordering: .relaxed).newValue
+        if let limit, n >= limit { _exit(137) }
+        if let fault, fault.fails(n) {
+            let name = Fault.names.first { $0.value == fault.errno }?.key ?? "\(fault.errno)"
+            let note = Array("ploop-test: injected \(name) at step \(n) (\(call) \(path))\n".utf8)
+            _ = note.withUnsafeBytes { Glibc.write(2, $0.baseAddress, $0.count) }
+            throw SystemError(call, path: path, errno: fault.errno)
+        }
     }
 }

@@ -111,7 +111,7 @@ public final class File: Sendable {
 
     /// `pwrite(2)` of the whole buffer.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
-        CrashPoint.step()
+        try CrashPoint.step("write", path)
         var done = 0
         while done < buffer.count {
             let at = try position("write", offset, done)
@@ -131,13 +131,13 @@ public final class File: Sendable {
 
     /// `fsync(2)`.
     public func sync() throws(SystemError) {
-        CrashPoint.step()
+        try CrashPoint.step("fsync", path)
         _ = try retrying("fsync", path) { fsync(fd) }
     }
 
     /// `fdatasync(2)`.
     public func dataSync() throws(SystemError) {
-        CrashPoint.step()
+        try CrashPoint.step("fdatasync", path)
         _ = try retrying("fdatasync", path) { fdatasync(fd) }
     }
 
@@ -152,7 +152,7 @@ public final class File: Sendable {
 
     /// `ftruncate(2)`.
     public func truncate(to length: UInt64) throws(SystemError) {
-        CrashPoint.step()
+        try CrashPoint.step("ftruncate", path)
         let to = try position("ftruncate", length, 0)
         try lifting("ftruncate", path) { try descriptor.resize(to: to) }
     }
@@ -173,7 +173,7 @@ public final class File: Sendable {
 
     /// `fallocate(2)` with `FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE`.
     public func punchHole(at offset: UInt64, length: UInt64) throws(SystemError) {
-        CrashPoint.step()
+        try CrashPoint.step("fallocate", path)
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
         try shim("fallocate", path) { cploop_fallocate(fd, FallocateMode([.punchHole, .keepSize]).rawValue, at, len) }
     }
@@ -181,14 +181,14 @@ public final class File: Sendable {
     /// `fallocate(2)` mode 0: real space that reads as zeros. Returns false where the file system
     /// cannot (EOPNOTSUPP), so the caller can write zeros instead.
     public func allocate(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
-        CrashPoint.step()
+        try CrashPoint.step("fallocate", path)
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
         return try unlessUnsupported { () throws(SystemError) in try shim("fallocate", path) { cploop_fallocate(fd, 0, at, len) } }
     }
 
     /// `fallocate(2)` with `FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE`.
     public func zeroRange(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
-        CrashPoint.step()
+        try CrashPoint.step("fallocate", path)
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
         return try unlessUnsupported { () throws(SystemError) in
             try shim("fallocate", path) { cploop_fallocate(fd, FallocateMode([.zeroRange, .keepSize]).rawValue, at, len) }
@@ -239,6 +239,7 @@ public final class File: Sendable {
     /// `copy_file_range(2)` of exactly `length` bytes (the kernel may copy without a user buffer).
     /// Falls back to read/write when the file systems refuse.
     public func copy(from source: File, at sourceOffset: UInt64, to offset: UInt64, length: Int, scratch: UnsafeMutableRawBufferPointer) throws(SystemError) {
+        try CrashPoint.step("copy_file_range", path)
         var inOff = try position("copy_file_range", sourceOffset, 0)
         var outOff = try position("copy_file_range", offset, 0)
         _ = try position("copy_file_range", offset, length)  // the end must be an off_t too
@@ -383,7 +384,7 @@ public enum PathInfo {
     /// appeared at `destination` meanwhile is not replaced either (`RENAME_NOREPLACE`).
     public static func publish(_ temp: String, as destination: String, replace: Bool) throws(PublishError) {
         try checkDestination(destination, replace: replace)
-        CrashPoint.step()
+        do { try CrashPoint.step("rename", destination) } catch { throw .system(error) }
         let r: Int32
         if replace && entryKind(destination) == .regular {
             r = RawPath.withCString(temp) { t in RawPath.withCString(destination) { d in rename(t, d) == 0 ? 0 : -errno } }
@@ -423,7 +424,7 @@ public enum PathInfo {
     @discardableResult
     public static func removeRegularFile(_ path: String) -> Bool {
         guard entryKind(path) == .regular else { return false }
-        CrashPoint.step()
+        do { try CrashPoint.step("unlink", path) } catch { return false }
         return RawPath.withCString(path) { unlink($0) } == 0
     }
 
