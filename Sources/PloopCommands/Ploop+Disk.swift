@@ -378,14 +378,29 @@ enum DiskCommands {
         return dev.device
     }
 
+    /// Checks every delta of the chain. Read-only (`-r`), the disk is opened as it is: an operation
+    /// a failure or a crash left unfinished is reported (exit 17) instead of finished, and the
+    /// chain the descriptor names now is checked.
     static func check(_ argument: String, uuid: String?, options: Checker.Options, silent: Bool, json: Bool, hardForce: Bool) throws {
-        let d = try DiskDevices.open(argument)
+        let d: Disk
+        var pending: String?
+        if options.readOnly {
+            guard let dd = Disk.descriptorPath(for: argument) else { throw CommandFailure(DiskError.noDescriptor(argument)) }
+            d = try Disk.openAsIs(dd)
+            pending = d.pendingOperation()
+            if let pending {
+                Console.write(to: .error, "ploop: \(d.descriptorPath): \(pending); run `ploop check` without -r, or any command on the disk, to finish it\n")
+            }
+        } else {
+            d = try DiskDevices.open(argument)
+        }
         let g = try uuid.map(parseGUID)
         if let g, d.descriptor.shot(g) == nil { throw CommandFailure(DiskError.unknownGUID(d.descriptorPath, g)) }
         var worst: Int32 = 0
         var reports: [Ploop.JSONReport] = []
         for (i, p) in d.chainPaths(from: g).enumerated() {
             if i == 0 && d.baseFormat == .raw { continue }
+            if pending != nil && PathInfo.kind(p) != .regular { continue }  // not made yet: finishing makes it
             let progress = ProgressLine("checking").reporter
             let r = try Checker.check(path: p, options: options, progress: progress)
             reports.append(Ploop.JSONReport(r))
@@ -394,6 +409,7 @@ enum DiskCommands {
         }
         if json { print(try Output.json(reports)) }
         if worst != 0 { throw CommandFailure("", code: worst) }
+        if pending != nil { throw CommandFailure("", code: ExitCodes.busy) }
     }
 
     struct InfoReport: Encodable {
@@ -589,6 +605,9 @@ extension Ploop {
             let v = FormatVersion(rawValue: Int(version!)!)!
             guard Disk.descriptorPath(for: disk) != nil else {
                 let changed = try Offline.convertVersion(path: disk, to: v)
+                if let left = Offline.leftoverConversionFile(of: disk) {
+                    Console.write(to: .error, "ploop: warning: cannot remove \(left) (the conversion is done); the next conversion removes it, or remove it by hand\n")
+                }
                 print(changed ? "ploop image has been successfully converted" : "\(disk) is already v\(v.rawValue)")
                 return
             }

@@ -124,10 +124,12 @@ extension Disk {
         let file = newDeltaPath()
         let next = afterSnapshot(g, file: file, temporary: temporary)
         let j = Journal(operation: "snapshot \(g.key)", files: [file], device: device, descriptor: next.xml())
-        try writeJournal(j)
-        if let create { try create(file) } else { try createEmptyDelta(file, like: descriptor.topGUID) }
-        try commit(next)
-        endJournal(j)
+        try journalled(j) { step throws(DiskError) in
+            step("creating the delta \(file)")
+            if let create { try create(file) } else { try createEmptyDelta(file, like: descriptor.topGUID) }
+            step("writing the descriptor")
+            try commit(next)
+        }
         return (g, file)
     }
 
@@ -193,23 +195,28 @@ extension Disk {
             raw = false
         }
         let j = Journal(operation: operation, files: files, merge: .init(sources: sources, destination: target, raw: raw), device: device, descriptor: next.xml())
-        try writeJournal(j)
-        if let device {
-            do { try onlineMerge(device: device, sources: sources, destination: target, progress: progress) } catch {
-                // Refused by the device with its stack unchanged: nothing to finish later.
-                if let stack = stack(of: device, touching: [target]), Self.sameFiles(stack.paths, chainFiles(descriptor)) { endJournal(j) }
-                throw error
+        let names = sources.map { ($0 as NSString).lastPathComponent }.joined(separator: ", ")
+        try journalled(j) { step throws(DiskError) in
+            if let device {
+                step("merging \(names) into \((target as NSString).lastPathComponent) on \(device)")
+                do throws(DiskError) { try onlineMerge(device: device, sources: sources, destination: target, progress: progress) } catch {
+                    // Refused by the device with its stack unchanged: nothing to finish later.
+                    if let stack = stack(of: device, touching: [target]), Self.sameFiles(stack.paths, chainFiles(descriptor)) { endJournal(j) }
+                    throw error
+                }
+            } else {
+                // A new file starts empty, of the disk's geometry; everything merges into it. Until
+                // it is whole, a crash rolls the merge back (recovery finds no destination).
+                if newFile != nil {
+                    step("creating \(target)")
+                    try createEmptyDelta(target, like: upper)
+                }
+                step("merging \(names) into \((target as NSString).lastPathComponent)")
+                _ = try imageErrors { () throws(ImageError) in try Offline.merge(sources: sources, destination: target, format: raw ? .raw : .ploop1, progress: progress) }
             }
+            step("writing the descriptor")
             try commit(next)
-            endJournal(j)
-            return
         }
-        // A new file starts empty, of the disk's geometry; everything merges into it. Until it is
-        // whole, a crash rolls the merge back (recovery finds no destination).
-        if newFile != nil { try createEmptyDelta(target, like: upper) }
-        _ = try imageErrors { () throws(ImageError) in try Offline.merge(sources: sources, destination: target, format: raw ? .raw : .ploop1, progress: progress) }
-        try commit(next)
-        endJournal(j)
     }
 
     /// `snapshot-merge [-u G | -A] [-n DELTA]`: G (default: the top) into its parent; `-A`, the
@@ -255,9 +262,10 @@ extension Disk {
                 next.rename(s.parent, to: g)
             }
             let j = Journal(operation: "snapshot-delete \(g.key)", files: [file], descriptor: next.xml())
-            try writeJournal(j)
-            try commit(next)
-            endJournal(j)
+            try journalled(j) { step throws(DiskError) in
+                step("writing the descriptor")
+                try commit(next)
+            }
             return false
         }
         guard kids.count == 1 else { throw .refused("snapshot \(g) has \(kids.count) children (a branch): delete the other branch first") }
@@ -282,10 +290,12 @@ extension Disk {
         if let i = next.images.firstIndex(where: { $0.guid == top }) { next.images[i].file = relative(file); next.images[i].kind = .compressed }
         if let i = next.shots.firstIndex(where: { $0.guid == top }) { next.shots[i].parent = g; next.shots[i].temporary = false }
         let j = Journal(operation: "snapshot-switch \(g.key)", files: keepOldTop ? [file] : [old, file], descriptor: next.xml())
-        try writeJournal(j)
-        try createEmptyDelta(file, like: g)
-        try commit(next)
-        endJournal(j)
+        try journalled(j) { step throws(DiskError) in
+            step("creating the new top \(file)")
+            try createEmptyDelta(file, like: g)
+            step("writing the descriptor")
+            try commit(next)
+        }
     }
 
     // MARK: - grow
@@ -304,10 +314,12 @@ extension Disk {
         guard size > descriptor.diskSizeSectors else { return }
         let next = resized(size)
         let j = Journal(operation: "grow \(size)", files: [], grow: size, descriptor: next.xml())
-        try writeJournal(j)
-        try resizeImages(to: size)
-        try commit(next)
-        endJournal(j)
+        try journalled(j) { step throws(DiskError) in
+            step("growing the images to \(size) sectors")
+            try resizeImages(to: size)
+            step("writing the descriptor")
+            try commit(next)
+        }
     }
 
     /// Offline shrink of a disk whose file system was made smaller first (`ploop resize`): the
@@ -322,10 +334,12 @@ extension Disk {
         }
         let next = resized(size)
         let j = Journal(operation: "resize \(size)", files: [], resize: size, descriptor: next.xml())
-        try writeJournal(j)
-        try resizeImages(to: size)
-        try commit(next)
-        endJournal(j)
+        try journalled(j) { step throws(DiskError) in
+            step("shrinking the image to \(size) sectors")
+            try resizeImages(to: size)
+            step("writing the descriptor")
+            try commit(next)
+        }
     }
 
     /// `sectors` as a whole number of clusters (as every size of a disk is).
@@ -425,6 +439,9 @@ extension Disk {
         for i in descriptor.images where i.kind == .compressed {
             let p = resolve(i.file)
             if try imageErrors({ () throws(ImageError) in try Offline.convertVersion(path: p, to: version) }) { done.append(p) }
+            if let left = Offline.leftoverConversionFile(of: p) {
+                say("warning: cannot remove \(left) (the conversion of \(i.file) is done); the next command on the disk removes it")
+            }
         }
         return done
     }
@@ -574,10 +591,12 @@ extension Disk {
         }
         PathInfo.syncParentDirectory(of: staged)
         let j = Journal(operation: "convert -f \(target.rawValue)", files: [], publish: .init(from: staged, to: image), descriptor: next.xml())
-        try writeJournal(j)
-        do { try PathInfo.publish(staged, as: image, replace: true) } catch { throw .io("renaming \(staged) to \(image): \(error)") }
-        try commit(next)
-        endJournal(j)
+        try journalled(j) { step throws(DiskError) in
+            step("renaming \(staged) over \(image)")
+            do { try PathInfo.publish(staged, as: image, replace: true) } catch { throw .io("renaming \(staged) to \(image): \(error)") }
+            step("writing the descriptor")
+            try commit(next)
+        }
         return true
     }
 }

@@ -66,16 +66,29 @@ public final class Disk {
     /// recovering one a crash interrupted); without it, a disk with an interrupted online
     /// operation is refused (nothing can say what its device runs).
     public static func open(_ descriptorPath: String, lockTimeout: Double? = nil, backend: (any DeviceBackend)? = nil, say: @escaping (String) -> Void = { _ in }) throws(DiskError) -> Disk {
+        let disk = try locked(descriptorPath, lockTimeout: lockTimeout, backend: backend, say: say)
+        try disk.recover()
+        try disk.checkFiles()
+        return disk
+    }
+
+    /// Opens and locks the disk as it is, finishing nothing and writing nothing (for `check -r`):
+    /// `pendingOperation` says whether a command left one unfinished. The descriptor's files are
+    /// checked only when none is (an unfinished grow has images bigger than the descriptor says).
+    public static func openAsIs(_ descriptorPath: String, lockTimeout: Double? = nil) throws(DiskError) -> Disk {
+        let disk = try locked(descriptorPath, lockTimeout: lockTimeout, backend: nil, say: { _ in })
+        if disk.pendingOperation() == nil { try disk.checkFiles() }
+        return disk
+    }
+
+    private static func locked(_ descriptorPath: String, lockTimeout: Double?, backend: (any DeviceBackend)?, say: @escaping (String) -> Void) throws(DiskError) -> Disk {
         let path = absolutePath(descriptorPath)
         guard PathInfo.kind(path) == .regular else {
             if PathInfo.kind(path) == .missing { throw .noDescriptor(path) }
             throw .unreadable(path, "it is not a regular file")
         }
         let lock = try Self.takeLock(path, timeout: lockTimeout)
-        let disk = try Disk(path: path, lock: lock, descriptor: try Self.read(path), backend: backend, say: say)
-        try disk.recover()
-        try disk.checkFiles()
-        return disk
+        return try Disk(path: path, lock: lock, descriptor: try Self.read(path), backend: backend, say: say)
     }
 
     init(path: String, lock: File, descriptor: DiskDescriptor, backend: (any DeviceBackend)?, say: @escaping (String) -> Void) throws(DiskError) {
@@ -251,16 +264,63 @@ public final class Disk {
         do { try PathInfo.writeAtomically(bytes, to: journalPath, replace: true) } catch { throw .io("writing \(journalPath): \(error)") }
     }
 
+    /// Runs a journalled operation: writes `j`, runs `body` (which commits the new descriptor at
+    /// its end and names each step it enters through `step`), then ends the journal. A failure is
+    /// reported with the step it stopped in. An operation that only adds files (a snapshot, a
+    /// switch, deleting a leaf) is undone at once; one that had begun to change images (a merge,
+    /// a resize, a layout's rename) or a device leaves its journal for the next command.
+    func journalled(_ j: Journal, _ body: (_ step: (String) -> Void) throws(DiskError) -> Void) throws(DiskError) {
+        var current = "writing its journal"
+        do throws(DiskError) {
+            try writeJournal(j)
+            current = "starting"
+            try body { current = $0 }
+        } catch {
+            let undoable = j.merge == nil && j.grow == nil && j.resize == nil && j.publish == nil && j.device == nil
+            if undoable && PathInfo.kind(journalPath) == .regular { endJournal(j) }
+            let left: DiskError.Left = PathInfo.kind(journalPath) == .regular ? .pending : .undone
+            throw .stopped(descriptorPath, operation: j.operation, step: current, cause: error, left: left)
+        }
+        endJournal(j)
+    }
+
+    /// Removes the journalled files the descriptor no longer names, then the journal. A file that
+    /// cannot be removed (an I/O error) keeps the journal, so the next command tries again; the
+    /// operation itself is done, so this is a warning, not a failure.
     func endJournal(_ j: Journal) {
+        var left: [String] = []
         for f in j.files {
             // A delta being built when the process died is still under its temporary name (an
             // offline init's, or a device snapshot's).
             TemporaryFile.removeStale(of: f, suffix: "init")
             TemporaryFile.removeStale(of: f, suffix: ImagePath.newImageSuffix)
-            if !references(f) { PathInfo.removeRegularFile(f) }
+            if !references(f) && !PathInfo.removeRegularFile(f) && PathInfo.entryKind(f) == .regular { left.append(f) }
         }
-        PathInfo.removeRegularFile(journalPath)
+        guard left.isEmpty else {
+            say("warning: cannot remove \(left.joined(separator: ", ")), which the disk no longer uses; the next command on the disk tries again (or remove it by hand)")
+            return
+        }
+        if !PathInfo.removeRegularFile(journalPath) && PathInfo.entryKind(journalPath) == .regular {
+            say("warning: cannot remove \(journalPath) (the operation is done); the next command on the disk removes it")
+        }
         PathInfo.syncParentDirectory(of: journalPath)
+    }
+
+    /// What a crash (or a failure) left unfinished on this disk, in words ("an interrupted
+    /// snapshot-merge top: the disk reads as before it"); nil when nothing is. Only looks.
+    public func pendingOperation() -> String? {
+        for i in descriptor.images where i.kind == .compressed {
+            let p = resolve(i.file)
+            if PathInfo.kind(Offline.conversionFile(of: p)) == .regular { return "a version conversion of \(i.file) may be under way" }
+        }
+        guard PathInfo.kind(journalPath) == .regular else { return nil }
+        guard let data = FileManager.default.contents(atPath: journalPath), let j = try? JSONDecoder().decode(Journal.self, from: data) else {
+            return "\(journalPath) is damaged"
+        }
+        if let text = j.descriptor, (try? DiskDescriptor.parse(Data(text.utf8), path: journalPath)) == descriptor {
+            return "the clean-up of an interrupted \(j.operation) is left (the disk reads as after it)"
+        }
+        return "an interrupted \(j.operation) is pending (the disk reads as before it)"
     }
 
     func references(_ file: String) -> Bool {
@@ -303,7 +363,10 @@ public final class Disk {
             endJournal(j)
             return
         }
-        if let p = j.publish, let next {
+        if let next, next == descriptor {
+            // The new descriptor was committed: only the clean-up was left.
+            finishedOperation = j.operation
+        } else if let p = j.publish, let next {
             say("finishing an interrupted \(j.operation)")
             if PathInfo.kind(p.from) == .regular {
                 do { try PathInfo.publish(p.from, as: p.to, replace: true) } catch { throw .io("renaming \(p.from) to \(p.to): \(error)") }
@@ -324,9 +387,6 @@ public final class Disk {
                 }
             }
             try commit(next)
-            finishedOperation = j.operation
-        } else if let next, next == descriptor {
-            // The new descriptor was committed: only the clean-up was left.
             finishedOperation = j.operation
         } else {
             say("rolled back an interrupted \(j.operation.split(separator: " ").first ?? "")")

@@ -20,6 +20,22 @@ public enum DiskError: Error, Sendable, Equatable, CustomStringConvertible {
     case io(String)
     /// A device operation of an online command failed.
     case device(String, DeviceError)
+    /// A journalled operation failed part way (`cause`) while doing `step`; `left` says what
+    /// state it left the disk in.
+    indirect case stopped(String, operation: String, step: String, cause: DiskError, left: Left)
+
+    public enum Left: Sendable, Equatable {
+        /// Undone at once: the disk is as it was.
+        case undone
+        /// Its journal stays: the disk reads as before it, and the next command finishes or undoes it.
+        case pending
+    }
+
+    /// The error behind a `stopped` one (itself for the others).
+    public var cause: DiskError {
+        if case .stopped(_, _, _, let c, _) = self { return c.cause }
+        return self
+    }
 
     public var description: String {
         switch self {
@@ -40,6 +56,10 @@ public enum DiskError: Error, Sendable, Equatable, CustomStringConvertible {
         case .refused(let s): s
         case .io(let s): s
         case .device(let d, let e): "\(d): \(e)"
+        case .stopped(let p, let op, let step, let cause, .undone):
+            "\(op) failed while \(step): \(cause). Nothing was changed: \(p) is as it was"
+        case .stopped(let p, let op, let step, let cause, .pending):
+            "\(op) failed while \(step): \(cause). The disk still reads as before it; its journal (\(p).journal) stays, and the next command on the disk finishes the \(op.split(separator: " ").first ?? "") or undoes it (once the cause is fixed: free space, replace the failing disk; 'ploop check -r \(p)' only looks)"
         }
     }
 }

@@ -62,7 +62,7 @@ extension Offline {
             }
             if let failure { throw failure }
             try out.sync()
-            do { try PathInfo.publish(tmp, as: staged, replace: false) } catch { throw ImageError.alreadyExists(staged) }
+            do { try PathInfo.publish(tmp, as: staged, replace: false) } catch { throw ImageError.from(error, staged) }
         } catch {
             PathInfo.removeRegularFile(tmp)
             throw error
@@ -76,6 +76,13 @@ extension Offline {
         // 3 and 4.
         try finishVersionConversion(file)
         return true
+    }
+
+    /// The staged BAT of a finished conversion that could not be removed (an I/O error at step
+    /// 4), if one is there; harmless, and dropped by the next conversion or disk command.
+    public static func leftoverConversionFile(of path: String) -> String? {
+        let staged = conversionFile(of: path)
+        return PathInfo.kind(staged) == .regular ? staged : nil
     }
 
     /// Steps 3 and 4 of `convertVersion` for an image whose header says a conversion is under way.
