@@ -59,6 +59,32 @@ struct DiskCrashTests {
         precondition(r.code == 0, "\(r)")
     }
 
+    /// The folder's names, GUIDs masked, lock files left out: what leftovers are compared by.
+    static func files(_ disk: String) throws -> [String] {
+        try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }
+            .map { $0.replacingOccurrences(of: #"\{[0-9a-f-]{36}\}"#, with: "{guid}", options: .regularExpression) }.sorted()
+    }
+
+    /// What an interrupted `command` (killed, or failed: `after` says how) must leave: the disk
+    /// reads as `old` or `new`; running it again completes it; then it is `new`, checks clean and
+    /// holds the reference run's files only. An image in the middle of a version conversion is
+    /// "busy" until a command finishes it: no reader opens it (the original's rule).
+    static func expectOldOrNewThenFinished(
+        _ disk: String, old: [UInt64: UInt8], new: [UInt64: UInt8], command: [String], arguments: [String], referenceFiles: [String], after: String
+    ) throws {
+        if let now = try? content(disk) {
+            #expect(now == old || now == new, "after \(after) the disk is neither the old nor the new one")
+        } else {
+            #expect(command.first == "convert", "after \(after) the disk cannot be read")
+        }
+        let again = InProcess.ploop(arguments)
+        #expect(again.code == 0, "re-run after \(after): \(again)")
+        #expect(try content(disk) == new, "after the re-run (\(after))")
+        let check = InProcess.ploop("check", "-f", "-r", disk + "/DiskDescriptor.xml")
+        #expect(check.code == 0, "check after \(after) and a re-run: \(check)")
+        #expect(try files(disk) == referenceFiles, "leftovers after \(after) and a re-run")
+    }
+
     static let commands: [[String]] = [
         ["snapshot", "-u", g3],
         ["snapshot-delete", "-u", g2],
@@ -85,11 +111,7 @@ struct DiskCrashTests {
         let whole = InProcess.ploop(args(reference))
         #expect(whole.code == 0, "\(whole)")
         let new = try Self.content(reference)
-        let files = { (disk: String) throws -> [String] in
-            try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }
-                .map { $0.replacingOccurrences(of: #"\{[0-9a-f-]{36}\}"#, with: "{guid}", options: .regularExpression) }.sorted()
-        }
-        let referenceFiles = try files(reference)
+        let referenceFiles = try Self.files(reference)
         var crashes = 0
         for n in 1...400 {
             let disk = root.file("run-\(n)")
@@ -99,19 +121,7 @@ struct DiskCrashTests {
             if r.code == 0 { break }
             #expect(r.code == 137, "write \(n): \(r)")
             crashes += 1
-            // An image in the middle of a version conversion is "busy" until a command finishes it:
-            // no reader opens it (the original's rule); every other state reads as old or new.
-            if let now = try? Self.content(disk) {
-                #expect(now == old || now == new, "after a kill at write \(n) the disk is neither the old nor the new one")
-            } else {
-                #expect(command.first == "convert", "after a kill at write \(n) the disk cannot be read")
-            }
-            let again = InProcess.ploop(args(disk))
-            #expect(again.code == 0, "re-run after a kill at write \(n): \(again)")
-            #expect(try Self.content(disk) == new, "after the re-run (kill at write \(n))")
-            let check = InProcess.ploop("check", "-f", "-r", disk + "/DiskDescriptor.xml")
-            #expect(check.code == 0, "check after a kill at write \(n): \(check)")
-            #expect(try files(disk) == referenceFiles, "leftovers after a kill at write \(n)")
+            try Self.expectOldOrNewThenFinished(disk, old: old, new: new, command: command, arguments: args(disk), referenceFiles: referenceFiles, after: "a kill at write \(n)")
         }
         #expect(crashes > 3, "the command made only \(crashes) changes: the hook is not reached")
     }

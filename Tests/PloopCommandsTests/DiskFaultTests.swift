@@ -33,11 +33,7 @@ struct DiskFaultTests {
         let args = { (disk: String) in command.map { $0.replacingOccurrences(of: "@", with: disk) } + [disk + "/DiskDescriptor.xml"] }
         #expect(InProcess.ploop(args(reference)).code == 0)
         let new = try DiskCrashTests.content(reference)
-        let files = { (disk: String) throws -> [String] in
-            try FileManager.default.contentsOfDirectory(atPath: disk).filter { !$0.hasSuffix(".lck") }
-                .map { $0.replacingOccurrences(of: #"\{[0-9a-f-]{36}\}"#, with: "{guid}", options: .regularExpression) }.sorted()
-        }
-        let referenceFiles = try files(reference)
+        let referenceFiles = try DiskCrashTests.files(reference)
         var failed = 0, tolerated = 0, steps = 0
         for n in 1...400 {
             let (name, words) = n % 2 == 1 ? ("EIO", Self.errnos["EIO"]!) : ("ENOSPC", Self.errnos["ENOSPC"]!)
@@ -57,7 +53,7 @@ struct DiskFaultTests {
                 #expect(try DiskCrashTests.content(disk) == new, "\(at): exit 0 but the disk is not the new one")
                 #expect(r.stderr.contains("warning:"), "\(at) was swallowed without a word: \(r)")
                 #expect(InProcess.ploop("snapshot-list", disk).code == 0)
-                #expect(try files(disk) == referenceFiles, "\(at): leftovers after the next command")
+                #expect(try DiskCrashTests.files(disk) == referenceFiles, "\(at): leftovers after the next command")
                 continue
             }
             failed += 1
@@ -82,17 +78,7 @@ struct DiskFaultTests {
                 let c = InProcess.ploop("check", "-f", "-d", probe + "/" + name)
                 #expect(c.code == 0, "\(at): check -f -d \(name): \(c)")
             }
-            if let now = try? DiskCrashTests.content(disk) {
-                #expect(now == old || now == new, "\(at): the disk is neither the old nor the new one")
-            } else {
-                #expect(command.first == "convert", "\(at): the disk cannot be read")
-            }
-            let again = InProcess.ploop(args(disk))
-            #expect(again.code == 0, "re-run after \(at): \(again)")
-            #expect(try DiskCrashTests.content(disk) == new, "after the re-run (\(at))")
-            let check = InProcess.ploop("check", "-f", "-r", disk + "/DiskDescriptor.xml")
-            #expect(check.code == 0, "check after \(at) and a re-run: \(check)")
-            #expect(try files(disk) == referenceFiles, "leftovers after \(at) and a re-run")
+            try DiskCrashTests.expectOldOrNewThenFinished(disk, old: old, new: new, command: command, arguments: args(disk), referenceFiles: referenceFiles, after: at)
         }
         print("faults injected: \(command.joined(separator: " ")): \(steps) steps, \(failed) failed the command, \(tolerated) lived with")
         #expect(failed > 2, "the command failed at only \(failed) steps: the hook is not reached")

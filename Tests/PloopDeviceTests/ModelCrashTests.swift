@@ -60,13 +60,7 @@ struct ModelCrashTests {
             }
             budget.arm(n)
             do {
-                switch op {
-                case .snapshot: try model.snapshot(newDelta: "l3")
-                case .mergeTop: try model.merge(levels: 1...2)
-                case .mergeLower: try model.merge(levels: 0...1)
-                case .mergeAll: try model.merge(levels: 0...2)
-                case .grow: try model.grow(toSectors: 30000 * UInt64(Self.cs))
-                }
+                try ModelFaultTests.run(op, on: model)
                 completed = true
             } catch {
                 guard error == .image(.injectedCrash) else { throw error }
