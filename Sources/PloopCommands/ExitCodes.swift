@@ -46,7 +46,7 @@ public enum ExitCodes {
         (format, "SYSEXIT_PLOOPFMT", "not a valid image, or problems remain after check"),
         (system, "SYSEXIT_SYS", "a system call failed (the message names it and the file)"),
         (protocolError, "SYSEXIT_PROTOCOL", "a copy stream or the simulator's control protocol is broken"),
-        (busy, "SYSEXIT_EBUSY", "busy: a device or balloon operation, a version conversion or an interrupted disk operation is pending"),
+        (busy, "SYSEXIT_EBUSY", "busy: a device, balloon, disk or conversion operation is pending"),
         (fallocate, "SYSEXIT_FALLOCATE", "the balloon file cannot be given space"),
         (mount, "SYSEXIT_MOUNT", "mounting the file system failed"),
         (umount, "SYSEXIT_UMOUNT", "unmounting the file system failed"),

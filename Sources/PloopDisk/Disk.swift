@@ -365,6 +365,7 @@ public final class Disk {
         }
         if let next, next == descriptor {
             // The new descriptor was committed: only the clean-up was left.
+            say("finishing an interrupted \(j.operation): only its clean-up was left")
             finishedOperation = j.operation
         } else if let p = j.publish, let next {
             say("finishing an interrupted \(j.operation)")
