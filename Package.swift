@@ -78,6 +78,13 @@ let package = Package(
             name: "ploop-bench", dependencies: ["PloopDevice", "PloopImage", "PloopFormat", "PloopSystem"],
             swiftSettings: swiftSettings),
 
+        // The fuzz targets (parsers of untrusted bytes and their invariants), and the program that
+        // replays them or, built by scripts/fuzz with -sanitize=fuzzer, runs libFuzzer on them.
+        .target(
+            name: "PloopFuzz", dependencies: ["PloopImage", "PloopFormat", "PloopDisk", "PloopCopy", "PloopDevice", "PloopSimulator"],
+            exclude: ["README.md"], swiftSettings: swiftSettings),
+        .executableTarget(name: "ploop-fuzz", dependencies: ["PloopFuzz"], swiftSettings: swiftSettings),
+
         .target(name: "PloopTestSupport", dependencies: ["PloopDevice", "PloopImage", "PloopSystem"], path: "Tests/PloopTestSupport", swiftSettings: swiftSettings),
         .testTarget(name: "PloopFormatTests", dependencies: ["PloopFormat"], swiftSettings: swiftSettings),
         .testTarget(name: "PloopImageTests", dependencies: ["PloopImage", "PloopFormat", "PloopSystem"], swiftSettings: swiftSettings),
@@ -93,7 +100,7 @@ let package = Package(
             name: "PloopCopyTests", dependencies: ["PloopCopy", "PloopDevice", "PloopImage", "PloopFormat", "PloopTestSupport"], swiftSettings: swiftSettings),
         .testTarget(
             name: "PloopCommandsTests",
-            dependencies: ["PloopCommands", "PloopImage", "PloopFormat", "PloopTestSupport", "PloopDisk", "PloopSystem", "PloopVolume"],
+            dependencies: ["PloopCommands", "PloopImage", "PloopFormat", "PloopTestSupport", "PloopDisk", "PloopSystem", "PloopVolume", "PloopFuzz", "PloopCopy"],
             swiftSettings: swiftSettings
         ),
         // The real stack: the built `ploop` binary against qemu-img/qemu-io (and, later, FUSE/loop as root).

@@ -96,10 +96,20 @@ extension DiskDescriptor {
     /// The element tree of descriptor text; refuses DTDs, what is not well-formed XML, text cut
     /// short, and another root element.
     static func elementTree(_ data: Data, path: String) throws(DiskError) -> TreeBuilder.Element {
+        // Foundation's XMLParser traps on an element or attribute name that is not UTF-8 (found
+        // by fuzzing: one flipped byte crashed every command), so such text is refused first.
+        if let bad = firstInvalidUTF8(data) {
+            throw .malformed(path, "it is not UTF-8 text (an invalid sequence at byte \(bad)): restore it from a backup or rewrite the damaged line")
+        }
         let text = String(decoding: data, as: UTF8.self)
         // No DTDs: a descriptor has no business declaring entities (nor pulling files in).
         if text.contains("<!DOCTYPE") || text.contains("<!ENTITY") { throw .malformed(path, "it declares a DTD or entities") }
         guard !data.isEmpty else { throw .malformed(path, "the XML does not parse (the file is empty)") }
+        // Nor processing instructions but the XML declaration: XMLParser reads a NULL for one
+        // without data (`<?x?>`) and crashes (found by fuzzing).
+        if let pi = processingInstruction(data) {
+            throw .malformed(path, "it holds a processing instruction (<?…?>) at byte \(pi): a descriptor has none but the <?xml …?> declaration")
+        }
         let tree = TreeBuilder()
         let parser = XMLParser(data: data)
         parser.delegate = tree
@@ -110,6 +120,38 @@ extension DiskDescriptor {
         if let open = tree.stack.last { throw .malformed(path, "it ends inside <\(open.name)> (the file is cut short)") }
         guard root.name == "Parallels_disk_image" else { throw .invalid(path, element: root.name, "is not Parallels_disk_image") }
         return root
+    }
+
+    /// The offset of the first `<?` that does not open the XML declaration at the start.
+    static func processingInstruction(_ data: Data) -> Int? {
+        let bytes = [UInt8](data)
+        var start = 0
+        if bytes.starts(with: [0xEF, 0xBB, 0xBF]) { start = 3 }
+        let declaration = Array("<?xml".utf8)
+        var i = 0
+        while i + 1 < bytes.count {
+            if bytes[i] == UInt8(ascii: "<"), bytes[i + 1] == UInt8(ascii: "?") {
+                let isDeclaration = i == start && bytes[i...].starts(with: declaration)
+                    && (i + 5 < bytes.count && [UInt8(ascii: " "), 0x09, 0x0A, 0x0D].contains(bytes[i + 5]))
+                if !isDeclaration { return i }
+            }
+            i += 1
+        }
+        return nil
+    }
+
+    /// The offset of the first byte that does not belong to a valid UTF-8 sequence, if any.
+    static func firstInvalidUTF8(_ data: Data) -> Int? {
+        var iterator = data.makeIterator()
+        var decoder = UTF8()
+        var offset = 0
+        while true {
+            switch decoder.decode(&iterator) {
+            case .scalarValue(let s): offset += UTF8.width(s)
+            case .emptyInput: return nil
+            case .error: return offset
+            }
+        }
     }
 
     /// The GUID rules: one Shot per Image, parents that exist, one base, no cycle, a top that
