@@ -15,14 +15,22 @@ public final class RecordingBlockFile: BlockFile {
 
     public let base: any BlockFile
     private let log = Mutex<[Change]>([])
+    private let shared: ChangeLog?
     public var path: String { base.path }
 
-    public init(_ base: any BlockFile) { self.base = base }
+    /// `shared`: also log every change, with this file's path, in one order with other files'.
+    public init(_ base: any BlockFile, shared: ChangeLog? = nil) {
+        self.base = base
+        self.shared = shared
+    }
 
     /// What was done to the file, in order.
     public var changes: [Change] { log.withLock { $0 } }
 
-    private func record(_ c: Change) { log.withLock { $0.append(c) } }
+    private func record(_ c: Change) {
+        log.withLock { $0.append(c) }
+        shared?.append(path, c)
+    }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(ImageError) -> Int {
         try base.read(into: buffer, at: offset)
@@ -52,6 +60,20 @@ public final class RecordingBlockFile: BlockFile {
         try base.copy(from: source, at: sourceOffset, to: offset, length: length, scratch: scratch)
         record(.write(at: offset, bytes: try base.readBytes(length, at: offset)))
     }
+}
+
+/// The changes of several files in the one order they were made (an operation that writes a
+/// new delta and the image below it, say).
+public final class ChangeLog: Sendable {
+    public struct Entry: Sendable, Equatable {
+        public var path: String
+        public var change: RecordingBlockFile.Change
+    }
+    private let entries = Mutex<[Entry]>([])
+    public init() {}
+    public func append(_ path: String, _ c: RecordingBlockFile.Change) { entries.withLock { $0.append(Entry(path: path, change: c)) } }
+    public var all: [Entry] { entries.withLock { $0 } }
+    public var count: Int { entries.withLock { $0.count } }
 }
 
 /// The states a power cut can leave a file in, from its bytes before an operation and the log
@@ -104,6 +126,65 @@ public enum CrashStates {
             durable = apply(pending[...], to: durable)
             start = end + 1
             epoch += 1
+        }
+        return out
+    }
+
+    /// Files after a power cut: each file that exists, with its bytes.
+    public struct FilesState: Sendable {
+        public var name: String
+        public var files: [String: [UInt8]]
+    }
+
+    /// The states a power cut can leave several files in. A cut falls after the first T changes
+    /// of the shared log, for every T. Each file then holds what its own last sync before the cut
+    /// covered; its later changes (before the cut) may each be lost, independently of the other
+    /// files' (each file's writeback is its own). Per cut: everything kept (a kill), only the
+    /// synced parts, each file's pending changes lost alone and kept alone, the last change torn
+    /// after its first sector, and `randomSubsets` random choices (seeded). A file created by the
+    /// operation (absent from `initial`) exists once one of its changes is kept. Identical states
+    /// are listed once.
+    public static func enumerate(
+        initial: [String: [UInt8]], log: [ChangeLog.Entry], randomSubsets: Int = 4, seed: UInt64 = 1, sectorSize: Int = 512
+    ) -> [FilesState] {
+        var out: [FilesState] = []
+        var seen = Set<Int>()
+        var rng = seed
+        let paths = Set(initial.keys).union(log.map(\.path)).sorted()
+        func emit(_ name: String, _ kept: (Int) -> RecordingBlockFile.Change?, upTo cut: Int) {
+            var files: [String: [UInt8]] = [:]
+            var changes: [String: [RecordingBlockFile.Change]] = [:]
+            for i in 0..<cut { if let c = kept(i) { changes[log[i].path, default: []].append(c) } }
+            for p in paths where initial[p] != nil || changes[p] != nil {
+                files[p] = apply(changes[p] ?? [], to: initial[p] ?? [])
+            }
+            var h = Hasher()
+            for p in paths { h.combine(p); h.combine(files[p]) }
+            if seen.insert(h.finalize()).inserted { out.append(FilesState(name: name, files: files)) }
+        }
+        for cut in 0...log.count {
+            // A change is pending at this cut if no sync of its own file follows it before the cut.
+            var pending = [Bool](repeating: false, count: cut)
+            var synced = Set<String>()
+            for i in stride(from: cut - 1, through: 0, by: -1) {
+                if log[i].change == .sync { synced.insert(log[i].path); continue }
+                pending[i] = !synced.contains(log[i].path)
+            }
+            let all: (Int) -> RecordingBlockFile.Change? = { log[$0].change }
+            emit("cut after \(cut): everything kept", all, upTo: cut)
+            guard pending.contains(true) else { continue }
+            emit("cut after \(cut): only what was synced", { pending[$0] ? nil : log[$0].change }, upTo: cut)
+            for p in paths where (0..<cut).contains(where: { pending[$0] && log[$0].path == p }) {
+                emit("cut after \(cut): \(p)'s unsynced changes lost", { pending[$0] && log[$0].path == p ? nil : log[$0].change }, upTo: cut)
+                emit("cut after \(cut): only \(p)'s unsynced changes kept", { pending[$0] && log[$0].path != p ? nil : log[$0].change }, upTo: cut)
+            }
+            if cut > 0, pending[cut - 1], case .write(let at, let bytes) = log[cut - 1].change, bytes.count > sectorSize {
+                emit("cut after \(cut): the last write torn", { $0 == cut - 1 ? .write(at: at, bytes: Array(bytes.prefix(sectorSize))) : log[$0].change }, upTo: cut)
+            }
+            for k in 0..<randomSubsets {
+                let keep = (0..<cut).map { !pending[$0] || next(&rng) & 1 == 1 }
+                emit("cut after \(cut): random subset \(k)", { keep[$0] ? log[$0].change : nil }, upTo: cut)
+            }
         }
         return out
     }
