@@ -1,3 +1,4 @@
+import Glibc
 import Synchronization
 
 /// Passes everything to another file and keeps a log of every change (write, truncate,
@@ -83,6 +84,13 @@ public final class ChangeLog: Sendable {
 /// writes (only the first sector of a longer write reached the disk). A truncate, an allocation
 /// or a punch is done or not. Identical states are listed once.
 public enum CrashStates {
+    /// Random subsets per epoch or cut: `fallback` in the normal suite, more when
+    /// `PLOOP_CRASH_STATES_SUBSETS` says (scripts/crash-states).
+    public static func subsets(_ fallback: Int) -> Int {
+        guard let v = getenv("PLOOP_CRASH_STATES_SUBSETS"), let n = Int(String(cString: v)), n >= 0 else { return fallback }
+        return n
+    }
+
     public struct State: Sendable {
         /// How the state was made, for messages ("epoch 3, prefix 2 of 5").
         public var name: String

@@ -93,7 +93,7 @@ public final class SimulatorBackend: DeviceBackend {
         do { args = try launch.arguments(executable: executable) } catch { throw .invalid("describing the daemon to start: \(error)") }
         // The crash hook of a command under test is for that command: the daemon it starts
         // must outlive it, as a real daemon outlives a killed client.
-        var environment = ProcessInfo.processInfo.environment.filter { $0.key != CrashPoint.variable && $0.key != CrashPoint.faultVariable }
+        var environment = ProcessInfo.processInfo.environment.filter { $0.key != CrashPoint.variable && $0.key != CrashPoint.faultVariable && $0.key != ChangeRecorder.variable }
         if let daemonLogLevel { environment[SimulatorDaemon.logLevelVariable] = daemonLogLevel }
         let pid: Int32
         let ch: LineChannel

@@ -67,3 +67,63 @@ public enum CrashPoint {
         }
     }
 }
+
+/// `PLOOP_TEST_RECORD=FILE`: every change a process makes to files (data, syncs, creates,
+/// renames, unlinks) is appended to FILE with its bytes, in the order made, for a test to build
+/// the states a power cut could leave (Tests/PloopCommandsTests/FolderPowerCutTests.swift).
+/// A record: op (u8), path length (u32), path, a (u64), b (u64), data length (u64), data; all
+/// little-endian. Unset, each costs one load per call.
+public enum ChangeRecorder {
+    public static let variable = "PLOOP_TEST_RECORD"
+
+    public enum Op: UInt8, Sendable {
+        /// a = offset; data = the bytes.
+        case write = 1
+        /// fsync or fdatasync of a file or a folder.
+        case sync = 2
+        /// a = length.
+        case truncate = 3
+        /// fallocate mode 0 (the file grows to a + b if shorter).
+        case allocate = 4
+        /// punch a hole (or zero a range) in [a, a + b), size kept.
+        case zero = 5
+        /// a new file at path.
+        case create = 6
+        /// path renamed to data (the new path's bytes).
+        case rename = 7
+        case unlink = 8
+    }
+
+    private static let fd: Int32? = {
+        guard let v = getenv(variable) else { return nil }
+        let fd = open(v, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        return fd >= 0 ? fd : nil
+    }()
+    private static let lock = Mutex(())
+
+    @inline(__always)
+    public static var active: Bool { fd != nil }
+
+    public static func record(_ op: Op, _ path: String, _ a: UInt64 = 0, _ b: UInt64 = 0, data: UnsafeRawBufferPointer? = nil) {
+        guard let fd else { return }
+        var r: [UInt8] = [op.rawValue]
+        func le<T: FixedWidthInteger>(_ v: T) { withUnsafeBytes(of: v.littleEndian) { r += $0 } }
+        let p = Array(path.utf8)
+        le(UInt32(p.count))
+        r += p
+        le(a)
+        le(b)
+        le(UInt64(data?.count ?? 0))
+        if let data { r += data }
+        lock.withLock { _ in
+            r.withUnsafeBytes { b in
+                var done = 0
+                while done < b.count {
+                    let n = Glibc.write(fd, b.baseAddress! + done, b.count - done)
+                    if n <= 0 { if errno == EINTR { continue }; break }
+                    done += n
+                }
+            }
+        }
+    }
+}

@@ -54,6 +54,7 @@ public final class File: Sendable {
             }
         }
         if mode.exclusive { options.insert(.exclusiveCreate) }
+        let creates = mode.create && ChangeRecorder.active && PathInfo.entryKind(path) == .missing
         if mode.direct { options.insert(FileDescriptor.OpenOptions(rawValue: cploop_o_direct())) }
         if mode.directory { options.insert(.directory) }
         let access: FileDescriptor.AccessMode = mode.write ? .readWrite : .readOnly
@@ -63,6 +64,7 @@ public final class File: Sendable {
         self.path = path
         self.writable = mode.write
         self.owning = true
+        if creates { ChangeRecorder.record(.create, path) }
         if mode.create {
             var st = Glibc.stat()
             if fstat(descriptor.rawValue, &st) == 0, st.st_mode & S_IFMT != S_IFREG {
@@ -119,6 +121,7 @@ public final class File: Sendable {
             let n = try lifting("write", path) { try descriptor.write(toAbsoluteOffset: at, rest) }
             done += n
         }
+        ChangeRecorder.record(.write, path, offset, data: buffer)
     }
 
     /// `offset + done` as an `off_t`, or EFBIG: offsets come from on-disk values and arguments,
@@ -133,18 +136,21 @@ public final class File: Sendable {
     public func sync() throws(SystemError) {
         try CrashPoint.step("fsync", path)
         _ = try retrying("fsync", path) { fsync(fd) }
+        ChangeRecorder.record(.sync, path)
     }
 
     /// `fdatasync(2)`.
     public func dataSync() throws(SystemError) {
         try CrashPoint.step("fdatasync", path)
         _ = try retrying("fdatasync", path) { fdatasync(fd) }
+        ChangeRecorder.record(.sync, path)
     }
 
     /// `fallocate(2)` mode 0 over [0, length): strict (no fallback); false only for EOPNOTSUPP.
     public func allocateStrict(length: UInt64) throws(SystemError) {
         let len = try position("fallocate", length, 0)
         try shim("fallocate", path) { cploop_fallocate(fd, 0, 0, len) }
+        ChangeRecorder.record(.allocate, path, 0, length)
     }
 
     /// `syncfs(2)`: the whole file system holding this file.
@@ -155,6 +161,7 @@ public final class File: Sendable {
         try CrashPoint.step("ftruncate", path)
         let to = try position("ftruncate", length, 0)
         try lifting("ftruncate", path) { try descriptor.resize(to: to) }
+        ChangeRecorder.record(.truncate, path, length)
     }
 
     public enum LockKind: Sendable { case shared, exclusive }
@@ -176,6 +183,7 @@ public final class File: Sendable {
         try CrashPoint.step("fallocate", path)
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
         try shim("fallocate", path) { cploop_fallocate(fd, FallocateMode([.punchHole, .keepSize]).rawValue, at, len) }
+        ChangeRecorder.record(.zero, path, offset, length)
     }
 
     /// `fallocate(2)` mode 0: real space that reads as zeros. Returns false where the file system
@@ -183,16 +191,20 @@ public final class File: Sendable {
     public func allocate(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
         try CrashPoint.step("fallocate", path)
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
-        return try unlessUnsupported { () throws(SystemError) in try shim("fallocate", path) { cploop_fallocate(fd, 0, at, len) } }
+        let done = try unlessUnsupported { () throws(SystemError) in try shim("fallocate", path) { cploop_fallocate(fd, 0, at, len) } }
+        if done { ChangeRecorder.record(.allocate, path, offset, length) }
+        return done
     }
 
     /// `fallocate(2)` with `FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE`.
     public func zeroRange(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
         try CrashPoint.step("fallocate", path)
         let (at, len) = (try position("fallocate", offset, 0), try position("fallocate", length, 0))
-        return try unlessUnsupported { () throws(SystemError) in
+        let done = try unlessUnsupported { () throws(SystemError) in
             try shim("fallocate", path) { cploop_fallocate(fd, FallocateMode([.zeroRange, .keepSize]).rawValue, at, len) }
         }
+        if done { ChangeRecorder.record(.zero, path, offset, length) }
+        return done
     }
 
     /// Runs a call; false instead of an error where the file system does not support it
@@ -261,6 +273,13 @@ public final class File: Sendable {
             inOff += Int64(chunk.count)
             outOff += Int64(chunk.count)
             left -= chunk.count
+        }
+        if ChangeRecorder.active {
+            // What the kernel copied, as the write it amounts to.
+            let copied = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 16)
+            defer { copied.deallocate() }
+            let n = try read(into: copied, at: offset)
+            ChangeRecorder.record(.write, path, offset, data: UnsafeRawBufferPointer(rebasing: copied[0..<n]))
         }
     }
 
@@ -393,6 +412,7 @@ public enum PathInfo {
         }
         if r == -EEXIST { throw .exists(destination) }
         if r != 0 { throw .system(SystemError("rename", path: destination, errno: -r)) }
+        Array(destination.utf8).withUnsafeBytes { ChangeRecorder.record(.rename, temp, data: $0) }
         syncParentDirectory(of: destination)
     }
 
@@ -425,7 +445,9 @@ public enum PathInfo {
     public static func removeRegularFile(_ path: String) -> Bool {
         guard entryKind(path) == .regular else { return false }
         do { try CrashPoint.step("unlink", path) } catch { return false }
-        return RawPath.withCString(path) { unlink($0) } == 0
+        guard RawPath.withCString(path, { unlink($0) }) == 0 else { return false }
+        ChangeRecorder.record(.unlink, path)
+        return true
     }
 
     /// (device, inode) of a path, to tell whether two names are one file.
@@ -440,10 +462,12 @@ public enum PathInfo {
         let dir = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
         // Not a crash point of its own: a kill here is a kill just after the rename.
         guard let folder = try? File(path: dir.isEmpty ? "/" : dir, mode: .folder) else { return }
-        _ = try? retrying("fsync", dir) { fsync(folder.fd) }
+        if (try? retrying("fsync", dir) { fsync(folder.fd) }) != nil { ChangeRecorder.record(.sync, dir.isEmpty ? "/" : dir) }
     }
 
-    public static func remove(_ path: String) { _ = RawPath.withCString(path) { unlink($0) } }
+    public static func remove(_ path: String) {
+        if RawPath.withCString(path, { unlink($0) }) == 0 { ChangeRecorder.record(.unlink, path) }
+    }
 }
 
 public struct FileIdentity: Hashable, Sendable {

@@ -40,6 +40,9 @@ struct DiskCrashTests {
     static func content(_ disk: String) throws -> [UInt64: UInt8] {
         let d = try DiskDescriptor.parse(try Data(contentsOf: URL(fileURLWithPath: disk + "/DiskDescriptor.xml")), path: "dd")
         var out: [UInt64: UInt8] = [:]
+        // A cluster a level above shadows may hold anything (a torn write a power cut left in
+        // an image being merged into): only what the disk reads is checked.
+        var mixed: [UInt64: String] = [:]
         for g in d.chain().reversed() {
             let p = disk + "/" + d.image(g)!.file
             #expect(PathInfo.kind(p) == .regular, "the descriptor names \(p), which is gone")
@@ -48,9 +51,10 @@ struct DiskCrashTests {
             for (c, _) in image.allocatedClusters() {
                 _ = try b.withUnsafeMutableBytes { try image.read(cluster: c, into: $0) }
                 out[c.value] = b[0]
-                #expect(Set(b).count == 1, "cluster \(c.value) of \(p) holds mixed data")
+                mixed[c.value] = Set(b).count == 1 ? nil : p
             }
         }
+        for (c, p) in mixed.sorted(by: { $0.key < $1.key }) { Issue.record("cluster \(c) of \(p) holds mixed data") }
         return out
     }
 

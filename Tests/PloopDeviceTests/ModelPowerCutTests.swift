@@ -36,7 +36,7 @@ struct ModelPowerCutTests {
         try ModelFaultTests.run(op, on: model)
         let changes = Array(log.all[start...])
         let newStack = model.imagePaths
-        let states = CrashStates.enumerate(initial: initial, log: changes, randomSubsets: 4, seed: 31)
+        let states = CrashStates.enumerate(initial: initial, log: changes, randomSubsets: CrashStates.subsets(4), seed: 31)
         var checked = 0
         for state in states {
             let at = "\(op), \(state.name)"

@@ -52,7 +52,7 @@ struct CheckRepairCutTests {
         let rec = RecordingBlockFile(MemoryBlockFile(path: "shared", bytes: initial))
         let report = try Checker.check(rec, options: Self.hardForce)
         #expect(report.status == .ok && report.findings.filter { if case .usedTwice = $0.problem { true } else { false } }.count == 2, "\(report.findings)")
-        let states = CrashStates.enumerate(initial: initial, changes: rec.changes, randomSubsets: 8, seed: 5)
+        let states = CrashStates.enumerate(initial: initial, changes: rec.changes, randomSubsets: CrashStates.subsets(8), seed: 5)
         for s in states { try Self.expectIntactAndFinished(s.bytes, expected, s.name) }
         #expect(states.count >= 4)
         print("power-cut states: check -F separating 2 shared blocks: \(states.count)")

@@ -10,7 +10,7 @@ import Testing
 struct PowerCutTests {
     /// The states, checked by `verify`; returns how many there were.
     static func everyState(_ initial: [UInt8], _ log: [RecordingBlockFile.Change], verify: (MemoryBlockFile, CrashStates.State) throws -> Void) throws -> Int {
-        let states = CrashStates.enumerate(initial: initial, changes: log, randomSubsets: 8, seed: 16)
+        let states = CrashStates.enumerate(initial: initial, changes: log, randomSubsets: CrashStates.subsets(8), seed: 16)
         for s in states {
             let mem = MemoryBlockFile(path: "state", bytes: s.bytes)
             let report = try Checker.check(mem, options: Fixture.forceDrop)

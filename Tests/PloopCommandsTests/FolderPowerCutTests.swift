@@ -1,0 +1,262 @@
+import Foundation
+import PloopImage
+import PloopSystem
+import PloopTestSupport
+import Testing
+
+/// What a command did to a folder, from `PLOOP_TEST_RECORD`, and the folders a power cut could
+/// leave. Durability as a journalling file system gives it: a file's data is durable once that
+/// file is synced, and its unsynced changes may each be lost (or the last one torn); names
+/// (create, rename, unlink) are durable once the folder is synced, and the unsynced ones survive
+/// as a prefix, in order (the metadata journal is ordered). A file synced before its name is
+/// keeps its data under whatever name survives.
+struct FolderLog {
+    enum Op: Equatable {
+        case write(UInt64, [UInt8]), sync, truncate(UInt64), allocate(UInt64, UInt64), zero(UInt64, UInt64)
+        case create, rename(String), unlink
+
+        var isName: Bool {
+            switch self {
+            case .create, .rename, .unlink: true
+            default: false
+            }
+        }
+    }
+
+    struct Entry: Equatable {
+        /// Relative to the folder; "" is the folder itself.
+        var path: String
+        var op: Op
+    }
+
+    var entries: [Entry] = []
+
+    /// The records under `folder` (lock files left out: they hold no data).
+    init(_ bytes: [UInt8], folder: String) {
+        var i = 0
+        func u64() -> UInt64 {
+            var v: UInt64 = 0
+            for k in 0..<8 { v |= UInt64(bytes[i + k]) << (8 * UInt64(k)) }
+            i += 8
+            return v
+        }
+        func relative(_ p: String) -> String? {
+            let std = URL(fileURLWithPath: p).standardizedFileURL.path
+            if std == folder { return "" }
+            guard std.hasPrefix(folder + "/") else { return nil }
+            let r = String(std.dropFirst(folder.count + 1))
+            return r.hasSuffix(".lck") ? nil : r
+        }
+        while i < bytes.count {
+            let op = bytes[i]
+            i += 1
+            var n = 0
+            for k in 0..<4 { n |= Int(bytes[i + k]) << (8 * k) }
+            i += 4
+            let path = String(decoding: bytes[i..<i + n], as: UTF8.self)
+            i += n
+            let a = u64(), b = u64(), len = Int(u64())
+            let data = Array(bytes[i..<i + len])
+            i += len
+            guard let rel = relative(path) else { continue }
+            let o: Op
+            switch ChangeRecorder.Op(rawValue: op) {
+            case .write: o = .write(a, data)
+            case .sync: o = .sync
+            case .truncate: o = .truncate(a)
+            case .allocate: o = .allocate(a, b)
+            case .zero: o = .zero(a, b)
+            case .create: o = .create
+            case .rename:
+                guard let to = relative(String(decoding: data, as: UTF8.self)) else { continue }
+                o = .rename(to)
+            case .unlink: o = .unlink
+            case nil: preconditionFailure("unknown record \(op)")
+            }
+            entries.append(Entry(path: rel, op: o))
+        }
+    }
+
+    struct State {
+        var name: String
+        var files: [String: [UInt8]]
+    }
+
+    /// The folders a cut after each entry can leave, from `initial` (name → bytes).
+    func states(initial: [String: [UInt8]], randomSubsets: Int, seed: UInt64 = 1) -> [State] {
+        // Which file each entry is about, as the whole run resolved names.
+        var names: [String: Int] = [:]
+        var contents: [Int: [UInt8]] = [:]
+        for (k, (p, b)) in initial.sorted(by: { $0.key < $1.key }).enumerated() {
+            names[p] = k
+            contents[k] = b
+        }
+        var nextID = initial.count
+        var target: [Int] = []
+        for e in entries {
+            switch e.op {
+            case .create:
+                names[e.path] = nextID
+                target.append(nextID)
+                nextID += 1
+            case .rename(let to):
+                let id = names[e.path] ?? -2
+                names[e.path] = nil
+                names[to] = id
+                target.append(id)
+            case .unlink:
+                target.append(names[e.path] ?? -2)
+                names[e.path] = nil
+            case .sync where e.path == "":
+                target.append(-1)
+            default:
+                target.append(names[e.path] ?? -2)
+            }
+        }
+        let startNames = Dictionary(uniqueKeysWithValues: initial.keys.sorted().enumerated().map { ($1, $0) })
+
+        func build(_ cut: Int, _ kept: (Int) -> Op?) -> [String: [UInt8]] {
+            var n = startNames
+            var c = contents
+            for i in 0..<cut {
+                guard let op = kept(i) else { continue }
+                let id = target[i]
+                switch op {
+                case .create: n[entries[i].path] = id; c[id] = c[id] ?? []
+                case .rename(let to):
+                    if n[entries[i].path] == id { n[entries[i].path] = nil }
+                    n[to] = id
+                case .unlink: if n[entries[i].path] == id { n[entries[i].path] = nil }
+                case .sync: break
+                case .write(let at, let bytes):
+                    var b = c[id] ?? []
+                    let end = Int(at) + bytes.count
+                    if end > b.count { b += repeatElement(0, count: end - b.count) }
+                    b.replaceSubrange(Int(at)..<end, with: bytes)
+                    c[id] = b
+                case .truncate(let len):
+                    var b = c[id] ?? []
+                    if Int(len) < b.count { b.removeLast(b.count - Int(len)) } else { b += repeatElement(0, count: Int(len) - b.count) }
+                    c[id] = b
+                case .allocate(let at, let len):
+                    var b = c[id] ?? []
+                    if Int(at + len) > b.count { b += repeatElement(0, count: Int(at + len) - b.count) }
+                    c[id] = b
+                case .zero(let at, let len):
+                    var b = c[id] ?? []
+                    let lo = min(Int(at), b.count), hi = min(Int(at + len), b.count)
+                    if lo < hi { b.replaceSubrange(lo..<hi, with: repeatElement(0, count: hi - lo)) }
+                    c[id] = b
+                }
+            }
+            var out: [String: [UInt8]] = [:]
+            for (p, id) in n { out[p] = c[id] ?? [] }
+            return out
+        }
+
+        var out: [State] = []
+        var seen = Set<Int>()
+        var rng = seed
+        func next() -> UInt64 {
+            rng &+= 0x9E37_79B9_7F4A_7C15
+            var z = rng
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+        func emit(_ name: String, _ cut: Int, _ kept: (Int) -> Op?) {
+            let files = build(cut, kept)
+            var h = Hasher()
+            for (p, b) in files.sorted(by: { $0.key < $1.key }) { h.combine(p); h.combine(b) }
+            if seen.insert(h.finalize()).inserted { out.append(State(name: name, files: files)) }
+        }
+        for cut in 0...entries.count {
+            // Pending: no sync of its file (of the folder, for a name) between it and the cut.
+            var pending = [Bool](repeating: false, count: cut)
+            var synced = Set<Int>()
+            for i in stride(from: cut - 1, through: 0, by: -1) {
+                if entries[i].op == .sync { synced.insert(target[i]); continue }
+                pending[i] = !synced.contains(entries[i].op.isName ? -1 : target[i])
+            }
+            let all: (Int) -> Op? = { entries[$0].op }
+            emit("cut after \(cut)", cut, all)
+            guard pending.contains(true) else { continue }
+            let pendingNames = (0..<cut).filter { pending[$0] && entries[$0].op.isName }
+            // Names: each prefix of the unsynced ones; data: all kept or only the synced part.
+            for k in 0...pendingNames.count {
+                let lost = Set(pendingNames[k...])
+                emit("cut after \(cut), \(k) of \(pendingNames.count) unsynced names", cut) { lost.contains($0) ? nil : entries[$0].op }
+                emit("cut after \(cut), \(k) of \(pendingNames.count) unsynced names, unsynced data lost", cut) {
+                    lost.contains($0) || (pending[$0] && !entries[$0].op.isName) ? nil : entries[$0].op
+                }
+            }
+            // Data, names all kept: each file's unsynced data lost alone; the last write torn;
+            // random subsets.
+            for id in Set((0..<cut).filter { pending[$0] && !entries[$0].op.isName }.map { target[$0] }).sorted() {
+                emit("cut after \(cut), file \(id)'s unsynced data lost", cut) { pending[$0] && !entries[$0].op.isName && target[$0] == id ? nil : entries[$0].op }
+            }
+            if cut > 0, pending[cut - 1], case .write(let at, let bytes) = entries[cut - 1].op, bytes.count > 512 {
+                emit("cut after \(cut), the last write torn", cut) { $0 == cut - 1 ? .write(at, Array(bytes.prefix(512))) : entries[$0].op }
+            }
+            for r in 0..<randomSubsets {
+                let keep = (0..<cut).map { !pending[$0] || entries[$0].op.isName || next() & 1 == 1 }
+                emit("cut after \(cut), random data subset \(r)", cut) { keep[$0] ? entries[$0].op : nil }
+            }
+        }
+        return out
+    }
+
+    /// A folder's regular files (lock files left out), name → bytes.
+    static func snapshot(_ folder: String) throws -> [String: [UInt8]] {
+        var out: [String: [UInt8]] = [:]
+        for n in try FileManager.default.contentsOfDirectory(atPath: folder) where !n.hasSuffix(".lck") {
+            out[n] = Array(try Data(contentsOf: URL(fileURLWithPath: folder + "/" + n)))
+        }
+        return out
+    }
+
+    static func materialize(_ files: [String: [UInt8]], at folder: String) throws {
+        try? FileManager.default.removeItem(atPath: folder)
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: false)
+        for (n, b) in files { try Data(b).write(to: URL(fileURLWithPath: folder + "/" + n)) }
+    }
+}
+
+/// Every descriptor command through a power cut at any point (FolderLog): each folder it can
+/// leave reads as the old disk or the new one, the command run again completes it, and then
+/// the disk checks clean and holds no leftovers (DiskCrashTests' rules for kills).
+/// `PLOOP_CRASH_STATES_SUBSETS` (default 2) sets the random subsets per cut; scripts/crash-states
+/// runs more.
+struct FolderPowerCutTests {
+    static let subsets = CrashStates.subsets(2)
+
+    @Test(arguments: DiskCrashTests.commands)
+    func everyPowerCutStateIsOldOrNewAndFinishes(_ command: [String]) throws {
+        let root = try ScratchDirectory("ploop-powercut")
+        let staged = try DiskCrashTests.stage(root)
+        let old = try DiskCrashTests.content(staged)
+        let args = { (disk: String) in command.map { $0.replacingOccurrences(of: "@", with: disk) } + [disk + "/DiskDescriptor.xml"] }
+        let initial = try FolderLog.snapshot(staged)
+        // The recorded run is the reference: the new disk, and the files it leaves. The states
+        // are then made where it ran (a journal names files by their full paths).
+        let disk = root.file("run")
+        try DiskCrashTests.copy(staged, to: disk)
+        let logPath = root.file("changes.log")
+        let r = try TestSupport.run(TestSupport.ploopBinary, args(disk), environment: [ChangeRecorder.variable: logPath])
+        #expect(r.code == 0, "\(r)")
+        let new = try DiskCrashTests.content(disk)
+        let referenceFiles = try DiskCrashTests.files(disk)
+        let log = FolderLog(Array(try Data(contentsOf: URL(fileURLWithPath: logPath))), folder: URL(fileURLWithPath: disk).standardizedFileURL.path)
+        #expect(log.entries.count > 3, "the recorder saw \(log.entries.count) changes")
+        let states = log.states(initial: initial, randomSubsets: Self.subsets)
+        let final = try FolderLog.snapshot(disk)
+        for s in states {
+            // The whole run: nothing to finish (a re-run would be a second snapshot, say).
+            if s.files == final { continue }
+            try FolderLog.materialize(s.files, at: disk)
+            try DiskCrashTests.expectOldOrNewThenFinished(
+                disk, old: old, new: new, command: command, arguments: args(disk), referenceFiles: referenceFiles, after: "a power cut (\(s.name))")
+        }
+        print("power-cut states: \(command.joined(separator: " ")): \(states.count) from \(log.entries.count) changes")
+    }
+}
