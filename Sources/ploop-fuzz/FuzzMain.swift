@@ -37,6 +37,13 @@ func inputs(_ paths: [String]) -> [String] {
     return out
 }
 
+/// The resident set, from /proc/self/statm (pages of 4 KiB).
+func residentKiB() -> Int {
+    guard let s = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8) else { return 0 }
+    let fields = s.split(separator: " ")
+    return fields.count > 1 ? (Int(fields[1]) ?? 0) * 4 : 0
+}
+
 #if PLOOP_LIBFUZZER
 nonisolated(unsafe) var selected = FuzzTarget.header
 
@@ -81,13 +88,21 @@ func runDriver(
         }
         #else
         let files = inputs(args)
+        // PLOOP_FUZZ_REPEAT=N runs each input N times and reports the growth of the resident
+        // set per run: a leak libFuzzer would only see as a slow out-of-memory.
+        let repeats = Int(ProcessInfo.processInfo.environment["PLOOP_FUZZ_REPEAT"] ?? "") ?? 1
         var violations = 0
         for f in files {
             guard let data = FileManager.default.contents(atPath: f) else { continue }
-            do { try t.run(Array(data)) } catch {
-                violations += 1
-                print("\(f): \(error)")
+            let before = residentKiB()
+            for _ in 0..<max(repeats, 1) {
+                do { try t.run(Array(data)) } catch {
+                    violations += 1
+                    print("\(f): \(error)")
+                    break
+                }
             }
+            if repeats > 1 { print("\(f): \(String(format: "%.3f", Double(residentKiB() - before) / Double(repeats))) KiB resident per run") }
         }
         print("\(t.rawValue): \(files.count) inputs, \(violations) violations")
         exit(violations == 0 ? 0 : 1)
