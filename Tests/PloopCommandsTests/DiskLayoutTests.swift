@@ -176,6 +176,29 @@ struct DiskLayoutTests {
         #expect(try ScratchDirectoryState(disk) == state)
     }
 
+    /// What an interrupted `convert -f` (killed, or cut by a power cut) must leave. Without a
+    /// journal, the descriptor and the file it names agree as they are; with one (stopped
+    /// between the rename and the descriptor), the next command that opens the disk finishes it
+    /// first. Then the disk is either layout with the same data, checks, and a re-run converts it
+    /// leaving `names` only.
+    static func expectOneLayoutThenConverted(_ disk: String, from: String, to: String, names: [String], after: String) throws {
+        if PathInfo.kind(disk + "/DiskDescriptor.xml.journal") == .regular {
+            let opened = InProcess.ploop("snapshot-list", disk)
+            #expect(opened.code == 0 && opened.stderr.contains("finishing an interrupted convert -f \(to)"), "\(after): \(opened)")
+        }
+        let now = try layout(disk)
+        #expect(now == from || now == to, "\(after): the disk is \(now)")
+        #expect(try content(disk) == expected, "\(after): the data changed")
+        // check finds nothing it cannot repair (a reserved tail past the last entry is trimmed).
+        let check = InProcess.ploop("check", "-f", disk)
+        #expect(check.code == 0, "check after \(after): \(check)")
+        let again = InProcess.ploop("convert", "-f", to, disk)
+        #expect(again.code == 0, "re-run after \(after): \(again)")
+        #expect(try layout(disk) == to, "after the re-run (\(after))")
+        #expect(try content(disk) == expected, "after the re-run (\(after))")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: disk).sorted() == names, "leftovers after \(after)")
+    }
+
     @Test(arguments: conversions)
     func convertKilledAtEveryWrite(_ from: String, _ to: String) throws {
         let root = try ScratchDirectory("ploop-layoutcrash")
@@ -191,25 +214,7 @@ struct DiskLayoutTests {
             if r.code == 0 { break }
             #expect(r.code == 137, "write \(n): \(r)")
             crashes += 1
-            // Without a journal, the descriptor and the file it names agree as they are; with one
-            // (killed between the rename and the descriptor), the next command that opens the disk
-            // finishes it first.
-            if PathInfo.kind(disk + "/DiskDescriptor.xml.journal") == .regular {
-                let opened = InProcess.ploop("snapshot-list", disk)
-                #expect(opened.code == 0 && opened.stderr.contains("finishing an interrupted convert -f \(to)"), "kill at write \(n): \(opened)")
-            }
-            // Old or new: the descriptor and the file it names agree, and read the same data.
-            let now = try Self.layout(disk)
-            #expect(now == from || now == to, "kill at write \(n): the disk is \(now)")
-            #expect(try Self.content(disk) == Self.expected, "kill at write \(n): the data changed")
-            // check finds nothing it cannot repair (a reserved tail past the last entry is trimmed).
-            let check = InProcess.ploop("check", "-f", disk)
-            #expect(check.code == 0, "check after a kill at write \(n): \(check)")
-            let again = InProcess.ploop("convert", "-f", to, disk)
-            #expect(again.code == 0, "re-run after a kill at write \(n): \(again)")
-            #expect(try Self.layout(disk) == to, "after the re-run (kill at write \(n))")
-            #expect(try Self.content(disk) == Self.expected)
-            #expect(try FileManager.default.contentsOfDirectory(atPath: disk).sorted() == names, "leftovers after a kill at write \(n)")
+            try Self.expectOneLayoutThenConverted(disk, from: from, to: to, names: names, after: "kill at write \(n)")
         }
         #expect(crashes >= 2, "the conversion made only \(crashes) changes: the hook is not reached")
     }

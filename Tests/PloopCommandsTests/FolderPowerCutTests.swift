@@ -307,24 +307,8 @@ struct LayoutPowerCutTests {
         let log = FolderLog(Array(try Data(contentsOf: URL(fileURLWithPath: logPath))), folder: URL(fileURLWithPath: disk).standardizedFileURL.path)
         let states = log.states(initial: initial, randomSubsets: CrashStates.subsets(2), cutsPerRun: 2 + CrashStates.subsets(2))
         for s in states where FolderLog.digest(s.files) != final {
-            let at = "\(from) → \(to), power cut (\(s.name))"
             try FolderLog.materialize(s.files, at: disk)
-            // With a journal (the file renamed, the descriptor not yet), the next command that
-            // opens the disk finishes the conversion first, as after a kill.
-            if s.files["DiskDescriptor.xml.journal"] != nil {
-                let opened = InProcess.ploop("snapshot-list", disk)
-                #expect(opened.code == 0 && opened.stderr.contains("finishing an interrupted convert -f \(to)"), "\(at): \(opened)")
-            }
-            let now = try DiskLayoutTests.layout(disk)
-            #expect(now == from || now == to, "\(at): the disk is \(now)")
-            #expect(try DiskLayoutTests.content(disk) == DiskLayoutTests.expected, "\(at): the data changed")
-            let check = InProcess.ploop("check", "-f", disk)
-            #expect(check.code == 0, "\(at): check: \(check)")
-            let again = InProcess.ploop("convert", "-f", to, disk)
-            #expect(again.code == 0, "\(at): re-run: \(again)")
-            #expect(try DiskLayoutTests.layout(disk) == to, "\(at): after the re-run")
-            #expect(try DiskLayoutTests.content(disk) == DiskLayoutTests.expected, "\(at): after the re-run")
-            #expect(try FileManager.default.contentsOfDirectory(atPath: disk).sorted() == names, "\(at): leftovers after the re-run")
+            try DiskLayoutTests.expectOneLayoutThenConverted(disk, from: from, to: to, names: names, after: "\(from) → \(to), a power cut (\(s.name))")
         }
         print("power-cut states: convert -f \(from) to \(to): \(states.count) from \(log.entries.count) changes")
     }
