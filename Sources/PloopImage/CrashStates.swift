@@ -200,29 +200,33 @@ public enum CrashStates {
     /// The bytes after `changes`, applied in order to `bytes`.
     public static func apply<C: Collection>(_ changes: C, to bytes: [UInt8]) -> [UInt8] where C.Element == RecordingBlockFile.Change {
         var b = bytes
-        for c in changes {
-            switch c {
-            case .write(let at, let data):
-                let end = Int(at) + data.count
-                if end > b.count { b += repeatElement(0, count: end - b.count) }
-                b.replaceSubrange(Int(at)..<end, with: data)
-            case .truncate(let length):
-                if Int(length) < b.count { b.removeLast(b.count - Int(length)) } else { b += repeatElement(0, count: Int(length) - b.count) }
-            case .allocate(let at, let length):
-                let end = Int(at + length)
-                if end > b.count { b += repeatElement(0, count: end - b.count) }
-            case .punch(let at, let length):
-                let lo = min(Int(at), b.count), hi = min(Int(at + length), b.count)
-                if lo < hi { b.replaceSubrange(lo..<hi, with: repeatElement(0, count: hi - lo)) }
-            case .sync:
-                break
-            }
-        }
+        for c in changes { apply(c, to: &b) }
         return b
     }
 
+    /// One change, in place. Zeros are appended as arrays, not `repeatElement`: a debug build
+    /// appends those a byte at a time, and command states hold files of megabytes.
+    public static func apply(_ change: RecordingBlockFile.Change, to b: inout [UInt8]) {
+        func extend(to end: Int) { if end > b.count { b.append(contentsOf: [UInt8](repeating: 0, count: end - b.count)) } }
+        switch change {
+        case .write(let at, let data):
+            let end = Int(at) + data.count
+            extend(to: end)
+            b.withUnsafeMutableBytes { dst in data.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: dst[Int(at)..<end]).copyMemory(from: $0) } }
+        case .truncate(let length):
+            if Int(length) < b.count { b.removeLast(b.count - Int(length)) } else { extend(to: Int(length)) }
+        case .allocate(let at, let length):
+            extend(to: Int(at + length))
+        case .punch(let at, let length):
+            let lo = min(Int(at), b.count), hi = min(Int(at + length), b.count)
+            if lo < hi { b.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[lo..<hi]).initializeMemory(as: UInt8.self, repeating: 0) } }
+        case .sync:
+            break
+        }
+    }
+
     /// splitmix64: reproducible without a seedable generator in the standard library.
-    static func next(_ state: inout UInt64) -> UInt64 {
+    public static func next(_ state: inout UInt64) -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9

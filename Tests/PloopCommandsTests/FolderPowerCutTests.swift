@@ -142,23 +142,10 @@ struct FolderLog {
                     n[to] = id
                 case .unlink: if n[entries[i].path] == id { n[entries[i].path] = nil }
                 case .sync: break
-                case .write(let at, let bytes):
-                    // In place: a copy of an 8 MiB file per write made this quadratic.
-                    let end = Int(at) + bytes.count
-                    if end > c[id, default: []].count { c[id, default: []].append(contentsOf: [UInt8](repeating: 0, count: end - c[id, default: []].count)) }
-                    c[id, default: []].withUnsafeMutableBytes { dst in
-                        bytes.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: dst[Int(at)..<end]).copyMemory(from: $0) }
-                    }
-                case .truncate(let len):
-                    let count = c[id, default: []].count
-                    if Int(len) < count { c[id, default: []].removeLast(count - Int(len)) } else { c[id, default: []].append(contentsOf: [UInt8](repeating: 0, count: Int(len) - count)) }
-                case .allocate(let at, let len):
-                    let count = c[id, default: []].count
-                    if Int(at + len) > count { c[id, default: []].append(contentsOf: [UInt8](repeating: 0, count: Int(at + len) - count)) }
-                case .zero(let at, let len):
-                    let count = c[id, default: []].count
-                    let lo = min(Int(at), count), hi = min(Int(at + len), count)
-                    if lo < hi { c[id, default: []].withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[lo..<hi]).initializeMemory(as: UInt8.self, repeating: 0) } }
+                case .write(let at, let bytes): CrashStates.apply(.write(at: at, bytes: bytes), to: &c[id, default: []])
+                case .truncate(let len): CrashStates.apply(.truncate(to: len), to: &c[id, default: []])
+                case .allocate(let at, let len): CrashStates.apply(.allocate(at: at, length: len), to: &c[id, default: []])
+                case .zero(let at, let len): CrashStates.apply(.punch(at: at, length: len), to: &c[id, default: []])
                 }
             }
             var out: [String: [UInt8]] = [:]
@@ -169,13 +156,7 @@ struct FolderLog {
         var out: [State] = []
         var seen = Set<Int>()
         var rng = seed
-        func next() -> UInt64 {
-            rng &+= 0x9E37_79B9_7F4A_7C15
-            var z = rng
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
+        func next() -> UInt64 { CrashStates.next(&rng) }
         func emit(_ name: String, _ cut: Int, _ kept: (Int) -> Op?) {
             let files = build(cut, kept)
             if seen.insert(Self.digest(files)).inserted { out.append(State(name: name, files: files)) }
