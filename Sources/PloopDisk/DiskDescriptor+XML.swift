@@ -1,7 +1,4 @@
 import Foundation
-#if canImport(FoundationXML)
-import FoundationXML
-#endif
 
 extension DiskDescriptor {
     // MARK: - Writing: the original's text, byte for byte
@@ -65,7 +62,9 @@ extension DiskDescriptor {
     }
 
     static func escape(_ s: String) -> String {
+        // As libxml2 writes text: a CR is a reference, or a reader would take it for a line end.
         s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
+            .replacingOccurrences(of: "\r", with: "&#13;")
     }
 
     // MARK: - Reading: strict where the original is lenient
@@ -93,51 +92,30 @@ extension DiskDescriptor {
         return d
     }
 
-    /// The element tree of descriptor text; refuses DTDs, what is not well-formed XML, text cut
-    /// short, and another root element.
-    static func elementTree(_ data: Data, path: String) throws(DiskError) -> TreeBuilder.Element {
-        // Foundation's XMLParser traps on an element or attribute name that is not UTF-8 (found
-        // by fuzzing: one flipped byte crashed every command), so such text is refused first.
+    /// The element tree of descriptor text (DescriptorXML); refuses text that is not UTF-8, is
+    /// not well-formed XML, is cut short, has a DTD or a processing instruction, or has another
+    /// root element, each with where the damage is.
+    static func elementTree(_ data: Data, path: String) throws(DiskError) -> DescriptorXML.Element {
         if let bad = firstInvalidUTF8(data) {
             throw .malformed(path, "it is not UTF-8 text (an invalid sequence at byte \(bad)): restore it from a backup or rewrite the damaged line")
         }
-        let text = String(decoding: data, as: UTF8.self)
-        // No DTDs: a descriptor has no business declaring entities (nor pulling files in).
-        if text.contains("<!DOCTYPE") || text.contains("<!ENTITY") { throw .malformed(path, "it declares a DTD or entities") }
-        guard !data.isEmpty else { throw .malformed(path, "the XML does not parse (the file is empty)") }
-        // Nor processing instructions but the XML declaration: XMLParser reads a NULL for one
-        // without data (`<?x?>`) and crashes (found by fuzzing).
-        if let pi = processingInstruction(data) {
-            throw .malformed(path, "it holds a processing instruction (<?…?>) at byte \(pi): a descriptor has none but the <?xml …?> declaration")
+        let root: DescriptorXML.Element
+        do {
+            root = try DescriptorXML.parse([UInt8](data))
+        } catch {
+            switch error {
+            case .empty: throw .malformed(path, "the XML does not parse (the file is empty)")
+            case .cutShort(let inside): throw .malformed(path, "it ends inside \(inside) (the file is cut short)")
+            case .notWellFormed(let what, let offset, let line):
+                throw .malformed(path, "it is not well-formed XML (line \(line), byte \(offset): \(what))")
+            case .dtd(let offset): throw .malformed(path, "it declares a DTD or entities (at byte \(offset))")
+            case .processingInstruction(let offset):
+                throw .malformed(path, "it holds a processing instruction (<?…?>) at byte \(offset): a descriptor has none but the <?xml …?> declaration")
+            case .encoding(let name): throw .malformed(path, "it declares the encoding \(name), but holds text that is not ASCII: a descriptor is UTF-8")
+            }
         }
-        let tree = TreeBuilder()
-        let parser = XMLParser(data: data)
-        parser.delegate = tree
-        parser.shouldResolveExternalEntities = false
-        guard parser.parse(), let root = tree.root else {
-            throw .malformed(path, "it is not well-formed XML (near line \(parser.lineNumber))")
-        }
-        if let open = tree.stack.last { throw .malformed(path, "it ends inside <\(open.name)> (the file is cut short)") }
         guard root.name == "Parallels_disk_image" else { throw .invalid(path, element: root.name, "is not Parallels_disk_image") }
         return root
-    }
-
-    /// The offset of the first `<?` that does not open the XML declaration at the start.
-    static func processingInstruction(_ data: Data) -> Int? {
-        let bytes = [UInt8](data)
-        var start = 0
-        if bytes.starts(with: [0xEF, 0xBB, 0xBF]) { start = 3 }
-        let declaration = Array("<?xml".utf8)
-        var i = 0
-        while i + 1 < bytes.count {
-            if bytes[i] == UInt8(ascii: "<"), bytes[i + 1] == UInt8(ascii: "?") {
-                let isDeclaration = i == start && bytes[i...].starts(with: declaration)
-                    && (i + 5 < bytes.count && [UInt8(ascii: " "), 0x09, 0x0A, 0x0D].contains(bytes[i + 5]))
-                if !isDeclaration { return i }
-            }
-            i += 1
-        }
-        return nil
     }
 
     /// The offset of the first byte that does not belong to a valid UTF-8 sequence, if any.
@@ -183,7 +161,7 @@ extension DiskDescriptor {
 
 /// Reads a descriptor's elements strictly: each rule broken names the element and what is wrong.
 struct ElementReader {
-    typealias XMLElement = TreeBuilder.Element
+    typealias XMLElement = DescriptorXML.Element
     let path: String
 
     func children(_ e: XMLElement, _ name: String) -> [XMLElement] { e.children.filter { $0.name == name } }
@@ -290,33 +268,4 @@ struct ElementReader {
         d.topGUID = top
         d.shots = shots
     }
-}
-
-/// Builds an element tree from XMLParser's events (elements and their text; attributes, comments
-/// and processing instructions are not kept, as the original drops them).
-final class TreeBuilder: NSObject, XMLParserDelegate {
-    final class Element {
-        let name: String
-        var text = ""
-        var children: [Element] = []
-        init(name: String) { self.name = name }
-    }
-
-    var root: Element?
-    var stack: [Element] = []
-
-    func parser(_ parser: XMLParser, didStartElement name: String, namespaceURI: String?, qualifiedName: String?, attributes: [String: String] = [:]) {
-        let e = Element(name: name)
-        if let parent = stack.last { parent.children.append(e) } else if root == nil { root = e }
-        stack.append(e)
-    }
-
-    func parser(_ parser: XMLParser, didEndElement name: String, namespaceURI: String?, qualifiedName: String?) {
-        _ = stack.popLast()
-    }
-
-    func parser(_ parser: XMLParser, foundCharacters string: String) { stack.last?.text += string }
-
-    func parser(_ parser: XMLParser, foundCDATA block: Data) { stack.last?.text += String(decoding: block, as: UTF8.self) }
-
 }
