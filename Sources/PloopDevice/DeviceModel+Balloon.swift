@@ -110,7 +110,14 @@ extension DeviceModel {
     /// The relocation itself, with I/O paused (the caller holds the stack lock exclusively).
     func relocate(_ top: Ploop1Image, moves: [(cluster: UInt32, block: UInt32)], frees: [(cluster: UInt32, block: UInt32)]) throws(DeviceError) -> UInt32 {
         let oldHead = top.allocHead
-        var free = frees.filter { top.block(of: ClusterIndex(UInt64($0.cluster))) == ImageBlock($0.block) }.sorted { $0.block < $1.block }
+        // A loaded free block is still free while its balloon cluster points at it, or, after a
+        // relocation that failed part-way, while no entry points at it any more (the failed run
+        // had let go of it, then could not fill it): each move below points the balloon cluster
+        // at nothing again, durably, before writing into the block.
+        let owners = top.owners()
+        var free = frees.filter {
+            top.block(of: ClusterIndex(UInt64($0.cluster))) == ImageBlock($0.block) || owners[$0.block] == nil
+        }.sorted { $0.block < $1.block }
         let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterBytes, alignment: 4096)
         defer { scratch.deallocate() }
         try lifting { () throws(ImageError) in

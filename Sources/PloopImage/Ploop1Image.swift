@@ -297,16 +297,29 @@ public final class Ploop1Image: Sendable {
     // MARK: - Metadata changes used by grow, check and repair
 
     /// Sets one BAT entry and writes it at once (the caller syncs).
+    /// Points `cluster` at `block` (or at nothing) in memory and on disk (the caller syncs). If the
+    /// write fails, the entry in memory goes back to what it was: memory never says more than the
+    /// file may, or a caller that trusts it (a retried relocation) would cut away a block the file's
+    /// BAT still points at.
     public func setEntry(_ cluster: ClusterIndex, to block: ImageBlock?) throws(ImageError) {
-        let bytes = state.withLock { s -> [UInt8] in
+        let (bytes, old, wasPending) = state.withLock { s -> ([UInt8], UInt32, Bool) in
+            let old = s.bat[Int(cluster.value)]
             let v = block.map { s.header.layout.encode($0) } ?? 0
             s.bat[Int(cluster.value)] = v
-            s.pendingEntries.remove(Int(cluster.value))
+            let wasPending = s.pendingEntries.remove(Int(cluster.value)) != nil
             var b = [UInt8](repeating: 0, count: 4)
             b.withUnsafeMutableBytes { $0.storeLE32(v, at: 0) }
-            return b
+            return (b, old, wasPending)
         }
-        try file.writeBytes(bytes, at: layout.entryOffset(cluster))
+        do {
+            try file.writeBytes(bytes, at: layout.entryOffset(cluster))
+        } catch {
+            state.withLock { s in
+                s.bat[Int(cluster.value)] = old
+                if wasPending { s.pendingEntries.insert(Int(cluster.value)) }
+            }
+            throw error
+        }
     }
 
     /// Replaces the header in memory and on disk (the caller syncs), growing the BAT array.
