@@ -314,7 +314,9 @@ enum DiskCommands {
             guard let dev = running, let be else { return try d.createEmptyDeltaForSnapshot(file) }
             // A mounted file system's cached writes belong in the snapshot.
             FileSystem.syncAll(on: dev.device)
-            do { try be.snapshot(dev.device, newDelta: file) } catch let e as DeviceError { throw .refused(e.description) } catch { throw .refused("\(error)") }
+            // The device's own error, so its exit code is the device's (40 for a daemon that
+            // died under it, 17 for a busy one), not a parameter's.
+            do { try be.snapshot(dev.device, newDelta: file) } catch let e as DeviceError { throw .device(dev.device, e) } catch { throw .refused("\(error)") }
         }
         return g
     }
@@ -456,10 +458,13 @@ enum DiskCommands {
     static func grow(_ argument: String, sectors: UInt64, backend: BackendOptions) throws -> Ploop.Grow.Grown {
         let d = try DiskDevices.open(argument, backend: backend)
         if let be = d.backend, let dev = DiskDevices.device(of: d, backend: be) {
-            try be.grow(dev.device, sizeSectors: sectors)
-            let info = try be.info(dev.device)
-            try d.commitSize(info.sizeBytes / 512)
-            return .init(target: argument, descriptor: d.descriptorPath, device: dev.device, sizeBytes: info.sizeBytes)
+            try d.growOnline(device: dev.device, toSectors: sectors) { (size) throws(DiskError) -> UInt64 in
+                do throws(DeviceError) {
+                    try be.grow(dev.device, sizeSectors: size)
+                    return try be.info(dev.device).sizeBytes / 512
+                } catch { throw .device(dev.device, error) }
+            }
+            return .init(target: argument, descriptor: d.descriptorPath, device: dev.device, sizeBytes: d.descriptor.diskSizeSectors * 512)
         }
         try d.grow(toSectors: sectors)
         return .init(target: argument, descriptor: d.descriptorPath, sizeBytes: d.descriptor.diskSizeSectors * 512)

@@ -27,6 +27,15 @@ public enum LoopDevice {
         throw .system("attaching a loop device to \(file)", errno: lastError)
     }
 
+    /// The loop devices attached to `file` (as sysfs names their backing files).
+    public static func backedBy(_ file: String) -> [String] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []
+        return names.filter { $0.hasPrefix("loop") }.sorted().compactMap { name in
+            guard let backing = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8) else { return nil }
+            return backing.trimmingCharacters(in: .newlines) == file ? "/dev/\(name)" : nil
+        }
+    }
+
     public static func detach(_ path: String) throws(DeviceError) {
         // The kernel may hold the device for a moment after the last close: retry EBUSY briefly.
         for attempt in 0..<50 {

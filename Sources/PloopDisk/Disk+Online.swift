@@ -38,6 +38,19 @@ extension Disk {
         let old = chainFiles(descriptor)
         let new = chainFiles(next)
         let stack = stack(of: device, touching: old + new)
+        // A grow keeps the files: what tells is the device's size. Gone, the offline recovery
+        // grows the images.
+        if let size = j.grow {
+            guard stack != nil, let info = try? backend?.info(device) else { return false }
+            if info.sizeBytes / 512 >= size {
+                say("finishing an interrupted \(j.operation): \(device) has the new size")
+                try commit(next)
+                finishedOperation = j.operation
+            } else {
+                say("rolled back an interrupted \(j.operation) (\(device) did not grow)")
+            }
+            return true
+        }
         if let stack, Self.sameFiles(stack.paths, new) {
             say("finishing an interrupted \(j.operation): \(device) runs the new chain")
             try commit(next)
@@ -77,7 +90,9 @@ extension Disk {
     /// `destination`.
     func onlineMerge(device: String, sources: [String], destination: String, progress: (@Sendable (Int, Int) -> Void)?) throws(DiskError) {
         guard let be = backend, let stack = stack(of: device, touching: [destination]) else {
-            throw .refused("\(device) no longer runs \(destination)")
+            // The device stopped or its daemon died under the merge: 40, as for a disk that
+            // does not run (the journal's recovery then finishes the merge offline).
+            throw .device(device, .notRunning("\(device) (it no longer runs \(destination))"))
         }
         let ids = stack.paths.map(PathInfo.identity)
         guard let top = sources.first, let lo = ids.firstIndex(of: PathInfo.identity(destination)), let hi = ids.firstIndex(of: PathInfo.identity(top)), lo < hi else {

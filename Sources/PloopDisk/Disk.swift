@@ -383,6 +383,10 @@ public final class Disk {
             // The merge had started: images were being written. Finish it.
             if m.sources.allSatisfy({ PathInfo.kind($0) == .regular }) {
                 say("finishing an interrupted \(j.operation): merging again")
+                // A device that died under an online merge left its images marked in use. No
+                // device runs them now (an online recovery found none, and a live one would hold
+                // their locks): the marks are stale, checked and repaired as mount does.
+                for p in m.sources + [m.destination] { try repairStaleMark(p) }
                 _ = try imageErrors { () throws(ImageError) in
                     try Offline.merge(sources: m.sources, destination: m.destination, format: m.raw ? .raw : .ploop1)
                 }

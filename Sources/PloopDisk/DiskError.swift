@@ -55,7 +55,7 @@ public enum DiskError: Error, Sendable, Equatable, CustomStringConvertible {
         case .notMounted(let p): "the disk \(p) is not running on any device"
         case .refused(let s): s
         case .io(let s): s
-        case .device(let d, let e): "\(d): \(e)"
+        case .device(let d, let e): "\(e)".hasPrefix(d) ? "\(e)" : "\(d): \(e)"
         case .stopped(let p, let op, let step, let cause, .undone):
             "\(op) failed while \(step): \(cause). Nothing was changed: \(p) is as it was"
         case .stopped(let p, let op, let step, let cause, .pending):

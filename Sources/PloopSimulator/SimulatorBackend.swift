@@ -92,8 +92,9 @@ public final class SimulatorBackend: DeviceBackend {
         let args: [String]
         do { args = try launch.arguments(executable: executable) } catch { throw .invalid("describing the daemon to start: \(error)") }
         // The crash hook of a command under test is for that command: the daemon it starts
-        // must outlive it, as a real daemon outlives a killed client.
-        var environment = ProcessInfo.processInfo.environment.filter { $0.key != CrashPoint.variable && $0.key != CrashPoint.faultVariable && $0.key != ChangeRecorder.variable }
+        // must outlive it, as a real daemon outlives a killed client. Hooks meant for the daemon
+        // (PLOOP_TEST_DAEMON_*) become its own.
+        var environment = CrashPoint.daemonEnvironment(ProcessInfo.processInfo.environment)
         if let daemonLogLevel { environment[SimulatorDaemon.logLevelVariable] = daemonLogLevel }
         let pid: Int32
         let ch: LineChannel
@@ -112,10 +113,10 @@ public final class SimulatorBackend: DeviceBackend {
         // Our write end closed with the scope: only the daemon holds one, so the read ends if it dies.
         let line = (try? ch.receive(Wire.Ready.self)) ?? nil
         if let line, line.error == nil { return }
-        // Failed: reap the daemon and leave nothing behind.
+        // Failed: reap the daemon and leave nothing behind, whatever it had built before it died.
         _ = try? Spawn.wait(pid)
         let log = (try? String(contentsOfFile: paths.log(n), encoding: .utf8)) ?? ""
-        try? FileManager.default.removeItem(atPath: dir)
+        cleanupUnborn(n)
         throw line?.error ?? .unavailable("the device daemon exited before it was ready: \(log.trimmingCharacters(in: .whitespacesAndNewlines))")
     }
 
@@ -199,6 +200,12 @@ public final class SimulatorBackend: DeviceBackend {
                     }
                     Host.pause(milliseconds: 10)
                 }
+                // A daemon that stops cleanly removes its folder before it exits; one that died
+                // while stopping (its connection closes as a clean stop's does) left its loop
+                // device, node and FUSE mount: they are cleaned up as after any death.
+                if !Host.processExists(st.pid) || isZombie(st.pid), RuntimeState.read(paths.state(n)) != nil {
+                    cleanupDead(st)
+                }
                 return
             } catch .notRunning {
                 // Fall through to cleaning up after a dead daemon.
@@ -231,6 +238,26 @@ public final class SimulatorBackend: DeviceBackend {
     /// After a daemon died (SIGKILL, crash): detach the loop device, drop the FUSE mount, restore
     /// the node, remove the runtime directory. The images keep their in-use mark; the next mount
     /// checks them.
+    /// After a daemon that died before it was ready: what it built (the FUSE mount, a loop device
+    /// on it, the node, state.json if it got that far) is taken down, found by where it must be.
+    func cleanupUnborn(_ n: Int) {
+        if let st = RuntimeState.read(paths.state(n)) {
+            cleanupDead(st)
+            return
+        }
+        let device = DeviceName.name(n)
+        for loop in LoopDevice.backedBy(paths.fuseFile(n)) {
+            // The node is ours to remove only while it is this loop device's.
+            if let node = BlockNode.numbers(device), let numbers = BlockNode.numbers(loop), node == numbers {
+                PartitionNodes.removeWindows(device)
+                Loop.unlinkNode(device, restoring: nil)
+            }
+            try? LoopDevice.detach(loop)
+        }
+        try? MountedFileSystem.detach(paths.fuseFile(n))
+        try? FileManager.default.removeItem(atPath: paths.directory(n))
+    }
+
     func cleanupDead(_ st: RuntimeState) {
         PartitionNodes.removeWindows(st.device)
         if !st.loop.isEmpty { try? LoopDevice.detach(st.loop) }

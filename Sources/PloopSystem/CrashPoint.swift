@@ -18,6 +18,24 @@ public enum CrashPoint {
     public static let variable = "PLOOP_TEST_CRASH_AT"
     public static let faultVariable = "PLOOP_TEST_FAULT"
 
+    /// The same hooks for the device daemon a command starts, under names of their own: `ploop
+    /// mount` run with `PLOOP_TEST_DAEMON_CRASH_AT=N` starts a daemon that ends at its own Nth
+    /// change, counted from its start (the in-use mark, state files, guest writes, maintenance),
+    /// as a daemon killed there would; `PLOOP_TEST_DAEMON_FAULT` and `PLOOP_TEST_DAEMON_RECORD`
+    /// likewise. The command itself ignores them.
+    public static let daemonVariables = [
+        "PLOOP_TEST_DAEMON_CRASH_AT": variable, "PLOOP_TEST_DAEMON_FAULT": faultVariable, "PLOOP_TEST_DAEMON_RECORD": ChangeRecorder.variable,
+    ]
+
+    /// The environment of a daemon started from a command's `environment`: the command's own
+    /// hooks left out (the daemon must outlive a killed command, as a real one does), the
+    /// daemon's hooks under the names the daemon reads.
+    public static func daemonEnvironment(_ environment: [String: String]) -> [String: String] {
+        var out = environment.filter { ![variable, faultVariable, ChangeRecorder.variable].contains($0.key) && daemonVariables[$0.key] == nil }
+        for (hook, own) in daemonVariables { if let v = environment[hook] { out[own] = v } }
+        return out
+    }
+
     /// A parsed `PLOOP_TEST_FAULT`.
     public struct Fault: Sendable, Equatable {
         public var errno: Int32

@@ -1,10 +1,13 @@
 import Foundation
 import PloopCopy
+import PloopImage
+import PloopSystem
 import PloopTestSupport
 import Testing
 
-/// `ploop copy -d` (the receiver) stopped or failed at each of its file changes: the destination
-/// is never half there, a failure says what failed, and the next receive finishes the job.
+/// `ploop copy -d` (the receiver) stopped, failed or cut by a power loss at each of its file
+/// changes: the destination is never half there, a failure says what failed, and the next
+/// receive finishes the job.
 @Suite struct CopyReceiveFaultTests {
     /// Three data records (one across a sync), the last one out of order.
     static let records: [CopyStream.Record] = [
@@ -91,5 +94,43 @@ import Testing
         }
         #expect(failed >= 5, "only \(failed) of \(faults) faults failed the receive: the hook is not reached")
         print("faults injected: copy receive: \(faults), \(failed) failed it")
+    }
+
+    /// A power cut at any point of the receive (FolderLog: unsynced data lost, kept or torn per
+    /// file, unsynced names an ordered prefix): the folder holds no image or the whole one, and
+    /// the next receive (the image removed first, as a sender would after a failed copy)
+    /// builds it and leaves nothing else.
+    @Test func everyPowerCutStateHoldsNoImageOrTheWholeOne() throws {
+        let root = try ScratchDirectory("ploop-copycut")
+        let stream = root.file("stream")
+        try Data(Self.records.flatMap(CopyStream.encode)).write(to: URL(fileURLWithPath: stream))
+        let dir = root.file("dest")
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: false)
+        let img = dir + "/img"
+        let logPath = root.file("changes.log")
+        let receive = { (env: [String: String]) in
+            try TestSupport.run("/bin/sh", ["-c", "exec \"$0\" copy -d \"$1\" < \"$2\"", TestSupport.ploopBinary, img, stream], environment: env)
+        }
+        let r = try receive([ChangeRecorder.variable: logPath])
+        #expect(r.code == 0, "\(r)")
+        let log = FolderLog(Array(try Data(contentsOf: URL(fileURLWithPath: logPath))), folder: URL(fileURLWithPath: dir).standardizedFileURL.path)
+        #expect(log.entries.count > 4, "the recorder saw \(log.entries.count) changes")
+        let states = log.states(initial: [:], randomSubsets: CrashStates.subsets(4), cutsPerRun: 8)
+        var withImage = 0
+        for s in states {
+            if let b = s.files["img"] {
+                #expect(b == Self.expected, "\(s.name): a published image with other content (\(b.count) bytes)")
+                withImage += 1
+            }
+            try FolderLog.materialize(s.files, at: dir)
+            try? FileManager.default.removeItem(atPath: img)
+            let again = try receive([:])
+            #expect(again.code == 0, "\(s.name): the next receive: \(again)")
+            #expect(FileManager.default.contents(atPath: img).map(Array.init) == Self.expected, "\(s.name): the next receive's image")
+            let left = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
+            #expect(left == ["img"], "\(s.name): the next receive left \(left)")
+        }
+        #expect(withImage > 0 && withImage < states.count)
+        print("power-cut states: copy receive: \(states.count) from \(log.entries.count) changes")
     }
 }
