@@ -286,4 +286,59 @@ struct DaemonKillTests {
             #expect(during > 3, "the daemon never died during \(op.rawValue)")
         }
     }
+
+    /// The daemon's Nth change fails with EIO or ENOSPC (alternately), N = 1, 2 …, while it
+    /// starts or during an online command: a mount that fails leaves nothing; a command that
+    /// fails says the errno; the device still reads what it read, `ploop umount` and the next
+    /// mount work, the disk reads the same and checks clean with no journal left.
+    @Test(arguments: Online.allCases)
+    func daemonIOErrorAtEachOfItsChangesLeavesAWorkingDisk(_ op: Online) throws {
+        try DeviceTestLock.run {
+            let s = try Stage()
+            let (staged, expected) = try Self.stageDisk(s)
+            let run = s.disk
+            var failedMount = 0, failedCommand = 0, lived = 0, tried = 0
+            for n in Self.steps() {
+                tried += 1
+                try Self.copyFolder(staged, to: run)
+                let errno = n % 2 == 1 ? "EIO" : "ENOSPC"
+                let at = "\(op.rawValue), \(errno) at the daemon's change \(n)"
+                let m = try TestSupport.run(TestSupport.ploopBinary, ["mount", run], environment: ["PLOOP_TEST_DAEMON_FAULT": "\(errno)@\(n)"])
+                var reached = true
+                if m.code != 0 {
+                    failedMount += 1
+                    #expect(try TestSupport.ploop("list").stdout.contains("no ploop devices"), "\(at): a failed mount left a device")
+                } else {
+                    s.device = m.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+                    let r = try TestSupport.run(TestSupport.ploopBinary, Self.arguments(op, run))
+                    let log = (try? String(contentsOfFile: "/run/ploop/\(s.device!.dropFirst("/dev/".count))/daemon.log", encoding: .utf8)) ?? ""
+                    reached = log.contains("ploop-test: injected")
+                    if r.code != 0 {
+                        failedCommand += 1
+                        let words = errno == "EIO" ? "Input/output error" : "No space left on device"
+                        #expect(r.stderr.contains(words), "\(at): the message does not say the errno: \(r.stderr)")
+                    } else if reached {
+                        lived += 1
+                    }
+                    // The device still serves what the disk held.
+                    let h = try FileHandle(forReadingFrom: URL(fileURLWithPath: s.device!))
+                    let now = Array(try h.read(upToCount: 32 << 20) ?? Data())
+                    try? h.close()
+                    #expect(now == expected, "\(at): the device reads other bytes after the failure")
+                    let u = try TestSupport.ploop("umount", run)
+                    #expect(u.code == 0, "\(at): umount: \(u)")
+                    if u.code != 0, let d = s.device { _ = try TestSupport.ploop("umount", "-d", d) }
+                    s.device = nil
+                }
+                let got = try Self.readDisk(run, s)
+                #expect(got == expected, "\(at): the disk reads other bytes")
+                let check = try TestSupport.ploop("check", run + "/DiskDescriptor.xml")
+                #expect(check.code == 0, "\(at): check: \(check)")
+                #expect(!FileManager.default.fileExists(atPath: run + "/DiskDescriptor.xml.journal"), "\(at): a journal is left")
+                if !reached { break }
+            }
+            print("faults injected: daemon \(op.rawValue): \(tried) steps, \(failedMount) failed the mount, \(failedCommand) failed the command, \(lived) lived with")
+            #expect(failedCommand > 2, "no fault failed \(op.rawValue)")
+        }
+    }
 }

@@ -63,7 +63,14 @@ extension Ploop1Image {
         }
         try file.sync()
         try replaceHeader(new)
-        try file.sync()
+        do { try file.sync() } catch {
+            // The new size is not durable: back to the old one in memory and in the file (its
+            // page cache), so the image, a device serving it and a disk's descriptor agree on
+            // the old size and a re-run grows it again. A failing rollback write still leaves
+            // memory old; closing the image writes that header.
+            restoreHeader(old)
+            throw error
+        }
     }
 }
 

@@ -322,14 +322,33 @@ public final class Ploop1Image: Sendable {
         }
     }
 
-    /// Replaces the header in memory and on disk (the caller syncs), growing the BAT array.
+    /// Replaces the header in memory and on disk (the caller syncs), growing the BAT array. If
+    /// the write fails, memory keeps the old header: a later flush or close writes the header
+    /// from memory, and must not publish one the file never took (a bigger size, say).
     func replaceHeader(_ header: ImageHeader, allocHead: UInt32? = nil) throws(ImageError) {
-        state.withLock { s in
+        let (oldHeader, oldHead) = state.withLock { s in
+            let old = (s.header, s.allocHead)
             s.header = header
             s.bat.grow(to: Int(header.batEntries))
             if let allocHead { s.allocHead = allocHead }
+            return old
         }
-        try file.writeBytes(header.encode(), at: 0)
+        do {
+            try file.writeBytes(header.encode(), at: 0)
+        } catch {
+            state.withLock { s in
+                s.header = oldHeader
+                s.allocHead = oldHead
+            }
+            throw error
+        }
+    }
+
+    /// Puts `header` back in memory, then (best effort) in the file: an operation that could not
+    /// make its new header durable goes back to the old one.
+    func restoreHeader(_ header: ImageHeader) {
+        state.withLock { $0.header = header }
+        try? file.writeBytes(header.encode(), at: 0)
     }
 
     func setAllocHead(_ head: UInt32) { state.withLock { $0.allocHead = head } }

@@ -61,7 +61,12 @@ struct ModelFaultTests {
             try model.flush()
             expected.replaceSubrange(20 * Self.cb..<22 * Self.cb, with: more)
             let stack = model.imagePaths
+            let size = model.sizeBytes
             try model.stop()
+            // The size the device served is the size its top image says once closed: a disk's
+            // descriptor follows the device, and is refused when the two differ.
+            let top = try Ploop1Image(file: opener.file(stack.last!)!, writable: false)
+            #expect(top.virtualBytes == size, "\(at): the device served \(size) bytes, its top image says \(top.virtualBytes)")
             var mountCheck = Checker.Options()
             mountCheck.force = true
             mountCheck.dropInUse = true
