@@ -224,6 +224,18 @@ struct DaemonKillTests {
         return Array(try h.read(upToCount: 32 << 20) ?? Data())
     }
 
+    /// The disk mounts and reads `expected`, checks clean, and has no journal left.
+    static func expectAsStaged(_ disk: String, _ expected: [UInt8], _ s: Stage, _ at: String) throws {
+        let got = try readDisk(disk, s)
+        if got != expected {
+            let first = zip(got, expected).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? min(got.count, expected.count)
+            Issue.record("\(at): the disk reads other bytes from offset \(first) (\(got.count) bytes read)")
+        }
+        let check = try TestSupport.ploop("check", disk + "/DiskDescriptor.xml")
+        #expect(check.code == 0, "\(at): check: \(check)")
+        #expect(!FileManager.default.fileExists(atPath: disk + "/DiskDescriptor.xml.journal"), "\(at): a journal is left")
+    }
+
     static func copyFolder(_ from: String, to: String) throws {
         try? FileManager.default.removeItem(atPath: to)
         #expect(try TestSupport.sh("cp", "-a", from, to).code == 0)
@@ -272,14 +284,7 @@ struct DaemonKillTests {
                     if u.code != 0, let d = s.device { _ = try TestSupport.ploop("umount", "-d", d) }
                     s.device = nil
                 }
-                let got = try Self.readDisk(run, s)
-                if got != expected {
-                    let first = zip(got, expected).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? min(got.count, expected.count)
-                    Issue.record("\(at): the disk reads other bytes from offset \(first) (\(got.count) bytes read)")
-                }
-                let check = try TestSupport.ploop("check", run + "/DiskDescriptor.xml")
-                #expect(check.code == 0, "\(at): check: \(check)")
-                #expect(!FileManager.default.fileExists(atPath: run + "/DiskDescriptor.xml.journal"), "\(at): a journal is left")
+                try Self.expectAsStaged(run, expected, s, at)
                 if completed { break }
             }
             print("daemon kills: \(op.rawValue): \(tried) steps tried, \(startup) while starting, \(during) during the command")
@@ -330,11 +335,7 @@ struct DaemonKillTests {
                     if u.code != 0, let d = s.device { _ = try TestSupport.ploop("umount", "-d", d) }
                     s.device = nil
                 }
-                let got = try Self.readDisk(run, s)
-                #expect(got == expected, "\(at): the disk reads other bytes")
-                let check = try TestSupport.ploop("check", run + "/DiskDescriptor.xml")
-                #expect(check.code == 0, "\(at): check: \(check)")
-                #expect(!FileManager.default.fileExists(atPath: run + "/DiskDescriptor.xml.journal"), "\(at): a journal is left")
+                try Self.expectAsStaged(run, expected, s, at)
                 if !reached { break }
             }
             print("faults injected: daemon \(op.rawValue): \(tried) steps, \(failedMount) failed the mount, \(failedCommand) failed the command, \(lived) lived with")

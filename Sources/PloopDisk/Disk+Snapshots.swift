@@ -436,6 +436,13 @@ extension Disk {
 }
 
 extension Disk {
+    /// `repairStaleMark` for every ploop1 image of the chain: for a command that starts a device
+    /// of its own on a disk no device runs (a crash or a power cut under the last one left the
+    /// marks; the device would refuse the images).
+    public func repairStaleMarks() throws(DiskError) {
+        for g in descriptor.chain() where descriptor.image(g)!.kind == .compressed { try repairStaleMark(path(of: g)) }
+    }
+
     /// An in-use mark on an image of a disk we hold locked and no device runs is a crash's
     /// leftover (an interrupted grow or merge): check and repair it, as mount does.
     func repairStaleMark(_ path: String) throws(DiskError) {

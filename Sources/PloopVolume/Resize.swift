@@ -35,7 +35,9 @@ public struct DiskResize {
     }
 
     func startDevice(_ name: String? = nil) throws -> String {
-        try backend.mount(MountRequest(images: disk.chainPaths(), baseFormat: disk.baseFormat, readOnly: false, device: name, clusterSectors: disk.descriptor.blocksize))
+        // No device runs the disk: marks a crash left under the last one are stale.
+        try disk.repairStaleMarks()
+        return try backend.mount(MountRequest(images: disk.chainPaths(), baseFormat: disk.baseFormat, readOnly: false, device: name, clusterSectors: disk.descriptor.blocksize))
     }
 
     /// Resizes to `requested` sectors (rounded up to a cluster); returns the new size.
