@@ -385,8 +385,9 @@ public final class Disk {
                 say("finishing an interrupted \(j.operation): merging again")
                 // A device that died under an online merge left its images marked in use. No
                 // device runs them now (an online recovery found none, and a live one would hold
-                // their locks): the marks are stale, checked and repaired as mount does.
-                for p in m.sources + [m.destination] { try repairStaleMark(p) }
+                // their locks): the marks are stale, checked and repaired as mount does (the
+                // merge repairs its destination's itself, under the lock it keeps).
+                for p in m.sources { try repairStaleMark(p) }
                 _ = try imageErrors { () throws(ImageError) in
                     try Offline.merge(sources: m.sources, destination: m.destination, format: m.raw ? .raw : .ploop1)
                 }

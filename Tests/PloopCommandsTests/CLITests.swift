@@ -14,6 +14,17 @@ struct UsageTests {
         for cmd in ["init", "merge", "grow", "check", "info"] { #expect(r.stderr.contains("  \(cmd) ")) }
     }
 
+    /// A peer that goes away is EPIPE, never SIGPIPE: a disk command died by the signal when a
+    /// device daemon it was asking about was killed. Here the peer is a reader that closes our
+    /// output before 160 KB of it are written (more than a pipe holds).
+    @Test(.enabled(if: TestSupport.which("bash") != nil, "bash is missing"))
+    func aPeerThatGoesAwayDoesNotKillTheCommand() throws {
+        let script = #""$0" --experimental-dump-help | (exec 0<&-; sleep 0.3); echo "${PIPESTATUS[0]}""#
+        let r = try TestSupport.run(TestSupport.which("bash")!, ["-c", script, TestSupport.ploopBinary])
+        let status = Int(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+        #expect(status != nil && status != 128 + 13, "ploop ended with \(r.stdout) (141: killed by SIGPIPE)")
+    }
+
     /// Asked for the kernel driver where it is not loaded: a clear error, nothing started.
     @Test(.enabled(if: !FileManager.default.fileExists(atPath: "/sys/module/ploop"), "the ploop module is loaded here"))
     func kernelBackendWithoutTheModule() throws {
