@@ -342,4 +342,39 @@ struct DaemonKillTests {
             #expect(failedCommand > 2, "no fault failed \(op.rawValue)")
         }
     }
+
+    /// A power cut of the whole host at any point of `mount`, an online command and `umount` of a
+    /// disk: the commands' and the device daemon's changes in one log (`PLOOP_TEST_RECORD` and
+    /// `PLOOP_TEST_DAEMON_RECORD` appending to one file), and FolderLog's states from it (unsynced
+    /// data lost, kept or torn per file; unsynced names an ordered prefix). After each, no device
+    /// runs (the host went down): the next mount finishes or undoes what the journal says, the
+    /// disk reads every byte it read before, checks clean, and no journal is left.
+    @Test(arguments: Online.allCases)
+    func everyPowerCutStateOfAnOnlineCommandMountsAndReadsTheSame(_ op: Online) throws {
+        try DeviceTestLock.run {
+            let s = try Stage()
+            let (staged, expected) = try Self.stageDisk(s)
+            let run = s.disk
+            try Self.copyFolder(staged, to: run)
+            let initial = try FolderLog.snapshot(run)
+            let log = s.dir.file("changes.log")
+            let env = [ChangeRecorder.variable: log, "PLOOP_TEST_DAEMON_RECORD": log]
+            let m = try TestSupport.run(TestSupport.ploopBinary, ["mount", run], environment: env)
+            try #require(m.code == 0, "\(m)")
+            s.device = m.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            let r = try TestSupport.run(TestSupport.ploopBinary, Self.arguments(op, run), environment: env)
+            #expect(r.code == 0, "\(r)")
+            let u = try TestSupport.run(TestSupport.ploopBinary, ["umount", run], environment: env)
+            #expect(u.code == 0, "\(u)")
+            s.device = nil
+            let changes = FolderLog(Array(try Data(contentsOf: URL(fileURLWithPath: log))), folder: URL(fileURLWithPath: run).standardizedFileURL.path)
+            #expect(changes.entries.count > 10, "the recorders saw \(changes.entries.count) changes")
+            let states = changes.states(initial: initial, randomSubsets: CrashStates.subsets(1), cutsPerRun: 2)
+            for state in states {
+                try FolderLog.materialize(state.files, at: run)
+                try Self.expectAsStaged(run, expected, s, "\(op.rawValue), a power cut (\(state.name))")
+            }
+            print("power-cut states: online \(op.rawValue) of a running disk, with mount and umount: \(states.count) from \(changes.entries.count) changes")
+        }
+    }
 }
