@@ -1,5 +1,6 @@
 import CPloopSys
 import Glibc
+import Synchronization
 import SystemPackage
 
 /// An open file descriptor (swift-system's `FileDescriptor`), closed once when the object goes
@@ -11,6 +12,8 @@ public final class File: Sendable {
     public let writable: Bool
     /// Whether the descriptor is ours to close (false for one `borrowing` made).
     let owning: Bool
+    /// Whether `tryLock` took a lock that `unlock` has not let go.
+    private let locked = Atomic<Bool>(false)
     /// The raw descriptor, for the C shims and libfuse.
     public var fd: Int32 { descriptor.rawValue }
 
@@ -82,7 +85,15 @@ public final class File: Sendable {
         owning = false
     }
 
-    deinit { if owning { try? descriptor.close() } }
+    /// A lock taken is let go explicitly before the close: a child being spawned by another
+    /// thread holds a copy of every descriptor until its exec, and a lock lives as long as any
+    /// copy of the open file does. Closing alone left the lock with that child for a moment, and
+    /// the next open of the same file by this process found it "in use".
+    deinit {
+        guard owning else { return }
+        if locked.load(ordering: .relaxed) { _ = flock(fd, LOCK_UN) }
+        try? descriptor.close()
+    }
 
     /// `fstat(2)`.
     public func stat() throws(SystemError) -> Glibc.stat {
@@ -173,10 +184,14 @@ public final class File: Sendable {
             if error.errno == EWOULDBLOCK { return false }
             throw error
         }
+        locked.store(true, ordering: .relaxed)
         return true
     }
 
-    public func unlock() { _ = flock(fd, LOCK_UN) }
+    public func unlock() {
+        _ = flock(fd, LOCK_UN)
+        locked.store(false, ordering: .relaxed)
+    }
 
     /// `fallocate(2)` with `FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE`.
     public func punchHole(at offset: UInt64, length: UInt64) throws(SystemError) {

@@ -187,6 +187,25 @@ struct SafetyRegressionTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path) == ["in"])
     }
 
+    /// A file this process locked and let go can be locked again at once, even while a copy of
+    /// its descriptor lives on (as in a child another thread is spawning, until its exec): a
+    /// delta `snapshot-merge -n` had just built was found "in use" by the merge that followed.
+    @Test func aLockLetGoStaysGoneWhileACopyOfTheDescriptorLives() throws {
+        let dir = try ScratchDirectory()
+        let path = dir.file("image")
+        _ = FileManager.default.createFile(atPath: path, contents: Data("image".utf8))
+        var copy: Int32 = -1
+        do {
+            let first = try File(path: path, mode: .readWrite)
+            #expect(try first.tryLock(.exclusive))
+            copy = dup(first.fd)
+            #expect(copy >= 0)
+        }
+        defer { close(copy) }
+        let again = try File(path: path, mode: .readWrite)
+        #expect(try again.tryLock(.exclusive), "the lock stayed with the copy of a closed descriptor")
+    }
+
     @Test func deadReceiversPartIsRemovedAndALiveOnesIsNot() throws {
         let dir = try ScratchDirectory()
         let dead = dir.file("out.part-999999")
