@@ -137,7 +137,7 @@ struct SimulatorTests {
         }
     }
 
-    struct DeviceSummary: Decodable { var backend: String }
+    struct DeviceSummary: Decodable { var device: String; var backend: String }
 
     @Test(arguments: TestSupport.cliBackends)
     func manualFlowWithWritersDuringMaintenance(_ backend: String) throws {
@@ -161,7 +161,8 @@ struct SimulatorTests {
             // log: simulator devices only; mergeProgress: while an online merge runs.
             try Golden.compareShape(list.stdout, "json/list.shape.txt", optional: [".[].log: string", ".[].mergeProgress: object", ".[].mergeProgress.done: number", ".[].mergeProgress.total: number"])
             // The backend under test served the device.
-            let served = try JSONDecoder().decode([DeviceSummary].self, from: Data(list.stdout.utf8))
+            // (Only this test's device: the host may run others, ours or not.)
+            let served = try JSONDecoder().decode([DeviceSummary].self, from: Data(list.stdout.utf8)).filter { $0.device == dev }
             #expect(served.map(\.backend) == [backend == "kernel-fake" ? "kernel" : "simulator"], "\(list)")
             // Two more snapshots, then 1..2 and 0..1 under the writer.
             w.start(prefix: "b")
@@ -256,7 +257,7 @@ struct SimulatorTests {
             _ = try TestSupport.sh("umount", "-l", mnt)
             s.mounts.removeAll()
             let listed = try TestSupport.ploop("list")
-            #expect(listed.stdout.contains("DEAD"))
+            #expect(listed.stdout.split(separator: "\n").contains { $0.hasPrefix(dev + " ") && $0.contains("DEAD") }, "\(listed)")
             // umount of the dead device cleans up; the image is left dirty and passes check -d.
             try s.umount(dev)
             #expect(!FileManager.default.fileExists(atPath: dev))
@@ -305,7 +306,7 @@ struct SimulatorTests {
             #expect(try TestSupport.sh("losetup", "-a").stdout == loopsBefore)
             #expect(!FileManager.default.fileExists(atPath: dev))
             let mounts = try String(contentsOfFile: "/proc/mounts", encoding: .utf8)
-            #expect(!mounts.contains("/run/ploop/ploop"))
+            #expect(!mounts.contains("/run/ploop/\(dev.dropFirst("/dev/".count))/"), "\(mounts)")
             #expect(try s.dir.snapshot() == before)
         } }
     }
