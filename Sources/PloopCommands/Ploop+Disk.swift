@@ -458,12 +458,7 @@ enum DiskCommands {
     static func grow(_ argument: String, sectors: UInt64, backend: BackendOptions) throws -> Ploop.Grow.Grown {
         let d = try DiskDevices.open(argument, backend: backend)
         if let be = d.backend, let dev = DiskDevices.device(of: d, backend: be) {
-            try d.growOnline(device: dev.device, toSectors: sectors) { (size) throws(DiskError) -> UInt64 in
-                do throws(DeviceError) {
-                    try be.grow(dev.device, sizeSectors: size)
-                    return try be.info(dev.device).sizeBytes / 512
-                } catch { throw .device(dev.device, error) }
-            }
+            try d.growOnline(device: dev.device, backend: be, toSectors: sectors)
             return .init(target: argument, descriptor: d.descriptorPath, device: dev.device, sizeBytes: d.descriptor.diskSizeSectors * 512)
         }
         try d.grow(toSectors: sectors)

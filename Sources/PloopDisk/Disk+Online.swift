@@ -15,11 +15,11 @@ import PloopSystem
 extension Disk {
     /// The files a device runs, base first, and its maintenance state; nil when it does not run,
     /// or runs nothing of this disk.
-    func stack(of device: String, touching files: [String]) -> (paths: [String], state: MaintenanceState)? {
+    func stack(of device: String, touching files: [String]) -> (paths: [String], state: MaintenanceState, sectors: UInt64)? {
         guard let be = backend, let info = try? be.info(device), info.running else { return nil }
         let paths = info.levels.map(\.path)
         let ours = Set(files.compactMap(PathInfo.identity))
-        return paths.contains { PathInfo.identity($0).map(ours.contains) ?? false } ? (paths, info.state) : nil
+        return paths.contains { PathInfo.identity($0).map(ours.contains) ?? false } ? (paths, info.state, info.sizeBytes / 512) : nil
     }
 
     /// The files of a descriptor's running chain, base first.
@@ -41,8 +41,8 @@ extension Disk {
         // A grow keeps the files: what tells is the device's size. Gone, the offline recovery
         // grows the images.
         if let size = j.grow {
-            guard stack != nil, let info = try? backend?.info(device) else { return false }
-            if info.sizeBytes / 512 >= size {
+            guard let stack else { return false }
+            if stack.sectors >= size {
                 say("finishing an interrupted \(j.operation): \(device) has the new size")
                 try commit(next)
                 finishedOperation = j.operation

@@ -1,4 +1,5 @@
 import Foundation
+import PloopDevice
 import PloopFormat
 import PloopImage
 import PloopSystem
@@ -376,17 +377,21 @@ extension Disk {
         return next
     }
 
-    /// An online grow: `grow` grows the device to `sectors` (rounded up to a cluster) and returns
-    /// its new size, then the descriptor follows. Journalled with the device: if the daemon or
+    /// An online grow: `backend` grows `device` to `sectors` (rounded up to a cluster), then the
+    /// descriptor follows with the size the device reports. Journalled with the device: if the daemon or
     /// the command dies between the two, the next command on the disk commits the size the
     /// device reached, or, the device gone, grows every image offline and commits it (without the
     /// journal the disk would be refused: its top image bigger than its descriptor says).
-    public func growOnline(device: String, toSectors sectors: UInt64, grow: (UInt64) throws(DiskError) -> UInt64) throws(DiskError) {
+    public func growOnline(device: String, backend: any DeviceBackend, toSectors sectors: UInt64) throws(DiskError) {
         let size = try roundedSize(sectors)
         let j = Journal(operation: "grow \(size)", files: [], grow: size, device: device, descriptor: resized(size).xml())
         try journalled(j) { step throws(DiskError) in
             step("growing \(device) to \(size) sectors")
-            let reached = try grow(size)
+            let reached: UInt64
+            do throws(DeviceError) {
+                try backend.grow(device, sizeSectors: size)
+                reached = try backend.info(device).sizeBytes / 512
+            } catch { throw .device(device, error) }
             step("writing the descriptor")
             try commit(resized(reached))
         }

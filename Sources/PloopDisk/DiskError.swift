@@ -55,6 +55,8 @@ public enum DiskError: Error, Sendable, Equatable, CustomStringConvertible {
         case .notMounted(let p): "the disk \(p) is not running on any device"
         case .refused(let s): s
         case .io(let s): s
+        // Most device errors start with the device's name already (not running, in use, held
+        // open …): it is not said twice.
         case .device(let d, let e): "\(e)".hasPrefix(d) ? "\(e)" : "\(d): \(e)"
         case .stopped(let p, let op, let step, let cause, .undone):
             "\(op) failed while \(step): \(cause). Nothing was changed: \(p) is as it was"

@@ -85,10 +85,7 @@ public struct DiskResize {
         if let m = mountedAt { Self.emptyBalloon(in: m.target) }
         if dev.sizeBytes / 512 < target {
             say("Growing \(dev.device) to \(Self.size(target))")
-            try disk.growOnline(device: dev.device, toSectors: target) { (size) throws(DiskError) -> UInt64 in
-                do throws(DeviceError) { try backend.grow(dev.device, sizeSectors: size) } catch { throw .device(dev.device, error) }
-                return size
-            }
+            try disk.growOnline(device: dev.device, backend: backend, toSectors: target)
             changed = true
         }
         if disk.descriptor.diskSizeSectors != target {
