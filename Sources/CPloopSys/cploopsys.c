@@ -19,6 +19,21 @@
 
 int cploop_o_direct(void) { return O_DIRECT; }
 
+static __thread void *scratch_buf;
+static __thread size_t scratch_size;
+
+void *cploop_thread_scratch(size_t size) {
+    if (size > scratch_size) {
+        free(scratch_buf);
+        scratch_buf = NULL;
+        scratch_size = 0;
+        size_t want = size < (1 << 20) ? (1 << 20) : size;
+        if (posix_memalign(&scratch_buf, 4096, want) != 0) return NULL;
+        scratch_size = want;
+    }
+    return scratch_buf;
+}
+
 int cploop_fallocate(int fd, int mode, int64_t offset, int64_t length) {
     return fallocate(fd, mode, (off_t)offset, (off_t)length) == 0 ? 0 : -errno;
 }

@@ -189,11 +189,12 @@ public final class DeviceModel: Sendable {
             guard inOff + UInt64(length) <= cb else { return false }
             switch holder(s.levels, below: s.levels.count, c) {
             case .ploop1(let img, let b):
-                guard let fd = img.file.descriptor else { return false }
-                body(fd, img.blockOffset(b) + inOff)
+                let at = img.blockOffset(b) + inOff
+                guard let fd = img.file.descriptor(forReadingAt: at, length: length) else { return false }
+                body(fd, at)
                 return true
             case .raw(let r, let bytes):
-                guard offset + UInt64(length) <= bytes, let fd = r.file.descriptor else { return false }
+                guard offset + UInt64(length) <= bytes, let fd = r.file.descriptor(forReadingAt: offset, length: length) else { return false }
                 body(fd, offset)
                 return true
             case nil:

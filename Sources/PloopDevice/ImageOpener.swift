@@ -27,16 +27,25 @@ extension ImageOpener {
 /// Files on disk. With `locking`, every file is `flock`ed while open: the writable top (and a
 /// merge destination) exclusively, read-only levels shared, so no other process can write an
 /// image of a running stack (a second mount, an offline merge), while read-only levels can be
-/// shared with another read-only stack (a temporary snapshot's device).
+/// shared with another read-only stack (a temporary snapshot's device). With `direct`, each file
+/// also gets an `O_DIRECT` twin for its aligned data I/O (`DirectIO`); where the host file system
+/// refuses it, `note` is told and the file goes through the page cache.
 public struct PosixOpener: ImageOpener {
     public let locking: Bool
+    public let direct: Bool
+    let note: @Sendable (String) -> Void
+
     /// `locking`: whether `open(lock: true)` takes a flock. Said at each use, not defaulted.
-    public init(locking: Bool) { self.locking = locking }
+    public init(locking: Bool, direct: Bool = false, note: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.locking = locking
+        self.direct = direct
+        self.note = note
+    }
 
     public func open(_ path: String, writable: Bool, lock: Bool) throws(ImageError) -> any BlockFile {
         let f = try ImagePath.open(path, write: writable)
         if locking && lock { try ImagePath.lock(f, exclusive: writable) }
-        return f
+        return twin(f, writable: writable)
     }
 
     public func relock(_ file: any BlockFile, exclusive: Bool) throws(ImageError) {
@@ -45,10 +54,17 @@ public struct PosixOpener: ImageOpener {
     }
 
     public func createImage(_ path: String, header: ImageHeader) throws(ImageError) -> any BlockFile {
-        try ImagePath.createImage(path, header: header, lock: locking)
+        twin(try ImagePath.createImage(path, header: header, lock: locking), writable: true)
     }
 
     public func remove(_ path: String) { PathInfo.remove(path) }
+
+    private func twin(_ f: PosixBlockFile, writable: Bool) -> PosixBlockFile {
+        guard direct else { return f }
+        let (file, why) = DirectIO.twin(of: f, writable: writable)
+        if let why { note(why) }
+        return file
+    }
 }
 
 /// Files in memory, by name. Every open of a name returns the same bytes.

@@ -17,6 +17,8 @@ final class TrackingBlockFile: BlockFile {
     let watch: WriteWatch
     var path: String { base.path }
     var descriptor: Int32? { base.descriptor }
+    func descriptor(forReadingAt offset: UInt64, length: Int) -> Int32? { base.descriptor(forReadingAt: offset, length: length) }
+    func metadataEnds(at offset: UInt64) { base.metadataEnds(at: offset) }
 
     init(_ base: any BlockFile, watch: WriteWatch) {
         self.base = base

@@ -1,3 +1,4 @@
+import Glibc
 import PloopSystem
 import Synchronization
 
@@ -26,10 +27,19 @@ public protocol BlockFile: AnyObject, Sendable {
     /// The parts of [start, end) that may hold data (a file system's holes left out); at worst
     /// the whole range.
     func dataRanges(from start: UInt64, to end: UInt64) throws(ImageError) -> [Range<UInt64>]
+    /// The descriptor a reader hands to the kernel for [offset, offset+length): the direct one
+    /// where the file has it and the range suits it, else `descriptor`.
+    func descriptor(forReadingAt offset: UInt64, length: Int) -> Int32?
+    /// Says where the image's metadata (header and BAT) end: below it every I/O goes through the
+    /// page cache, so a write of part of a metadata page never meets a direct write of the same
+    /// page. Only ever raised.
+    func metadataEnds(at offset: UInt64)
 }
 
 extension BlockFile {
     public var descriptor: Int32? { nil }
+    public func descriptor(forReadingAt offset: UInt64, length: Int) -> Int32? { descriptor }
+    public func metadataEnds(at offset: UInt64) {}
 
     public func dataRanges(from start: UInt64, to end: UInt64) throws(ImageError) -> [Range<UInt64>] {
         start < end ? [start..<end] : []
@@ -112,28 +122,118 @@ public func rethrowingImageError<T>(_ body: () throws -> T) throws(ImageError) -
     do { return try body() } catch let e as ImageError { throw e } catch { preconditionFailure("unexpected error \(error)") }
 }
 
-/// A real file.
+/// A real file. With a direct twin (the same file opened `O_DIRECT`, as the kernel driver opens
+/// its images), I/O at or past the metadata whose offset and length are multiples of the twin's
+/// alignment goes through it, bypassing the host's page cache: the file system inside the device
+/// caches those bytes already. Memory that is not aligned bounces through a buffer of the
+/// thread's. Everything else (the header and BAT, an odd-sized tail, copies) takes the page
+/// cache, which the kernel keeps coherent with direct I/O done before or after it.
 public final class PosixBlockFile: BlockFile {
     public let file: File
     public var path: String { file.path }
+    /// The `O_DIRECT` twin, and the alignment of offsets and lengths it takes.
+    public let direct: File?
+    public let directAlignment: UInt64
+    private let floor = Atomic<UInt64>(0)
 
-    public init(_ file: File) { self.file = file }
+    public init(_ file: File) {
+        self.file = file
+        direct = nil
+        directAlignment = 0
+    }
+
+    /// `file` with its direct twin `direct`, which takes offsets and lengths that are multiples
+    /// of `alignment` (a power of two from 512 to 4096).
+    public init(_ file: File, direct: File, alignment: UInt64) {
+        precondition(alignment >= 512 && alignment <= 4096 && alignment & (alignment - 1) == 0, "direct I/O alignment \(alignment)")
+        self.file = file
+        self.direct = direct
+        directAlignment = alignment
+    }
+
     public var descriptor: Int32? { file.fd }
 
     public convenience init(path: String, mode: File.OpenMode) throws(ImageError) {
         do { self.init(try File(path: path, mode: mode)) } catch { throw ImageError.from(error) }
     }
 
+    public func metadataEnds(at offset: UInt64) {
+        _ = floor.max(offset, ordering: .relaxed)
+    }
+
+    /// Where the metadata end, as last said (0: nothing said).
+    public var metadataEnd: UInt64 { floor.load(ordering: .relaxed) }
+
+    /// The direct twin, if [offset, offset+length) suits it.
+    @inline(__always)
+    private func directFile(_ offset: UInt64, _ length: Int) -> File? {
+        guard let direct, length > 0 else { return nil }
+        let mask = directAlignment - 1
+        guard offset & mask == 0, UInt64(length) & mask == 0, offset >= floor.load(ordering: .relaxed) else { return nil }
+        return direct
+    }
+
+    public func descriptor(forReadingAt offset: UInt64, length: Int) -> Int32? {
+        directFile(offset, length)?.fd ?? file.fd
+    }
+
+    @inline(__always)
+    private static func aligned(_ p: UnsafeRawPointer?) -> Bool { UInt(bitPattern: p) & 4095 == 0 }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(ImageError) -> Int {
-        do { return try file.read(into: buffer, at: offset) } catch { throw .io(error) }
+        guard let d = directFile(offset, buffer.count) else {
+            do { return try file.read(into: buffer, at: offset) } catch { throw .io(error) }
+        }
+        var done = 0
+        while done < buffer.count {
+            let n = min(buffer.count - done, Self.bounceBytes)
+            let at = offset + UInt64(done)
+            let got: Int
+            do throws(SystemError) {
+                if Self.aligned(buffer.baseAddress.map { UnsafeRawPointer($0) }?.advanced(by: done)) {
+                    got = try d.readOnce(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + n]), at: at)
+                } else {
+                    guard let b = ThreadScratch.buffer(n) else { throw SystemError("read", path: path, errno: ENOMEM) }
+                    got = try d.readOnce(into: b, at: at)
+                    UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + got]).copyMemory(from: UnsafeRawBufferPointer(rebasing: b[0..<got]))
+                }
+            } catch { throw .io(error) }
+            done += got
+            if got == 0 { break }
+            if got < n {
+                // The end of the file, or a short read: what is left (if anything) is not
+                // aligned any more, and the page cache reads it.
+                do { done += try file.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), at: offset + UInt64(done)) } catch { throw .io(error) }
+                break
+            }
+        }
+        return done
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageError) {
-        do { try file.write(buffer, at: offset) } catch { throw .io(error) }
+        guard let d = directFile(offset, buffer.count) else {
+            do { try file.write(buffer, at: offset) } catch { throw .io(error) }
+            return
+        }
+        do throws(SystemError) {
+            if Self.aligned(buffer.baseAddress) {
+                try d.write(buffer, at: offset)
+                return
+            }
+            var done = 0
+            while done < buffer.count {
+                let n = min(buffer.count - done, Self.bounceBytes)
+                guard let b = ThreadScratch.buffer(n) else { throw SystemError("write", path: path, errno: ENOMEM) }
+                b.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[done..<done + n]))
+                try d.write(UnsafeRawBufferPointer(b), at: offset + UInt64(done))
+                done += n
+            }
+        } catch { throw .io(error) }
     }
 
-    /// fdatasync: the data and what finding it needs (the size) are durable; the times are not
-    /// worth a journal commit of the host file system on every flush of a device.
+    /// The most a bounce through the thread's buffer moves at once (a multiple of 4096).
+    static let bounceBytes = 1 << 20
+
     public func sync() throws(ImageError) {
         do { try file.dataSync() } catch { throw .io(error) }
     }
@@ -283,6 +383,7 @@ public final class CrashingBlockFile: BlockFile {
     public let base: any BlockFile
     public let budget: CrashBudget
     public var path: String { base.path }
+    public func metadataEnds(at offset: UInt64) { base.metadataEnds(at: offset) }
 
     /// A budget of its own: the Nth mutating call on this file fails.
     public convenience init(_ base: any BlockFile, crashAt: Int) {

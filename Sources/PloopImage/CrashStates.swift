@@ -18,6 +18,7 @@ public final class RecordingBlockFile: BlockFile {
     private let log = Mutex<[Change]>([])
     private let shared: ChangeLog?
     public var path: String { base.path }
+    public func metadataEnds(at offset: UInt64) { base.metadataEnds(at: offset) }
 
     /// `shared`: also log every change, with this file's path, in one order with other files'.
     public init(_ base: any BlockFile, shared: ChangeLog? = nil) {

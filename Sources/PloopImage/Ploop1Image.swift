@@ -66,6 +66,7 @@ public final class Ploop1Image: Sendable {
         self.file = file
         self.writable = writable
         self.state = Mutex(State(header: header, bat: bat, allocHead: head))
+        file.metadataEnds(at: batEnd)
         if writable && markInUse {
             try setInUse(true)
         }
@@ -326,6 +327,8 @@ public final class Ploop1Image: Sendable {
     /// the write fails, memory keeps the old header: a later flush or close writes the header
     /// from memory, and must not publish one the file never took (a bigger size, say).
     func replaceHeader(_ header: ImageHeader, allocHead: UInt32? = nil) throws(ImageError) {
+        // Raised before the BAT can reach past the old end (the floor never comes down).
+        file.metadataEnds(at: UInt64(header.firstBlockOffset) * PloopSpec.sectorSize)
         let (oldHeader, oldHead) = state.withLock { s in
             let old = (s.header, s.allocHead)
             s.header = header

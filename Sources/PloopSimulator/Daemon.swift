@@ -71,7 +71,12 @@ public final class SimulatorDaemon: Sendable {
         let dir = options.paths.directory(options.index)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         do {
-            model = try DeviceModel(options.request, opener: PosixOpener(locking: true))
+            // Image files are opened O_DIRECT as the kernel driver opens them (PLOOP_DIRECT_IO=0:
+            // through the page cache); a file system that refuses it is said in the log.
+            let direct = ProcessInfo.processInfo.environment[DirectIO.variable] != "0"
+            let logger = log
+            model = try DeviceModel(options.request, opener: PosixOpener(locking: true, direct: direct) { logger.notice("\($0)") })
+            log.info("image I/O: \(direct ? "direct (O_DIRECT) where the file system takes it" : "through the page cache (\(DirectIO.variable)=0)")")
         } catch {
             try? FileManager.default.removeItem(atPath: dir)
             throw error

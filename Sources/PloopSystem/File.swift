@@ -122,6 +122,12 @@ public final class File: Sendable {
         return done
     }
 
+    /// One `pread(2)`: fewer bytes than asked at end of file (and, rarely, elsewhere).
+    public func readOnce(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
+        let at = try position("read", offset, 0)
+        return try lifting("read", path) { try descriptor.read(fromAbsoluteOffset: at, into: buffer) }
+    }
+
     /// `pwrite(2)` of the whole buffer.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
         try CrashPoint.step("write", path)

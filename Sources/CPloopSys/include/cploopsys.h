@@ -9,6 +9,10 @@
 
 /// open(2) flag O_DIRECT (a GNU extension Swift does not see).
 int cploop_o_direct(void);
+/// A buffer of at least `size` bytes aligned to 4096, the calling thread's own (kept and reused
+/// by its later calls: direct I/O from unaligned memory bounces through it without an allocation
+/// per request). NULL when memory is short.
+void *cploop_thread_scratch(size_t size);
 /// fallocate(2); returns 0 or -errno.
 int cploop_fallocate(int fd, int mode, int64_t offset, int64_t length);
 /// copy_file_range(2); returns bytes copied or -errno. Offsets are advanced.
