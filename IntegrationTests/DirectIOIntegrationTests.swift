@@ -5,13 +5,13 @@ import Testing
 /// The simulator's daemon opens image files `O_DIRECT`, as the kernel driver does: what a guest
 /// writes through `/dev/ploopN` reaches the image without a copy in the host's page cache, and
 /// reads back the same. `PLOOP_DIRECT_IO=0` keeps the page cache (the check can fail).
-@Suite(.enabled(if: TestSupport.simulatorUnavailable == nil, "needs the simulator stack: \(TestSupport.simulatorUnavailable ?? "")"))
+@Suite(.enabled(if: TestSupport.simulatorUnavailable == nil, "needs the simulator stack: \(TestSupport.simulatorUnavailable ?? "")"),
+       .enabled(if: !PageCache.onTmpfs(NSTemporaryDirectory()), "tmpfs keeps every file in the page cache"))
 struct DirectIOIntegrationTests {
     @Test(arguments: [true, false])
     func guestWritesReachTheImageWithoutTheHostsPageCache(_ direct: Bool) throws {
         try DeviceTestLock.run {
             let dir = try ScratchDirectory("ploop-dio")
-            try #require(!PageCache.onTmpfs(dir.path), "tmpfs keeps every file in the page cache")
             let env = direct ? [:] : ["PLOOP_DIRECT_IO": "0"]
             let image = dir.file("root.hds")
             #expect(try TestSupport.ploop("init", "--no-descriptor", "-s", "256m", image).code == 0)

@@ -6,9 +6,21 @@ import PloopSystem
 import PloopTestSupport
 import Testing
 
+/// Why the temporary folder's file system takes no direct I/O, or nil.
+enum DirectIOProbe {
+    static let unavailable: String? = {
+        guard let dir = try? ScratchDirectory("ploop-dio") else { return "no scratch folder" }
+        let path = dir.file("probe")
+        _ = FileManager.default.createFile(atPath: path, contents: Data(count: 4096))
+        guard let plain = try? PosixBlockFile(path: path, mode: .readWrite) else { return "cannot open \(path)" }
+        return DirectIO.twin(of: plain, writable: true).note
+    }()
+}
+
 /// Image files with an `O_DIRECT` twin (how the simulator's daemon opens them): the same bytes as
 /// through the page cache, whatever the offsets, lengths and memory alignment, and no pages left
 /// in the host's cache by the data they carry.
+@Suite(.enabled(if: DirectIOProbe.unavailable == nil, "\(DirectIOProbe.unavailable ?? "")"))
 struct DirectIOTests {
     static func twin(_ path: String) throws -> PosixBlockFile {
         let plain = try PosixBlockFile(path: path, mode: .readWrite)
@@ -60,9 +72,9 @@ struct DirectIOTests {
 
     /// What goes through the twin leaves no page in the host's cache; the same writes through a
     /// plain file do (so the check can fail).
-    @Test func directWritesLeaveNothingInTheHostsPageCache() throws {
+    @Test(.enabled(if: !PageCache.onTmpfs(NSTemporaryDirectory()), "tmpfs keeps every file in the page cache"))
+    func directWritesLeaveNothingInTheHostsPageCache() throws {
         let dir = try ScratchDirectory("ploop-dio")
-        try #require(!PageCache.onTmpfs(dir.path), "tmpfs keeps every file in the page cache")
         let a = dir.file("direct"), b = dir.file("plain")
         for p in [a, b] { _ = FileManager.default.createFile(atPath: p, contents: nil) }
         let direct = try Self.twin(a)
@@ -84,9 +96,9 @@ struct DirectIOTests {
     /// A ploop1 image opened by a direct opener: its header and BAT go through the page cache
     /// (never a direct write into a page a BAT entry write shares), its data clusters do not,
     /// and it reads back what was written.
-    @Test func anImagesMetadataTakesThePageCacheAndItsDataDoesNot() throws {
+    @Test(.enabled(if: !PageCache.onTmpfs(NSTemporaryDirectory()), "tmpfs keeps every file in the page cache"))
+    func anImagesMetadataTakesThePageCacheAndItsDataDoesNot() throws {
         let dir = try ScratchDirectory("ploop-dio")
-        try #require(!PageCache.onTmpfs(dir.path), "tmpfs keeps every file in the page cache")
         let path = dir.file("root.hds")
         let header = try ImageHeader.new(sizeSectors: 64 << 11, clusterSectors: 2048, version: .v2)
         let made = try PosixBlockFile(path: path, mode: .createNew)
@@ -118,9 +130,9 @@ struct DirectIOTests {
     }
 
     /// Below where the metadata end, aligned I/O takes the page cache too; past it, it does not.
-    @Test func theMetadataFloorKeepsAlignedWritesBelowItInThePageCache() throws {
+    @Test(.enabled(if: !PageCache.onTmpfs(NSTemporaryDirectory()), "tmpfs keeps every file in the page cache"))
+    func theMetadataFloorKeepsAlignedWritesBelowItInThePageCache() throws {
         let dir = try ScratchDirectory("ploop-dio")
-        try #require(!PageCache.onTmpfs(dir.path), "tmpfs keeps every file in the page cache")
         let path = dir.file("img")
         _ = FileManager.default.createFile(atPath: path, contents: nil)
         let file = try Self.twin(path)
