@@ -21,15 +21,22 @@ int cploop_o_direct(void) { return O_DIRECT; }
 
 static __thread void *scratch_buf;
 static __thread size_t scratch_size;
+/// Frees a thread's buffer when the thread ends (short-lived threads use it too).
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static void scratch_key_make(void) { (void)pthread_key_create(&scratch_key, free); }
 
 void *cploop_thread_scratch(size_t size) {
     if (size > scratch_size) {
         free(scratch_buf);
         scratch_buf = NULL;
         scratch_size = 0;
+        (void)pthread_once(&scratch_once, scratch_key_make);
+        (void)pthread_setspecific(scratch_key, NULL);
         size_t want = size < (1 << 20) ? (1 << 20) : size;
-        if (posix_memalign(&scratch_buf, 4096, want) != 0) return NULL;
+        if (posix_memalign(&scratch_buf, 4096, want) != 0) { scratch_buf = NULL; return NULL; }
         scratch_size = want;
+        (void)pthread_setspecific(scratch_key, scratch_buf);
     }
     return scratch_buf;
 }
