@@ -14,8 +14,21 @@ struct FolderPowerCutTests {
 
     @Test(arguments: DiskCrashTests.commands)
     func everyPowerCutStateIsOldOrNewAndFinishes(_ command: [String]) throws {
+        try Self.cut(command)
+    }
+
+    /// `convert -v 2` of a disk whose images are version 1 (staged, then `convert -v 1`).
+    @Test func everyPowerCutStateOfAConversionToVersion2IsOldOrNewAndFinishes() throws {
+        try Self.cut(["convert", "-v", "2"]) { staged in
+            let r = InProcess.ploop("convert", "-v", "1", staged + "/DiskDescriptor.xml")
+            #expect(r.code == 0, "\(r)")
+        }
+    }
+
+    static func cut(_ command: [String], prepare: (String) throws -> Void = { _ in }) throws {
         let root = try ScratchDirectory("ploop-powercut")
         let staged = try DiskCrashTests.stage(root)
+        try prepare(staged)
         let old = try DiskCrashTests.content(staged)
         let args = { (disk: String) in command.map { $0.replacingOccurrences(of: "@", with: disk) } + [disk + "/DiskDescriptor.xml"] }
         let initial = try FolderLog.snapshot(staged)
