@@ -1,5 +1,7 @@
 import PloopFormat
 import PloopImage
+import Synchronization
+import PloopSystem
 
 extension DeviceModel {
     /// Runs an exclusive maintenance operation in its state, back to OFF afterwards (also on error).
@@ -210,42 +212,73 @@ extension DeviceModel {
     }
 
     /// Merges the top into level l1 (= top − 1), which becomes the top.
+    ///
+    /// Writes go on meanwhile: each one to a cluster already copied is mirrored into l1 as well
+    /// (under the cluster lock the copier takes too), so a cluster needs copying again only if the
+    /// top allocated it after the copier passed it, which happens at most once per cluster. The
+    /// passes therefore shrink to nothing, and the pause at the switch (I/O held while the last
+    /// few clusters are copied and l1 is flushed) stays short however hard the device is written.
     func mergeTop(into l1: Int, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] {
         let dest = try openForMerge(l1, tracked: true)
         guard case .ploop1(let top) = stack.read({ $0.top.image }) else { throw .invalid("the top of a stack is never raw here") }
-        mergeDirty.withLock { $0 = [] }
-        defer { mergeDirty.withLock { $0 = nil } }
+        let m = MergeMirror(dest: dest, clusterBytes: clusterBytes, clusters: top.virtualBytes / UInt64(clusterBytes))
+        // Installed and removed under the exclusive lock: a write in flight sees it throughout or
+        // not at all.
+        stack.write { _ in
+            mirror.withLock { $0 = m }
+            merging.store(true, ordering: .relaxed)
+        }
+        func uninstall() {
+            merging.store(false, ordering: .relaxed)
+            mirror.withLock { $0 = nil }
+        }
+        defer { if merging.load(ordering: .relaxed) { stack.write { _ in uninstall() } } }
         let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterBytes, alignment: 4096)
         defer { scratch.deallocate() }
         func copy(_ c: UInt64) throws(DeviceError) {
-            _ = mergeDirty.withLock { $0?.remove(c) }
-            if let b = top.block(of: ClusterIndex(c)) { try copyCluster(c, from: top, b, into: dest, scratch: scratch) }
+            m.forget(c)
+            if let b = top.block(of: ClusterIndex(c)) {
+                try copyCluster(c, from: top, b, into: dest, scratch: scratch)
+                m.copied(c)
+            }
         }
         var pending = top.allocatedClusters().map(\.0.value)
         var done = 0
         var total = pending.count
-        // Passes over what the top holds, then over what writers changed meanwhile, until that is
+        var passes = 0
+        // Passes over what the top holds, then over what it allocated meanwhile, until that is
         // small; the rest is copied with I/O paused, and the stack switches.
         for pass in 0..<8 {
+            passes += 1
             for c in pending {
                 try stack.read { _ throws(DeviceError) in try locks.with(c) { () throws(DeviceError) in try copy(c) } }
                 done += 1
                 if done % 256 == 0 { try flushDelta(dest) }
                 reportProgress(done, total, progress)
             }
-            pending = mergeDirty.withLock { d in d.map { Array($0).sorted() } ?? [] }
-            if pending.count <= 64 || pass == 7 { break }
+            pending = m.dirtyClusters()
+            if pending.count <= 16 || pass == 7 { break }
             total += pending.count
         }
-        return try stack.write { s throws(DeviceError) -> [String] in
-            for c in (mergeDirty.withLock { $0 } ?? []).sorted() { try copy(c) }
+        // What the pause will have to write out is flushed before it.
+        try flushDelta(dest)
+        let removed = try stack.write { s throws(DeviceError) -> [String] in
+            let start = Host.monotonicNanoseconds()
+            let last = m.dirtyClusters()
+            for c in last { try copy(c) }
             try flushDelta(dest)
             try lifting { () throws(ImageError) in try top.close() }
+            uninstall()
             let old = s.levels.removeLast()
             s.levels[l1].readOnly = false
-            reportProgress(total, total, progress)
+            let report = MergeReport(
+                passes: passes, copied: done, mirrored: m.mirrored.load(ordering: .relaxed), pausedClusters: last.count,
+                pauseSeconds: Double(Host.monotonicNanoseconds() - start) / 1e9)
+            control.withLock { $0.lastMerge = report }
             return [old.path]
         }
+        reportProgress(total, total, progress)
+        return removed
     }
 
     func reportProgress(_ done: Int, _ total: Int, _ progress: (@Sendable (Int, Int) -> Void)?) {
@@ -342,6 +375,59 @@ extension DeviceModel {
                 }
             }
             for m in maps { image.commit(cluster: ClusterIndex(UInt64(m.cluster)), block: ImageBlock(m.block)) }
+        }
+    }
+}
+
+/// The bookkeeping of a running merge of the top: which clusters are in the destination already
+/// (writes to them are mirrored there) and which the top allocated after the copier passed them.
+final class MergeMirror: Sendable {
+    let dest: DeltaImage
+    let clusterBytes: Int
+    private struct State {
+        var copied: [UInt64]
+        var dirty: Set<UInt64> = []
+    }
+    private let state: Mutex<State>
+    let mirrored = Atomic<Int>(0)
+
+    init(dest: DeltaImage, clusterBytes: Int, clusters: UInt64) {
+        self.dest = dest
+        self.clusterBytes = clusterBytes
+        state = Mutex(State(copied: [UInt64](repeating: 0, count: Int((clusters + 63) / 64))))
+    }
+
+    /// The copier is about to copy `c` (holding its cluster lock).
+    func forget(_ c: UInt64) { _ = state.withLock { $0.dirty.remove(c) } }
+
+    /// The copier has copied `c` into the destination (holding its cluster lock).
+    func copied(_ c: UInt64) {
+        state.withLock { s in
+            let w = Int(c / 64)
+            if w < s.copied.count { s.copied[w] |= 1 << (c % 64) }
+        }
+    }
+
+    func dirtyClusters() -> [UInt64] { state.withLock { Array($0.dirty).sorted() } }
+
+    /// A writer changed `src.count` bytes at `inOff` of cluster `c` in the top (holding the
+    /// cluster lock): the same bytes go to the destination if `c` is there already, else `c` is
+    /// remembered for the next pass.
+    func wrote(_ c: UInt64, _ inOff: Int, _ src: UnsafeRawBufferPointer) throws(DeviceError) {
+        let there = state.withLock { s -> Bool in
+            let w = Int(c / 64)
+            if w < s.copied.count, s.copied[w] & (1 << (c % 64)) != 0 { return true }
+            s.dirty.insert(c)
+            return false
+        }
+        guard there else { return }
+        mirrored.add(1, ordering: .relaxed)
+        switch dest {
+        case .ploop1(let d):
+            guard let b = d.block(of: ClusterIndex(c)) else { throw .invalid("merge: cluster \(c) was copied but has no block in the destination") }
+            try lifting { () throws(ImageError) in try d.write(block: b, offset: inOff, data: src) }
+        case .raw(let r):
+            try lifting { () throws(ImageError) in try r.file.write(src, at: c * UInt64(clusterBytes) + UInt64(inOff)) }
         }
     }
 }

@@ -54,14 +54,18 @@ public final class DeviceModel: Sendable {
     let locks = ClusterLocks()
     let watch = WriteWatch()
     let control = Mutex(Control())
-    /// Clusters written to the top while a merge of the top runs (they are copied again).
-    let mergeDirty = Mutex<Set<UInt64>?>(nil)
+    /// Set while an online merge of the top runs (changed only under the exclusive stack lock, so
+    /// a writer holding it shared sees one value throughout): writes then take the cluster lock and
+    /// tell `mirror` about each cluster they touch.
+    let merging = Atomic<Bool>(false)
+    let mirror = Mutex<MergeMirror?>(nil)
 
     struct Control {
         var machine = MaintenanceMachine()
         var freeList: [(cluster: UInt32, block: UInt32)] = []
         var frozenAllocHead: UInt32?
         var mergeProgress: MergeProgress?
+        var lastMerge: MergeReport?
     }
 
     // MARK: - Start and stop
@@ -120,6 +124,8 @@ public final class DeviceModel: Sendable {
     }
 
     public var sizeBytes: UInt64 { stack.read { $0.sizeBytes } }
+    /// The last online merge of the top this device ran, if any.
+    public var lastMergeReport: MergeReport? { control.withLock { $0.lastMerge } }
     public var state: MaintenanceState { control.withLock { $0.machine.state } }
 
     public func info(device: String, backend: String) -> DeviceInfo {
@@ -250,19 +256,32 @@ public final class DeviceModel: Sendable {
         try stack.read { s throws(DeviceError) in
             try checkRange(s, offset, buffer.count)
             guard !s.top.readOnly else { throw .readOnly("device") }
+            let m = activeMerge()
             try pieces(offset, buffer.count) { c, inOff, bufOff, n throws(DeviceError) in
                 let src = UnsafeRawBufferPointer(rebasing: buffer[bufOff..<bufOff + n])
-                // Fast path: a cluster the top already has is written in place without a cluster
-                // lock. Allocation (and copy-up) takes the lock and looks again.
-                if try !writeInPlace(s.levels, c, inOff, src) {
+                if let m {
+                    // A merge of the top runs: under the cluster lock, so the copier never reads
+                    // the cluster half written, and into the merge's destination too once the
+                    // cluster has been copied there.
+                    try locks.with(c) { () throws(DeviceError) in
+                        if try !writeInPlace(s.levels, c, inOff, src) { try writePiece(s.levels, c, inOff, src) }
+                        try m.wrote(c, inOff, src)
+                    }
+                } else if try !writeInPlace(s.levels, c, inOff, src) {
+                    // Fast path above: a cluster the top already has is written in place without
+                    // a cluster lock. Allocation (and copy-up) takes the lock and looks again.
                     try locks.with(c) { () throws(DeviceError) in try writePiece(s.levels, c, inOff, src) }
                 }
             }
         }
     }
 
-    /// Writes into a cluster the ploop1 top already holds; false if it does not.
+    /// The running merge of the top, if any; called holding the stack lock shared.
     @inline(__always)
+    func activeMerge() -> MergeMirror? {
+        merging.load(ordering: .relaxed) ? mirror.withLock { $0 } : nil
+    }
+
     /// Zeros for a piece of a cluster the top holds: the 4 KiB pages inside it become a hole of the
     /// image file (their space goes back to the host), the ragged edges are written. Holding the
     /// cluster lock.
@@ -280,14 +299,14 @@ public final class DeviceModel: Sendable {
                 try img.write(block: b, offset: inOff, data: UnsafeRawBufferPointer(rebasing: zeros[0..<n]))
             }
         }
-        _ = mergeDirty.withLock { d in d?.insert(c) }
         return true
     }
 
+    /// Writes into a cluster the ploop1 top already holds; false if it does not.
+    @inline(__always)
     func writeInPlace(_ levels: [Level], _ c: UInt64, _ inOff: Int, _ src: UnsafeRawBufferPointer) throws(DeviceError) -> Bool {
         guard case .ploop1(let img) = levels[levels.count - 1].image, let b = img.block(of: ClusterIndex(c)) else { return false }
         try lifting { () throws(ImageError) in try img.write(block: b, offset: inOff, data: src) }
-        _ = mergeDirty.withLock { d in d?.insert(c) }
         return true
     }
 
@@ -318,7 +337,6 @@ public final class DeviceModel: Sendable {
                 }
                 img.commit(cluster: ClusterIndex(c), block: b)
             }
-            _ = mergeDirty.withLock { d in d?.insert(c) }
         }
     }
 
@@ -355,15 +373,19 @@ public final class DeviceModel: Sendable {
             try checkRange(s, offset, 0)
             guard offset + length <= s.sizeBytes else { throw .outOfRange(offset: offset, length: Int(length), size: s.sizeBytes) }
             guard !s.top.readOnly else { throw .readOnly("device") }
+            let m = activeMerge()
             var done: UInt64 = 0
             while done < length {
                 let n = Int(min(UInt64(clusterBytes) - (offset + done) % UInt64(clusterBytes), length - done))
                 let c = (offset + done) / UInt64(clusterBytes)
                 let inOff = Int((offset + done) % UInt64(clusterBytes))
                 try locks.with(c) { () throws(DeviceError) in
-                    if try punchInPlace(s.levels, c, inOff, n, zeros: UnsafeRawBufferPointer(zeros)) { return }
-                    if lowerHas(s.levels, below: s.levels.count, c) {
-                        try writePiece(s.levels, c, inOff, UnsafeRawBufferPointer(rebasing: zeros[0..<n]))
+                    let piece = UnsafeRawBufferPointer(rebasing: zeros[0..<n])
+                    if try punchInPlace(s.levels, c, inOff, n, zeros: UnsafeRawBufferPointer(zeros)) {
+                        try m?.wrote(c, inOff, piece)
+                    } else if lowerHas(s.levels, below: s.levels.count, c) {
+                        try writePiece(s.levels, c, inOff, piece)
+                        try m?.wrote(c, inOff, piece)
                     }
                 }
                 done += UInt64(n)

@@ -99,6 +99,22 @@ public struct MergeProgress: Sendable, Codable, Equatable {
     }
 }
 
+/// How an online merge of the top went: what the passes copied while I/O ran, and the pause at the
+/// switch (I/O held while the clusters written since the last pass are copied and the destination
+/// flushed). The simulator logs it; tests read it.
+public struct MergeReport: Sendable, Equatable {
+    /// Passes over the top before the pause.
+    public var passes: Int
+    /// Clusters copied while I/O ran, counting those copied again.
+    public var copied: Int
+    /// Writes (and discards) that went to the destination too, their cluster being copied already.
+    public var mirrored: Int
+    /// Clusters copied during the pause.
+    public var pausedClusters: Int
+    /// How long I/O was held at the switch.
+    public var pauseSeconds: Double
+}
+
 public struct DeviceInfo: Sendable, Codable, Equatable {
     public var device: String
     public var backend: String

@@ -263,9 +263,14 @@ public final class SimulatorDaemon: Sendable {
             try model.snapshot(newDelta: newDelta)
         case .merge(let from, let to):
             guard from <= to else { throw DeviceError.invalid("merge of levels \(from)..\(to): the first level must be the lower") }
-            return .paths(try model.merge(levels: from...to) { done, total in
+            let before = model.lastMergeReport
+            let removed = try model.merge(levels: from...to) { done, total in
                 try? ch.send(Wire.Reply.progress(MergeProgress(done: done, total: total)))
-            })
+            }
+            if let r = model.lastMergeReport, r != before {
+                log.info("merged the top: \(r.copied) clusters copied in \(r.passes) passes, then \(r.pausedClusters) with I/O held for \(Int(r.pauseSeconds * 1000)) ms")
+            }
+            return .paths(removed)
         case .grow(let sizeSectors):
             try model.grow(toSectors: sizeSectors)
             try life.withLock { l throws in

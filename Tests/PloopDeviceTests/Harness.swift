@@ -183,12 +183,16 @@ final class Writer: @unchecked Sendable {
     private(set) var failure: DeviceError?
     let done = DispatchSemaphore(value: 0)
     let zeros: Bool
+    let discards: Bool
 
-    init(_ io: any DeviceIO, range: Range<UInt64>, chunk: Int = 4096, zeros: Bool = false) {
+    /// `zeros`: a third of the writes are zeros; `discards`: a fifth of the chunks are discarded
+    /// instead of written.
+    init(_ io: any DeviceIO, range: Range<UInt64>, chunk: Int = 4096, zeros: Bool = false, discards: Bool = false) {
         self.io = io
         self.range = range
         self.chunk = chunk
         self.zeros = zeros
+        self.discards = discards
     }
 
     func start(seed: UInt64) {
@@ -198,9 +202,14 @@ final class Writer: @unchecked Sendable {
                 let x = rng.next()
                 let slots = (range.upperBound - range.lowerBound) / UInt64(chunk)
                 let at = range.lowerBound + (x % slots) * UInt64(chunk)
-                let data = zeros && x % 3 == 0 ? [UInt8](repeating: 0, count: chunk) : Pattern.bytes(chunk, seed: x)
+                let discard = discards && x % 5 == 0
+                let data = discard || (zeros && x % 3 == 0) ? [UInt8](repeating: 0, count: chunk) : Pattern.bytes(chunk, seed: x)
                 do {
-                    try data.withUnsafeBytes { try io.write($0, at: at) }
+                    if discard {
+                        try io.discard(at: at, length: UInt64(chunk))
+                    } else {
+                        try data.withUnsafeBytes { try io.write($0, at: at) }
+                    }
                 } catch {
                     failure = error as? DeviceError ?? .invalid("\(error)")
                     break
