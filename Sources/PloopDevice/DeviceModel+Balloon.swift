@@ -107,6 +107,10 @@ extension DeviceModel {
         return cut
     }
 
+    /// How much data one batch of the relocation moves between syncs (a cut re-copies at most
+    /// this much).
+    static let relocationBatchBytes = 256 << 20
+
     /// The relocation itself, with I/O paused (the caller holds the stack lock exclusively).
     func relocate(_ top: Ploop1Image, moves: [(cluster: UInt32, block: UInt32)], frees: [(cluster: UInt32, block: UInt32)]) throws(DeviceError) -> UInt32 {
         let oldHead = top.allocHead
@@ -122,18 +126,30 @@ extension DeviceModel {
         defer { scratch.deallocate() }
         try lifting { () throws(ImageError) in
             try top.flush()
+            // Each data block at the tail goes to the lowest free block below it.
+            var plan: [(m: (cluster: UInt32, block: UInt32), f: (cluster: UInt32, block: UInt32))] = []
             for m in moves {
                 guard let f = free.first, f.block < m.block else { break }
                 // Only move what the BAT still says lives there.
                 guard top.block(of: ClusterIndex(UInt64(m.cluster))) == ImageBlock(m.block) else { continue }
                 free.removeFirst()
-                // The balloon's entry lets go of the free block first, then the data moves, then
-                // the cluster is repointed: at no moment do two entries share a block.
-                try top.setEntry(ClusterIndex(UInt64(f.cluster)), to: nil)
+                plan.append((m, f))
+            }
+            // In batches, three steps each made durable before the next: the balloon's entries
+            // let go of their free blocks, the data moves into them, the clusters are repointed.
+            // At no moment do two entries share a block, and a cut at any point leaves every
+            // cluster on a block that holds its data (old or new); the syncs are per batch, not
+            // per cluster.
+            let batch = max(1, Self.relocationBatchBytes / clusterBytes)
+            for start in stride(from: 0, to: plan.count, by: batch) {
+                let part = plan[start..<min(start + batch, plan.count)]
+                for p in part { try top.setEntry(ClusterIndex(UInt64(p.f.cluster)), to: nil) }
                 try top.file.sync()
-                try top.file.copy(from: top.file, at: top.blockOffset(ImageBlock(m.block)), to: top.blockOffset(ImageBlock(f.block)), length: clusterBytes, scratch: scratch)
+                for p in part {
+                    try top.file.copy(from: top.file, at: top.blockOffset(ImageBlock(p.m.block)), to: top.blockOffset(ImageBlock(p.f.block)), length: clusterBytes, scratch: scratch)
+                }
                 try top.file.sync()
-                try top.setEntry(ClusterIndex(UInt64(m.cluster)), to: ImageBlock(f.block))
+                for p in part { try top.setEntry(ClusterIndex(UInt64(p.m.cluster)), to: ImageBlock(p.f.block)) }
                 try top.file.sync()
             }
             // Free blocks left past the last block holding real data are let go, then cut off.
