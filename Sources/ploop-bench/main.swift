@@ -3,6 +3,8 @@
 //
 //   ploop-bench io [--size-mib N] [--threads T] [--seconds S] [--dir DIR]
 //   ploop-bench alloc --block-size 4k|64k --count N --image PATH [--threads T] [--plain]
+//   ploop-bench reloc --mib N --image PATH
+//   ploop-bench spread --image PATH
 import Foundation
 import PloopDevice
 import PloopFormat
@@ -179,8 +181,34 @@ func reloc() throws {
     FileHandle.standardError.write("relocated \(tail.count) MiB, cut \(cut) clusters\n".data(using: .utf8)!)
 }
 
+/// The worst case for the memory a BAT costs: one cluster mapped in every BAT page of an empty
+/// image, each to its own block past the end, and the file extended over them without data
+/// (sparse), so a 50 TiB image touches all 200 MiB of its BAT while holding no data. Prints the
+/// number of clusters mapped.
+func spread() throws {
+    let path = arg("--image", "")
+    let file = try File(path: path, mode: .readWrite)
+    var head = [UInt8](repeating: 0, count: Int(PloopSpec.headerSize))
+    _ = try head.withUnsafeMutableBytes { try file.read(into: $0, at: 0) }
+    let header = try ImageHeader.decode(head)
+    let layout = header.layout
+    let perPage = UInt64(4096 / 4)
+    var block = (try file.size() + UInt64(layout.clusterBytes) - 1) / UInt64(layout.clusterBytes)
+    var mapped = 0
+    for cluster in stride(from: UInt64(0), to: UInt64(layout.entries), by: Int(perPage)) {
+        var entry = layout.encode(ImageBlock(UInt32(block))).littleEndian
+        try withUnsafeBytes(of: &entry) { try file.write($0, at: layout.entryOffset(ClusterIndex(cluster))) }
+        block += 1
+        mapped += 1
+    }
+    try file.truncate(to: block * UInt64(layout.clusterBytes))
+    try file.sync()
+    print(mapped)
+}
+
 do {
     switch CommandLine.arguments.dropFirst().first {
+    case "spread": try spread()
     case "io": try io()
     case "alloc": try alloc()
     case "reloc": try reloc()
