@@ -1,5 +1,7 @@
+import Dispatch
 import PloopFormat
 import PloopSystem
+import Synchronization
 
 /// Where an offline merge writes.
 public enum MergeDestination: Sendable {
@@ -46,9 +48,10 @@ extension Offline {
     /// `destination` (sources are given top-most first). Growing the destination first if a source
     /// is larger. Whole clusters, as the original does. Idempotent: running it again after an
     /// interruption finishes the job.
-    /// `relocated` is passed to the destination's grow (see `Ploop1Image.grow`).
+    /// `relocated` is passed to the destination's grow (see `Ploop1Image.grow`). `copyStreams`
+    /// clusters are copied at a time.
     public static func merge(
-        sources: [Ploop1Image], into destination: MergeDestination, flushEvery: Int = 256,
+        sources: [Ploop1Image], into destination: MergeDestination, flushEvery: Int = 256, copyStreams: Int = 4,
         progress: ((Int, Int) -> Void)? = nil, relocated: ((ClusterIndex, ImageBlock) throws(ImageError) -> Void)? = nil
     ) throws(ImageError) -> MergeSummary {
         guard let first = sources.first else { throw .noSources }
@@ -71,31 +74,43 @@ extension Offline {
         }
         // A raw destination ends at the virtual size, even inside its last cluster.
         let rawEnd: UInt64 = if case .raw(let dst) = destination { max(try dst.file.size(), largest) } else { 0 }
-        var scratch = [UInt8](repeating: 0, count: cb)
+        let winners = winners(of: sources, below: UInt64(clusters))
+        // Parallel streams over runs of consecutive clusters (as qemu-img convert does): a cold
+        // source is read with several requests in flight. A small flushEvery (tests that cut
+        // power between writes) keeps the copies one at a time.
+        let streams = max(1, min(copyStreams, flushEvery))
+        let run = streams > 1 ? min(flushEvery, 16 * streams) : 1
+        let scratch = (0..<streams).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: cb, alignment: 4096) }
+        defer { for s in scratch { s.deallocate() } }
         var copied = 0
         var sinceFlush = 0
-        let winners = winners(of: sources, below: UInt64(clusters))
-        for (i, w) in winners.enumerated() {
-            let (cluster, src, blk) = (w.cluster, sources[w.source], w.block)
-            try rethrowingImageError {
-                try scratch.withUnsafeMutableBytes { s in
-                    switch destination {
-                    case .ploop1(let dst):
-                        try dst.copy(cluster: cluster, from: src.file, at: src.blockOffset(blk), scratch: s)
-                    case .raw(let dst):
-                        let at = cluster.value * UInt64(cb)
-                        let length = Int(min(UInt64(cb), rawEnd - at))
-                        try dst.file.copy(from: src.file, at: src.blockOffset(blk), to: at, length: length, scratch: s)
-                    }
+        var next = 0
+        while next < winners.count {
+            let part = Array(winners[next..<min(next + run, winners.count)])
+            switch destination {
+            case .ploop1(let dst):
+                let targets = try part.map { w throws(ImageError) in try dst.blockForCopy(w.cluster) }
+                try inParallel(part.count, streams: streams, scratch: scratch) { k, s throws(ImageError) in
+                    let src = sources[part[k].source]
+                    try dst.file.copy(from: src.file, at: src.blockOffset(part[k].block), to: dst.blockOffset(targets[k].block), length: cb, scratch: s)
+                }
+                for (k, t) in targets.enumerated() { dst.copied(part[k].cluster, into: t) }
+            case .raw(let dst):
+                try inParallel(part.count, streams: streams, scratch: scratch) { k, s throws(ImageError) in
+                    let src = sources[part[k].source]
+                    let at = part[k].cluster.value * UInt64(cb)
+                    let length = Int(min(UInt64(cb), rawEnd - at))
+                    try dst.file.copy(from: src.file, at: src.blockOffset(part[k].block), to: at, length: length, scratch: s)
                 }
             }
-            copied += 1
-            sinceFlush += 1
+            next += part.count
+            copied += part.count
+            sinceFlush += part.count
             if sinceFlush >= flushEvery, case .ploop1(let dst) = destination {
                 try dst.flush()
                 sinceFlush = 0
             }
-            progress?(i + 1, winners.count)
+            progress?(next, winners.count)
         }
         switch destination {
         case .ploop1(let dst): try dst.flush()
@@ -173,4 +188,32 @@ extension Offline {
         summary.repairedStaleMark = repaired
         return summary
     }
+}
+
+/// Runs `body(k, scratch)` for k in 0..<count on up to `streams` threads, each taking a run of
+/// consecutive k with its own scratch buffer; the first error is thrown once all have stopped.
+func inParallel(
+    _ count: Int, streams: Int, scratch: [UnsafeMutableRawBufferPointer],
+    _ body: @Sendable (Int, UnsafeMutableRawBufferPointer) throws(ImageError) -> Void
+) throws(ImageError) {
+    let n = min(streams, count, scratch.count)
+    if n <= 1 {
+        for k in 0..<count { try body(k, scratch[0]) }
+        return
+    }
+    // Each thread uses only its own buffer.
+    struct Buffers: @unchecked Sendable { let all: [UnsafeMutableRawBufferPointer] }
+    let buffers = Buffers(all: scratch)
+    let failure = Mutex<ImageError?>(nil)
+    DispatchQueue.concurrentPerform(iterations: n) { s in
+        let scratch = buffers.all
+        for k in (s * count / n)..<((s + 1) * count / n) {
+            if failure.withLock({ $0 != nil }) { return }
+            do throws(ImageError) { try body(k, scratch[s]) } catch {
+                failure.withLock { f in if f == nil { f = error } }
+                return
+            }
+        }
+    }
+    if let e = failure.withLock({ $0 }) { throw e }
 }

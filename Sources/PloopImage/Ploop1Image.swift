@@ -163,9 +163,28 @@ public final class Ploop1Image: Sendable {
     /// Copies a whole cluster from another file straight into this image (kernel-side where the
     /// files allow it), allocating like `write`.
     public func copy(cluster: ClusterIndex, from source: any BlockFile, at offset: UInt64, scratch: UnsafeMutableRawBufferPointer) throws(ImageError) {
-        let target = try blockForWrite(cluster)
+        let target = try blockForCopy(cluster)
         try file.copy(from: source, at: offset, to: blockOffset(target.block), length: clusterBytes, scratch: scratch)
+        copied(cluster, into: target)
+    }
+
+    /// Where a whole-cluster copy made by the caller goes (copies in parallel take their blocks
+    /// in cluster order first, so the layout is a sequential copy's): the cluster's block, or a
+    /// new one at the allocation head that nothing points at until `copied(_:into:)`.
+    public func blockForCopy(_ cluster: ClusterIndex) throws(ImageError) -> CopyTarget {
+        let t = try blockForWrite(cluster)
+        return CopyTarget(block: t.block, isNew: t.isNew)
+    }
+
+    /// The data of a copy into `target` is written: a new block gets its BAT entry (on disk at
+    /// the next flush, after the data is synced).
+    public func copied(_ cluster: ClusterIndex, into target: CopyTarget) {
         if target.isNew { commit(cluster, target.block) } else { state.withLock { $0.dataWritten = true } }
+    }
+
+    public struct CopyTarget: Sendable, Equatable {
+        public var block: ImageBlock
+        public var isNew: Bool
     }
 
     private func blockForWrite(_ cluster: ClusterIndex) throws(ImageError) -> (block: ImageBlock, isNew: Bool) {

@@ -164,6 +164,44 @@ struct MergeTests {
         #expect(try Checker.check(base, options: Fixture.forceReadOnly).status == .ok)
     }
 
+    /// Clusters copied four at a time land where a one-at-a-time copy puts them: the two
+    /// destinations are the same bytes, and every cluster reads what the top-most source holds.
+    @Test(arguments: [false, true])
+    func parallelCopyMakesTheSequentialCopysFile(_ raw: Bool) throws {
+        let n: UInt64 = 300
+        var results: [[UInt8]] = []
+        for streams in [1, 4] {
+            let base = try Fixture.image(clusters: n, path: "base")
+            let mid = try Fixture.image(clusters: n, path: "mid")
+            let top = try Fixture.image(clusters: n, path: "top")
+            let below = try Fixture.populate(base, clusters: Array(0..<100), generation: 1)
+            var ref = try Fixture.populate(mid, clusters: Array(stride(from: 1, to: n, by: 2)), generation: 2)
+            for (k, v) in try Fixture.populate(top, clusters: Array(stride(from: 0, to: n, by: 3)).reversed(), generation: 3) { ref[k] = v }
+            let sources = [try Ploop1Image(file: top, writable: false), try Ploop1Image(file: mid, writable: false)]
+            let zeros = [UInt8](repeating: 0, count: Fixture.cb)
+            if raw {
+                let out = MemoryBlockFile(path: "raw", bytes: [UInt8](repeating: 0, count: Int(n) * Fixture.cb))
+                let s = try Offline.merge(sources: sources, into: .raw(RawImage(file: out, clusterBytes: Fixture.cb)), copyStreams: streams)
+                #expect(s.clustersCopied == ref.count)
+                let bytes = out.contents
+                results.append(bytes)
+                let wrong = (0..<n).filter { c in Array(bytes[Int(c) * Fixture.cb..<Int(c + 1) * Fixture.cb]) != (ref[c] ?? zeros) }
+                #expect(wrong.isEmpty, "\(streams) streams: clusters \(wrong.prefix(10)) differ")
+            } else {
+                let dst = try Ploop1Image(file: base, writable: true)
+                let s = try Offline.merge(sources: sources, into: .ploop1(dst), copyStreams: streams)
+                try dst.close()
+                #expect(s.clustersCopied == ref.count)
+                results.append(base.contents)
+                let merged = try Ploop1Image(file: base, writable: false)
+                let wrong = try (0..<n).filter { c in try Fixture.read(merged, c) != (ref[c] ?? below[c]) }
+                #expect(wrong.isEmpty, "\(streams) streams: clusters \(wrong.prefix(10)) differ")
+                #expect(try Checker.check(base, options: Fixture.forceReadOnly).status == .ok)
+            }
+        }
+        #expect(results[0] == results[1], "the parallel copy's file differs from the sequential one's")
+    }
+
     @Test func rawDestination() throws {
         let top = try Fixture.image(clusters: 8, path: "top")
         let ref = try Fixture.populate(top, clusters: [1, 6], generation: 5)
