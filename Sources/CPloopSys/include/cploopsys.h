@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <spawn.h>
 #include "ploop_abi.h"
+#include "dm_abi.h"
 
 /// open(2) flag O_DIRECT (a GNU extension Swift does not see).
 int cploop_o_direct(void);
