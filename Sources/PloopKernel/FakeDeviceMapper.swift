@@ -1,0 +1,382 @@
+import Foundation
+import PloopDevice
+import PloopFormat
+import PloopSystem
+import Synchronization
+
+/// Where the dm-ploop backend's device-mapper ioctls go: `/dev/mapper/control` on a host, or a
+/// fake in tests that decodes the same bytes.
+public protocol DMTransport: Sendable {
+    /// One ioctl on the control node with `buffer` as the `struct dm_ioctl` argument, read and
+    /// written in place: 0 or -errno. Throws only when device-mapper cannot be reached at all.
+    func ioctl(_ request: UInt, _ buffer: inout [UInt8]) throws(DeviceError) -> Int32
+}
+
+/// The host's device-mapper.
+public struct SystemDMTransport: DMTransport {
+    public let control: String
+    public init(control: String = "/dev/mapper/control") { self.control = control }
+
+    public func ioctl(_ request: UInt, _ buffer: inout [UInt8]) throws(DeviceError) -> Int32 {
+        let node: File
+        do { node = try File(path: control, mode: .readWrite) } catch {
+            switch error.errno {
+            case ENOENT, ENXIO, ENODEV:
+                throw .unavailable("\(control): no device-mapper here (\(SystemError.words(error.errno))): load dm-mod, or use --backend simulator")
+            case EACCES, EPERM:
+                throw .unavailable("\(control): permission denied: the device-mapper backend needs root on the host")
+            default:
+                throw .system("open \(control)", errno: error.errno)
+            }
+        }
+        return buffer.withUnsafeMutableBytes { node.control(request, $0.baseAddress) }
+    }
+}
+
+/// A stand-in for the kernel's device-mapper with the dm-ploop target, for hosts without it. It
+/// decodes each request at the offsets of `linux/dm-ioctl.h` written out here (not through the
+/// backend's `DM.Layout`, so a layout slip on either side shows), keeps devices with a live and an
+/// inactive table, suspend state, open counts and event numbers as device-mapper does, and checks
+/// a ploop table as the target's constructor does (reference dm-ploop.md §1.5), reading the image
+/// headers through the descriptors the table names, which it duplicates as the kernel takes its
+/// own reference.
+///
+/// So far it models the device lifecycle, listing, status, `get_img_name` and `set_noresume`.
+/// Not yet: I/O on the devices and the messages that change the stack (`merge`,
+/// `notify_merged_backward`, `update_delta_index`, `resize`, `flip_upper_deltas`) and the
+/// tracking target: those answer ENOTSUPP (524) here. BAT entries are not checked at load.
+public final class FakeDeviceMapper: DMTransport {
+    /// ENOTSUPP, the kernel-internal errno dm-ploop answers unknown messages with.
+    public static let enotsupp: Int32 = 524
+
+    struct Table {
+        var targets: [(start: UInt64, length: UInt64, type: String, params: String)]
+        var readOnly: Bool
+        /// ploop: our duplicates of the table's descriptors, base first.
+        var fds: [Int32] = []
+        var paths: [String] = []
+        var clusterSectors = 0
+        var fallocNewCluster = false
+    }
+
+    struct Device {
+        var name: String
+        var minor: UInt32
+        var live: Table?
+        var inactive: Table?
+        var suspended = false
+        var noResume = false
+        var openCount: Int32 = 0
+        var eventNumber: UInt32 = 0
+    }
+
+    public static let major: UInt32 = 253
+    private let devices = Mutex<[String: Device]>([:])
+    /// Every command decoded, in order (tests read it).
+    public let commands = Mutex<[(DM.Command, String)]>([])
+
+    public init() {}
+
+    deinit {
+        devices.withLock { all in
+            for d in all.values { Self.release(d.live); Self.release(d.inactive) }
+        }
+    }
+
+    static func release(_ t: Table?) { for fd in t?.fds ?? [] { close(fd) } }
+
+    /// Holds device `name` open (as a mounted file system would), so removing it is refused.
+    public func hold(_ name: String, _ delta: Int32) {
+        devices.withLock { $0[name]?.openCount += delta }
+    }
+
+    // MARK: - Decoding (offsets of struct dm_ioctl, x86-64)
+
+    enum Off {
+        static let version = 0, dataSize = 12, dataStart = 16, targetCount = 20, openCount = 24, flags = 28
+        static let eventNumber = 32, dev = 40, name = 48, nameBytes = 128, header = 312
+        // struct dm_target_spec
+        static let specStart = 0, specLength = 8, specStatus = 16, specNext = 20, specType = 24, spec = 40
+    }
+
+    static func u32(_ b: [UInt8], _ o: Int) -> UInt32 { o + 4 <= b.count ? (0..<4).reduce(0) { $0 | UInt32(b[o + $1]) << (8 * $1) } : 0 }
+    static func u64(_ b: [UInt8], _ o: Int) -> UInt64 { UInt64(u32(b, o)) | UInt64(u32(b, o + 4)) << 32 }
+    static func set32(_ b: inout [UInt8], _ v: UInt32, _ o: Int) { for i in 0..<4 { b[o + i] = UInt8(truncatingIfNeeded: v >> (8 * i)) } }
+    static func set64(_ b: inout [UInt8], _ v: UInt64, _ o: Int) { for i in 0..<8 { b[o + i] = UInt8(truncatingIfNeeded: v >> (8 * i)) } }
+    static func string(_ b: [UInt8], _ o: Int, max: Int) -> String {
+        let end = min(o + max, b.count)
+        guard o < end else { return "" }
+        return String(decoding: b[o..<end].prefix { $0 != 0 }, as: UTF8.self)
+    }
+
+    struct Failure: Error { let errno: Int32 }
+
+    public func ioctl(_ request: UInt, _ b: inout [UInt8]) throws(DeviceError) -> Int32 {
+        // _IOWR(0xfd, nr, 312 bytes)
+        guard request & 0xFFFF_FF00 == 0xC138_FD00, let cmd = DM.Command(rawValue: Int32(request & 0xff)) else { return -ENOTTY }
+        guard b.count >= Off.header, Self.u32(b, Off.version) == 4, Int(Self.u32(b, Off.dataSize)) <= b.count,
+            Self.u32(b, Off.dataSize) >= UInt32(Off.header)
+        else { return -EINVAL }
+        let name = Self.string(b, Off.name, max: Off.nameBytes)
+        commands.withLock { $0.append((cmd, name)) }
+        do {
+            try perform(cmd, name, &b)
+            return 0
+        } catch {
+            return -error.errno
+        }
+    }
+
+    private func perform(_ cmd: DM.Command, _ name: String, _ b: inout [UInt8]) throws(Failure) {
+        let flags = Self.u32(b, Off.flags)
+        // The answer's flags start from the request's, minus what the kernel sets itself.
+        Self.set32(&b, flags & ~(DM.Flags.bufferFull.rawValue | DM.Flags.dataOut.rawValue), Off.flags)
+        switch cmd {
+        case .version:
+            Self.set32(&b, 4, Off.version); Self.set32(&b, 47, Off.version + 4); Self.set32(&b, 0, Off.version + 8)
+        case .devCreate:
+            guard !name.isEmpty else { throw Failure(errno: EINVAL) }
+            try devices.withLock { all throws(Failure) in
+                guard all[name] == nil else { throw Failure(errno: EBUSY) }
+                let minor: UInt32
+                if flags & DM.Flags.persistentDevice.rawValue != 0 {
+                    let (maj, m) = DM.decodeDev(Self.u64(b, Off.dev))
+                    guard maj == Self.major else { throw Failure(errno: EINVAL) }
+                    guard !all.values.contains(where: { $0.minor == m }) else { throw Failure(errno: EBUSY) }
+                    minor = m
+                } else {
+                    minor = (0...).lazy.map(UInt32.init).first { m in !all.values.contains { $0.minor == m } }!
+                }
+                all[name] = Device(name: name, minor: minor)
+                Self.info(all[name]!, &b)
+            }
+        case .tableLoad:
+            let table = try load(b, readOnly: flags & DM.Flags.readOnly.rawValue != 0)
+            try devices.withLock { all throws(Failure) in
+                guard all[name] != nil else { Self.release(table); throw Failure(errno: ENXIO) }
+                Self.release(all[name]!.inactive)
+                all[name]!.inactive = table
+                Self.info(all[name]!, &b)
+            }
+        case .tableClear:
+            try devices.withLock { all throws(Failure) in
+                guard all[name] != nil else { throw Failure(errno: ENXIO) }
+                Self.release(all[name]!.inactive)
+                all[name]!.inactive = nil
+                Self.info(all[name]!, &b)
+            }
+        case .devSuspend:
+            try devices.withLock { all throws(Failure) in
+                guard var d = all[name] else { throw Failure(errno: ENXIO) }
+                if flags & DM.Flags.suspend.rawValue != 0 {
+                    d.suspended = true
+                } else {
+                    if d.noResume && d.suspended { throw Failure(errno: EAGAIN) }
+                    if let t = d.inactive {
+                        Self.release(d.live)
+                        d.live = t
+                        d.inactive = nil
+                        d.eventNumber += 1
+                    }
+                    d.suspended = false
+                }
+                all[name] = d
+                Self.info(d, &b)
+            }
+        case .devRemove:
+            try devices.withLock { all throws(Failure) in
+                guard let d = all[name] else { throw Failure(errno: ENXIO) }
+                guard d.openCount == 0 else { throw Failure(errno: EBUSY) }
+                Self.release(d.live)
+                Self.release(d.inactive)
+                all[name] = nil
+            }
+        case .devStatus:
+            try devices.withLock { all throws(Failure) in
+                guard let d = all[name] else { throw Failure(errno: ENXIO) }
+                Self.info(d, &b)
+            }
+        case .listDevices:
+            let all = devices.withLock { $0.values.sorted { $0.minor < $1.minor } }
+            var out: [UInt8] = []
+            for (i, d) in all.enumerated() {
+                var e = [UInt8](repeating: 0, count: 12)
+                Self.set64(&e, DM.encodeDev(major: Self.major, minor: d.minor), 0)
+                e += Array(d.name.utf8) + [0]
+                e += [UInt8](repeating: 0, count: (8 - e.count % 8) % 8)
+                Self.set32(&e, i == all.count - 1 ? 0 : UInt32(e.count), 8)
+                out += e
+            }
+            if out.isEmpty { out = [UInt8](repeating: 0, count: 16) }
+            Self.answer(out, &b)
+        case .tableStatus:
+            try devices.withLock { all throws(Failure) in
+                guard let d = all[name] else { throw Failure(errno: ENXIO) }
+                Self.info(d, &b)
+                let table = flags & DM.Flags.queryInactiveTable.rawValue != 0 ? d.inactive : d.live
+                var out: [UInt8] = []
+                for t in table?.targets ?? [] {
+                    var spec = [UInt8](repeating: 0, count: Off.spec)
+                    Self.set64(&spec, t.start, Off.specStart)
+                    Self.set64(&spec, t.length, Off.specLength)
+                    spec.replaceSubrange(Off.specType..<Off.specType + min(15, t.type.utf8.count), with: Array(t.type.utf8.prefix(15)))
+                    let text = t.type == DMPloop.targetType && table != nil ? Self.ploopStatus(table!, d) : t.params
+                    spec += Array(text.utf8) + [0]
+                    spec += [UInt8](repeating: 0, count: (8 - spec.count % 8) % 8)
+                    // Answering, `next` counts from the first spec.
+                    Self.set32(&spec, UInt32(out.count + spec.count), Off.specNext)
+                    out += spec
+                }
+                Self.set32(&b, UInt32(table?.targets.count ?? 0), Off.targetCount)
+                Self.answer(out, &b)
+            }
+        case .targetMessage:
+            let start = Int(Self.u32(b, Off.dataStart))
+            let text = Self.string(b, start + 8, max: Int(Self.u32(b, Off.dataSize)) - start - 8)
+            let reply = try message(name, text)
+            if let r = reply { Self.answer(Array((r + "\n").utf8) + [0], &b, dataOut: true) }
+        default:
+            throw Failure(errno: ENOTTY)
+        }
+    }
+
+    /// Name, number, flags, open count, event number and live target count of `d` into the answer.
+    static func info(_ d: Device, _ b: inout [UInt8]) {
+        var flags = u32(b, Off.flags) & ~(DM.Flags.activePresent.rawValue | DM.Flags.inactivePresent.rawValue | DM.Flags.suspend.rawValue | DM.Flags.readOnly.rawValue)
+        if d.live != nil { flags |= DM.Flags.activePresent.rawValue }
+        if d.inactive != nil { flags |= DM.Flags.inactivePresent.rawValue }
+        if d.suspended { flags |= DM.Flags.suspend.rawValue }
+        if d.live?.readOnly == true { flags |= DM.Flags.readOnly.rawValue }
+        set32(&b, flags, Off.flags)
+        set32(&b, UInt32(bitPattern: d.openCount), Off.openCount)
+        set32(&b, d.eventNumber, Off.eventNumber)
+        set32(&b, UInt32(d.live?.targets.count ?? 0), Off.targetCount)
+        set64(&b, DM.encodeDev(major: major, minor: d.minor), Off.dev)
+    }
+
+    /// Writes `data` at data_start, or sets DM_BUFFER_FULL_FLAG when it does not fit.
+    static func answer(_ data: [UInt8], _ b: inout [UInt8], dataOut: Bool = false) {
+        let start = Int(u32(b, Off.dataStart))
+        let size = Int(u32(b, Off.dataSize))
+        var flags = u32(b, Off.flags)
+        if start + data.count > size {
+            flags |= DM.Flags.bufferFull.rawValue
+        } else {
+            b.replaceSubrange(start..<start + data.count, with: data)
+            if dataOut { flags |= DM.Flags.dataOut.rawValue }
+        }
+        set32(&b, flags, Off.flags)
+    }
+
+    static func ploopStatus(_ t: Table, _ d: Device) -> String {
+        var flags = ""
+        if t.fallocNewCluster { flags += "f" }
+        if d.noResume { flags += "n" }
+        return DMPloop.Status(deltas: t.fds.count, clusterSectors: t.clusterSectors, flags: flags.isEmpty ? "o" : flags).text
+    }
+
+    // MARK: - Table load
+
+    /// The targets of a DM_TABLE_LOAD; a ploop target's constructor checks.
+    private func load(_ b: [UInt8], readOnly: Bool) throws(Failure) -> Table {
+        let count = Int(Self.u32(b, Off.targetCount))
+        let size = Int(Self.u32(b, Off.dataSize))
+        var at = Int(Self.u32(b, Off.dataStart))
+        var table = Table(targets: [], readOnly: readOnly)
+        guard count > 0 else { throw Failure(errno: EINVAL) }
+        for _ in 0..<count {
+            guard at + Off.spec <= size else { throw Failure(errno: EINVAL) }
+            let type = Self.string(b, at + Off.specType, max: 16)
+            let params = Self.string(b, at + Off.spec, max: size - at - Off.spec)
+            table.targets.append((Self.u64(b, at + Off.specStart), Self.u64(b, at + Off.specLength), type, params))
+            // Loading, `next` counts from this spec.
+            at += Int(Self.u32(b, at + Off.specNext))
+        }
+        for t in table.targets {
+            switch t.type {
+            case DMPloop.targetType:
+                // DM_TARGET_SINGLETON
+                guard table.targets.count == 1, t.start == 0 else { throw Failure(errno: EINVAL) }
+                try construct(&table, t.length, t.params)
+            case "error", "zero", "linear", "tracking":
+                continue
+            default:
+                throw Failure(errno: EINVAL)
+            }
+        }
+        return table
+    }
+
+    /// dm-ploop's constructor (reference §1.5), top first, then downwards.
+    private func construct(_ table: inout Table, _ length: UInt64, _ params: String) throws(Failure) {
+        let p: DMPloop.Table
+        do { p = try DMPloop.Table(parsing: params) } catch { throw Failure(errno: EINVAL) }
+        var fds: [Int32] = []
+        var ok = false
+        defer { if !ok { for fd in fds { close(fd) } } }
+        for fd in p.fds {
+            let own = dup(fd)
+            // The kernel's fget of a descriptor this process does not have.
+            guard own >= 0 else { throw Failure(errno: errno == EBADF ? ENOENT : errno) }
+            fds.append(own)
+            guard fcntl(own, F_GETFL) & O_ACCMODE != O_WRONLY else { throw Failure(errno: EBADF) }
+        }
+        let clusterSectors = 1 << p.clusterLog
+        let clusterBytes = UInt64(clusterSectors) * 512
+        var above: ImageHeader?
+        for level in stride(from: fds.count - 1, through: 0, by: -1) {
+            let fd = fds[level]
+            let isTop = level == fds.count - 1
+            var st = stat()
+            guard fstat(fd, &st) == 0 else { throw Failure(errno: errno) }
+            if level == 0 && p.rawBase {
+                guard UInt64(st.st_size) % clusterBytes == 0 else { throw Failure(errno: EPROTO) }
+                continue
+            }
+            if isTop && !table.readOnly && fcntl(fd, F_GETFL) & O_ACCMODE == O_RDONLY { throw Failure(errno: EACCES) }
+            var head = [UInt8](repeating: 0, count: PloopSpec.headerSize)
+            guard head.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, $0.count, 0) }) == PloopSpec.headerSize else { throw Failure(errno: ENODATA) }
+            guard let h = try? ImageHeader.decode(head), h.version == .v2 else { throw Failure(errno: isTop ? Self.enotsupp : EPROTO) }
+            if isTop {
+                if !table.readOnly && h.diskInUse != PloopSpec.diskInUse { throw Failure(errno: ENOLCK) }
+                guard h.clusterSectors == UInt32(clusterSectors) else { throw Failure(errno: EINVAL) }
+                guard h.firstBlockOffset == h.layout.firstBlockOffsetSectors else { throw Failure(errno: EINVAL) }
+                guard h.sizeInSectors >= length else { throw Failure(errno: EBADSLT) }
+            } else if let a = above {
+                guard h.clusterSectors == a.clusterSectors, h.type == a.type, h.firstBlockOffset == h.layout.firstBlockOffsetSectors else { throw Failure(errno: EPROTO) }
+                guard h.batEntries <= a.batEntries else { throw Failure(errno: EBADSLT) }
+            }
+            guard UInt64(st.st_size) % clusterBytes == 0 else { throw Failure(errno: EPROTO) }
+            above = h
+        }
+        table.fds = fds
+        table.paths = fds.map { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\($0)")) ?? "" }
+        table.clusterSectors = clusterSectors
+        table.fallocNewCluster = p.fallocNewCluster
+        ok = true
+    }
+
+    // MARK: - Messages
+
+    private func message(_ name: String, _ text: String) throws(Failure) -> String? {
+        let m: DMPloop.Message
+        do { m = try DMPloop.Message(parsing: text) } catch {
+            throw Failure(errno: error == .unsupported ? Self.enotsupp : EINVAL)
+        }
+        return try devices.withLock { all throws(Failure) -> String? in
+            guard var d = all[name] else { throw Failure(errno: ENXIO) }
+            guard let live = d.live, live.targets.first?.type == DMPloop.targetType else { throw Failure(errno: EINVAL) }
+            switch m {
+            case .getImageName(let level):
+                return level < live.paths.count ? live.paths[level] : ""
+            case .setNoResume(let on):
+                guard d.noResume != on else { throw Failure(errno: EBUSY) }
+                d.noResume = on
+                all[name] = d
+                return nil
+            default:
+                throw Failure(errno: Self.enotsupp)
+            }
+        }
+    }
+}
