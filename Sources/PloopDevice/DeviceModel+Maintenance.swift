@@ -77,7 +77,8 @@ extension DeviceModel {
     /// Online merge of levels `l1...l2` into `l1` while I/O continues: for every cluster the copy in
     /// the highest of `l1+1...l2` is copied into `l1`; then those levels leave the stack and the ones
     /// above renumber. When `l2` is the top, `l1` becomes the writable top at the end; until then
-    /// writes keep going to the old top and clusters they touch are copied again, so a crash at
+    /// writes keep going to the old top (and, when the top is merged, into `l1` as well for
+    /// clusters already copied there; see `mergeTop`), so a crash at
     /// any moment leaves the old stack intact. Returns the files that left the stack.
     @discardableResult
     public func merge(levels range: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)? = nil) throws(DeviceError) -> [String] {
