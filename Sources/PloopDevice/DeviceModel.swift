@@ -50,6 +50,7 @@ struct Stack: Sendable {
 public final class DeviceModel: Sendable {
     public let clusterBytes: Int
     let opener: any ImageOpener
+    let callerOwnsInUse: Bool
     let stack: StackLock<Stack>
     let locks = ClusterLocks()
     let watch = WriteWatch()
@@ -72,9 +73,14 @@ public final class DeviceModel: Sendable {
 
     /// Opens the images (base first) and starts the device. Every header is validated before the
     /// top is opened for writing, so a refused start leaves every file as it was.
-    public init(_ request: MountRequest, opener: any ImageOpener = PosixOpener(locking: false)) throws(DeviceError) {
+    ///
+    /// `callerOwnsInUse`: the in-use mark is the caller's, as with dm-ploop (user space marks the
+    /// top before loading a table and clears it after removing the device): a marked top is
+    /// accepted, and the model neither sets nor clears the mark.
+    public init(_ request: MountRequest, opener: any ImageOpener = PosixOpener(locking: false), callerOwnsInUse: Bool = false) throws(DeviceError) {
         self.opener = opener
-        let (probes, clusterSectors) = try request.probe(oneVersion: false) { (path, writable) throws(ImageError) in
+        self.callerOwnsInUse = callerOwnsInUse
+        let (probes, clusterSectors) = try request.probe(oneVersion: false, allowInUse: callerOwnsInUse) { (path, writable) throws(ImageError) in
             try opener.open(path, writable: writable, lock: true)
         }
         let cb = Int(clusterSectors) * 512
@@ -90,7 +96,9 @@ public final class DeviceModel: Sendable {
                 let bytes = try lifting { () throws(ImageError) in try RawImage(file: f, clusterBytes: cb).virtualBytes() }
                 levels.append(Level(path: path, image: .raw(RawImage(file: f, clusterBytes: cb)), readOnly: !writable, lockedFile: file, rawBytes: bytes))
             case .ploop1:
-                let image = try lifting { () throws(ImageError) in try Ploop1Image(file: f, writable: writable) }
+                let image = try lifting { () throws(ImageError) in
+                    try Ploop1Image(file: f, writable: writable, allowDirty: callerOwnsInUse, markInUse: !callerOwnsInUse)
+                }
                 levels.append(Level(path: path, image: .ploop1(image), readOnly: !writable, lockedFile: file))
             }
         }
@@ -113,7 +121,7 @@ public final class DeviceModel: Sendable {
             let top = s.top
             if !top.readOnly {
                 switch top.image {
-                case .ploop1(let i): try lifting { () throws(ImageError) in try i.close() }
+                case .ploop1(let i): try lifting { () throws(ImageError) in callerOwnsInUse ? try i.flush() : try i.close() }
                 case .raw(let r): try lifting { () throws(ImageError) in try r.file.sync() }
                 }
             }

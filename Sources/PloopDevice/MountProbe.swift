@@ -18,7 +18,8 @@ extension MountRequest {
     /// one asked for too). `oneVersion` also requires one header version (the kernel stacks one).
     /// `open(path, writable)` opens (and locks, where the caller locks) each file. Returns the
     /// images base first and the cluster size in sectors.
-    public func probe(oneVersion: Bool, open: (String, Bool) throws(ImageError) -> any BlockFile) throws(DeviceError) -> (images: [ProbedImage], clusterSectors: UInt32) {
+    /// `allowInUse` accepts images marked in use (dm-ploop: user space marks the top itself).
+    public func probe(oneVersion: Bool, allowInUse: Bool = false, open: (String, Bool) throws(ImageError) -> any BlockFile) throws(DeviceError) -> (images: [ProbedImage], clusterSectors: UInt32) {
         guard !images.isEmpty else { throw .noImages }
         if let c = clusterSectors, !BATLayout.isValidClusterSize(c) { throw .invalidClusterSize(sectors: c) }
         var cluster = clusterSectors
@@ -35,7 +36,7 @@ extension MountRequest {
             }
             guard detected == .ploop1 else { throw .image(.notPloop1(path)) }
             let header = try lifting { () throws(ImageError) in try Ploop1Image(file: file, writable: false).header }
-            if header.inUse { throw .image(.inUse(path)) }
+            if header.inUse && !allowInUse { throw .image(.inUse(path)) }
             if let c = cluster, c != header.clusterSectors {
                 throw .image(.clusterSizeMismatch(path, clusterBytes: header.clusterBytes, expected: Int(c) * 512))
             }

@@ -41,8 +41,9 @@ public struct SystemDMTransport: DMTransport {
 /// headers through the descriptors the table names, which it duplicates as the kernel takes its
 /// own reference.
 ///
-/// So far it models the device lifecycle, listing, status, `get_img_name` and `set_noresume`.
-/// Not yet: I/O on the devices and the messages that change the stack (`merge`,
+/// So far it models the device lifecycle, listing, status, `get_img_name`, `set_noresume`, and
+/// I/O on a live ploop table (a `DeviceModel` over the images, opened by path when the table goes
+/// live and flushed on suspend). Not yet: the messages that change the stack (`merge`,
 /// `notify_merged_backward`, `update_delta_index`, `resize`, `flip_upper_deltas`) and the
 /// tracking target: those answer ENOTSUPP (524) here. BAT entries are not checked at load.
 public final class FakeDeviceMapper: DMTransport {
@@ -57,6 +58,11 @@ public final class FakeDeviceMapper: DMTransport {
         var paths: [String] = []
         var clusterSectors = 0
         var fallocNewCluster = false
+        var rawBase = false
+        /// The ploop target's I/O, from the moment the table goes live: a device model over the
+        /// images the descriptors name (opened by path), which leaves the in-use mark to user
+        /// space as dm-ploop does.
+        var model: DeviceModel?
     }
 
     struct Device {
@@ -83,7 +89,16 @@ public final class FakeDeviceMapper: DMTransport {
         }
     }
 
-    static func release(_ t: Table?) { for fd in t?.fds ?? [] { close(fd) } }
+    static func release(_ t: Table?) {
+        try? t?.model?.stop()
+        for fd in t?.fds ?? [] { close(fd) }
+    }
+
+    /// Block I/O on device `name`'s live ploop table.
+    public func openIO(_ name: String) throws(DeviceError) -> any DeviceIO {
+        guard let m = devices.withLock({ $0[name]?.live?.model }) else { throw .noSuchDevice("/dev/mapper/\(name)") }
+        return ModelIO(model: m)
+    }
 
     /// Holds device `name` open (as a mounted file system would), so removing it is refused.
     public func hold(_ name: String, _ delta: Int32) {
@@ -169,11 +184,27 @@ public final class FakeDeviceMapper: DMTransport {
             try devices.withLock { all throws(Failure) in
                 guard var d = all[name] else { throw Failure(errno: ENXIO) }
                 if flags & DM.Flags.suspend.rawValue != 0 {
+                    // A suspend flushes what the target holds (unless told not to), so a table
+                    // loaded next reads the images as they are.
+                    if flags & DM.Flags.noFlush.rawValue == 0 { try? d.live?.model?.flush() }
                     d.suspended = true
                 } else {
                     if d.noResume && d.suspended { throw Failure(errno: EAGAIN) }
-                    if let t = d.inactive {
+                    if var t = d.inactive {
                         Self.release(d.live)
+                        if t.targets.first?.type == DMPloop.targetType {
+                            do {
+                                t.model = try DeviceModel(
+                                    MountRequest(images: t.paths, baseFormat: t.rawBase ? .raw : .ploop1, readOnly: t.readOnly, clusterSectors: UInt32(t.clusterSectors)),
+                                    callerOwnsInUse: true)
+                            } catch {
+                                d.live = nil
+                                d.inactive = nil
+                                all[name] = d
+                                Self.release(t)
+                                throw Failure(errno: EIO)
+                            }
+                        }
                         d.live = t
                         d.inactive = nil
                         d.eventNumber += 1
@@ -334,8 +365,14 @@ public final class FakeDeviceMapper: DMTransport {
                 continue
             }
             if isTop && !table.readOnly && fcntl(fd, F_GETFL) & O_ACCMODE == O_RDONLY { throw Failure(errno: EACCES) }
+            // The descriptor may be O_DIRECT (as the original opens images): the header is read
+            // through a plain descriptor of the same file.
+            let plain = open("/proc/self/fd/\(fd)", O_RDONLY | O_CLOEXEC)
+            guard plain >= 0 else { throw Failure(errno: errno) }
             var head = [UInt8](repeating: 0, count: PloopSpec.headerSize)
-            guard head.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, $0.count, 0) }) == PloopSpec.headerSize else { throw Failure(errno: ENODATA) }
+            let got = head.withUnsafeMutableBytes { pread(plain, $0.baseAddress, $0.count, 0) }
+            close(plain)
+            guard got == PloopSpec.headerSize else { throw Failure(errno: ENODATA) }
             guard let h = try? ImageHeader.decode(head), h.version == .v2 else { throw Failure(errno: isTop ? Self.enotsupp : EPROTO) }
             if isTop {
                 if !table.readOnly && h.diskInUse != PloopSpec.diskInUse { throw Failure(errno: ENOLCK) }
@@ -353,6 +390,7 @@ public final class FakeDeviceMapper: DMTransport {
         table.paths = fds.map { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\($0)")) ?? "" }
         table.clusterSectors = clusterSectors
         table.fallocNewCluster = p.fallocNewCluster
+        table.rawBase = p.rawBase
         ok = true
     }
 

@@ -1,0 +1,241 @@
+import CPloopSys
+import Foundation
+import PloopDevice
+import PloopFormat
+import PloopImage
+import PloopSystem
+
+/// The device-mapper driver of ploop 8/9 (dm-ploop), driven as the original's 9.x drives it
+/// (reference dm-ploop.md §4): a device `/dev/mapper/ploopM` is created with one `ploop` table
+/// whose line carries descriptors of the images, the top marked in use by us before the load and
+/// cleared by us after the removal.
+///
+/// Under way (issue 19): mount, umount, info, list and block I/O. The operations that change a
+/// running stack (snapshot, merges, grow, tracking) answer `notSupported` until they are built on
+/// the target's messages; the legacy balloon ioctls have no dm-ploop equivalent (the original's 9.x
+/// keeps only `balloon show|change|discard`, as file operations).
+public final class DMPloopBackend: DeviceBackend {
+    public let name = "dm-ploop"
+    let transport: any DMTransport
+    let io: @Sendable (String) throws(DeviceError) -> any DeviceIO
+
+    /// `io(name)` gives block I/O on device `name` (the node on a host, the fake's model in tests).
+    public init(transport: any DMTransport, io: @escaping @Sendable (String) throws(DeviceError) -> any DeviceIO) {
+        self.transport = transport
+        self.io = io
+    }
+
+    /// The host's device-mapper, I/O through the device nodes.
+    public convenience init() {
+        self.init(transport: SystemDMTransport()) { (name: String) throws(DeviceError) -> any DeviceIO in try BlockDeviceIO(device: DMPloop.node(Int(name.dropFirst(5)) ?? 0)) }
+    }
+
+    /// Over a fake device-mapper in this process.
+    public convenience init(fake: FakeDeviceMapper) {
+        self.init(transport: fake) { (name: String) throws(DeviceError) -> any DeviceIO in try fake.openIO(name) }
+    }
+
+    // MARK: - Talking to device-mapper
+
+    /// Sends a request; on success the answer (asked again with a bigger buffer while it did not
+    /// fit), else the errno as a `DeviceError` that says what to do.
+    func send(_ request: DM.Request, what: String) throws(DeviceError) -> DM.Reply {
+        var r = request
+        while true {
+            var b = try r.encode()
+            let rc = try transport.ioctl(r.command.request, &b)
+            if rc < 0 { throw Self.error(-rc, request: r, what: what) }
+            let reply = DM.Reply(b)
+            if reply.bufferFull && r.bufferSize < 16 << 20 {
+                r.bufferSize *= 4
+                continue
+            }
+            return reply
+        }
+    }
+
+    static func error(_ e: Int32, request: DM.Request, what: String) -> DeviceError {
+        let dev = "/dev/mapper/\(request.name)"
+        switch (request.command, e) {
+        case (_, ENXIO) where request.command != .tableLoad, (_, ENODEV):
+            return .noSuchDevice(dev)
+        case (.tableLoad, EINVAL) where request.targets.first?.type == DMPloop.targetType:
+            return .invalid("\(what): the kernel refused the ploop table (\(SystemError.words(e))): is the dm-ploop target registered ('modprobe dm-ploop'; 'dmsetup targets' lists it)?")
+        case (.tableLoad, ENOLCK):
+            return .invalid("\(what): the top image is not marked in use (\(SystemError.words(e)))")
+        case (.tableLoad, FakeDeviceMapper.enotsupp):
+            return .invalid("\(what): dm-ploop attaches version 2 images only: convert with 'ploop convert -v 2'")
+        case (.devRemove, EBUSY):
+            return .deviceInUse("\(dev) (it is open: unmount what uses it)")
+        case (.targetMessage, FakeDeviceMapper.enotsupp):
+            return .notSupported("\(what): the dm-ploop target of this kernel has no such message")
+        default:
+            return .system("\(what) (\(request.command) on \(dev))", errno: e)
+        }
+    }
+
+    func message(_ name: String, _ m: DMPloop.Message) throws(DeviceError) -> String? {
+        try send(DM.Request(.targetMessage, name: name, message: m.text), what: "dm-ploop message '\(m.text)'").messageResponse
+    }
+
+    static func dmName(_ device: String) throws(DeviceError) -> String {
+        let base = device.hasPrefix("/dev/mapper/") ? String(device.dropFirst(12)) : device
+        guard base.hasPrefix("ploop"), let n = Int(base.dropFirst(5)), n >= 0 else { throw .badDeviceName(device) }
+        return base
+    }
+
+    // MARK: - Mount and umount
+
+    public func mount(_ request: MountRequest) throws(DeviceError) -> String {
+        // The checks the original makes before a load, on files opened for that only.
+        let (probes, clusterSectors) = try request.probe(oneVersion: true) { (path, writable) throws(ImageError) in
+            try ImagePath.open(path, write: writable)
+        }
+        for p in probes where p.header != nil && p.header!.version != .v2 {
+            throw .invalid("\(p.path) is a version 1 image: dm-ploop attaches version 2 images only: convert with 'ploop convert -v 2'")
+        }
+        let top = probes[probes.count - 1]
+        let sectors: UInt64
+        if let h = top.header { sectors = h.sizeInSectors } else { sectors = try lifting { () throws(ImageError) in try top.file.size() } / 512 }
+        let writable = !request.readOnly
+        // Descriptors as the original opens them: O_DIRECT (where the file system takes it),
+        // read-only below the top.
+        var fds: [Int32] = []
+        defer { for fd in fds { close(fd) } }
+        for (i, p) in probes.enumerated() {
+            let rw = i == probes.count - 1 && writable
+            // No exec follows here (the original's fds survive a fork of dmsetup; ours go straight
+            // into the ioctl), so they need not be inherited.
+            var fd = open(p.path, (rw ? O_RDWR : O_RDONLY) | cploop_o_direct() | O_CLOEXEC)
+            if fd < 0 && errno == EINVAL { fd = open(p.path, (rw ? O_RDWR : O_RDONLY) | O_CLOEXEC) }
+            guard fd >= 0 else { throw .system("open \(p.path)", errno: errno) }
+            fds.append(fd)
+        }
+        // The top is ours to mark before the load (the target refuses an unmarked one).
+        if writable, top.header != nil { try Self.setInUse(top.path, true) }
+        var made: String?
+        do {
+            let name = try freeName(request.device)
+            _ = try send(DM.Request(.devCreate, name: name, flags: .persistentDevice, dev: DM.encodeDev(major: FakeDeviceMapper.major, minor: UInt32(name.dropFirst(5))!)), what: "creating \(name)")
+            made = name
+            let table = DMPloop.Table(clusterLog: DMPloop.Table.clusterLog(sectors: clusterSectors), fds: fds, rawBase: request.baseFormat == .raw)
+            _ = try send(DM.Request(.tableLoad, name: name, flags: writable ? [] : .readOnly, targets: [DM.Target(length: sectors, type: DMPloop.targetType, params: table.params)]), what: "loading the ploop table of \(name)")
+            _ = try send(DM.Request(.devSuspend, name: name), what: "resuming \(name)")
+            return DMPloop.node(Int(name.dropFirst(5))!)
+        } catch {
+            if let n = made { _ = try? send(DM.Request(.devRemove, name: n), what: "removing \(n)") }
+            if writable, top.header != nil { try? Self.setInUse(top.path, false) }
+            throw error
+        }
+    }
+
+    /// The name asked for, or a free one as the original picks it: ploopM, M in [1000, 66534].
+    func freeName(_ asked: String?) throws(DeviceError) -> String {
+        let taken = Set(try devices().map(\.name))
+        if let a = asked {
+            let n = try Self.dmName(a)
+            guard !taken.contains(n) else { throw .deviceInUse(a) }
+            return n
+        }
+        let start = Int.random(in: 0..<0xffff)
+        for i in 0..<0xffff {
+            let n = DMPloop.name((start + i) % 0xffff + 1000)
+            if !taken.contains(n) { return n }
+        }
+        throw .invalid("Can't generate minor value: every ploop device name is taken")
+    }
+
+    public func umount(_ device: String) throws(DeviceError) {
+        let name = try Self.dmName(device)
+        let levels = try self.levels(name)
+        let readOnly = try send(DM.Request(.devStatus, name: name), what: "status of \(name)").flags.contains(.readOnly)
+        _ = try send(DM.Request(.devRemove, name: name), what: "removing \(name)")
+        // The kernel never clears the mark: the top is closed once the device is gone.
+        if !readOnly, let top = levels.last, top.format == .ploop1 { try Self.setInUse(top.path, false) }
+    }
+
+    static func setInUse(_ path: String, _ on: Bool) throws(DeviceError) {
+        try lifting { () throws(ImageError) in
+            let image = try Ploop1Image(file: try ImagePath.open(path, write: true), writable: true, allowDirty: true, markInUse: false)
+            try image.setInUse(on)
+        }
+    }
+
+    // MARK: - What runs
+
+    struct Found {
+        var name: String
+        var status: DMPloop.Status
+        var length: UInt64
+        var readOnly: Bool
+    }
+
+    func devices() throws(DeviceError) -> [(name: String, dev: UInt64)] {
+        try send(DM.Request(.listDevices), what: "listing device-mapper devices").devices()
+    }
+
+    /// Device `name` if its live table is a ploop one.
+    func ploop(_ name: String) throws(DeviceError) -> Found? {
+        let r = try send(DM.Request(.tableStatus, name: name), what: "status of \(name)")
+        guard let t = try r.targets().first, t.type == DMPloop.targetType else { return nil }
+        return Found(name: name, status: try DMPloop.Status(parsing: t.params), length: t.length, readOnly: r.flags.contains(.readOnly))
+    }
+
+    func levels(_ name: String) throws(DeviceError) -> [LevelInfo] {
+        guard let f = try ploop(name) else { throw .noSuchDevice("/dev/mapper/\(name)") }
+        var out: [LevelInfo] = []
+        for l in 0..<f.status.deltas {
+            guard let path = try message(name, .getImageName(level: l)), !path.isEmpty else { break }
+            let format: ImageFormat = (try? ImagePath.detectFormat(ImagePath.open(path, write: false))) ?? .ploop1
+            out.append(LevelInfo(level: l, path: path, format: format, readOnly: l < f.status.deltas - 1 || f.readOnly))
+        }
+        return out
+    }
+
+    public func info(_ device: String) throws(DeviceError) -> DeviceInfo {
+        let name = try Self.dmName(device)
+        guard let f = try ploop(name) else { throw .noSuchDevice(device) }
+        return DeviceInfo(
+            device: DMPloop.node(Int(name.dropFirst(5))!), backend: self.name, sizeBytes: f.length * 512,
+            clusterBytes: f.status.clusterSectors * 512, state: .off, running: true, levels: try levels(name), mergeProgress: nil)
+    }
+
+    public func list() throws(DeviceError) -> [DeviceInfo] {
+        var out: [DeviceInfo] = []
+        for d in try devices() where d.name.hasPrefix("ploop") {
+            guard (try? ploop(d.name)) != nil, let i = try? info(d.name) else { continue }
+            out.append(i)
+        }
+        return out
+    }
+
+    public func openIO(_ device: String) throws(DeviceError) -> any DeviceIO { try io(try Self.dmName(device)) }
+
+    // MARK: - Not built yet on dm-ploop
+
+    func later(_ what: String) -> DeviceError {
+        .notSupported("\(what) on dm-ploop is not built yet (issue 19): use --backend simulator or the legacy module")
+    }
+
+    public func snapshot(_ device: String, newDelta: String) throws(DeviceError) { throw later("online snapshot") }
+    public func merge(_ device: String, levels: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] { throw later("online merge") }
+    public func grow(_ device: String, sizeSectors: UInt64) throws(DeviceError) { throw later("online grow") }
+    /// dm-ploop has no SYNC: a suspend flushes; here the device's I/O flushes.
+    public func sync(_ device: String) throws(DeviceError) { try openIO(device).flush() }
+    public func deleteDelta(_ device: String, level: Int) throws(DeviceError) { throw later("notify_merged_backward") }
+    public func updateIndex(_ device: String, level: Int, maps: [IndexMap]) throws(DeviceError) { throw later("update_delta_index") }
+
+    static let noBalloon = DeviceError.notSupported("dm-ploop has no balloon ioctls: the original's 9.x keeps only 'balloon show', 'change' and 'discard', as file operations")
+    public func balloon(_ device: String, inflate: Bool, keepIntact: Bool) throws(DeviceError) -> BalloonReply { throw Self.noBalloon }
+    public func loadFreeBlocks(_ device: String, level: Int, extents: [FreeExtent]) throws(DeviceError) -> UInt32 { throw Self.noBalloon }
+    public func freeBlockList(_ device: String) throws(DeviceError) -> [FreeExtent] { throw Self.noBalloon }
+    public func filterFreeBlocks(_ device: String, minLength: UInt32) throws(DeviceError) { throw Self.noBalloon }
+    public func dropFreeBlocks(_ device: String) throws(DeviceError) { throw Self.noBalloon }
+    public func relocateBlocks(_ device: String, level: Int, allocHead: UInt32, extents: [RelocExtent]) throws(DeviceError) -> UInt32 { throw Self.noBalloon }
+
+    public func trackInit(_ device: String) throws(DeviceError) -> UInt64 { throw later("write tracking (the tracking target)") }
+    public func trackSetPosition(_ device: String, _ position: UInt64) throws(DeviceError) { throw later("write tracking") }
+    public func trackRead(_ device: String) throws(DeviceError) -> Range<UInt64>? { throw later("write tracking") }
+    public func trackStop(_ device: String) throws(DeviceError) { throw later("write tracking") }
+    public func trackAbort(_ device: String) throws(DeviceError) { throw later("write tracking") }
+}

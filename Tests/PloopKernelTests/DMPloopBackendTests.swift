@@ -1,0 +1,143 @@
+import Foundation
+import PloopDevice
+import PloopFormat
+import PloopImage
+import PloopKernel
+import PloopTestSupport
+import Testing
+
+/// `DMPloopBackend` over the fake device-mapper: mount, block I/O, info, list and umount as the
+/// original's 9.x sequences them, the in-use mark set by us before the load and cleared after the
+/// removal, a refused load undone, and what dm-ploop cannot do said so.
+struct DMPloopBackendTests {
+    static let cs: UInt32 = 128
+    static var cb: Int { Int(cs) * 512 }
+    let dir: ScratchDirectory
+    let fake = FakeDeviceMapper()
+    let backend: DMPloopBackend
+
+    init() throws {
+        dir = try ScratchDirectory("ploop-dmb")
+        backend = DMPloopBackend(fake: fake)
+    }
+
+    func image(_ name: String, clusters: UInt64, fill: [UInt64] = [], tag: UInt8 = 1, version: FormatVersion = .v2) throws -> String {
+        let p = dir.file(name)
+        try Offline.initialize(.init(path: p, sizeSectors: clusters * UInt64(Self.cs), clusterSectors: Self.cs, version: version))
+        if !fill.isEmpty {
+            let img = try Ploop1Image(file: try ImagePath.open(p, write: true), writable: true)
+            for c in fill {
+                try Self.cluster(c, tag).withUnsafeBytes { try img.write(cluster: ClusterIndex(c), data: $0) }
+            }
+            try img.close()
+        }
+        return p
+    }
+
+    static func cluster(_ c: UInt64, _ tag: UInt8) -> [UInt8] {
+        (0..<cb).map { UInt8(truncatingIfNeeded: Int(c) &* 31 &+ $0 &* 7 &+ Int(tag)) }
+    }
+
+    static func inUse(_ path: String) throws -> Bool {
+        try Ploop1Image(file: try ImagePath.open(path, write: false), writable: false).header.inUse
+    }
+
+    func readAll(_ io: any DeviceIO, _ size: Int) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: size)
+        try out.withUnsafeMutableBytes { try io.read(into: $0, at: 0) }
+        return out
+    }
+
+    @Test func mountWriteReadUmount() throws {
+        let n: UInt64 = 32
+        let base = try image("root.hds", clusters: n, fill: [0, 1, 2, 20], tag: 1)
+        let top = try image("root.hds.{7f3c}", clusters: n)
+        var ref = [UInt8](repeating: 0, count: Int(n) * Self.cb)
+        for c in [0, 1, 2, 20] as [Int] { ref.replaceSubrange(c * Self.cb..<(c + 1) * Self.cb, with: Self.cluster(UInt64(c), 1)) }
+
+        let dev = try backend.mount(MountRequest(images: [base, top]))
+        #expect(dev.hasPrefix("/dev/mapper/ploop"))
+        let minor = Int(dev.dropFirst("/dev/mapper/ploop".count))!
+        #expect((1000...66534).contains(minor))
+        #expect(fake.commands.withLock { $0.map(\.0) } == [.listDevices, .devCreate, .tableLoad, .devSuspend])
+        // The top is ours to mark, before the load; the base is left alone.
+        #expect(try Self.inUse(top))
+        #expect(try !Self.inUse(base))
+
+        let io = try backend.openIO(dev)
+        let data = (0..<3 * Self.cb).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 5) }
+        try data.withUnsafeBytes { try io.write($0, at: UInt64(Self.cb / 2)) }
+        try io.flush()
+        ref.replaceSubrange(Self.cb / 2..<Self.cb / 2 + data.count, with: data)
+        #expect(try readAll(io, ref.count) == ref)
+
+        let info = try backend.info(dev)
+        #expect(info.backend == "dm-ploop")
+        #expect(info.sizeBytes == n * UInt64(Self.cb))
+        #expect(info.clusterBytes == Self.cb)
+        #expect(info.levels.map(\.path) == [base, top])
+        #expect(info.levels.map(\.readOnly) == [true, false])
+        #expect(try backend.list().map(\.device) == [dev])
+
+        try backend.umount(dev)
+        #expect(try backend.list().isEmpty)
+        #expect(try !Self.inUse(top))
+        for p in [base, top] {
+            var o = Checker.Options()
+            o.force = true
+            o.readOnly = true
+            #expect(try Checker.check(path: p, options: o).status == .ok, "\(p)")
+        }
+        // What was written is in the images: the in-process model reads it back.
+        let again = InProcessBackend()
+        let d = try again.mount(MountRequest(images: [base, top], readOnly: true))
+        #expect(try readAll(try again.openIO(d), ref.count) == ref)
+        try again.umount(d)
+    }
+
+    @Test func aRefusedLoadIsUndone() throws {
+        // A base larger than the top: our checks pass it, dm-ploop's constructor does not (EBADSLT).
+        let base = try image("big", clusters: 64)
+        let top = try image("small", clusters: 32)
+        #expect(throws: DeviceError.self) { try backend.mount(MountRequest(images: [base, top])) }
+        #expect(fake.commands.withLock { $0.map(\.0) } == [.listDevices, .devCreate, .tableLoad, .devRemove])
+        #expect(try backend.list().isEmpty)
+        #expect(try !Self.inUse(top))
+    }
+
+    @Test func versionOneIsRefusedUntouched() throws {
+        let v1 = try image("old.hdd", clusters: 16, version: .v1)
+        let before = try Data(contentsOf: URL(fileURLWithPath: v1))
+        #expect {
+            try backend.mount(MountRequest(images: [v1]))
+        } throws: { e in
+            "\(e)".contains("version 2 images only") && "\(e)".contains("ploop convert -v 2")
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: v1)) == before)
+        #expect(fake.commands.withLock { $0.isEmpty })
+    }
+
+    @Test func whatIsNotThereSaysSo() throws {
+        let top = try image("t", clusters: 8)
+        let dev = try backend.mount(MountRequest(images: [top]))
+        #expect {
+            try backend.snapshot(dev, newDelta: dir.file("s"))
+        } throws: { e in
+            guard case DeviceError.notSupported(let why) = e else { return false }
+            return why.contains("not built yet")
+        }
+        #expect {
+            _ = try backend.balloon(dev, inflate: true, keepIntact: false)
+        } throws: { e in
+            "\(e)".contains("no balloon ioctls")
+        }
+        // Held open: the removal is refused, and the mark stays while the device runs.
+        fake.hold(String(dev.dropFirst("/dev/mapper/".count)), 1)
+        #expect(throws: DeviceError.self) { try backend.umount(dev) }
+        #expect(try Self.inUse(top))
+        fake.hold(String(dev.dropFirst("/dev/mapper/".count)), -1)
+        try backend.umount(dev)
+        #expect(try !Self.inUse(top))
+        #expect(throws: DeviceError.noSuchDevice(dev)) { try backend.info(dev) }
+    }
+}
