@@ -10,9 +10,9 @@ import PloopSystem
 /// whose line carries descriptors of the images, the top marked in use by us before the load and
 /// cleared by us after the removal.
 ///
-/// Under way (issue 19): mount, umount, info, list and block I/O. The operations that change a
-/// running stack (snapshot, merges, grow, tracking) answer `notSupported` until they are built on
-/// the target's messages; the legacy balloon ioctls have no dm-ploop equivalent (the original's 9.x
+/// Under way (issue 19): mount, umount, info, list, block I/O, online snapshot and grow. Merges
+/// and write tracking answer `notSupported` until they are built on the target's messages (its
+/// merge copies the lower delta up into the top: the opposite direction of the legacy driver's); the legacy balloon ioctls have no dm-ploop equivalent (the original's 9.x
 /// keeps only `balloon show|change|discard`, as file operations).
 public final class DMPloopBackend: DeviceBackend {
     public let name = "dm-ploop"
@@ -211,15 +211,97 @@ public final class DMPloopBackend: DeviceBackend {
 
     public func openIO(_ device: String) throws(DeviceError) -> any DeviceIO { try io(try Self.dmName(device)) }
 
+    // MARK: - Snapshot and grow: table reloads
+
+    /// Descriptors of `paths` (base first) as a table takes them: O_DIRECT where the file system
+    /// allows, read-only but the top when `writableTop`. The caller closes them.
+    static func openDeltas(_ paths: [String], writableTop: Bool) throws(DeviceError) -> [Int32] {
+        var fds: [Int32] = []
+        for (i, p) in paths.enumerated() {
+            let rw = writableTop && i == paths.count - 1
+            var fd = open(p, (rw ? O_RDWR : O_RDONLY) | cploop_o_direct() | O_CLOEXEC)
+            if fd < 0 && errno == EINVAL { fd = open(p, (rw ? O_RDWR : O_RDONLY) | O_CLOEXEC) }
+            guard fd >= 0 else {
+                let e = errno
+                for f in fds { close(f) }
+                throw .system("open \(p)", errno: e)
+            }
+            fds.append(fd)
+        }
+        return fds
+    }
+
+    /// Suspends `name`, runs `body`, loads the table of `paths` with `length` sectors, resumes.
+    /// The device is resumed whatever happens (on the old table if the load failed).
+    func reload(_ f: Found, paths: [String], length: UInt64, raw: Bool, between body: () throws(DeviceError) -> Void) throws(DeviceError) {
+        _ = try send(DM.Request(.devSuspend, name: f.name, flags: .suspend), what: "suspending \(f.name)")
+        do {
+            try body()
+            let fds = try Self.openDeltas(paths, writableTop: !f.readOnly)
+            defer { for fd in fds { close(fd) } }
+            let table = DMPloop.Table(clusterLog: DMPloop.Table.clusterLog(sectors: UInt32(f.status.clusterSectors)), fds: fds, rawBase: raw)
+            _ = try send(DM.Request(.tableLoad, name: f.name, flags: f.readOnly ? .readOnly : [], targets: [DM.Target(length: length, type: DMPloop.targetType, params: table.params)]), what: "reloading the ploop table of \(f.name)")
+        } catch {
+            _ = try? send(DM.Request(.devSuspend, name: f.name), what: "resuming \(f.name)")
+            throw error
+        }
+        _ = try send(DM.Request(.devSuspend, name: f.name), what: "resuming \(f.name)")
+    }
+
+    /// Online snapshot as the original's 9.x makes it (reference §4.3): the empty delta made and
+    /// marked in use, the device suspended, the old top's mark cleared, the table reloaded with
+    /// the new top, resumed. On failure the old table runs on, the old top is marked again and the
+    /// new file goes.
+    public func snapshot(_ device: String, newDelta: String) throws(DeviceError) {
+        let name = try Self.dmName(device)
+        guard let f = try ploop(name) else { throw .noSuchDevice(device) }
+        guard !f.readOnly else { throw .readOnly(device) }
+        let levels = try self.levels(name)
+        guard let oldTop = levels.last else { throw .noSuchDevice(device) }
+        let cs = UInt32(f.status.clusterSectors)
+        guard f.length % UInt64(cs) == 0 else { throw .notClusterMultiple(bytes: f.length * 512, clusterBytes: Int(cs) * 512) }
+        let header: ImageHeader
+        do { header = try ImageHeader.new(sizeSectors: f.length, clusterSectors: cs, version: .v2) } catch { throw .image(.format(newDelta, error)) }
+        _ = try lifting { () throws(ImageError) in try ImagePath.createImage(newDelta, header: header, lock: false) }
+        var clearedOld = false
+        do {
+            try Self.setInUse(newDelta, true)
+            try reload(f, paths: levels.map(\.path) + [newDelta], length: f.length, raw: levels.first?.format == .raw) { () throws(DeviceError) in
+                if oldTop.format == .ploop1 {
+                    try Self.setInUse(oldTop.path, false)
+                    clearedOld = true
+                }
+            }
+        } catch {
+            if clearedOld { try? Self.setInUse(oldTop.path, true) }
+            PathInfo.removeRegularFile(newDelta)
+            throw error
+        }
+    }
+
+    /// Online grow (reference §4.5): the `resize` message grows the top image, then the table is
+    /// reloaded with the new length.
+    public func grow(_ device: String, sizeSectors: UInt64) throws(DeviceError) {
+        let name = try Self.dmName(device)
+        guard let f = try ploop(name) else { throw .noSuchDevice(device) }
+        guard sizeSectors >= f.length else { throw .cannotShrink(fromSectors: f.length, toSectors: sizeSectors) }
+        guard sizeSectors > f.length else { return }
+        guard !f.readOnly else { throw .readOnly(device) }
+        let cs = UInt64(f.status.clusterSectors)
+        guard sizeSectors % cs == 0 else { throw .notClusterMultiple(bytes: sizeSectors * 512, clusterBytes: Int(cs) * 512) }
+        guard sizeSectors <= PloopSpec.maxImageSectors else { throw .sizeTooLarge(sectors: sizeSectors, limit: PloopSpec.maxImageSectors) }
+        let levels = try self.levels(name)
+        _ = try message(name, .resize(sectors: sizeSectors))
+        try reload(f, paths: levels.map(\.path), length: sizeSectors, raw: levels.first?.format == .raw) {}
+    }
+
     // MARK: - Not built yet on dm-ploop
 
     func later(_ what: String) -> DeviceError {
         .notSupported("\(what) on dm-ploop is not built yet (issue 19): use --backend simulator or the legacy module")
     }
 
-    public func snapshot(_ device: String, newDelta: String) throws(DeviceError) { throw later("online snapshot") }
     public func merge(_ device: String, levels: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] { throw later("online merge") }
-    public func grow(_ device: String, sizeSectors: UInt64) throws(DeviceError) { throw later("online grow") }
     /// dm-ploop has no SYNC: a suspend flushes; here the device's I/O flushes.
     public func sync(_ device: String) throws(DeviceError) { try openIO(device).flush() }
     public func deleteDelta(_ device: String, level: Int) throws(DeviceError) { throw later("notify_merged_backward") }

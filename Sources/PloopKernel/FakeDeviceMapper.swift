@@ -41,10 +41,11 @@ public struct SystemDMTransport: DMTransport {
 /// headers through the descriptors the table names, which it duplicates as the kernel takes its
 /// own reference.
 ///
-/// So far it models the device lifecycle, listing, status, `get_img_name`, `set_noresume`, and
+/// So far it models the device lifecycle, listing, status, `get_img_name`, `set_noresume`,
+/// `resize`, and
 /// I/O on a live ploop table (a `DeviceModel` over the images, opened by path when the table goes
 /// live and flushed on suspend). Not yet: the messages that change the stack (`merge`,
-/// `notify_merged_backward`, `update_delta_index`, `resize`, `flip_upper_deltas`) and the
+/// `notify_merged_backward`, `update_delta_index`, `flip_upper_deltas`) and the
 /// tracking target: those answer ENOTSUPP (524) here. BAT entries are not checked at load.
 public final class FakeDeviceMapper: DMTransport {
     /// ENOTSUPP, the kernel-internal errno dm-ploop answers unknown messages with.
@@ -100,6 +101,13 @@ public final class FakeDeviceMapper: DMTransport {
         return ModelIO(model: m)
     }
 
+    private let failures = Mutex<[DM.Command: Int32]>([:])
+
+    /// The next `command` fails with `errno` (fault injection for tests of the undo paths).
+    public func fail(_ command: DM.Command, errno: Int32) {
+        failures.withLock { $0[command] = errno }
+    }
+
     /// Holds device `name` open (as a mounted file system would), so removing it is refused.
     public func hold(_ name: String, _ delta: Int32) {
         devices.withLock { $0[name]?.openCount += delta }
@@ -134,6 +142,7 @@ public final class FakeDeviceMapper: DMTransport {
         else { return -EINVAL }
         let name = Self.string(b, Off.name, max: Off.nameBytes)
         commands.withLock { $0.append((cmd, name)) }
+        if let e = failures.withLock({ $0.removeValue(forKey: cmd) }) { return -e }
         do {
             try perform(cmd, name, &b)
             return 0
@@ -411,6 +420,15 @@ public final class FakeDeviceMapper: DMTransport {
                 guard d.noResume != on else { throw Failure(errno: EBUSY) }
                 d.noResume = on
                 all[name] = d
+                return nil
+            case .resize(let sectors):
+                // Grows the top image; the device keeps its length until a table with the new one.
+                guard let model = live.model else { throw Failure(errno: EINVAL) }
+                guard !live.readOnly else { throw Failure(errno: EROFS) }
+                let length = live.targets[0].length
+                guard sectors >= length, sectors % UInt64(live.clusterSectors) == 0 else { throw Failure(errno: EINVAL) }
+                if sectors == length { return nil }
+                do { try model.grow(toSectors: sectors) } catch { throw Failure(errno: EIO) }
                 return nil
             default:
                 throw Failure(errno: Self.enotsupp)

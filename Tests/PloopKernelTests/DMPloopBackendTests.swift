@@ -95,6 +95,94 @@ struct DMPloopBackendTests {
         try again.umount(d)
     }
 
+    /// Online snapshot: suspend, the old top's mark cleared, reload with the new top, resume.
+    @Test func snapshotThenGrowWhileRunning() throws {
+        let n: UInt64 = 16
+        let base = try image("root.hds", clusters: n)
+        let dev = try backend.mount(MountRequest(images: [base]))
+        let io = try backend.openIO(dev)
+        let a = [UInt8](repeating: 0xA1, count: Self.cb)
+        try a.withUnsafeBytes { try io.write($0, at: 0) }
+        fake.commands.withLock { $0 = [] }
+
+        let top = dir.file("root.hds.{1e2f}")
+        try backend.snapshot(dev, newDelta: top)
+        let changes = fake.commands.withLock { $0.map(\.0) }.filter { ![.tableStatus, .targetMessage, .listDevices, .devStatus].contains($0) }
+        #expect(changes == [.devSuspend, .tableLoad, .devSuspend])
+        #expect(try backend.info(dev).levels.map(\.path) == [base, top])
+        #expect(try !Self.inUse(base))
+        #expect(try Self.inUse(top))
+        // New writes land in the new top; the base keeps what it had.
+        let io2 = try backend.openIO(dev)
+        let b = [UInt8](repeating: 0xB2, count: 4096)
+        try b.withUnsafeBytes { try io2.write($0, at: 8192) }
+        try b.withUnsafeBytes { try io2.write($0, at: UInt64(5 * Self.cb)) }
+        var ref = [UInt8](repeating: 0, count: Int(n) * Self.cb)
+        ref.replaceSubrange(0..<Self.cb, with: a)
+        ref.replaceSubrange(8192..<8192 + 4096, with: b)
+        ref.replaceSubrange(5 * Self.cb..<5 * Self.cb + 4096, with: b)
+        #expect(try readAll(io2, ref.count) == ref)
+
+        // Grow: resize, then a table with the new length.
+        try backend.grow(dev, sizeSectors: 2 * n * UInt64(Self.cs))
+        #expect(try backend.info(dev).sizeBytes == 2 * n * UInt64(Self.cb))
+        let io3 = try backend.openIO(dev)
+        let c = [UInt8](repeating: 0xC3, count: Self.cb)
+        try c.withUnsafeBytes { try io3.write($0, at: UInt64(2 * Int(n) - 1) * UInt64(Self.cb)) }
+        ref += [UInt8](repeating: 0, count: Int(n) * Self.cb)
+        ref.replaceSubrange((2 * Int(n) - 1) * Self.cb..<2 * Int(n) * Self.cb, with: c)
+        #expect(try readAll(io3, ref.count) == ref)
+        #expect(throws: DeviceError.cannotShrink(fromSectors: 2 * n * UInt64(Self.cs), toSectors: n * UInt64(Self.cs))) {
+            try backend.grow(dev, sizeSectors: n * UInt64(Self.cs))
+        }
+
+        try backend.umount(dev)
+        #expect(try !Self.inUse(top))
+        var o = Checker.Options()
+        o.force = true
+        o.readOnly = true
+        for p in [base, top] { #expect(try Checker.check(path: p, options: o).status == .ok, "\(p)") }
+        let again = InProcessBackend()
+        let d = try again.mount(MountRequest(images: [base, top], readOnly: true))
+        #expect(try readAll(try again.openIO(d), ref.count) == ref)
+        try again.umount(d)
+        // The base alone: only what was written before the snapshot.
+        let d0 = try again.mount(MountRequest(images: [base], readOnly: true))
+        var before = [UInt8](repeating: 0, count: Int(n) * Self.cb)
+        before.replaceSubrange(0..<Self.cb, with: a)
+        #expect(try readAll(try again.openIO(d0), before.count) == before)
+        try again.umount(d0)
+    }
+
+    /// A snapshot whose reload is refused leaves the old table running, the old top marked, and
+    /// no new file; a new delta path that exists is refused before anything.
+    @Test func aRefusedSnapshotIsUndone() throws {
+        let base = try image("root.hds", clusters: 16)
+        let dev = try backend.mount(MountRequest(images: [base]))
+        let io = try backend.openIO(dev)
+        let a = [UInt8](repeating: 0x5A, count: 4096)
+        try a.withUnsafeBytes { try io.write($0, at: 0) }
+        let top = dir.file("root.hds.{99}")
+        fake.fail(.tableLoad, errno: EINVAL)
+        fake.commands.withLock { $0 = [] }
+        #expect(throws: DeviceError.self) { try backend.snapshot(dev, newDelta: top) }
+        let changes = fake.commands.withLock { $0.map(\.0) }.filter { ![.tableStatus, .targetMessage, .listDevices, .devStatus].contains($0) }
+        #expect(changes == [.devSuspend, .tableLoad, .devSuspend])
+        #expect(!FileManager.default.fileExists(atPath: top))
+        #expect(try backend.info(dev).levels.map(\.path) == [base])
+        #expect(try Self.inUse(base))
+        var got = [UInt8](repeating: 0, count: 4096)
+        try got.withUnsafeMutableBytes { try backend.openIO(dev).read(into: $0, at: 0) }
+        #expect(got == a)
+
+        let taken = dir.file("taken")
+        _ = FileManager.default.createFile(atPath: taken, contents: Data([1, 2, 3]))
+        #expect(throws: DeviceError.self) { try backend.snapshot(dev, newDelta: taken) }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: taken)) == Data([1, 2, 3]))
+        try backend.umount(dev)
+        #expect(try !Self.inUse(base))
+    }
+
     @Test func aRefusedLoadIsUndone() throws {
         // A base larger than the top: our checks pass it, dm-ploop's constructor does not (EBADSLT).
         let base = try image("big", clusters: 64)
@@ -121,7 +209,7 @@ struct DMPloopBackendTests {
         let top = try image("t", clusters: 8)
         let dev = try backend.mount(MountRequest(images: [top]))
         #expect {
-            try backend.snapshot(dev, newDelta: dir.file("s"))
+            _ = try backend.merge(dev, levels: 0...1, progress: nil)
         } throws: { e in
             guard case DeviceError.notSupported(let why) = e else { return false }
             return why.contains("not built yet")
