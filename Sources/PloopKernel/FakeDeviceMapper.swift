@@ -95,10 +95,32 @@ public final class FakeDeviceMapper: DMTransport {
         for fd in t?.fds ?? [] { close(fd) }
     }
 
-    /// Block I/O on device `name`'s live ploop table.
+    /// Block I/O on device `name`: like the device node, it follows the table that is live at
+    /// each request (a reload swaps the table under it).
     public func openIO(_ name: String) throws(DeviceError) -> any DeviceIO {
+        _ = try liveModel(name)
+        return LiveIO(fake: self, name: name)
+    }
+
+    /// Requests hold this shared; a table swap holds it alone, so none is in flight meanwhile.
+    let ioGate = ReadWriteLock(())
+
+    func liveModel(_ name: String) throws(DeviceError) -> DeviceModel {
         guard let m = devices.withLock({ $0[name]?.live?.model }) else { throw .noSuchDevice("/dev/mapper/\(name)") }
-        return ModelIO(model: m)
+        return m
+    }
+
+    struct LiveIO: DeviceIO {
+        let fake: FakeDeviceMapper
+        let name: String
+        func on<T>(_ body: (DeviceModel) throws(DeviceError) -> T) throws(DeviceError) -> T {
+            try fake.ioGate.read { _ throws(DeviceError) -> T in try body(try fake.liveModel(name)) }
+        }
+        var sizeBytes: UInt64 { get throws(DeviceError) { try on { $0.sizeBytes } } }
+        func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DeviceError) { try on { m throws(DeviceError) in try m.read(into: buffer, at: offset) } }
+        func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DeviceError) { try on { m throws(DeviceError) in try m.write(buffer, at: offset) } }
+        func flush() throws(DeviceError) { try on { m throws(DeviceError) in try m.flush() } }
+        func discard(at offset: UInt64, length: UInt64) throws(DeviceError) { try on { m throws(DeviceError) in try m.writeZeroes(at: offset, length: length) } }
     }
 
     private let failures = Mutex<[DM.Command: Int32]>([:])
@@ -190,7 +212,9 @@ public final class FakeDeviceMapper: DMTransport {
                 Self.info(all[name]!, &b)
             }
         case .devSuspend:
-            try devices.withLock { all throws(Failure) in
+            // No request is in flight while a device suspends or its tables change places (the
+            // gate first, then the devices: the order requests take them in).
+            try ioGate.write { _ throws(Failure) in try devices.withLock { all throws(Failure) in
                 guard var d = all[name] else { throw Failure(errno: ENXIO) }
                 if flags & DM.Flags.suspend.rawValue != 0 {
                     // A suspend flushes what the target holds (unless told not to), so a table
@@ -222,7 +246,7 @@ public final class FakeDeviceMapper: DMTransport {
                 }
                 all[name] = d
                 Self.info(d, &b)
-            }
+            } }
         case .devRemove:
             try devices.withLock { all throws(Failure) in
                 guard let d = all[name] else { throw Failure(errno: ENXIO) }
