@@ -4,18 +4,18 @@ import PloopDevice
 import PloopKernel
 import PloopSimulator
 
-/// `--backend auto|kernel|simulator` (or `PLOOP_BACKEND`).
+/// `--backend auto|dm|kernel|simulator` (or `PLOOP_BACKEND`).
 enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
-    case auto, kernel, simulator
+    case auto, dm, kernel, simulator
 
-    /// The backend to use. `auto` is the kernel driver when its module is loaded, else the
-    /// simulator.
+    /// The backend to use. `auto` is dm-ploop when device-mapper has the `ploop` target (ploop
+    /// 8/9 hosts), else the legacy kernel driver when its module is loaded, else the simulator.
     func resolve() throws -> any DeviceBackend {
         let environment = ProcessInfo.processInfo.environment
         var env: BackendChoice?
         if let text = environment["PLOOP_BACKEND"], !text.isEmpty {
             guard let choice = BackendChoice(rawValue: text) else {
-                throw CommandFailure("PLOOP_BACKEND=\(text) is not a backend: use auto, kernel or simulator (or unset it)", code: ExitCodes.param)
+                throw CommandFailure("PLOOP_BACKEND=\(text) is not a backend: use auto, dm, kernel or simulator (or unset it)", code: ExitCodes.param)
             }
             env = choice
         }
@@ -23,9 +23,12 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
         let umountTimeout = environment["PLOOP_UMOUNT_TIMEOUT"].flatMap(Double.init) ?? 60
         var choice = self == .auto ? (env ?? .auto) : self
         if choice == .auto {
-            choice = KernelDeviceState.module().loaded ? .kernel : .simulator
+            choice = DMPloopBackend.unavailableReason() == nil ? .dm : KernelDeviceState.module().loaded ? .kernel : .simulator
         }
         switch choice {
+        case .dm:
+            if let why = DMPloopBackend.unavailableReason() { throw CommandFailure("cannot use the dm-ploop backend: \(why)", code: ExitCodes.device) }
+            return DMPloopBackend()
         case .kernel:
             // A test hook: the kernel backend's ioctls answered by the fake driver over the
             // simulator's devices, so the whole tool can run through KernelBackend here.
@@ -44,6 +47,6 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
 }
 
 struct BackendOptions: ParsableArguments {
-    @Option(help: "Device backend: auto (the kernel driver if its module is loaded, else the simulator), kernel or simulator. Also PLOOP_BACKEND.")
+    @Option(help: "Device backend: auto (dm-ploop if device-mapper has the ploop target, else the legacy kernel driver if its module is loaded, else the simulator), dm, kernel or simulator. Also PLOOP_BACKEND.")
     var backend: BackendChoice = .auto
 }

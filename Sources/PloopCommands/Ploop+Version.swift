@@ -42,6 +42,7 @@ extension Ploop {
 
         static func report() -> Report {
             let module = KernelDeviceState.module()
+            let dm = DMPloopBackend.unavailableReason()
             let kernel = KernelBackend.unavailableReason()
             let simulator = SimulatorBackend.unavailableReason()
             var tools: [String: String] = [:]
@@ -50,10 +51,11 @@ extension Ploop {
                 version: PloopVersion.number, commit: PloopVersion.commit.isEmpty ? nil : PloopVersion.commit,
                 uncommittedChanges: PloopVersion.uncommittedChanges, kernelModule: module.loaded, largeDisks: module.largeDisks,
                 backends: [
+                    Backend(name: "dm", available: dm == nil, why: dm),
                     Backend(name: "kernel", available: kernel == nil, why: kernel),
                     Backend(name: "simulator", available: simulator == nil, why: simulator),
                 ],
-                defaultBackend: module.loaded ? "kernel" : "simulator", tools: tools)
+                defaultBackend: dm == nil ? "dm" : module.loaded ? "kernel" : "simulator", tools: tools)
         }
 
         func run() throws {

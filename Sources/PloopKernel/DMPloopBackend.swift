@@ -35,6 +35,21 @@ public final class DMPloopBackend: DeviceBackend {
         self.init(transport: fake) { (name: String) throws(DeviceError) -> any DeviceIO in try fake.openIO(name) }
     }
 
+    /// Why dm-ploop cannot be used here, or nil when device-mapper answers and has the `ploop`
+    /// target registered.
+    public static func unavailableReason(transport: any DMTransport = SystemDMTransport()) -> String? {
+        var b: [UInt8]
+        do { b = try DM.Request(.listVersions).encode() } catch { return "\(error)" }
+        let rc: Int32
+        do { rc = try transport.ioctl(DM.Command.listVersions.request, &b) } catch { return "\(error)" }
+        guard rc == 0 else { return "device-mapper does not list its targets (\(SystemError.words(-rc)))" }
+        guard let types = try? DM.Reply(b).targetTypes() else { return "device-mapper answered a target list that does not parse" }
+        guard types.contains(where: { $0.name == DMPloop.targetType }) else {
+            return "the device-mapper target 'ploop' is not registered (targets: \(types.map(\.name).joined(separator: ", "))): load dm-ploop ('modprobe dm_ploop')"
+        }
+        return nil
+    }
+
     // MARK: - Talking to device-mapper
 
     /// Sends a request; on success the answer (asked again with a bigger buffer while it did not

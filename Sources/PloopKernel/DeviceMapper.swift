@@ -73,6 +73,11 @@ public enum DM {
         public static let nameListNext = MemoryLayout<dm_name_list>.offset(of: \.next)!
         /// The name follows `dev` and `next` directly (a flexible array in the header).
         public static let nameListName = 12
+
+        /// struct dm_target_versions: `next`, `version[3]`, then the name.
+        public static let versions = MemoryLayout<dm_target_versions>.size
+        public static let versionsNext = MemoryLayout<dm_target_versions>.offset(of: \.next)!
+        public static let versionsVersion = MemoryLayout<dm_target_versions>.offset(of: \.version)!
     }
 
     /// One target of a table: sectors [start, start+length) served by `type` with `params`.
@@ -203,6 +208,22 @@ public enum DM {
                 out.append((name, dev))
                 guard next > 0 else { break }
                 guard next >= Layout.nameList, at + next <= dataSize else { throw .invalid("device-mapper list: an entry points outside the answer") }
+                at += next
+            }
+            return out
+        }
+
+        /// DM_LIST_VERSIONS: the target types the kernel has registered, with their versions.
+        public func targetTypes() throws(DeviceError) -> [(name: String, version: (UInt32, UInt32, UInt32))] {
+            var out: [(String, (UInt32, UInt32, UInt32))] = []
+            var at = dataStart
+            while at + Layout.versions <= dataSize {
+                let next = Int(bytes.get32(at + Layout.versionsNext))
+                let v = (bytes.get32(at + Layout.versionsVersion), bytes.get32(at + Layout.versionsVersion + 4), bytes.get32(at + Layout.versionsVersion + 8))
+                let name = bytes.cString(at: at + Layout.versions, limit: dataSize)
+                if !name.isEmpty { out.append((name, v)) }
+                guard next > 0 else { break }
+                guard next >= Layout.versions, at + next <= dataSize else { throw .invalid("device-mapper target list: an entry points outside the answer") }
                 at += next
             }
             return out

@@ -78,6 +78,8 @@ public final class FakeDeviceMapper: DMTransport {
     }
 
     public static let major: UInt32 = 253
+    /// The target types this fake has registered (DM_LIST_VERSIONS).
+    static let targetTypes: [(String, (UInt32, UInt32, UInt32))] = [("ploop", (1, 0, 0)), ("tracking", (1, 0, 0)), ("linear", (1, 4, 0)), ("zero", (1, 2, 0)), ("error", (1, 6, 0))]
     private let devices = Mutex<[String: Device]>([:])
     /// Every command decoded, in order (tests read it).
     public let commands = Mutex<[(DM.Command, String)]>([])
@@ -272,6 +274,19 @@ public final class FakeDeviceMapper: DMTransport {
                 out += e
             }
             if out.isEmpty { out = [UInt8](repeating: 0, count: 16) }
+            Self.answer(out, &b)
+        case .listVersions:
+            // struct dm_target_versions: next, version[3], name; entries 8-aligned.
+            var out: [UInt8] = []
+            let types = Self.targetTypes
+            for (i, (t, v)) in types.enumerated() {
+                var e = [UInt8](repeating: 0, count: 16)
+                Self.set32(&e, v.0, 4); Self.set32(&e, v.1, 8); Self.set32(&e, v.2, 12)
+                e += Array(t.utf8) + [0]
+                e += [UInt8](repeating: 0, count: (8 - e.count % 8) % 8)
+                Self.set32(&e, i == types.count - 1 ? 0 : UInt32(e.count), 0)
+                out += e
+            }
             Self.answer(out, &b)
         case .tableStatus:
             try devices.withLock { all throws(Failure) in

@@ -183,6 +183,24 @@ struct DMPloopBackendTests {
         #expect(try !Self.inUse(base))
     }
 
+    /// `--backend auto` takes dm-ploop where device-mapper lists the ploop target.
+    @Test func availability() {
+        #expect(DMPloopBackend.unavailableReason(transport: fake) == nil)
+        let none = DMPloopBackend.unavailableReason(transport: SystemDMTransport(control: dir.file("no-control")))
+        #expect(none?.contains("no device-mapper here") == true)
+        struct NoPloop: DMTransport {
+            func ioctl(_ request: UInt, _ buffer: inout [UInt8]) throws(DeviceError) -> Int32 {
+                // A list with "linear" only.
+                buffer[312] = 0
+                let name = Array("linear".utf8)
+                buffer.replaceSubrange(328..<328 + name.count, with: name)
+                return 0
+            }
+        }
+        let why = DMPloopBackend.unavailableReason(transport: NoPloop())
+        #expect(why?.contains("'ploop' is not registered") == true && why?.contains("linear") == true)
+    }
+
     @Test func aRefusedLoadIsUndone() throws {
         // A base larger than the top: our checks pass it, dm-ploop's constructor does not (EBADSLT).
         let base = try image("big", clusters: 64)

@@ -31,6 +31,9 @@ struct DeviceMapperABIGoldenTests {
         #expect(DM.Layout.nameList == 16)
         #expect(DM.Layout.nameListDev == 0)
         #expect(DM.Layout.nameListNext == 8)
+        #expect(DM.Layout.versions == 16)
+        #expect(DM.Layout.versionsNext == 0)
+        #expect(DM.Layout.versionsVersion == 4)
     }
 
     /// `_IOWR(0xfd, nr, struct dm_ioctl)`: direction 3 << 30, size 312 << 16, type 0xfd << 8, nr.
@@ -190,6 +193,20 @@ struct DeviceMapperReplyTests {
         #expect(t == [DM.Target(length: 20_971_520, type: "ploop", params: "2 v2 2048 f")])
         let s = try DMPloop.Status(parsing: t[0].params)
         #expect(s == DMPloop.Status(deltas: 2, clusterSectors: 2048, flags: "f"))
+    }
+
+    /// struct dm_target_versions entries: next (from this entry), version[3], name; 8-aligned.
+    @Test func targetTypes() throws {
+        var b = Self.header(size: 1024)
+        Self.put32(&b, 24, 312)
+        Self.put32(&b, 1, 316); Self.put32(&b, 4, 320); Self.put32(&b, 0, 324)
+        b.replaceSubrange(328..<334, with: Array("linear".utf8))
+        Self.put32(&b, 0, 336)
+        Self.put32(&b, 1, 340); Self.put32(&b, 0, 344); Self.put32(&b, 2, 348)
+        b.replaceSubrange(352..<357, with: Array("ploop".utf8))
+        let t = try DM.Reply(b).targetTypes()
+        #expect(t.map(\.name) == ["linear", "ploop"])
+        #expect(t[0].version == (1, 4, 0) && t[1].version == (1, 0, 2))
     }
 
     @Test func messageAnswer() {
