@@ -10,9 +10,10 @@ import PloopSystem
 /// whose line carries descriptors of the images, the top marked in use by us before the load and
 /// cleared by us after the removal.
 ///
-/// Under way (issue 19): mount, umount, info, list, block I/O, online snapshot and grow. Merges
-/// and write tracking answer `notSupported` until they are built on the target's messages (its
-/// merge copies the lower delta up into the top: the opposite direction of the legacy driver's); the legacy balloon ioctls have no dm-ploop equivalent (the original's 9.x
+/// Under way (issue 19): mount, umount, info, list, block I/O, online snapshot and grow, merges of
+/// read-only levels. The merge of the top and write tracking answer `notSupported` until they are
+/// built on the target's messages (its merge copies the lower delta up into the top: the opposite
+/// direction of the legacy driver's); the legacy balloon ioctls have no dm-ploop equivalent (the original's 9.x
 /// keeps only `balloon show|change|discard`, as file operations).
 public final class DMPloopBackend: DeviceBackend {
     public let name = "dm-ploop"
@@ -310,17 +311,74 @@ public final class DMPloopBackend: DeviceBackend {
         try reload(f, paths: levels.map(\.path), length: sizeSectors, raw: levels.first?.format == .raw) {}
     }
 
+    // MARK: - Merges
+
+    /// Online merge of read-only levels (reference §4.4, lower range): user space copies their
+    /// clusters into level l1's file while the device runs (clusters a growing l1 moves are told
+    /// with `update_delta_index` before their old place is reused), then each merged level leaves
+    /// with `notify_merged_backward`. The top is not merged here yet: dm-ploop's `merge` copies
+    /// the level below up into the top, the opposite direction of the legacy driver's, and the
+    /// disk commands expect the legacy one.
+    public func merge(_ device: String, levels range: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] {
+        let name = try Self.dmName(device)
+        let levels = try self.levels(name)
+        let top = levels.count - 1
+        guard range.lowerBound >= 0, range.upperBound <= top, range.lowerBound < range.upperBound else {
+            throw .levelsOutOfRange(range, top: top)
+        }
+        guard range.upperBound < top else { throw later("online merge of the top (dm-ploop merges the level below up into the top)") }
+        guard let f = try ploop(name) else { throw .noSuchDevice(device) }
+        let l1 = range.lowerBound
+        let dest = levels[l1]
+        let sources = levels[(l1 + 1)...range.upperBound].map(\.path)
+        var indexFailure: DeviceError?
+        do {
+            let images = try sources.reversed().map { (p) throws(ImageError) in try Ploop1Image(file: try ImagePath.open(p, write: false), writable: false) }
+            let destFile = try ImagePath.open(dest.path, write: true)
+            let destination: MergeDestination
+            if dest.format == .raw {
+                destination = .raw(RawImage(file: destFile, clusterBytes: f.status.clusterSectors * 512))
+            } else {
+                destination = .ploop1(try Ploop1Image(file: destFile, writable: true))
+            }
+            _ = try Offline.merge(sources: images, into: destination, progress: progress.map { p in { p($0, $1) } }) { (cluster, block) throws(ImageError) in
+                do throws(DeviceError) {
+                    try self.updateIndex(device, level: l1, maps: [IndexMap(cluster: UInt32(cluster.value), block: block.value)])
+                } catch {
+                    indexFailure = error
+                    throw .io(SystemError("update_delta_index", path: device, errno: EIO))
+                }
+            }
+            if case .ploop1(let d) = destination { try d.close() }
+        } catch {
+            throw indexFailure ?? .image(error)
+        }
+        // Each merged level leaves; the next one down to l1 + 1 takes its place.
+        for _ in sources { try deleteDelta(device, level: l1 + 1) }
+        return sources
+    }
+
+    /// `notify_merged_backward L`: level L's clusters are in level L−1's file; the kernel re-reads
+    /// L−1 and lets L go.
+    public func deleteDelta(_ device: String, level: Int) throws(DeviceError) {
+        _ = try message(try Self.dmName(device), .notifyMergedBackward(level: level))
+    }
+
+    /// `update_delta_index L c:d;…`: clusters of level L moved in its file.
+    public func updateIndex(_ device: String, level: Int, maps: [IndexMap]) throws(DeviceError) {
+        _ = try message(try Self.dmName(device), .updateDeltaIndex(level: level, map: maps.map { ($0.cluster, $0.block) }))
+    }
+
     // MARK: - Not built yet on dm-ploop
 
     func later(_ what: String) -> DeviceError {
         .notSupported("\(what) on dm-ploop is not built yet (issue 19): use --backend simulator or the legacy module")
     }
 
-    public func merge(_ device: String, levels: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] { throw later("online merge") }
+
     /// dm-ploop has no SYNC: a suspend flushes; here the device's I/O flushes.
     public func sync(_ device: String) throws(DeviceError) { try openIO(device).flush() }
-    public func deleteDelta(_ device: String, level: Int) throws(DeviceError) { throw later("notify_merged_backward") }
-    public func updateIndex(_ device: String, level: Int, maps: [IndexMap]) throws(DeviceError) { throw later("update_delta_index") }
+
 
     static let noBalloon = DeviceError.notSupported("dm-ploop has no balloon ioctls: the original's 9.x keeps only 'balloon show', 'change' and 'discard', as file operations")
     public func balloon(_ device: String, inflate: Bool, keepIntact: Bool) throws(DeviceError) -> BalloonReply { throw Self.noBalloon }

@@ -42,10 +42,9 @@ public struct SystemDMTransport: DMTransport {
 /// own reference.
 ///
 /// So far it models the device lifecycle, listing, status, `get_img_name`, `set_noresume`,
-/// `resize`, and
+/// `resize`, `notify_merged_backward`, `update_delta_index`, and
 /// I/O on a live ploop table (a `DeviceModel` over the images, opened by path when the table goes
-/// live and flushed on suspend). Not yet: the messages that change the stack (`merge`,
-/// `notify_merged_backward`, `update_delta_index`, `flip_upper_deltas`) and the
+/// live and flushed on suspend). Not yet: `merge`, `flip_upper_deltas` and the
 /// tracking target: those answer ENOTSUPP (524) here. BAT entries are not checked at load.
 public final class FakeDeviceMapper: DMTransport {
     /// ENOTSUPP, the kernel-internal errno dm-ploop answers unknown messages with.
@@ -347,6 +346,17 @@ public final class FakeDeviceMapper: DMTransport {
         set32(&b, flags, Off.flags)
     }
 
+    /// The errno the target answers where the model throws.
+    static func errnoOf(_ e: DeviceError) -> Int32 {
+        switch e {
+        case .busy, .deviceInUse: EBUSY
+        case .readOnly: EROFS
+        case .image(.io(let s)): s.errno
+        case .system(_, let n): n
+        default: EINVAL
+        }
+    }
+
     static func ploopStatus(_ t: Table, _ d: Device) -> String {
         var flags = ""
         if t.fallocNewCluster { flags += "f" }
@@ -459,6 +469,27 @@ public final class FakeDeviceMapper: DMTransport {
                 guard d.noResume != on else { throw Failure(errno: EBUSY) }
                 d.noResume = on
                 all[name] = d
+                return nil
+            case .notifyMergedBackward(let level):
+                // Level L−1 is re-read from its file and serves what L served; L's file goes.
+                guard let model = live.model else { throw Failure(errno: EINVAL) }
+                let top = live.fds.count - 1
+                guard level < top else { throw Failure(errno: ENOENT) }
+                guard level > 0, live.fds.count >= 3 else { throw Failure(errno: EINVAL) }
+                do throws(DeviceError) { try model.deleteDelta(level: level) } catch { throw Failure(errno: Self.errnoOf(error)) }
+                close(live.fds[level])
+                var t = live
+                t.fds.remove(at: level)
+                t.paths.remove(at: level)
+                d.live = t
+                all[name] = d
+                return nil
+            case .updateDeltaIndex(let level, let map):
+                guard let model = live.model else { throw Failure(errno: EINVAL) }
+                guard level < live.fds.count - 1 else { throw Failure(errno: ENOENT) }
+                do throws(DeviceError) { try model.updateIndex(level: level, maps: map.map { IndexMap(cluster: $0.cluster, block: $0.block) }) } catch {
+                    throw Failure(errno: Self.errnoOf(error))
+                }
                 return nil
             case .resize(let sectors):
                 // Grows the top image; the device keeps its length until a table with the new one.

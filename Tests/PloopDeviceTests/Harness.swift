@@ -18,11 +18,12 @@ struct Harness: Sendable, CustomTestStringConvertible {
     var make: @Sendable (String) throws -> any DeviceBackend
     /// Real devices: one test at a time across the whole run.
     var exclusive = false
-    /// What the backend cannot do (dm-ploop: no balloon ioctls; merges and tracking not built).
+    /// What the backend cannot do (dm-ploop: no balloon ioctls; the top's merge and tracking not
+    /// built).
     var lacks: Set<Feature> = []
     var testDescription: String { name }
 
-    enum Feature: Sendable { case merge, balloon, tracking }
+    enum Feature: Sendable { case mergeTop, balloon, tracking }
 
     /// The backends of `all` that can do `feature`.
     static func with(_ feature: Feature) -> [Harness] { all.filter { !$0.lacks.contains(feature) } }
@@ -36,11 +37,11 @@ struct Harness: Sendable, CustomTestStringConvertible {
         make: { dir in KernelBackend(transport: FakeKernel(lower: InProcessBackend(), sysfsRoot: dir + "/sys"), umountTimeout: 1) })
 
     /// `DMPloopBackend` through a fake device-mapper that decodes its dm_ioctl bytes and serves
-    /// I/O from a `DeviceModel` (issue 19: merges and tracking not built yet on dm-ploop, and
-    /// dm-ploop has no balloon ioctls).
+    /// I/O from a `DeviceModel` (issue 19: the top's merge and tracking not built yet on
+    /// dm-ploop, and dm-ploop has no balloon ioctls).
     static let dmFake = Harness(
         name: "dm-ploop (fake device-mapper)", unavailable: { nil },
-        make: { _ in DMPloopBackend(fake: FakeDeviceMapper()) }, lacks: [.merge, .balloon, .tracking])
+        make: { _ in DMPloopBackend(fake: FakeDeviceMapper()) }, lacks: [.mergeTop, .balloon, .tracking])
 
     /// The simulator through its real stack (FUSE, loop, /dev/ploopN), driven by the built binary.
     static let simulator = Harness(

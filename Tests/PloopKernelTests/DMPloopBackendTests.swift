@@ -226,12 +226,14 @@ struct DMPloopBackendTests {
     @Test func whatIsNotThereSaysSo() throws {
         let top = try image("t", clusters: 8)
         let dev = try backend.mount(MountRequest(images: [top]))
+        try backend.snapshot(dev, newDelta: dir.file("t.1"))
         #expect {
             _ = try backend.merge(dev, levels: 0...1, progress: nil)
         } throws: { e in
             guard case DeviceError.notSupported(let why) = e else { return false }
-            return why.contains("not built yet")
+            return why.contains("online merge of the top") && why.contains("not built yet")
         }
+        #expect(try backend.info(dev).levels.count == 2)
         #expect {
             _ = try backend.balloon(dev, inflate: true, keepIntact: false)
         } throws: { e in
@@ -240,9 +242,10 @@ struct DMPloopBackendTests {
         // Held open: the removal is refused, and the mark stays while the device runs.
         fake.hold(String(dev.dropFirst("/dev/mapper/".count)), 1)
         #expect(throws: DeviceError.self) { try backend.umount(dev) }
-        #expect(try Self.inUse(top))
+        #expect(try Self.inUse(dir.file("t.1")))
         fake.hold(String(dev.dropFirst("/dev/mapper/".count)), -1)
         try backend.umount(dev)
+        #expect(try !Self.inUse(dir.file("t.1")))
         #expect(try !Self.inUse(top))
         #expect(throws: DeviceError.noSuchDevice(dev)) { try backend.info(dev) }
     }
