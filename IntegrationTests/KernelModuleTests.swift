@@ -27,6 +27,23 @@ struct KernelModuleTests {
         }
     }
 
+    /// dm-ploop (ploop 8/9 hosts): the walk where device-mapper has the ploop target; elsewhere
+    /// the script says it skipped and why.
+    @Test func manualWalkOnDMPloopOrWhyNot() throws {
+        guard geteuid() == 0 else { return }
+        try DeviceTestLock.run {
+            let r = try Self.smoke(["--dm"])
+            #expect(r.code == 0, "\(r)")
+            if r.stdout.contains("kernel-smoke --dm: skipped: ") {
+                // The reason names what is missing.
+                #expect(r.stdout.contains("device-mapper") || r.stdout.contains("dm-ploop"), "\(r.stdout)")
+            } else {
+                #expect(r.stdout.contains("kernel-smoke --dm: passed"), "\(r)")
+                #expect(r.stdout.components(separatedBy: ": OK").count - 1 == 3, "\(r.stdout)")
+            }
+        }
+    }
+
     @Test(.enabled(if: TestSupport.simulatorUnavailable == nil, "simulator stack unavailable: \(TestSupport.simulatorUnavailable ?? "")"))
     func manualWalkThroughTheFakeDriver() throws {
         try DeviceTestLock.run {
