@@ -28,7 +28,7 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
         switch choice {
         case .dm:
             if let why = DMPloopBackend.unavailableReason() { throw CommandFailure("cannot use the dm-ploop backend: \(why)", code: ExitCodes.device) }
-            return DMPloopBackend()
+            return DMPloopBackend(umountTimeout: umountTimeout)
         case .kernel:
             // A test hook: the kernel backend's ioctls answered by the fake driver over the
             // simulator's devices, so the whole tool can run through KernelBackend here.

@@ -19,21 +19,26 @@ public final class DMPloopBackend: DeviceBackend {
     public let name = "dm-ploop"
     let transport: any DMTransport
     let io: @Sendable (String) throws(DeviceError) -> any DeviceIO
+    /// How long umount waits for a device that is still open (the original polls for 60 s).
+    let umountTimeout: Double
 
     /// `io(name)` gives block I/O on device `name` (the node on a host, the fake's model in tests).
-    public init(transport: any DMTransport, io: @escaping @Sendable (String) throws(DeviceError) -> any DeviceIO) {
+    public init(transport: any DMTransport, umountTimeout: Double = 60, io: @escaping @Sendable (String) throws(DeviceError) -> any DeviceIO) {
         self.transport = transport
+        self.umountTimeout = umountTimeout
         self.io = io
     }
 
     /// The host's device-mapper, I/O through the device nodes.
-    public convenience init() {
-        self.init(transport: SystemDMTransport()) { (name: String) throws(DeviceError) -> any DeviceIO in try BlockDeviceIO(device: DMPloop.node(Int(name.dropFirst(5)) ?? 0)) }
+    public convenience init(umountTimeout: Double = 60) {
+        self.init(transport: SystemDMTransport(), umountTimeout: umountTimeout) { (name: String) throws(DeviceError) -> any DeviceIO in
+            try BlockDeviceIO(device: DMPloop.node(Int(name.dropFirst(5)) ?? 0))
+        }
     }
 
     /// Over a fake device-mapper in this process.
-    public convenience init(fake: FakeDeviceMapper) {
-        self.init(transport: fake) { (name: String) throws(DeviceError) -> any DeviceIO in try fake.openIO(name) }
+    public convenience init(fake: FakeDeviceMapper, umountTimeout: Double = 60) {
+        self.init(transport: fake, umountTimeout: umountTimeout) { (name: String) throws(DeviceError) -> any DeviceIO in try fake.openIO(name) }
     }
 
     /// Why dm-ploop cannot be used here, or nil when device-mapper answers and has the `ploop`
@@ -165,7 +170,22 @@ public final class DMPloopBackend: DeviceBackend {
         let name = try Self.dmName(device)
         let levels = try self.levels(name)
         let readOnly = try send(DM.Request(.devStatus, name: name), what: "status of \(name)").flags.contains(.readOnly)
-        _ = try send(DM.Request(.devRemove, name: name), what: "removing \(name)")
+        // Still open (a file system letting go, udev probing): polled as the original does, 10 ms
+        // doubling to 0.5 s, until the timeout.
+        let deadline = Host.monotonicNanoseconds() + UInt64(max(0, umountTimeout) * 1e9)
+        var pause = 0.01
+        while true {
+            do {
+                _ = try send(DM.Request(.devRemove, name: name), what: "removing \(name)")
+                break
+            } catch .deviceInUse(let what) {
+                guard Host.monotonicNanoseconds() < deadline else {
+                    throw .deviceInUse("\(what); still open after \(umountTimeout) s")
+                }
+                Thread.sleep(forTimeInterval: pause)
+                pause = min(pause * 2, 0.5)
+            }
+        }
         // The kernel never clears the mark: the top is closed once the device is gone.
         if !readOnly, let top = levels.last, top.format == .ploop1 { try Self.setInUse(top.path, false) }
     }

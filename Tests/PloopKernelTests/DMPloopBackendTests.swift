@@ -18,7 +18,7 @@ struct DMPloopBackendTests {
 
     init() throws {
         dir = try ScratchDirectory("ploop-dmb")
-        backend = DMPloopBackend(fake: fake)
+        backend = DMPloopBackend(fake: fake, umountTimeout: 0.2)
     }
 
     func image(_ name: String, clusters: UInt64, fill: [UInt64] = [], tag: UInt8 = 1, version: FormatVersion = .v2) throws -> String {
@@ -181,6 +181,24 @@ struct DMPloopBackendTests {
         #expect(try Data(contentsOf: URL(fileURLWithPath: taken)) == Data([1, 2, 3]))
         try backend.umount(dev)
         #expect(try !Self.inUse(base))
+    }
+
+    /// A device still open when umount starts is waited for, as the original polls.
+    @Test func umountWaitsForTheLastHolder() throws {
+        let top = try image("t", clusters: 8)
+        let patient = DMPloopBackend(fake: fake, umountTimeout: 10)
+        let dev = try patient.mount(MountRequest(images: [top]))
+        let name = String(dev.dropFirst("/dev/mapper/".count))
+        fake.hold(name, 1)
+        let release = Thread { [fake] in
+            Thread.sleep(forTimeInterval: 0.3)
+            fake.hold(name, -1)
+        }
+        release.start()
+        try patient.umount(dev)
+        let removes = fake.commands.withLock { $0.filter { $0.0 == .devRemove }.count }
+        #expect(removes >= 2)
+        #expect(try !Self.inUse(top))
     }
 
     /// `--backend auto` takes dm-ploop where device-mapper lists the ploop target.
