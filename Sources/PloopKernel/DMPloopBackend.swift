@@ -90,6 +90,10 @@ public final class DMPloopBackend: DeviceBackend {
             return .deviceInUse("\(dev) (it is open: unmount what uses it)")
         case (.targetMessage, FakeDeviceMapper.enotsupp):
             return .notSupported("\(what): the dm-ploop target of this kernel has no such message")
+        case (_, ENOTTY):
+            return .unavailable("\(what): the control node does not take device-mapper requests (\(SystemError.words(e))): is it /dev/mapper/control of a kernel with device-mapper 4.x?")
+        case (_, EPERM), (_, EACCES):
+            return .unavailable("\(what): \(SystemError.words(e)): device-mapper needs root (CAP_SYS_ADMIN)")
         default:
             return .system("\(what) (\(request.command) on \(dev))", errno: e)
         }

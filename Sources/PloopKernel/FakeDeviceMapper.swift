@@ -82,6 +82,8 @@ public final class FakeDeviceMapper: DMTransport {
     private let devices = Mutex<[String: Device]>([:])
     /// Every command decoded, in order (tests read it).
     public let commands = Mutex<[(DM.Command, String)]>([])
+    /// Every table line loaded (`start length type params`) and every message, in order.
+    public let texts = Mutex<[String]>([])
 
     public init() {}
 
@@ -311,6 +313,7 @@ public final class FakeDeviceMapper: DMTransport {
         case .targetMessage:
             let start = Int(Self.u32(b, Off.dataStart))
             let text = Self.string(b, start + 8, max: Int(Self.u32(b, Off.dataSize)) - start - 8)
+            texts.withLock { $0.append(text) }
             let reply = try message(name, text)
             if let r = reply { Self.answer(Array((r + "\n").utf8) + [0], &b, dataOut: true) }
         default:
@@ -378,6 +381,7 @@ public final class FakeDeviceMapper: DMTransport {
             let type = Self.string(b, at + Off.specType, max: 16)
             let params = Self.string(b, at + Off.spec, max: size - at - Off.spec)
             table.targets.append((Self.u64(b, at + Off.specStart), Self.u64(b, at + Off.specLength), type, params))
+            texts.withLock { $0.append("\(Self.u64(b, at + Off.specStart)) \(Self.u64(b, at + Off.specLength)) \(type) \(params)") }
             // Loading, `next` counts from this spec.
             at += Int(Self.u32(b, at + Off.specNext))
         }

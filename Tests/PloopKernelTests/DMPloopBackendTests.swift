@@ -201,6 +201,51 @@ struct DMPloopBackendTests {
         #expect(try !Self.inUse(top))
     }
 
+    /// The table lines and messages, as the kernel receives them: the cluster log, one
+    /// descriptor per level (base first), the device length; the levels asked by `get_img_name`.
+    @Test func theTextsSent() throws {
+        let base = try image("b", clusters: 16)
+        let top = try image("t", clusters: 16)
+        let dev = try backend.mount(MountRequest(images: [base, top]))
+        let load = try #require(fake.texts.withLock { $0.first })
+        let words = load.split(separator: " ").map(String.init)
+        // 0 <length> ploop <log> <fd base> <fd top>; 64 KiB clusters: log 7.
+        #expect(words.count == 6 && words[0] == "0" && words[1] == "\(16 * Int(Self.cs))" && words[2] == "ploop" && words[3] == "7")
+        #expect(Int32(words[4]) != nil && Int32(words[5]) != nil && words[4] != words[5])
+        fake.texts.withLock { $0 = [] }
+        _ = try backend.info(dev)
+        #expect(fake.texts.withLock { $0 } == ["get_img_name 0", "get_img_name 1"])
+        fake.texts.withLock { $0 = [] }
+        try backend.grow(dev, sizeSectors: 32 * UInt64(Self.cs))
+        let grow = fake.texts.withLock { $0 }
+        #expect(grow.first == "get_img_name 0" && grow.contains("resize \(32 * Int(Self.cs))"))
+        #expect(grow.last?.hasPrefix("0 \(32 * Int(Self.cs)) ploop 7 ") == true)
+        try backend.umount(dev)
+    }
+
+    /// What each refusal says: what is wrong and what to do.
+    @Test func errnoWording() throws {
+        let top = try image("t", clusters: 8)
+        func mountFailing(_ cmd: DM.Command, _ e: Int32) -> String {
+            fake.fail(cmd, errno: e)
+            do {
+                let d = try backend.mount(MountRequest(images: [top]))
+                try? backend.umount(d)
+                return "mounted"
+            } catch { return "\(error)" }
+        }
+        #expect(mountFailing(.tableLoad, EINVAL).contains("modprobe dm-ploop"))
+        #expect(mountFailing(.tableLoad, ENOLCK).contains("not marked in use"))
+        #expect(mountFailing(.tableLoad, FakeDeviceMapper.enotsupp).contains("ploop convert -v 2"))
+        #expect(mountFailing(.devCreate, ENOTTY).contains("does not take device-mapper requests"))
+        #expect(mountFailing(.devCreate, EPERM).contains("needs root"))
+        #expect(mountFailing(.listDevices, EIO).contains("Input/output error"))
+        // Every refused mount left the image as it was: not marked in use.
+        #expect(try !Self.inUse(top))
+        #expect(throws: DeviceError.noSuchDevice("/dev/mapper/ploop4242")) { try backend.umount("/dev/mapper/ploop4242") }
+        #expect(throws: DeviceError.badDeviceName("/dev/sda")) { try backend.info("/dev/sda") }
+    }
+
     /// `--backend auto` takes dm-ploop where device-mapper lists the ploop target.
     @Test func availability() {
         #expect(DMPloopBackend.unavailableReason(transport: fake) == nil)
