@@ -220,7 +220,7 @@ public enum CrashStates {
             extend(to: Int(at + length))
         case .punch(let at, let length):
             let lo = min(Int(at), b.count), hi = min(Int(at + length), b.count)
-            if lo < hi { b.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[lo..<hi]).initializeMemory(as: UInt8.self, repeating: 0) } }
+            if lo < hi { _ = b.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[lo..<hi]).initializeMemory(as: UInt8.self, repeating: 0) } }
         case .sync:
             break
         }
