@@ -124,18 +124,10 @@ public final class DMPloopBackend: DeviceBackend {
         if let h = top.header { sectors = h.sizeInSectors } else { sectors = try lifting { () throws(ImageError) in try top.file.size() } / 512 }
         let writable = !request.readOnly
         // Descriptors as the original opens them: O_DIRECT (where the file system takes it),
-        // read-only below the top.
-        var fds: [Int32] = []
+        // read-only below the top. No exec follows here (the original's survive a fork of
+        // dmsetup; ours go straight into the ioctl), so they are not inherited.
+        let fds = try Self.openDeltas(probes.map(\.path), writableTop: writable)
         defer { for fd in fds { close(fd) } }
-        for (i, p) in probes.enumerated() {
-            let rw = i == probes.count - 1 && writable
-            // No exec follows here (the original's fds survive a fork of dmsetup; ours go straight
-            // into the ioctl), so they need not be inherited.
-            var fd = open(p.path, (rw ? O_RDWR : O_RDONLY) | cploop_o_direct() | O_CLOEXEC)
-            if fd < 0 && errno == EINVAL { fd = open(p.path, (rw ? O_RDWR : O_RDONLY) | O_CLOEXEC) }
-            guard fd >= 0 else { throw .system("open \(p.path)", errno: errno) }
-            fds.append(fd)
-        }
         // The top is ours to mark before the load (the target refuses an unmarked one).
         if writable, top.header != nil { try Self.setInUse(top.path, true) }
         var made: String?
