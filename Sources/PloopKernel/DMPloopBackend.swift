@@ -164,8 +164,8 @@ public final class DMPloopBackend: DeviceBackend {
 
     public func umount(_ device: String) throws(DeviceError) {
         let name = try Self.dmName(device)
-        let levels = try self.levels(name)
-        let readOnly = try send(DM.Request(.devStatus, name: name), what: "status of \(name)").flags.contains(.readOnly)
+        let f = try found(name)
+        let levels = try self.levels(f)
         // Still open (a file system letting go, udev probing): polled as the original does, 10 ms
         // doubling to 0.5 s, until the timeout.
         let deadline = Host.monotonicNanoseconds() + UInt64(max(0, umountTimeout) * 1e9)
@@ -183,7 +183,7 @@ public final class DMPloopBackend: DeviceBackend {
             }
         }
         // The kernel never clears the mark: the top is closed once the device is gone.
-        if !readOnly, let top = levels.last, top.format == .ploop1 { try Self.setInUse(top.path, false) }
+        if !f.readOnly, let top = levels.last, top.format == .ploop1 { try Self.setInUse(top.path, false) }
     }
 
     static func setInUse(_ path: String, _ on: Bool) throws(DeviceError) {
@@ -213,8 +213,15 @@ public final class DMPloopBackend: DeviceBackend {
         return Found(name: name, status: try DMPloop.Status(parsing: t.params), length: t.length, readOnly: r.flags.contains(.readOnly))
     }
 
-    func levels(_ name: String) throws(DeviceError) -> [LevelInfo] {
+    /// Device `name`, which must run a ploop table.
+    func found(_ name: String) throws(DeviceError) -> Found {
         guard let f = try ploop(name) else { throw .noSuchDevice("/dev/mapper/\(name)") }
+        return f
+    }
+
+    /// The levels of `f`, base first, from `get_img_name`.
+    func levels(_ f: Found) throws(DeviceError) -> [LevelInfo] {
+        let name = f.name
         var out: [LevelInfo] = []
         for l in 0..<f.status.deltas {
             guard let path = try message(name, .getImageName(level: l)), !path.isEmpty else { break }
@@ -226,16 +233,17 @@ public final class DMPloopBackend: DeviceBackend {
 
     public func info(_ device: String) throws(DeviceError) -> DeviceInfo {
         let name = try Self.dmName(device)
-        guard let f = try ploop(name) else { throw .noSuchDevice(device) }
+        let f = try found(name)
         return DeviceInfo(
             device: DMPloop.node(Int(name.dropFirst(5))!), backend: self.name, sizeBytes: f.length * 512,
-            clusterBytes: f.status.clusterSectors * 512, state: .off, running: true, levels: try levels(name), mergeProgress: nil)
+            clusterBytes: f.status.clusterSectors * 512, state: .off, running: true, levels: try levels(f), mergeProgress: nil)
     }
 
     public func list() throws(DeviceError) -> [DeviceInfo] {
         var out: [DeviceInfo] = []
         for d in try devices() where d.name.hasPrefix("ploop") {
-            guard (try? ploop(d.name)) != nil, let i = try? info(d.name) else { continue }
+            // Devices of other targets (and ones gone meanwhile) are not ploop devices.
+            guard let i = try? info(d.name) else { continue }
             out.append(i)
         }
         return out
@@ -286,9 +294,9 @@ public final class DMPloopBackend: DeviceBackend {
     /// new file goes.
     public func snapshot(_ device: String, newDelta: String) throws(DeviceError) {
         let name = try Self.dmName(device)
-        guard let f = try ploop(name) else { throw .noSuchDevice(device) }
+        let f = try found(name)
         guard !f.readOnly else { throw .readOnly(device) }
-        let levels = try self.levels(name)
+        let levels = try self.levels(f)
         guard let oldTop = levels.last else { throw .noSuchDevice(device) }
         let cs = UInt32(f.status.clusterSectors)
         guard f.length % UInt64(cs) == 0 else { throw .notClusterMultiple(bytes: f.length * 512, clusterBytes: Int(cs) * 512) }
@@ -315,14 +323,14 @@ public final class DMPloopBackend: DeviceBackend {
     /// reloaded with the new length.
     public func grow(_ device: String, sizeSectors: UInt64) throws(DeviceError) {
         let name = try Self.dmName(device)
-        guard let f = try ploop(name) else { throw .noSuchDevice(device) }
+        let f = try found(name)
         guard sizeSectors >= f.length else { throw .cannotShrink(fromSectors: f.length, toSectors: sizeSectors) }
         guard sizeSectors > f.length else { return }
         guard !f.readOnly else { throw .readOnly(device) }
         let cs = UInt64(f.status.clusterSectors)
         guard sizeSectors % cs == 0 else { throw .notClusterMultiple(bytes: sizeSectors * 512, clusterBytes: Int(cs) * 512) }
         guard sizeSectors <= PloopSpec.maxImageSectors else { throw .sizeTooLarge(sectors: sizeSectors, limit: PloopSpec.maxImageSectors) }
-        let levels = try self.levels(name)
+        let levels = try self.levels(f)
         _ = try message(name, .resize(sectors: sizeSectors))
         try reload(f, paths: levels.map(\.path), length: sizeSectors, raw: levels.first?.format == .raw) {}
     }
@@ -337,13 +345,13 @@ public final class DMPloopBackend: DeviceBackend {
     /// disk commands expect the legacy one.
     public func merge(_ device: String, levels range: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] {
         let name = try Self.dmName(device)
-        let levels = try self.levels(name)
+        let f = try found(name)
+        let levels = try self.levels(f)
         let top = levels.count - 1
         guard range.lowerBound >= 0, range.upperBound <= top, range.lowerBound < range.upperBound else {
             throw .levelsOutOfRange(range, top: top)
         }
         guard range.upperBound < top else { throw later("online merge of the top (dm-ploop merges the level below up into the top)") }
-        guard let f = try ploop(name) else { throw .noSuchDevice(device) }
         let l1 = range.lowerBound
         let dest = levels[l1]
         let sources = levels[(l1 + 1)...range.upperBound].map(\.path)
