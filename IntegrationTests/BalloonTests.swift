@@ -51,7 +51,7 @@ struct BalloonTests {
         return change
     }
 
-    @Test(arguments: TestSupport.cliBackends)
+    @Test(arguments: TestSupport.balloonBackends)
     func inflateShrinksTheImageAndKeepsEveryFile(_ backend: String) throws {
         try DeviceTestLock.run { try TestSupport.withBackend(backend) {
             let s = try Stage()

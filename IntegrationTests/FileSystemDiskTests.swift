@@ -307,7 +307,7 @@ struct FileSystemDiskTests {
 
     /// tsnapshot -m: the frozen file system mounted read-only beside the live one; the balloon
     /// commands on the descriptor.
-    @Test(arguments: TestSupport.cliBackends)
+    @Test(arguments: TestSupport.balloonBackends)
     func temporarySnapshotMountedAndBalloonByDescriptor(backend: String) throws {
         try DeviceTestLock.run { try TestSupport.withBackend(backend) {
             let p = try Place()

@@ -27,6 +27,14 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
         }
         switch choice {
         case .dm:
+            // A test hook: device-mapper answered by the fake, its ploop devices served by the
+            // simulator's, so the whole tool can run through DMPloopBackend here.
+            if environment["PLOOP_DM_FAKE"] == "simulator" {
+                if let why = SimulatorBackend.unavailableReason() { throw CommandFailure("cannot serve devices here: \(why)", code: ExitCodes.device) }
+                let paths = RuntimePaths()
+                let lower = SimulatorBackend(paths: paths, daemonLogLevel: Verbosity.daemonLogLevel, umountTimeout: 0)
+                return DMPloopBackend(transport: FakeDeviceMapper(lower: lower, stateDirectory: paths.root + "/fake-dm"), umountTimeout: umountTimeout)
+            }
             if let why = DMPloopBackend.unavailableReason() { throw CommandFailure("cannot use the dm-ploop backend: \(why)", code: ExitCodes.device) }
             return DMPloopBackend(umountTimeout: umountTimeout)
         case .kernel:

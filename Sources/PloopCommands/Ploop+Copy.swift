@@ -54,7 +54,7 @@ extension Ploop {
             if var dev = source {
                 let be = try backend.backend.resolve()
                 // A disk (DiskDescriptor.xml or its folder) is copied from the device running it.
-                if DeviceName.index(dev) == nil, Disk.descriptorPath(for: dev) != nil {
+                if DeviceName.canonical(dev) == nil, Disk.descriptorPath(for: dev) != nil {
                     let d = try DiskDevices.open(dev, backend: backend)
                     guard let running = DiskDevices.device(of: d, backend: be) else {
                         throw CommandFailure(DiskError.notMounted(d.descriptorPath).description + ": copy the image files instead, or mount it", code: ExitCodes.notMounted)

@@ -56,7 +56,7 @@ extension Ploop {
         func validate() throws {
             if images.isEmpty { throw ValidationError("give the disk (DiskDescriptor.xml) or the base image and any deltas: ploop mount BASE [DELTA...]") }
             if let u = uuid { _ = try parseGUID(u) }
-            if let d = device, DeviceName.index(d) == nil { throw ValidationError("\(d) is not a ploop device name (/dev/ploopN)") }
+            if let d = device, DeviceName.canonical(d) == nil { throw ValidationError("\(d) is not a ploop device name (/dev/ploopN, or /dev/mapper/ploopN on dm-ploop)") }
             _ = try ClusterOption.parse(blocksize)
         }
 
@@ -157,10 +157,9 @@ extension Ploop {
         /// `device` as the backend knows it (running, or dead but with its state kept), or a
         /// refusal that touches nothing: a name that is not a ploop device, or one that is not ours.
         static func knownDevice(_ device: String, backend be: any DeviceBackend) throws -> String {
-            guard let index = DeviceName.index(device) else {
-                throw CommandFailure("\(device) is not a ploop device name (/dev/ploopN): nothing was unmounted", code: ExitCodes.device)
+            guard let name = DeviceName.canonical(device) else {
+                throw CommandFailure("\(device) is not a ploop device name (/dev/ploopN, or /dev/mapper/ploopN on dm-ploop): nothing was unmounted", code: ExitCodes.device)
             }
-            let name = DeviceName.name(index)
             let known = try be.list()
             guard known.contains(where: { $0.device == name }) else {
                 throw CommandFailure("no ploop device \(name) (see 'ploop list'): nothing was unmounted", code: ExitCodes.device)

@@ -14,6 +14,11 @@ public protocol DeviceBackend: Sendable {
     func snapshot(_ device: String, newDelta: String) throws(DeviceError)
     /// Online merge of levels l1...l2; returns the files that left the stack.
     func merge(_ device: String, levels: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String]
+    /// Finishes an online merge of the top that stopped after the two upper levels changed
+    /// places (dm-ploop's reverse merge, after `flip_upper_deltas`): the level below the top, the
+    /// old top, goes up into the top. Returns the files that left the stack. Backends whose
+    /// merges never swap levels refuse.
+    func finishSwappedMerge(_ device: String) throws(DeviceError) -> [String]
     func grow(_ device: String, sizeSectors: UInt64) throws(DeviceError)
     func sync(_ device: String) throws(DeviceError)
     /// PLOOP_IOC_DEL_DELTA: a read-only level whose data user space merged into the level below
@@ -43,6 +48,10 @@ public protocol DeviceBackend: Sendable {
 }
 
 extension DeviceBackend {
+    public func finishSwappedMerge(_ device: String) throws(DeviceError) -> [String] {
+        throw .notSupported("the \(name) backend never swaps a device's levels: \(device) has no swapped merge to finish")
+    }
+
     /// The maintenance state, without changing it (BALLOON with keep-intact).
     public func state(_ device: String) throws(DeviceError) -> MaintenanceState {
         try balloon(device, inflate: false, keepIntact: true).state
@@ -64,4 +73,16 @@ public enum DeviceName {
     }
 
     public static func minor(_ index: Int) -> Int { index << 4 }
+
+    /// A ploop device as the user may name it, written as the backends name it: `/dev/ploopN`
+    /// (the legacy driver, the simulator; `ploopN` alone too) or `/dev/mapper/ploopN` (dm-ploop,
+    /// whose N the original picks up to 66534). nil for anything else.
+    public static func canonical(_ name: String) -> String? {
+        if name.hasPrefix("/dev/mapper/") {
+            let digits = name.dropFirst(12 + 5)
+            guard name.dropFirst(12).hasPrefix("ploop"), (1...5).contains(digits.count), digits.allSatisfy({ $0.isASCII && $0.isNumber }) else { return nil }
+            return name
+        }
+        return index(name).map(Self.name)
+    }
 }

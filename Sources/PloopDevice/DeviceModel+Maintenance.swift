@@ -134,7 +134,7 @@ extension DeviceModel {
             }.max() ?? 0
             switch level.image {
             case .ploop1:
-                let image = try lifting { () throws(ImageError) in try Ploop1Image(file: file, writable: true) }
+                let image = try lifting { () throws(ImageError) in try Ploop1Image(file: file, writable: true, allowDirty: callerOwnsInUse) }
                 if image.virtualBytes < needed {
                     try lifting { () throws(ImageError) in try image.grow(toSectors: needed / PloopSpec.sectorSize) }
                 }

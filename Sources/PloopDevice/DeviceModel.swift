@@ -74,11 +74,11 @@ public final class DeviceModel: Sendable {
     /// Opens the images (base first) and starts the device. Every header is validated before the
     /// top is opened for writing, so a refused start leaves every file as it was.
     ///
-    /// `callerOwnsInUse`: the in-use mark is the caller's, as with dm-ploop (user space marks the
-    /// top before loading a table and clears it after removing the device): a marked top is
+    /// With `request.callerOwnsInUse` the in-use mark is the caller's (dm-ploop): a marked top is
     /// accepted, and the model neither sets nor clears the mark.
-    public init(_ request: MountRequest, opener: any ImageOpener = PosixOpener(locking: false), callerOwnsInUse: Bool = false) throws(DeviceError) {
+    public init(_ request: MountRequest, opener: any ImageOpener = PosixOpener(locking: false)) throws(DeviceError) {
         self.opener = opener
+        let callerOwnsInUse = request.callerOwnsInUse ?? false
         self.callerOwnsInUse = callerOwnsInUse
         let (probes, clusterSectors) = try request.probe(oneVersion: false, allowInUse: callerOwnsInUse) { (path, writable) throws(ImageError) in
             try opener.open(path, writable: writable, lock: true)

@@ -11,13 +11,18 @@ public struct MountRequest: Sendable, Codable, Equatable {
     /// Cluster size in sectors; needed only when the stack is a lone raw image (ploop1 deltas
     /// carry theirs). Default 2048 (1 MiB).
     public var clusterSectors: UInt32?
+    /// The in-use mark is the caller's, as with dm-ploop (user space marks the top before a table
+    /// goes live and clears it after the device is removed): a marked top is accepted, and the
+    /// device neither sets nor clears the mark. nil (absent in older state files) is false.
+    public var callerOwnsInUse: Bool?
 
-    public init(images: [String], baseFormat: ImageFormat = .ploop1, readOnly: Bool = false, device: String? = nil, clusterSectors: UInt32? = nil) {
+    public init(images: [String], baseFormat: ImageFormat = .ploop1, readOnly: Bool = false, device: String? = nil, clusterSectors: UInt32? = nil, callerOwnsInUse: Bool = false) {
         self.images = images
         self.baseFormat = baseFormat
         self.readOnly = readOnly
         self.device = device
         self.clusterSectors = clusterSectors
+        self.callerOwnsInUse = callerOwnsInUse ? true : nil
     }
 }
 

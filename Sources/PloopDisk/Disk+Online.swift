@@ -57,6 +57,16 @@ extension Disk {
             finishedOperation = j.operation
             return true
         }
+        if let stack, j.merge != nil, old.count >= 2, Self.sameFiles(stack.paths, old.dropLast(2) + [old[old.count - 1], old[old.count - 2]]) {
+            // dm-ploop's reverse merge stopped after its flip: the file below the old top already
+            // serves as the top, so only the copy up remains (never a merge back down, which would
+            // put the old top's clusters over what was written since).
+            say("finishing an interrupted \(j.operation): \(device) runs the old chain with its two upper files swapped (a reverse merge past its flip): merging the old top up")
+            do throws(DeviceError) { _ = try backend!.finishSwappedMerge(device) } catch { throw .device(device, error) }
+            try commit(next)
+            finishedOperation = j.operation
+            return true
+        }
         if let stack {
             guard Self.sameFiles(stack.paths, old) else {
                 throw .refused("\(device) runs neither the old nor the new chain of \(descriptorPath) after an interrupted \(j.operation): unmount it, then run the command again")

@@ -382,14 +382,20 @@ public final class Disk {
         } else if let m = j.merge, let next, PathInfo.kind(m.destination) == .regular {
             // The merge had started: images were being written. Finish it.
             if m.sources.allSatisfy({ PathInfo.kind($0) == .regular }) {
-                say("finishing an interrupted \(j.operation): merging again")
+                // A merge of the top that got past dm-ploop's flip (or finished) left the
+                // destination marked as the device's top and the old top not: the destination's
+                // clusters are then the newer ones, and only what it lacks is copied down.
+                let top = chainFiles(descriptor).last.map(PathInfo.identity)
+                let keepDestination = !m.raw && m.sources.count == 1 && top != nil && PathInfo.identity(m.sources[0]) == top!
+                    && (try? ImageInfo.read(path: m.destination))?.inUse == true && (try? ImageInfo.read(path: m.sources[0]))?.inUse == false
+                say("finishing an interrupted \(j.operation): merging again\(keepDestination ? " (the destination already served as the top: its clusters are kept)" : "")")
                 // A device that died under an online merge left its images marked in use. No
                 // device runs them now (an online recovery found none, and a live one would hold
                 // their locks): the marks are stale, checked and repaired as mount does (the
                 // merge repairs its destination's itself, under the lock it keeps).
                 for p in m.sources { try repairStaleMark(p) }
                 _ = try imageErrors { () throws(ImageError) in
-                    try Offline.merge(sources: m.sources, destination: m.destination, format: m.raw ? .raw : .ploop1)
+                    try Offline.merge(sources: m.sources, destination: m.destination, format: m.raw ? .raw : .ploop1, keepDestination: keepDestination)
                 }
             }
             try commit(next)

@@ -49,9 +49,11 @@ extension Offline {
     /// is larger. Whole clusters, as the original does. Idempotent: running it again after an
     /// interruption finishes the job.
     /// `relocated` is passed to the destination's grow (see `Ploop1Image.grow`). `copyStreams`
-    /// clusters are copied at a time.
+    /// clusters are copied at a time. With `keepDestination` a cluster the destination maps keeps
+    /// its copy (the destination's are the newer ones: a device wrote it as its top after a
+    /// reverse merge's flip).
     public static func merge(
-        sources: [Ploop1Image], into destination: MergeDestination, flushEvery: Int = 256, copyStreams: Int = 4,
+        sources: [Ploop1Image], into destination: MergeDestination, flushEvery: Int = 256, copyStreams: Int = 4, keepDestination: Bool = false,
         progress: ((Int, Int) -> Void)? = nil, relocated: ((ClusterIndex, ImageBlock) throws(ImageError) -> Void)? = nil
     ) throws(ImageError) -> MergeSummary {
         guard let first = sources.first else { throw .noSources }
@@ -74,7 +76,8 @@ extension Offline {
         }
         // A raw destination ends at the virtual size, even inside its last cluster.
         let rawEnd: UInt64 = if case .raw(let dst) = destination { max(try dst.file.size(), largest) } else { 0 }
-        let winners = winners(of: sources, below: UInt64(clusters))
+        var winners = winners(of: sources, below: UInt64(clusters))
+        if keepDestination, case .ploop1(let dst) = destination { winners.removeAll { dst.block(of: $0.cluster) != nil } }
         // Parallel streams over runs of consecutive clusters (as qemu-img convert does): a cold
         // source is read with several requests in flight. A small flushEvery (tests that cut
         // power between writes) keeps the copies one at a time.
@@ -121,7 +124,7 @@ extension Offline {
 
     /// `ploop merge [-f raw|ploop1] SRC... DST`: validates every argument before touching anything.
     public static func merge(
-        sources paths: [String], destination dstPath: String, format: ImageFormat,
+        sources paths: [String], destination dstPath: String, format: ImageFormat, keepDestination: Bool = false,
         progress: ((Int, Int) -> Void)? = nil
     ) throws(ImageError) -> MergeSummary {
         guard !paths.isEmpty else { throw .noSources }
@@ -183,7 +186,7 @@ extension Offline {
             }
             destination = .ploop1(try Ploop1Image(file: dstFile, writable: true))
         }
-        var summary = try merge(sources: sources, into: destination, progress: progress)
+        var summary = try merge(sources: sources, into: destination, keepDestination: keepDestination, progress: progress)
         if case .ploop1(let dst) = destination { try dst.close() }
         summary.repairedStaleMark = repaired
         return summary

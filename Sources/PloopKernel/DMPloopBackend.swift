@@ -29,9 +29,9 @@ public final class DMPloopBackend: DeviceBackend {
         self.io = io
     }
 
-    /// The host's device-mapper, I/O through the device nodes.
-    public convenience init(umountTimeout: Double = 60) {
-        self.init(transport: SystemDMTransport(), umountTimeout: umountTimeout) { (name: String) throws(DeviceError) -> any DeviceIO in
+    /// Device-mapper through `transport` (the host's by default), I/O through the device nodes.
+    public convenience init(transport: any DMTransport = SystemDMTransport(), umountTimeout: Double = 60) {
+        self.init(transport: transport, umountTimeout: umountTimeout) { (name: String) throws(DeviceError) -> any DeviceIO in
             try BlockDeviceIO(device: DMPloop.node(Int(name.dropFirst(5)) ?? 0))
         }
     }
@@ -126,7 +126,7 @@ public final class DMPloopBackend: DeviceBackend {
         // Descriptors as the original opens them: O_DIRECT (where the file system takes it),
         // read-only below the top. No exec follows here (the original's survive a fork of
         // dmsetup; ours go straight into the ioctl), so they are not inherited.
-        let fds = try Self.openDeltas(probes.map(\.path), writableTop: writable)
+        let fds = try Self.openDeltas(probes.map(\.path), writable: writable ? 1 : 0)
         defer { for fd in fds { close(fd) } }
         // The top is ours to mark before the load (the target refuses an unmarked one).
         if writable, top.header != nil { try Self.setInUse(top.path, true) }
@@ -254,11 +254,12 @@ public final class DMPloopBackend: DeviceBackend {
     // MARK: - Snapshot and grow: table reloads
 
     /// Descriptors of `paths` (base first) as a table takes them: O_DIRECT where the file system
-    /// allows, read-only but the top when `writableTop`. The caller closes them.
-    static func openDeltas(_ paths: [String], writableTop: Bool) throws(DeviceError) -> [Int32] {
+    /// allows, the upper `writable` ones read-write (the top; the two upper ones for a reverse
+    /// merge), the rest read-only. The caller closes them.
+    static func openDeltas(_ paths: [String], writable: Int) throws(DeviceError) -> [Int32] {
         var fds: [Int32] = []
         for (i, p) in paths.enumerated() {
-            let rw = writableTop && i == paths.count - 1
+            let rw = i >= paths.count - writable
             var fd = open(p, (rw ? O_RDWR : O_RDONLY) | cploop_o_direct() | O_CLOEXEC)
             if fd < 0 && errno == EINVAL { fd = open(p, (rw ? O_RDWR : O_RDONLY) | O_CLOEXEC) }
             guard fd >= 0 else {
@@ -273,11 +274,11 @@ public final class DMPloopBackend: DeviceBackend {
 
     /// Suspends `name`, runs `body`, loads the table of `paths` with `length` sectors, resumes.
     /// The device is resumed whatever happens (on the old table if the load failed).
-    func reload(_ f: Found, paths: [String], length: UInt64, raw: Bool, between body: () throws(DeviceError) -> Void) throws(DeviceError) {
+    func reload(_ f: Found, paths: [String], length: UInt64, raw: Bool, writable: Int = 1, between body: () throws(DeviceError) -> Void) throws(DeviceError) {
         _ = try send(DM.Request(.devSuspend, name: f.name, flags: .suspend), what: "suspending \(f.name)")
         do {
             try body()
-            let fds = try Self.openDeltas(paths, writableTop: !f.readOnly)
+            let fds = try Self.openDeltas(paths, writable: f.readOnly ? 0 : writable)
             defer { for fd in fds { close(fd) } }
             let table = DMPloop.Table(clusterLog: DMPloop.Table.clusterLog(sectors: UInt32(f.status.clusterSectors)), fds: fds, rawBase: raw)
             _ = try send(DM.Request(.tableLoad, name: f.name, flags: f.readOnly ? .readOnly : [], targets: [DM.Target(length: length, type: DMPloop.targetType, params: table.params)]), what: "reloading the ploop table of \(f.name)")
@@ -351,7 +352,13 @@ public final class DMPloopBackend: DeviceBackend {
         guard range.lowerBound >= 0, range.upperBound <= top, range.lowerBound < range.upperBound else {
             throw .levelsOutOfRange(range, top: top)
         }
-        guard range.upperBound < top else { throw later("online merge of the top (dm-ploop merges the level below up into the top)") }
+        if range.upperBound == top {
+            // The levels below the top first (into l1), then the top into l1.
+            var removed: [String] = []
+            if range.lowerBound < top - 1 { removed = try merge(device, levels: range.lowerBound...(top - 1), progress: progress) }
+            let now = try found(name)
+            return removed + (try mergeTop(now, try self.levels(now), progress: progress))
+        }
         let l1 = range.lowerBound
         let dest = levels[l1]
         let sources = levels[(l1 + 1)...range.upperBound].map(\.path)
@@ -380,6 +387,119 @@ public final class DMPloopBackend: DeviceBackend {
         // Each merged level leaves; the next one down to l1 + 1 takes its place.
         for _ in sources { try deleteDelta(device, level: l1 + 1) }
         return sources
+    }
+
+    /// Online merge of the top into the level below, as the original's 9.x merges a stack of two
+    /// (reference §4.4, "reverse merge"), whatever the depth: the file below survives, as on the
+    /// legacy driver, so the disk commands and their crash recovery read the same on both. (With
+    /// three or more deltas the original sends a bare `merge` instead, which copies the level below
+    /// up into the top's file and deletes the file below.) The sequence: the file below grown to
+    /// the device's size (moves told with `update_delta_index`) and marked in use (it becomes the
+    /// top); a table with both upper files writable; `set_noresume 1`; suspend; every entry of the
+    /// file below that the top shadows dropped (its block punched); `flip_upper_deltas`;
+    /// `set_noresume 0`; the old top's mark cleared; resume; `merge`, which copies the old top's
+    /// clusters up into the file that is now the top.
+    func mergeTop(_ f: Found, _ levels: [LevelInfo], progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] {
+        let name = f.name
+        let top = levels.count - 1
+        guard top >= 1 else { throw .levelsOutOfRange(0...0, top: top) }
+        guard !f.readOnly else { throw .readOnly(DMPloop.node(Int(name.dropFirst(5))!)) }
+        let lower = levels[top - 1], old = levels[top]
+        guard lower.format == .ploop1 else {
+            throw .notSupported("merging the top into a raw base online: dm-ploop's flip_upper_deltas refuses a raw lower delta (EBADSLT): unmount the disk and merge offline")
+        }
+        progress?(0, 1)
+        // A run killed between its set_noresume 1 and 0 left the flag on: no resume would work.
+        if f.status.flags.contains("n") { do { _ = try message(name, .setNoResume(false)) } catch .system(_, errno: EBUSY) {} }
+        try growLower(name, level: top - 1, path: lower.path, to: f.length)
+        try Self.setInUse(lower.path, true)
+        var suspended = false, noResume = false, flipped = false
+        do {
+            try reload(f, paths: levels.map(\.path), length: f.length, raw: levels[0].format == .raw, writable: 2) {}
+            do { _ = try message(name, .setNoResume(true)) } catch .system(_, errno: EBUSY) {}
+            noResume = true
+            _ = try send(DM.Request(.devSuspend, name: name, flags: .suspend), what: "suspending \(name)")
+            suspended = true
+            try Self.dropShadowed(lower.path, under: old.path)
+            _ = try message(name, .flipUpperDeltas)
+            flipped = true
+            _ = try message(name, .setNoResume(false))
+            noResume = false
+            if old.format == .ploop1 { try Self.setInUse(old.path, false) }
+            _ = try send(DM.Request(.devSuspend, name: name), what: "resuming \(name)")
+            suspended = false
+        } catch {
+            // Back to running on the old top (its mark set again), unless the flip happened: then
+            // the file below is already the target's top and keeps its mark.
+            if noResume { _ = try? message(name, .setNoResume(false)) }
+            if suspended { _ = try? send(DM.Request(.devSuspend, name: name), what: "resuming \(name)") }
+            if !flipped {
+                if old.format == .ploop1 { try? Self.setInUse(old.path, true) }
+                try? Self.setInUse(lower.path, false)
+            }
+            throw error
+        }
+        _ = try message(name, .merge)
+        progress?(1, 1)
+        return [old.path]
+    }
+
+    /// The rest of a reverse merge that stopped after its flip (the disk's journal found the
+    /// device running its old chain with the two upper files swapped): the flag off, the device
+    /// resumed, the old top's mark cleared, then `merge`.
+    public func finishSwappedMerge(_ device: String) throws(DeviceError) -> [String] {
+        let name = try Self.dmName(device)
+        let f = try found(name)
+        let levels = try self.levels(f)
+        guard levels.count >= 2 else { throw .levelsOutOfRange(0...0, top: levels.count - 1) }
+        let old = levels[levels.count - 2]
+        if f.status.flags.contains("n") { do { _ = try message(name, .setNoResume(false)) } catch .system(_, errno: EBUSY) {} }
+        _ = try send(DM.Request(.devSuspend, name: name), what: "resuming \(name)")
+        if old.format == .ploop1 { try Self.setInUse(old.path, false) }
+        _ = try message(name, .merge)
+        return [old.path]
+    }
+
+    /// grow_lower_delta: the file of `level` grown to `sectors` if it is smaller, with each data
+    /// cluster its bigger BAT displaces moved and told to the target before its old place is reused.
+    func growLower(_ name: String, level: Int, path: String, to sectors: UInt64) throws(DeviceError) {
+        var told: DeviceError?
+        do {
+            let image = try Ploop1Image(file: try ImagePath.open(path, write: true), writable: true, allowDirty: true, markInUse: false)
+            guard image.header.sizeInSectors < sectors else { return }
+            try image.setInUse(true)
+            try image.grow(toSectors: sectors, relocated: { (cluster, block) throws(ImageError) in
+                do throws(DeviceError) {
+                    _ = try self.message(name, .updateDeltaIndex(level: level, map: [(UInt32(cluster.value), block.value)]))
+                } catch {
+                    told = error
+                    throw .io(SystemError("update_delta_index", path: path, errno: EIO))
+                }
+            })
+            try image.close()
+        } catch {
+            throw told ?? .image(error)
+        }
+    }
+
+    /// zero_base_delta: drops every entry of `lower` that `top` also maps (the top's cluster wins),
+    /// synced before the blocks they pointed at are punched, so the two files map no cluster twice
+    /// and `flip_upper_deltas` may swap them.
+    static func dropShadowed(_ lower: String, under top: String) throws(DeviceError) {
+        try lifting { () throws(ImageError) in
+            let upper = try Ploop1Image(file: try ImagePath.open(top, write: false), writable: false, allowDirty: true)
+            let image = try Ploop1Image(file: try ImagePath.open(lower, write: true), writable: true, allowDirty: true, markInUse: false)
+            var freed: [ImageBlock] = []
+            for (c, _) in upper.allocatedClusters() {
+                guard let b = image.block(of: c) else { continue }
+                try image.setEntry(c, to: nil)
+                freed.append(b)
+            }
+            guard !freed.isEmpty else { return }
+            try image.flush()
+            for b in freed { try image.punch(block: b, offset: 0, length: image.clusterBytes) }
+            try image.flush()
+        }
     }
 
     /// `notify_merged_backward L`: level L's clusters are in level L−1's file; the kernel re-reads

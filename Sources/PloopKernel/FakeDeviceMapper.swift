@@ -1,6 +1,7 @@
 import Foundation
 import PloopDevice
 import PloopFormat
+import PloopImage
 import PloopSystem
 import Synchronization
 
@@ -41,31 +42,63 @@ public struct SystemDMTransport: DMTransport {
 /// headers through the descriptors the table names, which it duplicates as the kernel takes its
 /// own reference.
 ///
-/// So far it models the device lifecycle, listing, status, `get_img_name`, `set_noresume`,
-/// `resize`, `notify_merged_backward`, `update_delta_index`, and
-/// I/O on a live ploop table (a `DeviceModel` over the images, opened by path when the table goes
-/// live and flushed on suspend). Not yet: `merge`, `flip_upper_deltas` and the
-/// tracking target: those answer ENOTSUPP (524) here. BAT entries are not checked at load.
+/// A live ploop table's I/O is served one of two ways:
+/// - in this process (`init()`): a `DeviceModel` over the images, opened by path when the table
+///   goes live and flushed on suspend, which leaves the in-use mark to user space as dm-ploop does;
+/// - by another backend's device (`init(lower:stateDirectory:)`, the simulator's): the fake's
+///   state lives in files under `stateDirectory`, so every process sees the same device-mapper
+///   (the CLI run with `PLOOP_DM_FAKE=simulator`), and `/dev/mapper/<name>` is a node of the lower
+///   device. A table reload becomes what the lower backend does: a chain one delta longer is its
+///   snapshot (it makes the empty delta itself, in place of the one user space made), a longer
+///   length its grow; other swaps are refused (EINVAL).
+///
+/// It models the device lifecycle, listing, status, `get_img_name`, `set_noresume`, `resize`,
+/// `notify_merged_backward`, `update_delta_index`, `flip_upper_deltas` (with the debug build's
+/// EEXIST check: no cluster of the top may be mapped in the lower delta's file) and `merge` after
+/// a flip (the reverse merge: the old top's clusters go up into the file that is now the top).
+/// Not yet: `merge` without a flip (EOPNOTSUPP here) and the tracking target's messages (ENOTSUPP).
+/// BAT entries are not checked at load.
 public final class FakeDeviceMapper: DMTransport {
     /// ENOTSUPP, the kernel-internal errno dm-ploop answers unknown messages with.
     public static let enotsupp: Int32 = 524
 
-    struct Table {
-        var targets: [(start: UInt64, length: UInt64, type: String, params: String)]
+    struct Target: Codable, Equatable {
+        var start: UInt64
+        var length: UInt64
+        var type: String
+        var params: String
+    }
+
+    struct Table: Codable {
+        var targets: [Target]
         var readOnly: Bool
-        /// ploop: our duplicates of the table's descriptors, base first.
-        var fds: [Int32] = []
+        /// ploop: the files of the deltas, base first, and which were given writable.
         var paths: [String] = []
+        var writable: [Bool] = []
         var clusterSectors = 0
         var fallocNewCluster = false
         var rawBase = false
-        /// The ploop target's I/O, from the moment the table goes live: a device model over the
-        /// images the descriptors name (opened by path), which leaves the in-use mark to user
-        /// space as dm-ploop does.
+        /// `flip_upper_deltas` swapped the two upper levels: the target's top is `paths[top − 1]`
+        /// until the `merge` that follows.
+        var flipped = false
+        /// ploop, in this process: our duplicates of the table's descriptors, base first.
+        var fds: [Int32] = []
+        /// The ploop target's I/O in this process, from the moment the table goes live.
         var model: DeviceModel?
+
+        enum CodingKeys: String, CodingKey { case targets, readOnly, paths, writable, clusterSectors, fallocNewCluster, rawBase, flipped }
+
+        var isPloop: Bool { targets.first?.type == DMPloop.targetType }
+        /// The files as the target numbers its levels.
+        var levels: [String] {
+            guard flipped, paths.count >= 2 else { return paths }
+            var l = paths
+            l.swapAt(l.count - 1, l.count - 2)
+            return l
+        }
     }
 
-    struct Device {
+    struct Device: Codable {
         var name: String
         var minor: UInt32
         var live: Table?
@@ -74,20 +107,50 @@ public final class FakeDeviceMapper: DMTransport {
         var noResume = false
         var openCount: Int32 = 0
         var eventNumber: UInt32 = 0
+        /// Shared mode: the lower backend's device that serves the live ploop table.
+        var lowerDevice: String?
+    }
+
+    /// The shared mode's state file.
+    struct Saved: Codable {
+        var devices: [String: Device]
+        /// Whether the fake made the node directory (it removes it again when the last device goes).
+        var madeNodeDirectory: Bool
+    }
+
+    /// The shared mode: the lower backend and where the state and the nodes live.
+    struct Shared {
+        let lower: any DeviceBackend
+        let directory: String
+        let nodeDirectory: String
+        var stateFile: String { directory + "/devices.json" }
+        var lockFile: String { directory + "/lock" }
     }
 
     public static let major: UInt32 = 253
     /// The target types this fake has registered (DM_LIST_VERSIONS).
     static let targetTypes: [(String, (UInt32, UInt32, UInt32))] = [("ploop", (1, 0, 0)), ("tracking", (1, 0, 0)), ("linear", (1, 4, 0)), ("zero", (1, 2, 0)), ("error", (1, 6, 0))]
     private let devices = Mutex<[String: Device]>([:])
+    private let madeNodeDirectory = Mutex(false)
+    let shared: Shared?
+    /// One request at a time in shared mode (between processes the state file's lock).
+    private let serial = Mutex(())
     /// Every command decoded, in order (tests read it).
     public let commands = Mutex<[(DM.Command, String)]>([])
     /// Every table line loaded (`start length type params`) and every message, in order.
     public let texts = Mutex<[String]>([])
 
-    public init() {}
+    /// Devices served in this process.
+    public init() { shared = nil }
+
+    /// Devices served by `lower`'s devices, the state kept under `stateDirectory` (made if
+    /// missing), device nodes in `nodeDirectory`.
+    public init(lower: any DeviceBackend, stateDirectory: String, nodeDirectory: String = "/dev/mapper") {
+        shared = Shared(lower: lower, directory: stateDirectory, nodeDirectory: nodeDirectory)
+    }
 
     deinit {
+        guard shared == nil else { return }
         devices.withLock { all in
             for d in all.values { Self.release(d.live); Self.release(d.inactive) }
         }
@@ -101,6 +164,11 @@ public final class FakeDeviceMapper: DMTransport {
     /// Block I/O on device `name`: like the device node, it follows the table that is live at
     /// each request (a reload swaps the table under it).
     public func openIO(_ name: String) throws(DeviceError) -> any DeviceIO {
+        if let sh = shared {
+            let dev = try locked { () throws(DeviceError) -> String? in devices.withLock { $0[name]?.lowerDevice } }
+            guard let dev else { throw .noSuchDevice("/dev/mapper/\(name)") }
+            return try sh.lower.openIO(dev)
+        }
         _ = try liveModel(name)
         return LiveIO(fake: self, name: name)
     }
@@ -168,11 +236,40 @@ public final class FakeDeviceMapper: DMTransport {
         let name = Self.string(b, Off.name, max: Off.nameBytes)
         commands.withLock { $0.append((cmd, name)) }
         if let e = failures.withLock({ $0.removeValue(forKey: cmd) }) { return -e }
-        do {
-            try perform(cmd, name, &b)
-            return 0
-        } catch {
-            return -error.errno
+        return try locked { () throws(DeviceError) -> Int32 in
+            do throws(Failure) {
+                try perform(cmd, name, &b)
+                return 0
+            } catch {
+                return -error.errno
+            }
+        }
+    }
+
+    /// Runs `body` as one request: in shared mode under the state file's lock, with the devices
+    /// read from it before and written back after (atomically: a process killed meanwhile leaves
+    /// the state of the request before, as a kernel would).
+    func locked<T>(_ body: () throws(DeviceError) -> T) throws(DeviceError) -> T {
+        guard let sh = shared else { return try body() }
+        return try serial.withLock { _ throws(DeviceError) -> T in
+            do { try FileManager.default.createDirectory(atPath: sh.directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700]) } catch {
+                throw .system("creating \(sh.directory)", errno: EACCES)
+            }
+            let lock: File
+            do throws(SystemError) { lock = try File(path: sh.lockFile, mode: .createOrOpen) } catch { throw .system(sh.lockFile, errno: error.errno) }
+            while (try? lock.tryLock(.exclusive)) != true { Host.pause(milliseconds: 5) }
+            defer { lock.unlock() }
+            let saved = (try? Data(contentsOf: URL(fileURLWithPath: sh.stateFile))).flatMap { try? JSONDecoder().decode(Saved.self, from: $0) }
+            devices.withLock { $0 = saved?.devices ?? [:] }
+            madeNodeDirectory.withLock { $0 = saved?.madeNodeDirectory ?? false }
+            let result = try body()
+            let now = Saved(devices: devices.withLock { $0 }, madeNodeDirectory: madeNodeDirectory.withLock { $0 })
+            do {
+                let enc = JSONEncoder()
+                enc.outputFormatting = [.sortedKeys, .prettyPrinted]
+                try enc.encode(now).write(to: URL(fileURLWithPath: sh.stateFile), options: .atomic)
+            } catch { throw .system("writing \(sh.stateFile)", errno: EIO) }
+            return result
         }
     }
 
@@ -200,7 +297,12 @@ public final class FakeDeviceMapper: DMTransport {
                 Self.info(all[name]!, &b)
             }
         case .tableLoad:
-            let table = try load(b, readOnly: flags & DM.Flags.readOnly.rawValue != 0)
+            var table = try load(b, readOnly: flags & DM.Flags.readOnly.rawValue != 0)
+            // Shared mode keeps files by name: the descriptors die with the process that loaded.
+            if shared != nil {
+                for fd in table.fds { close(fd) }
+                table.fds = []
+            }
             try devices.withLock { all throws(Failure) in
                 guard all[name] != nil else { Self.release(table); throw Failure(errno: ENXIO) }
                 Self.release(all[name]!.inactive)
@@ -222,24 +324,28 @@ public final class FakeDeviceMapper: DMTransport {
                 if flags & DM.Flags.suspend.rawValue != 0 {
                     // A suspend flushes what the target holds (unless told not to), so a table
                     // loaded next reads the images as they are.
-                    if flags & DM.Flags.noFlush.rawValue == 0 { try? d.live?.model?.flush() }
+                    if flags & DM.Flags.noFlush.rawValue == 0 {
+                        try? d.live?.model?.flush()
+                        if let sh = shared, let dev = d.lowerDevice { try? sh.lower.sync(dev) }
+                    }
                     d.suspended = true
                 } else {
                     if d.noResume && d.suspended { throw Failure(errno: EAGAIN) }
                     if var t = d.inactive {
-                        Self.release(d.live)
-                        if t.targets.first?.type == DMPloop.targetType {
-                            do {
-                                t.model = try DeviceModel(
-                                    MountRequest(images: t.paths, baseFormat: t.rawBase ? .raw : .ploop1, readOnly: t.readOnly, clusterSectors: UInt32(t.clusterSectors)),
-                                    callerOwnsInUse: true)
-                            } catch {
-                                d.live = nil
-                                d.inactive = nil
-                                all[name] = d
-                                Self.release(t)
-                                throw Failure(errno: EIO)
+                        do throws(Failure) {
+                            if shared != nil {
+                                try swapLower(&d, to: t)
+                            } else {
+                                Self.release(d.live)
+                                if t.isPloop { t.model = try Self.model(t) }
                             }
+                        } catch {
+                            // The old table is gone (in this process) or still serves (shared).
+                            if shared == nil { d.live = nil }
+                            d.inactive = nil
+                            all[name] = d
+                            Self.release(t)
+                            throw error
                         }
                         d.live = t
                         d.inactive = nil
@@ -254,6 +360,10 @@ public final class FakeDeviceMapper: DMTransport {
             try devices.withLock { all throws(Failure) in
                 guard let d = all[name] else { throw Failure(errno: ENXIO) }
                 guard d.openCount == 0 else { throw Failure(errno: EBUSY) }
+                if let sh = shared, let dev = d.lowerDevice {
+                    do throws(DeviceError) { try sh.lower.umount(dev) } catch { throw Failure(errno: Self.errnoOf(error)) }
+                    removeNode(name, all.count == 1)
+                }
                 Self.release(d.live)
                 Self.release(d.inactive)
                 all[name] = nil
@@ -321,6 +431,83 @@ public final class FakeDeviceMapper: DMTransport {
         }
     }
 
+    /// The in-process I/O of a ploop table going live: a model over its files (by path).
+    static func model(_ t: Table) throws(Failure) -> DeviceModel {
+        do {
+            return try DeviceModel(MountRequest(
+                images: t.paths, baseFormat: t.rawBase ? .raw : .ploop1, readOnly: t.readOnly, clusterSectors: UInt32(t.clusterSectors), callerOwnsInUse: true))
+        } catch { throw Failure(errno: EIO) }
+    }
+
+    // MARK: - Shared mode: tables served by the lower backend
+
+    /// Makes the lower backend serve table `t` in place of `d`'s live one (none: a mount).
+    private func swapLower(_ d: inout Device, to t: Table) throws(Failure) {
+        guard let sh = shared else { return }
+        func lifted<T>(_ body: () throws(DeviceError) -> T) throws(Failure) -> T {
+            do { return try body() } catch { throw Failure(errno: Self.errnoOf(error)) }
+        }
+        guard let old = d.live, old.isPloop, let dev = d.lowerDevice else {
+            guard t.isPloop else { return }
+            let dev = try lifted { () throws(DeviceError) in
+                try sh.lower.mount(MountRequest(
+                    images: t.paths, baseFormat: t.rawBase ? .raw : .ploop1, readOnly: t.readOnly, clusterSectors: UInt32(t.clusterSectors), callerOwnsInUse: true))
+            }
+            do throws(Failure) { try makeNode(d.name, of: dev) } catch {
+                try? sh.lower.umount(dev)
+                throw error
+            }
+            d.lowerDevice = dev
+            return
+        }
+        // What the lower backend can do in place; the rest it cannot serve.
+        guard t.isPloop, !old.flipped, t.readOnly == old.readOnly else { throw Failure(errno: EINVAL) }
+        let length = t.targets[0].length
+        if t.paths == old.paths {
+            let size = try lifted { () throws(DeviceError) in try sh.lower.info(dev).sizeBytes / 512 }
+            if length > size { try lifted { () throws(DeviceError) in try sh.lower.grow(dev, sizeSectors: length) } }
+            return
+        }
+        guard t.paths.count == old.paths.count + 1, Array(t.paths.dropLast()) == old.paths, length == old.targets[0].length, let new = t.paths.last else {
+            throw Failure(errno: EINVAL)
+        }
+        // A snapshot: the empty delta user space made (checked at load) is made again by the
+        // lower device, which takes it into its stack.
+        guard let h = try? ImageInfo.read(path: new), h.allocatedClusters == 0 else { throw Failure(errno: EINVAL) }
+        PathInfo.remove(new)
+        try lifted { () throws(DeviceError) in try sh.lower.snapshot(dev, newDelta: new) }
+    }
+
+    /// `/dev/mapper/<name>`: a node of the lower device (the directory made if missing).
+    private func makeNode(_ name: String, of dev: String) throws(Failure) {
+        guard let sh = shared else { return }
+        guard let (major, minor) = BlockNode.numbers(dev) else { throw Failure(errno: ENODEV) }
+        if PathInfo.kind(sh.nodeDirectory) == .missing {
+            guard (try? FileManager.default.createDirectory(atPath: sh.nodeDirectory, withIntermediateDirectories: false)) != nil else { throw Failure(errno: EACCES) }
+            madeNodeDirectory.withLock { $0 = true }
+        }
+        let node = sh.nodeDirectory + "/" + name
+        if PathInfo.entryKind(node) != .missing {
+            // Ours from a device that went without us (its lower device stopped): replaced.
+            guard BlockNode.numbers(node) != nil else { throw Failure(errno: EEXIST) }
+            BlockNode.remove(node)
+        }
+        do { try BlockNode.make(node, major: major, minor: minor) } catch { throw Failure(errno: error.errno) }
+    }
+
+    /// Removes `<name>` and its partition nodes; the directory too when `last` and the fake made it.
+    private func removeNode(_ name: String, _ last: Bool) {
+        guard let sh = shared else { return }
+        let node = sh.nodeDirectory + "/" + name
+        if let (major, _) = BlockNode.numbers(node) {
+            PartitionNodes.removeNodes(node, major: major)
+            BlockNode.remove(node)
+        }
+        if last, madeNodeDirectory.withLock({ $0 }), Folder.removeEmpty(sh.nodeDirectory) {
+            madeNodeDirectory.withLock { $0 = false }
+        }
+    }
+
     /// Name, number, flags, open count, event number and live target count of `d` into the answer.
     static func info(_ d: Device, _ b: inout [UInt8]) {
         var flags = u32(b, Off.flags) & ~(DM.Flags.activePresent.rawValue | DM.Flags.inactivePresent.rawValue | DM.Flags.suspend.rawValue | DM.Flags.readOnly.rawValue)
@@ -364,7 +551,7 @@ public final class FakeDeviceMapper: DMTransport {
         var flags = ""
         if t.fallocNewCluster { flags += "f" }
         if d.noResume { flags += "n" }
-        return DMPloop.Status(deltas: t.fds.count, clusterSectors: t.clusterSectors, flags: flags.isEmpty ? "o" : flags).text
+        return DMPloop.Status(deltas: t.paths.count, clusterSectors: t.clusterSectors, flags: flags.isEmpty ? "o" : flags).text
     }
 
     // MARK: - Table load
@@ -380,7 +567,7 @@ public final class FakeDeviceMapper: DMTransport {
             guard at + Off.spec <= size else { throw Failure(errno: EINVAL) }
             let type = Self.string(b, at + Off.specType, max: 16)
             let params = Self.string(b, at + Off.spec, max: size - at - Off.spec)
-            table.targets.append((Self.u64(b, at + Off.specStart), Self.u64(b, at + Off.specLength), type, params))
+            table.targets.append(Target(start: Self.u64(b, at + Off.specStart), length: Self.u64(b, at + Off.specLength), type: type, params: params))
             texts.withLock { $0.append("\(Self.u64(b, at + Off.specStart)) \(Self.u64(b, at + Off.specLength)) \(type) \(params)") }
             // Loading, `next` counts from this spec.
             at += Int(Self.u32(b, at + Off.specNext))
@@ -450,6 +637,7 @@ public final class FakeDeviceMapper: DMTransport {
         }
         table.fds = fds
         table.paths = fds.map { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\($0)")) ?? "" }
+        table.writable = fds.map { fcntl($0, F_GETFL) & O_ACCMODE == O_RDWR }
         table.clusterSectors = clusterSectors
         table.fallocNewCluster = p.fallocNewCluster
         table.rawBase = p.rawBase
@@ -465,48 +653,85 @@ public final class FakeDeviceMapper: DMTransport {
         }
         return try devices.withLock { all throws(Failure) -> String? in
             guard var d = all[name] else { throw Failure(errno: ENXIO) }
-            guard let live = d.live, live.targets.first?.type == DMPloop.targetType else { throw Failure(errno: EINVAL) }
+            guard var live = d.live, live.isPloop else { throw Failure(errno: EINVAL) }
+            let top = live.paths.count - 1
+            let device = d
+            /// The operation on what serves the table: its model here, or the lower device.
+            func run(_ here: (DeviceModel) throws(DeviceError) -> Void, _ there: (any DeviceBackend, String) throws(DeviceError) -> Void) throws(Failure) {
+                do throws(DeviceError) {
+                    if let model = live.model {
+                        try here(model)
+                    } else if let sh = shared, let dev = device.lowerDevice {
+                        try there(sh.lower, dev)
+                    } else {
+                        throw .notRunning(name)
+                    }
+                } catch { throw Failure(errno: Self.errnoOf(error)) }
+            }
             switch m {
             case .getImageName(let level):
-                return level < live.paths.count ? live.paths[level] : ""
+                return level < live.paths.count ? live.levels[level] : ""
             case .setNoResume(let on):
                 guard d.noResume != on else { throw Failure(errno: EBUSY) }
                 d.noResume = on
-                all[name] = d
-                return nil
             case .notifyMergedBackward(let level):
                 // Level L−1 is re-read from its file and serves what L served; L's file goes.
-                guard let model = live.model else { throw Failure(errno: EINVAL) }
-                let top = live.fds.count - 1
                 guard level < top else { throw Failure(errno: ENOENT) }
-                guard level > 0, live.fds.count >= 3 else { throw Failure(errno: EINVAL) }
-                do throws(DeviceError) { try model.deleteDelta(level: level) } catch { throw Failure(errno: Self.errnoOf(error)) }
-                close(live.fds[level])
-                var t = live
-                t.fds.remove(at: level)
-                t.paths.remove(at: level)
-                d.live = t
-                all[name] = d
-                return nil
+                guard level > 0, live.paths.count >= 3, !live.flipped || level < top - 1 else { throw Failure(errno: EINVAL) }
+                try run({ m throws(DeviceError) in try m.deleteDelta(level: level) }, { b, dev throws(DeviceError) in try b.deleteDelta(dev, level: level) })
+                if level < live.fds.count { close(live.fds.remove(at: level)) }
+                live.paths.remove(at: level)
+                live.writable.remove(at: level)
             case .updateDeltaIndex(let level, let map):
-                guard let model = live.model else { throw Failure(errno: EINVAL) }
-                guard level < live.fds.count - 1 else { throw Failure(errno: ENOENT) }
-                do throws(DeviceError) { try model.updateIndex(level: level, maps: map.map { IndexMap(cluster: $0.cluster, block: $0.block) }) } catch {
-                    throw Failure(errno: Self.errnoOf(error))
-                }
-                return nil
+                guard level < top else { throw Failure(errno: ENOENT) }
+                let maps = map.map { IndexMap(cluster: $0.cluster, block: $0.block) }
+                try run({ m throws(DeviceError) in try m.updateIndex(level: level, maps: maps) }, { b, dev throws(DeviceError) in try b.updateIndex(dev, level: level, maps: maps) })
             case .resize(let sectors):
                 // Grows the top image; the device keeps its length until a table with the new one.
-                guard let model = live.model else { throw Failure(errno: EINVAL) }
                 guard !live.readOnly else { throw Failure(errno: EROFS) }
                 let length = live.targets[0].length
                 guard sectors >= length, sectors % UInt64(live.clusterSectors) == 0 else { throw Failure(errno: EINVAL) }
                 if sectors == length { return nil }
-                do { try model.grow(toSectors: sectors) } catch { throw Failure(errno: EIO) }
-                return nil
+                try run({ m throws(DeviceError) in try m.grow(toSectors: sectors) }, { b, dev throws(DeviceError) in try b.grow(dev, sizeSectors: sectors) })
+            case .flipUpperDeltas:
+                guard d.suspended, d.noResume else { throw Failure(errno: EBUSY) }
+                guard !live.readOnly else { throw Failure(errno: EROFS) }
+                guard top >= 1 else { throw Failure(errno: ENOENT) }
+                let lower = live.levels[top - 1]
+                guard !(live.rawBase && top == 1) else { throw Failure(errno: EBADSLT) }
+                guard live.writable[live.paths.firstIndex(of: lower) ?? 0] else { throw Failure(errno: EACCES) }
+                // The debug build's check: no cluster the top maps may be mapped in the lower file.
+                guard Self.disjoint(top: live.levels[top], lower: lower) else { throw Failure(errno: EEXIST) }
+                live.flipped.toggle()
+            case .merge:
+                guard !live.readOnly else { throw Failure(errno: EROFS) }
+                guard top >= 1 else { throw Failure(errno: ENOENT) }
+                // The reverse merge only: the old top (now below) goes up into the file above it,
+                // which the model's merge of the top into the level below does.
+                guard live.flipped else { throw Failure(errno: EOPNOTSUPP) }
+                let range = (top - 1)...top
+                try run({ m throws(DeviceError) in _ = try m.merge(levels: range) }, { b, dev throws(DeviceError) in _ = try b.merge(dev, levels: range, progress: nil) })
+                if top < live.fds.count { close(live.fds.removeLast()) }
+                live.paths.removeLast()
+                live.writable.removeLast()
+                live.writable[top - 1] = true
+                live.flipped = false
             default:
                 throw Failure(errno: Self.enotsupp)
             }
+            d.live = live
+            all[name] = d
+            return nil
         }
+    }
+
+    /// Whether no cluster mapped in `top`'s file is mapped in `lower`'s (both read from disk).
+    static func disjoint(top: String, lower: String) -> Bool {
+        func mapped(_ path: String) -> Set<UInt64>? {
+            guard let f = try? ImagePath.open(path, write: false), let i = try? Ploop1Image(file: f, writable: false, allowDirty: true) else { return nil }
+            return Set(i.allocatedClusters().map(\.0.value))
+        }
+        guard let t = mapped(top), let l = mapped(lower) else { return false }
+        return t.isDisjoint(with: l)
     }
 }

@@ -65,7 +65,7 @@ public struct PloopNode: Equatable, Sendable {
             device = path
             partition = nil
         }
-        guard path.hasPrefix("/dev/ploop"), device.dropFirst(10).allSatisfy(\.isNumber), device.count > 10 else { return nil }
+        guard DeviceName.canonical(device) == device else { return nil }
     }
 
     /// Where the partition starts on the device, in bytes (0 for the whole device).

@@ -35,17 +35,32 @@ public enum TestSupport {
         public var description: String { "exit \(code)\(signal.map { " (signal \($0))" } ?? "")\nstdout: \(stdout)\nstderr: \(stderr)" }
     }
 
-    /// The device backends the command-level tests run under: the simulator, and the kernel
-    /// backend with its ioctls answered by the fake driver over the simulator's devices.
-    /// Where the ploop kernel module is loaded, the real driver joins them.
-    public static let cliBackends = ["simulator", "kernel-fake"] + (FileManager.default.fileExists(atPath: "/sys/module/ploop") ? ["kernel"] : [])
+    /// The device backends the command-level tests run under: the simulator, the kernel backend
+    /// with its ioctls answered by the fake driver over the simulator's devices, and the dm-ploop
+    /// backend with device-mapper answered by the fake over the simulator's devices. Where the
+    /// ploop kernel module is loaded, the real driver joins them.
+    /// `PLOOP_TEST_CLI_BACKENDS=dm-fake,simulator` keeps only those (a developer's quicker run).
+    public static let cliBackends: [String] = {
+        let all = ["simulator", "kernel-fake", "dm-fake"] + (FileManager.default.fileExists(atPath: "/sys/module/ploop") ? ["kernel"] : [])
+        guard let only = ProcessInfo.processInfo.environment["PLOOP_TEST_CLI_BACKENDS"], !only.isEmpty else { return all }
+        let keep = Set(only.split(separator: ",").map(String.init))
+        return all.filter(keep.contains)
+    }()
+
+    /// The backends of `cliBackends` with the legacy driver's balloon ioctls (dm-ploop has none).
+    public static let balloonBackends = cliBackends.filter { $0 != "dm-fake" }
 
     /// Environment every program started by `run` gets (the backend under test).
     @TaskLocal public static var backendEnvironment: [String: String] = [:]
 
     /// Runs `body` with every `ploop` it starts using the named backend (see `cliBackends`).
     public static func withBackend<T>(_ name: String, _ body: () throws -> T) rethrows -> T {
-        let env = name == "kernel-fake" ? ["PLOOP_BACKEND": "kernel", "PLOOP_KERNEL_FAKE": "simulator"] : ["PLOOP_BACKEND": name]
+        let env =
+            switch name {
+            case "kernel-fake": ["PLOOP_BACKEND": "kernel", "PLOOP_KERNEL_FAKE": "simulator"]
+            case "dm-fake": ["PLOOP_BACKEND": "dm", "PLOOP_DM_FAKE": "simulator"]
+            default: ["PLOOP_BACKEND": name]
+            }
         return try $backendEnvironment.withValue(env, operation: body)
     }
 
