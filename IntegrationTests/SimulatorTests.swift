@@ -163,7 +163,7 @@ struct SimulatorTests {
             // The backend under test served the device.
             // (Only this test's device: the host may run others, ours or not.)
             let served = try JSONDecoder().decode([DeviceSummary].self, from: Data(list.stdout.utf8)).filter { $0.device == dev }
-            #expect(served.map(\.backend) == [backend == "kernel-fake" ? "kernel" : "simulator"], "\(list)")
+            #expect(served.map(\.backend) == [["kernel-fake": "kernel", "dm-fake": "dm-ploop"][backend] ?? "simulator"], "\(list)")
             // Two more snapshots, then 1..2 and 0..1 under the writer.
             w.start(prefix: "b")
             _ = try s.ploop("snapshot", "-d", dev, s.dir.file("root.hdd.3"))

@@ -5,16 +5,17 @@ extension Ploop1Image {
     /// clusters past the new end are dropped from the BAT (synced), the blocks still in use past
     /// the new file end are moved into the holes below it, each copied and synced before its
     /// entry is repointed and synced, the file is cut after the last block in use, and the
-    /// header, written last, switches to the new size. The BAT area keeps its place (the first
-    /// data block does not move), its entries past the new size zero. Interrupted anywhere, the
-    /// image checks clean and keeps every cluster below the new end.
+    /// header, written last, switches to the new size and to the BAT area that size needs (as
+    /// every image is laid out: dm-ploop refuses any other first-block offset). Blocks move only
+    /// into holes past the old BAT area, so the BAT clusters the new header gives up, zero since
+    /// their entries were dropped, are holes from then on. Interrupted anywhere, the image checks
+    /// clean and keeps every cluster below the new end.
     public func shrink(toSectors requested: UInt64, progress: ((Int, Int) -> Void)? = nil) throws(ImageError) {
         guard writable else { throw .readOnly(path) }
         let old = header
         var new: ImageHeader
         do { new = try ImageHeader.new(sizeSectors: requested, clusterSectors: old.clusterSectors, version: old.version) } catch { throw .format(path, error) }
         guard new.sizeInSectors < old.sizeInSectors else { return }
-        new.firstBlockOffset = old.firstBlockOffset
         new.diskInUse = old.diskInUse
         new.flags = old.flags
         try flush()

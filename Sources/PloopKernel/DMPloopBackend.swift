@@ -176,6 +176,10 @@ public final class DMPloopBackend: DeviceBackend {
                 break
             } catch .deviceInUse(let what) {
                 guard Host.monotonicNanoseconds() < deadline else {
+                    // Name the processes where /proc shows them (a mounted file system is no process's).
+                    let node = DMPloop.node(Int(name.dropFirst(5))!)
+                    let holders = PartitionNodes.openers(node, excluding: [Host.processID])
+                    if !holders.isEmpty { throw .heldOpen(node, by: holders.map(\.description)) }
                     throw .deviceInUse("\(what); still open after \(umountTimeout) s")
                 }
                 Thread.sleep(forTimeInterval: pause)
@@ -407,6 +411,14 @@ public final class DMPloopBackend: DeviceBackend {
         let lower = levels[top - 1], old = levels[top]
         guard lower.format == .ploop1 else {
             throw .notSupported("merging the top into a raw base online: dm-ploop's flip_upper_deltas refuses a raw lower delta (EBADSLT): unmount the disk and merge offline")
+        }
+        // The file below becomes writable: no other device may read it meanwhile (a read-only
+        // mount of the snapshot it holds).
+        let lowerID = PathInfo.identity(lower.path)
+        for other in try list() where other.device != DMPloop.node(Int(name.dropFirst(5))!) {
+            if other.levels.contains(where: { PathInfo.identity($0.path) == lowerID }) {
+                throw .deviceInUse("\(lower.path) (read by \(other.device): unmount that device before merging into the file)")
+            }
         }
         progress?(0, 1)
         // A run killed between its set_noresume 1 and 0 left the flag on: no resume would work.

@@ -201,6 +201,13 @@ public final class FakeDeviceMapper: DMTransport {
         failures.withLock { $0[command] = errno }
     }
 
+    private let messageFailures = Mutex<[(String, Int32)]>([])
+
+    /// The next message whose verb is `verb` fails with `errno`, before it does anything.
+    public func failMessage(_ verb: String, errno: Int32) {
+        messageFailures.withLock { $0.append((verb, errno)) }
+    }
+
     /// Holds device `name` open (as a mounted file system would), so removing it is refused.
     public func hold(_ name: String, _ delta: Int32) {
         devices.withLock { $0[name]?.openCount += delta }
@@ -424,6 +431,13 @@ public final class FakeDeviceMapper: DMTransport {
             let start = Int(Self.u32(b, Off.dataStart))
             let text = Self.string(b, start + 8, max: Int(Self.u32(b, Off.dataSize)) - start - 8)
             texts.withLock { $0.append(text) }
+            let verb = text.split(separator: " ").first.map(String.init) ?? ""
+            if let e = messageFailures.withLock({ f -> Int32? in
+                guard let i = f.firstIndex(where: { $0.0 == verb }) else { return nil }
+                return f.remove(at: i).1
+            }) {
+                throw Failure(errno: e)
+            }
             let reply = try message(name, text)
             if let r = reply { Self.answer(Array((r + "\n").utf8) + [0], &b, dataOut: true) }
         default:
@@ -539,7 +553,7 @@ public final class FakeDeviceMapper: DMTransport {
     /// The errno the target answers where the model throws.
     static func errnoOf(_ e: DeviceError) -> Int32 {
         switch e {
-        case .busy, .deviceInUse: EBUSY
+        case .busy, .deviceInUse, .heldOpen: EBUSY
         case .readOnly: EROFS
         case .image(.io(let s)): s.errno
         case .system(_, let n): n

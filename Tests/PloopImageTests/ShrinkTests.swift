@@ -27,6 +27,25 @@ struct ShrinkTests {
         #expect(report.status == .ok, "\(report.findings)")
     }
 
+    /// A shrink that needs fewer BAT clusters gives them up: the header's first-block offset is
+    /// the one its size needs (dm-ploop refuses any other), the data below the end intact.
+    @Test func shrinkGivesUpBATClustersItNoLongerNeeds() throws {
+        // 32 KiB clusters hold 8176 entries after the header: 20000 entries take 3 clusters.
+        let file = try Fixture.image(clusters: 20000)
+        let ref = try Fixture.populate(file, clusters: [2, 19999, 400, 12000, 7], generation: 3)
+        let image = try Ploop1Image(file: file, writable: true)
+        #expect(image.firstDataBlock == 3)
+        try image.shrink(toSectors: 500 * UInt64(Fixture.cs))
+        try image.close()
+        let reopened = try Ploop1Image(file: file, writable: false)
+        #expect(reopened.header.firstBlockOffset == reopened.header.layout.firstBlockOffsetSectors)
+        #expect(reopened.firstDataBlock == 1)
+        for (c, data) in ref where c < 500 { #expect(try Fixture.read(reopened, c) == data) }
+        #expect(reopened.allocatedCount == 3)
+        let report = try Checker.check(file, options: Fixture.forceReadOnly)
+        #expect(report.status == .ok, "\(report.findings)")
+    }
+
     @Test func shrinkToTheSameSizeChangesNothing() throws {
         let file = try Fixture.image(clusters: 10)
         _ = try Fixture.populate(file, clusters: [9], generation: 1)

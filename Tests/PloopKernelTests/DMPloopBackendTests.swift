@@ -286,17 +286,121 @@ struct DMPloopBackendTests {
         #expect(fake.commands.withLock { $0.isEmpty })
     }
 
+    /// What the device reads, cluster by cluster, for levels holding `fills` (base first) with
+    /// tags 1, 2, 3…: the top-most level's copy wins.
+    static func reference(_ n: UInt64, _ fills: [[UInt64]]) -> [UInt8] {
+        var ref = [UInt8](repeating: 0, count: Int(n) * cb)
+        for (i, f) in fills.enumerated() {
+            for c in f { ref.replaceSubrange(Int(c) * cb..<(Int(c) + 1) * cb, with: cluster(c, UInt8(i + 1))) }
+        }
+        return ref
+    }
+
+    /// The top merged into the level below as the reverse merge: the file below grown to the
+    /// device (its displaced cluster told with update_delta_index), both upper files writable in a
+    /// reload, set_noresume 1, suspend, flip_upper_deltas, set_noresume 0, resume, merge. The file
+    /// below survives, holding every cluster, marked as the top; the old top's mark is cleared;
+    /// no cluster of the old top was left shadowed in the file below (the fake's EEXIST check).
+    @Test func topMergeIsTheReverseMerge() throws {
+        // 64 KiB clusters: 16384 BAT entries per cluster, so a top of 16400 clusters needs a
+        // second BAT cluster in the file below, where its first data block is.
+        let n: UInt64 = 16400
+        let fills: [[UInt64]] = [[0, 3, 9], [1, 2, 5], [2, 5, 7, 16399]]
+        let base = try image("root.hds", clusters: 16, fill: fills[0], tag: 1)
+        let mid = try image("root.hds.{1}", clusters: 16, fill: fills[1], tag: 2)
+        let top = try image("root.hds.{2}", clusters: n, fill: fills[2], tag: 3)
+        let dev = try backend.mount(MountRequest(images: [base, mid, top]))
+        let io = try backend.openIO(dev)
+        var ref = Self.reference(n, fills)
+        // A write while running lands in the top and must survive the merge.
+        let w = [UInt8](repeating: 0xE7, count: 4096)
+        try w.withUnsafeBytes { try io.write($0, at: UInt64(3 * Self.cb + 8192)) }
+        ref.replaceSubrange(3 * Self.cb + 8192..<3 * Self.cb + 8192 + 4096, with: w)
+        fake.texts.withLock { $0 = [] }
+        fake.commands.withLock { $0 = [] }
+
+        let removed = try backend.merge(dev, levels: 1...2, progress: nil)
+        #expect(removed == [top])
+        let texts = fake.texts.withLock { $0 }.filter { !$0.hasPrefix("get_img_name") }
+        #expect(texts.first?.hasPrefix("update_delta_index 1 1:") == true, "\(texts)")
+        let verbs = texts.map { $0.split(separator: " ").first.map(String.init) ?? "" }.filter { $0 != "update_delta_index" }
+        #expect(verbs == ["0", "set_noresume", "flip_upper_deltas", "set_noresume", "merge"], "\(texts)")
+        #expect(texts.contains("set_noresume 1") && texts.contains("set_noresume 0"))
+        // The reload carries three descriptors; the device was suspended for it and again for the flip.
+        let changes = fake.commands.withLock { $0.map(\.0) }.filter { ![.tableStatus, .targetMessage, .listDevices, .devStatus].contains($0) }
+        #expect(changes == [.devSuspend, .tableLoad, .devSuspend, .devSuspend, .devSuspend])
+        #expect(try backend.info(dev).levels.map(\.path) == [base, mid])
+        #expect(try Self.sample(try backend.openIO(dev)) == Self.sample(ref))
+        #expect(try Self.inUse(mid))
+        #expect(try !Self.inUse(top))
+        try backend.umount(dev)
+        #expect(try !Self.inUse(mid))
+        var o = Checker.Options()
+        o.force = true
+        o.readOnly = true
+        #expect(try Checker.check(path: mid, options: o).status == .ok)
+        let again = InProcessBackend()
+        let d = try again.mount(MountRequest(images: [base, mid], readOnly: true))
+        #expect(try Self.sample(try again.openIO(d)) == Self.sample(ref))
+        try again.umount(d)
+    }
+
+    /// The first 16 clusters and the last of a 16400-cluster device (reading all 1 GiB is slow).
+    static func sample(_ io: any DeviceIO) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: 17 * cb)
+        try out.withUnsafeMutableBytes { try io.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<16 * cb]), at: 0) }
+        try out.withUnsafeMutableBytes { try io.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[(16 * cb)...]), at: 16399 * UInt64(cb)) }
+        return out
+    }
+
+    static func sample(_ ref: [UInt8]) -> [UInt8] { Array(ref[0..<16 * cb] + ref[16399 * cb..<16400 * cb]) }
+
+    /// A merge stopped after its flip leaves the device running its files with the two upper
+    /// ones swapped; finishSwappedMerge completes it with the copy up. A merge refused before
+    /// the flip leaves the old top serving, marked, and the file below unmarked.
+    @Test func aStoppedReverseMergeIsFinishedOrUndone() throws {
+        let n: UInt64 = 16
+        let fills: [[UInt64]] = [[0, 1], [1, 2, 3]]
+        let base = try image("b", clusters: n, fill: fills[0], tag: 1)
+        let top = try image("b.{1}", clusters: n, fill: fills[1], tag: 2)
+        let dev = try backend.mount(MountRequest(images: [base, top]))
+        let ref = Self.reference(n, fills)
+
+        fake.failMessage("flip_upper_deltas", errno: EBUSY)
+        #expect(throws: DeviceError.self) { _ = try backend.merge(dev, levels: 0...1, progress: nil) }
+        #expect(try backend.info(dev).levels.map(\.path) == [base, top])
+        #expect(try Self.inUse(top))
+        #expect(try !Self.inUse(base))
+        #expect(try readAll(try backend.openIO(dev), ref.count) == ref)
+
+        fake.failMessage("merge", errno: EINTR)
+        #expect(throws: DeviceError.self) { _ = try backend.merge(dev, levels: 0...1, progress: nil) }
+        #expect(try backend.info(dev).levels.map(\.path) == [top, base])
+        #expect(try readAll(try backend.openIO(dev), ref.count) == ref)
+        #expect(try backend.finishSwappedMerge(dev) == [top])
+        #expect(try backend.info(dev).levels.map(\.path) == [base])
+        #expect(try readAll(try backend.openIO(dev), ref.count) == ref)
+        try backend.umount(dev)
+        #expect(try !Self.inUse(base))
+        #expect(try !Self.inUse(top))
+    }
+
     @Test func whatIsNotThereSaysSo() throws {
+        let raw = dir.file("raw")
+        #expect(FileManager.default.createFile(atPath: raw, contents: Data(count: 8 * Self.cb)))
+        let rawDev = try backend.mount(MountRequest(images: [raw], baseFormat: .raw, clusterSectors: Self.cs))
+        try backend.snapshot(rawDev, newDelta: dir.file("raw.1"))
+        #expect {
+            _ = try backend.merge(rawDev, levels: 0...1, progress: nil)
+        } throws: { e in
+            guard case DeviceError.notSupported(let why) = e else { return false }
+            return why.contains("raw base") && why.contains("EBADSLT") && why.contains("offline")
+        }
+        #expect(try backend.info(rawDev).levels.count == 2)
+        try backend.umount(rawDev)
         let top = try image("t", clusters: 8)
         let dev = try backend.mount(MountRequest(images: [top]))
         try backend.snapshot(dev, newDelta: dir.file("t.1"))
-        #expect {
-            _ = try backend.merge(dev, levels: 0...1, progress: nil)
-        } throws: { e in
-            guard case DeviceError.notSupported(let why) = e else { return false }
-            return why.contains("online merge of the top") && why.contains("not built yet")
-        }
-        #expect(try backend.info(dev).levels.count == 2)
         #expect {
             _ = try backend.balloon(dev, inflate: true, keepIntact: false)
         } throws: { e in
