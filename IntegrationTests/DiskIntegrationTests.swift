@@ -165,6 +165,12 @@ struct DiskIntegrationTests {
             for v in ["1", "2"] {
                 _ = try Self.ploop("convert", "-v", v, dd)
                 #expect(try Self.ploop("info", "-s", dd).stdout.contains("fmt_version:\t\(v)\n"))
+                if v == "1" && backend == "dm-fake" {
+                    // dm-ploop attaches version 2 images only: refused, saying how to fix it.
+                    let refused = try TestSupport.ploop("mount", dd)
+                    #expect(refused.code != 0 && refused.stderr.contains("ploop convert -v 2"), "\(refused)")
+                    continue
+                }
                 let m = try Self.ploop("mount", dd).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
                 devices.names.append(m)
                 #expect(try Self.read(m, count: 128 << 20) == expected, "after convert -v \(v)")

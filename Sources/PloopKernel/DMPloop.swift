@@ -5,6 +5,10 @@ import PloopDevice
 /// parsed as the kernel parses them (the fake device-mapper uses the parsers).
 public enum DMPloop {
     public static let targetType = "ploop"
+    /// The device-mapper target a copy puts on a device to see its writes, and the suffix of the
+    /// name of the second ploop device it feeds (`ploopN.tracking`).
+    public static let trackingType = "tracking"
+    public static let trackingSuffix = ".tracking"
     /// The device-mapper name of device M, and its node.
     public static func name(_ minor: Int) -> String { "ploop\(minor)" }
     public static func node(_ minor: Int) -> String { "/dev/mapper/\(name(minor))" }

@@ -4,17 +4,17 @@ import PloopDevice
 import PloopFormat
 import PloopImage
 import PloopSystem
+import Synchronization
 
 /// The device-mapper driver of ploop 8/9 (dm-ploop), driven as the original's 9.x drives it
 /// (reference dm-ploop.md §4): a device `/dev/mapper/ploopM` is created with one `ploop` table
 /// whose line carries descriptors of the images, the top marked in use by us before the load and
 /// cleared by us after the removal.
 ///
-/// Under way (issue 19): mount, umount, info, list, block I/O, online snapshot and grow, merges of
-/// read-only levels. The merge of the top and write tracking answer `notSupported` until they are
-/// built on the target's messages (its merge copies the lower delta up into the top: the opposite
-/// direction of the legacy driver's); the legacy balloon ioctls have no dm-ploop equivalent (the original's 9.x
-/// keeps only `balloon show|change|discard`, as file operations).
+/// Mount, umount, info, list, block I/O, online snapshot and grow, online merges (of read-only
+/// levels by user-space copy and `notify_merged_backward`; of the top as the reverse merge),
+/// copy with write tracking (the tracking target). The legacy balloon ioctls have no dm-ploop
+/// equivalent (the original's 9.x keeps only `balloon show|change|discard`, as file operations).
 public final class DMPloopBackend: DeviceBackend {
     public let name = "dm-ploop"
     let transport: any DMTransport
@@ -201,20 +201,31 @@ public final class DMPloopBackend: DeviceBackend {
 
     struct Found {
         var name: String
+        /// The device whose table is the ploop one: `name`, or `<name>.tracking` while a copy
+        /// tracks writes (the tracking table on `name` feeds it).
+        var target: String
         var status: DMPloop.Status
         var length: UInt64
         var readOnly: Bool
+        var tracked = false
     }
 
     func devices() throws(DeviceError) -> [(name: String, dev: UInt64)] {
         try send(DM.Request(.listDevices), what: "listing device-mapper devices").devices()
     }
 
-    /// Device `name` if its live table is a ploop one.
+    /// Device `name` if its live table is a ploop one, or a tracking one over its ploop twin.
     func ploop(_ name: String) throws(DeviceError) -> Found? {
         let r = try send(DM.Request(.tableStatus, name: name), what: "status of \(name)")
-        guard let t = try r.targets().first, t.type == DMPloop.targetType else { return nil }
-        return Found(name: name, status: try DMPloop.Status(parsing: t.params), length: t.length, readOnly: r.flags.contains(.readOnly))
+        guard let t = try r.targets().first else { return nil }
+        if t.type == DMPloop.trackingType, !name.hasSuffix(DMPloop.trackingSuffix) {
+            guard var f = try ploop(name + DMPloop.trackingSuffix), !f.tracked else { return nil }
+            f.name = name
+            f.tracked = true
+            return f
+        }
+        guard t.type == DMPloop.targetType else { return nil }
+        return Found(name: name, target: name, status: try DMPloop.Status(parsing: t.params), length: t.length, readOnly: r.flags.contains(.readOnly))
     }
 
     /// Device `name`, which must run a ploop table.
@@ -223,12 +234,18 @@ public final class DMPloopBackend: DeviceBackend {
         return f
     }
 
+    /// Device `name` for an operation that changes its table: not while a copy tracks it.
+    func changeable(_ name: String) throws(DeviceError) -> Found {
+        let f = try found(name)
+        if f.tracked { throw .busy(.track) }
+        return f
+    }
+
     /// The levels of `f`, base first, from `get_img_name`.
     func levels(_ f: Found) throws(DeviceError) -> [LevelInfo] {
-        let name = f.name
         var out: [LevelInfo] = []
         for l in 0..<f.status.deltas {
-            guard let path = try message(name, .getImageName(level: l)), !path.isEmpty else { break }
+            guard let path = try message(f.target, .getImageName(level: l)), !path.isEmpty else { break }
             let format: ImageFormat = (try? ImagePath.detectFormat(ImagePath.open(path, write: false))) ?? .ploop1
             out.append(LevelInfo(level: l, path: path, format: format, readOnly: l < f.status.deltas - 1 || f.readOnly))
         }
@@ -240,7 +257,7 @@ public final class DMPloopBackend: DeviceBackend {
         let f = try found(name)
         return DeviceInfo(
             device: DMPloop.node(Int(name.dropFirst(5))!), backend: self.name, sizeBytes: f.length * 512,
-            clusterBytes: f.status.clusterSectors * 512, state: .off, running: true, levels: try levels(f), mergeProgress: nil)
+            clusterBytes: f.status.clusterSectors * 512, state: f.tracked ? .track : .off, running: true, levels: try levels(f), mergeProgress: nil)
     }
 
     public func list() throws(DeviceError) -> [DeviceInfo] {
@@ -299,7 +316,7 @@ public final class DMPloopBackend: DeviceBackend {
     /// new file goes.
     public func snapshot(_ device: String, newDelta: String) throws(DeviceError) {
         let name = try Self.dmName(device)
-        let f = try found(name)
+        let f = try changeable(name)
         guard !f.readOnly else { throw .readOnly(device) }
         let levels = try self.levels(f)
         guard let oldTop = levels.last else { throw .noSuchDevice(device) }
@@ -328,7 +345,7 @@ public final class DMPloopBackend: DeviceBackend {
     /// reloaded with the new length.
     public func grow(_ device: String, sizeSectors: UInt64) throws(DeviceError) {
         let name = try Self.dmName(device)
-        let f = try found(name)
+        let f = try changeable(name)
         guard sizeSectors >= f.length else { throw .cannotShrink(fromSectors: f.length, toSectors: sizeSectors) }
         guard sizeSectors > f.length else { return }
         guard !f.readOnly else { throw .readOnly(device) }
@@ -350,7 +367,7 @@ public final class DMPloopBackend: DeviceBackend {
     /// disk commands expect the legacy one.
     public func merge(_ device: String, levels range: ClosedRange<Int>, progress: (@Sendable (Int, Int) -> Void)?) throws(DeviceError) -> [String] {
         let name = try Self.dmName(device)
-        let f = try found(name)
+        let f = try changeable(name)
         let levels = try self.levels(f)
         let top = levels.count - 1
         guard range.lowerBound >= 0, range.upperBound <= top, range.lowerBound < range.upperBound else {
@@ -360,7 +377,7 @@ public final class DMPloopBackend: DeviceBackend {
             // The levels below the top first (into l1), then the top into l1.
             var removed: [String] = []
             if range.lowerBound < top - 1 { removed = try merge(device, levels: range.lowerBound...(top - 1), progress: progress) }
-            let now = try found(name)
+            let now = try changeable(name)
             return removed + (try mergeTop(now, try self.levels(now), progress: progress))
         }
         let l1 = range.lowerBound
@@ -461,7 +478,7 @@ public final class DMPloopBackend: DeviceBackend {
     /// resumed, the old top's mark cleared, then `merge`.
     public func finishSwappedMerge(_ device: String) throws(DeviceError) -> [String] {
         let name = try Self.dmName(device)
-        let f = try found(name)
+        let f = try changeable(name)
         let levels = try self.levels(f)
         guard levels.count >= 2 else { throw .levelsOutOfRange(0...0, top: levels.count - 1) }
         let old = levels[levels.count - 2]
@@ -525,10 +542,151 @@ public final class DMPloopBackend: DeviceBackend {
         _ = try message(try Self.dmName(device), .updateDeltaIndex(level: level, map: maps.map { ($0.cluster, $0.block) }))
     }
 
-    // MARK: - Not built yet on dm-ploop
+    // MARK: - Write tracking (the tracking target)
 
-    func later(_ what: String) -> DeviceError {
-        .notSupported("\(what) on dm-ploop is not built yet (issue 19): use --backend simulator or the legacy module")
+    /// What a copy in this process has asked of device `name`: the top it reads and the file
+    /// ranges of dirty clusters not handed out yet.
+    struct TrackState {
+        var top: String
+        var header: ImageHeader?
+        var clusterBytes: UInt64
+        var pending: [Range<UInt64>] = []
+    }
+    let tracks = Mutex<[String: TrackState]>([:])
+
+    /// Copy with write tracking as the original's 9.x sets it up (reference §4.6): the device
+    /// suspended, an `error` table loaded on it, a second ploop device `<name>.tracking` made on
+    /// fresh descriptors of the same images, a `tracking` table over that one loaded on the device,
+    /// resumed; then `tracking_start`. Returns the top file's length: the copy reads the file, as
+    /// with the legacy driver. On failure the ploop table goes back on the device.
+    public func trackInit(_ device: String) throws(DeviceError) -> UInt64 {
+        let name = try Self.dmName(device)
+        let twin = name + DMPloop.trackingSuffix
+        let f = try changeable(name)
+        // A twin left by a copy that died is not running this device any more: it goes first.
+        if try devices().contains(where: { $0.name == twin }) { _ = try? send(DM.Request(.devRemove, name: twin), what: "removing \(twin)") }
+        let levels = try self.levels(f)
+        guard let top = levels.last else { throw .noSuchDevice(device) }
+        let raw = levels[0].format == .raw
+        let paths = levels.map(\.path)
+        var made = false
+        do {
+            _ = try send(DM.Request(.devSuspend, name: name, flags: .suspend), what: "suspending \(name)")
+            _ = try send(DM.Request(.tableLoad, name: name, flags: f.readOnly ? .readOnly : [], targets: [DM.Target(length: f.length, type: "error", params: "")]), what: "loading an error table on \(name)")
+            let fds = try Self.openDeltas(paths, writable: f.readOnly ? 0 : 1)
+            defer { for fd in fds { close(fd) } }
+            _ = try send(DM.Request(.devCreate, name: twin), what: "creating \(twin)")
+            made = true
+            let table = DMPloop.Table(clusterLog: DMPloop.Table.clusterLog(sectors: UInt32(f.status.clusterSectors)), fds: fds, rawBase: raw)
+            _ = try send(DM.Request(.tableLoad, name: twin, flags: f.readOnly ? .readOnly : [], targets: [DM.Target(length: f.length, type: DMPloop.targetType, params: table.params)]), what: "loading the ploop table of \(twin)")
+            _ = try send(DM.Request(.devSuspend, name: twin), what: "resuming \(twin)")
+            let tracking = "\(f.status.clusterSectors) /dev/mapper/\(twin)"
+            _ = try send(DM.Request(.tableLoad, name: name, flags: f.readOnly ? .readOnly : [], targets: [DM.Target(length: f.length, type: DMPloop.trackingType, params: tracking)]), what: "loading the tracking table of \(name)")
+            _ = try send(DM.Request(.devSuspend, name: name), what: "resuming \(name)")
+            _ = try message(name, .trackingStart)
+        } catch {
+            // Back to the ploop table (the device is resumed whatever happens), the twin gone.
+            try? reload(f, paths: paths, length: f.length, raw: raw) {}
+            if made { _ = try? send(DM.Request(.devRemove, name: twin), what: "removing \(twin)") }
+            throw error
+        }
+        var header: ImageHeader?
+        let end: UInt64
+        do throws(ImageError) {
+            let file = try ImagePath.open(top.path, write: false)
+            if top.format == .ploop1 {
+                let bytes = try file.readBytes(PloopSpec.headerSize, at: 0)
+                do throws(FormatError) { header = try ImageHeader.decode(bytes) } catch { throw .format(top.path, error) }
+            }
+            end = try file.size()
+        } catch {
+            try? untrack(name)
+            throw .image(error)
+        }
+        tracks.withLock { $0[name] = TrackState(top: top.path, header: header, clusterBytes: UInt64(f.status.clusterSectors) * 512) }
+        return end
+    }
+
+    /// The tracking target marks the whole device from `tracking_start`: nothing to move.
+    public func trackSetPosition(_ device: String, _ position: UInt64) throws(DeviceError) {
+        guard tracks.withLock({ $0[(try? Self.dmName(device)) ?? ""] }) != nil else { throw .wrongState(.tracking, .off) }
+    }
+
+    /// The next dirty range of the top file: for each cluster `tracking_get_next` hands out, the
+    /// block the top's BAT maps it to (read from the file as it is now) and the BAT sector with
+    /// its entry; nil when the target has nothing left this pass.
+    public func trackRead(_ device: String) throws(DeviceError) -> Range<UInt64>? {
+        let name = try Self.dmName(device)
+        while true {
+            guard let st = tracks.withLock({ $0[name] }) else { throw .wrongState(.tracking, .off) }
+            if let r = st.pending.first {
+                tracks.withLock { _ = $0[name]?.pending.removeFirst() }
+                return r
+            }
+            guard try takeNext(name, st) else { return nil }
+        }
+    }
+
+    /// Asks the target for its next dirty cluster and queues its file ranges; false when none.
+    func takeNext(_ name: String, _ st: TrackState) throws(DeviceError) -> Bool {
+        guard let reply = try message(name, .trackingGetNext)?.trimmingCharacters(in: .whitespacesAndNewlines), !reply.isEmpty else { return false }
+        guard let c = UInt64(reply) else { throw .invalid("Not valid tracking offset \(reply)") }
+        var ranges: [Range<UInt64>] = []
+        if let h = st.header {
+            let at = h.layout.entryOffset(ClusterIndex(c))
+            func entry() throws(DeviceError) -> UInt32 {
+                do throws(ImageError) {
+                    let bytes = try ImagePath.open(st.top, write: false).readBytes(4, at: at)
+                    return bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }.littleEndian
+                } catch { throw .image(error) }
+            }
+            var e = try entry()
+            // A cluster written but not mapped in the file yet: its entry is there after a flush.
+            if e == 0 {
+                try sync(DMPloop.node(Int(name.dropFirst(5))!))
+                e = try entry()
+            }
+            if e != 0, let b = try? h.layout.decode(e) {
+                ranges.append(UInt64(b.value) * st.clusterBytes..<UInt64(b.value + 1) * st.clusterBytes)
+            }
+            ranges.append(at / 512 * 512..<at / 512 * 512 + 512)
+        } else {
+            ranges.append(c * st.clusterBytes..<(c + 1) * st.clusterBytes)
+        }
+        tracks.withLock { $0[name]?.pending = ranges }
+        return true
+    }
+
+    /// `tracking_stop` and the ploop table back; refused while the target still has dirty
+    /// clusters the copy has not read (as the legacy TRACK_STOP is).
+    public func trackStop(_ device: String) throws(DeviceError) {
+        let name = try Self.dmName(device)
+        guard let st = tracks.withLock({ $0[name] }) else { throw .wrongState(.tracking, .off) }
+        if !st.pending.isEmpty { throw .unreadExtents }
+        if try takeNext(name, st) { throw .unreadExtents }
+        _ = try message(name, .trackingStop)
+        try untrack(name)
+    }
+
+    public func trackAbort(_ device: String) throws(DeviceError) {
+        let name = try Self.dmName(device)
+        _ = try? message(name, .trackingStop)
+        try untrack(name)
+    }
+
+    /// Ends tracking of device `name` (reference §4.6, `ploop_tg_deinit`): it and its twin
+    /// suspended, a ploop table of the twin's images loaded on it, resumed, the twin removed.
+    func untrack(_ name: String) throws(DeviceError) {
+        tracks.withLock { $0[name] = nil }
+        let twin = name + DMPloop.trackingSuffix
+        guard let inner = try ploop(twin) else { return }
+        let levels = try self.levels(inner)
+        var outer = inner
+        outer.name = name
+        try reload(outer, paths: levels.map(\.path), length: inner.length, raw: levels.first?.format == .raw) { () throws(DeviceError) in
+            _ = try send(DM.Request(.devSuspend, name: twin, flags: .suspend), what: "suspending \(twin)")
+        }
+        _ = try send(DM.Request(.devRemove, name: twin), what: "removing \(twin)")
     }
 
 
@@ -544,9 +702,5 @@ public final class DMPloopBackend: DeviceBackend {
     public func dropFreeBlocks(_ device: String) throws(DeviceError) { throw Self.noBalloon }
     public func relocateBlocks(_ device: String, level: Int, allocHead: UInt32, extents: [RelocExtent]) throws(DeviceError) -> UInt32 { throw Self.noBalloon }
 
-    public func trackInit(_ device: String) throws(DeviceError) -> UInt64 { throw later("write tracking (the tracking target)") }
-    public func trackSetPosition(_ device: String, _ position: UInt64) throws(DeviceError) { throw later("write tracking") }
-    public func trackRead(_ device: String) throws(DeviceError) -> Range<UInt64>? { throw later("write tracking") }
-    public func trackStop(_ device: String) throws(DeviceError) { throw later("write tracking") }
-    public func trackAbort(_ device: String) throws(DeviceError) { throw later("write tracking") }
+
 }

@@ -56,8 +56,9 @@ public struct SystemDMTransport: DMTransport {
 /// `notify_merged_backward`, `update_delta_index`, `flip_upper_deltas` (with the debug build's
 /// EEXIST check: no cluster of the top may be mapped in the lower delta's file) and `merge` after
 /// a flip (the reverse merge: the old top's clusters go up into the file that is now the top).
-/// Not yet: `merge` without a flip (EOPNOTSUPP here) and the tracking target's messages (ENOTSUPP).
-/// BAT entries are not checked at load.
+/// The tracking target (`tracking_start|stop|clear|get_next`, reference §2.3) over a ploop device
+/// fills its bitmap from what that device's own write tracking saw. Not yet: `merge` without a
+/// flip (EOPNOTSUPP here). BAT entries are not checked at load.
 public final class FakeDeviceMapper: DMTransport {
     /// ENOTSUPP, the kernel-internal errno dm-ploop answers unknown messages with.
     public static let enotsupp: Int32 = 524
@@ -89,6 +90,13 @@ public final class FakeDeviceMapper: DMTransport {
         enum CodingKeys: String, CodingKey { case targets, readOnly, paths, writable, clusterSectors, fallocNewCluster, rawBase, flipped }
 
         var isPloop: Bool { targets.first?.type == DMPloop.targetType }
+        /// A tracking table's origin device (its dm name) and cluster size in sectors.
+        var trackingOrigin: (name: String, clusterSectors: UInt64)? {
+            guard let t = targets.first, t.type == "tracking" else { return nil }
+            let w = t.params.split(separator: " ")
+            guard w.count == 2, let cs = UInt64(w[0]) else { return nil }
+            return (String(w[1].split(separator: "/").last ?? ""), cs)
+        }
         /// The files as the target numbers its levels.
         var levels: [String] {
             guard flipped, paths.count >= 2 else { return paths }
@@ -109,6 +117,14 @@ public final class FakeDeviceMapper: DMTransport {
         var eventNumber: UInt32 = 0
         /// Shared mode: the lower backend's device that serves the live ploop table.
         var lowerDevice: String?
+        /// A live tracking table's bitmap, once `tracking_start` came: the dirty device clusters
+        /// and the cursor `tracking_get_next` goes on from.
+        var tracking: Tracking?
+    }
+
+    struct Tracking: Codable {
+        var dirty: Set<UInt64> = []
+        var cursor: UInt64 = 0
     }
 
     /// The shared mode's state file.
@@ -165,7 +181,9 @@ public final class FakeDeviceMapper: DMTransport {
     /// each request (a reload swaps the table under it).
     public func openIO(_ name: String) throws(DeviceError) -> any DeviceIO {
         if let sh = shared {
-            let dev = try locked { () throws(DeviceError) -> String? in devices.withLock { $0[name]?.lowerDevice } }
+            let dev = try locked { () throws(DeviceError) -> String? in
+                devices.withLock { all in all[name]?.live?.trackingOrigin.flatMap { all[$0.name]?.lowerDevice } ?? all[name]?.lowerDevice }
+            }
             guard let dev else { throw .noSuchDevice("/dev/mapper/\(name)") }
             return try sh.lower.openIO(dev)
         }
@@ -177,7 +195,13 @@ public final class FakeDeviceMapper: DMTransport {
     let ioGate = ReadWriteLock(())
 
     func liveModel(_ name: String) throws(DeviceError) -> DeviceModel {
-        guard let m = devices.withLock({ $0[name]?.live?.model }) else { throw .noSuchDevice("/dev/mapper/\(name)") }
+        let m = devices.withLock { all -> DeviceModel? in
+            guard let live = all[name]?.live else { return nil }
+            // A tracking table passes I/O to its origin.
+            if let o = live.trackingOrigin { return all[o.name]?.live?.model }
+            return live.model
+        }
+        guard let m else { throw .noSuchDevice("/dev/mapper/\(name)") }
         return m
     }
 
@@ -341,7 +365,7 @@ public final class FakeDeviceMapper: DMTransport {
                     if var t = d.inactive {
                         do throws(Failure) {
                             if shared != nil {
-                                try swapLower(&d, to: t)
+                                try swapLower(&d, to: t, &all)
                             } else {
                                 Self.release(d.live)
                                 if t.isPloop { t.model = try Self.model(t) }
@@ -367,8 +391,10 @@ public final class FakeDeviceMapper: DMTransport {
             try devices.withLock { all throws(Failure) in
                 guard let d = all[name] else { throw Failure(errno: ENXIO) }
                 guard d.openCount == 0 else { throw Failure(errno: EBUSY) }
-                if let sh = shared, let dev = d.lowerDevice {
-                    do throws(DeviceError) { try sh.lower.umount(dev) } catch { throw Failure(errno: Self.errnoOf(error)) }
+                if let sh = shared {
+                    if let dev = d.lowerDevice {
+                        do throws(DeviceError) { try sh.lower.umount(dev) } catch { throw Failure(errno: Self.errnoOf(error)) }
+                    }
                     removeNode(name, all.count == 1)
                 }
                 Self.release(d.live)
@@ -417,7 +443,11 @@ public final class FakeDeviceMapper: DMTransport {
                     Self.set64(&spec, t.start, Off.specStart)
                     Self.set64(&spec, t.length, Off.specLength)
                     spec.replaceSubrange(Off.specType..<Off.specType + min(15, t.type.utf8.count), with: Array(t.type.utf8.prefix(15)))
-                    let text = t.type == DMPloop.targetType && table != nil ? Self.ploopStatus(table!, d) : t.params
+                    var text = t.type == DMPloop.targetType && table != nil ? Self.ploopStatus(table!, d) : t.params
+                    if let o = table?.trackingOrigin {
+                        // <origin maj:min> <cluster sectors> active|inactive
+                        text = "\(Self.major):\(all[o.name]?.minor ?? 0) \(o.clusterSectors) \(d.tracking == nil ? "inactive" : "active")"
+                    }
                     spec += Array(text.utf8) + [0]
                     spec += [UInt8](repeating: 0, count: (8 - spec.count % 8) % 8)
                     // Answering, `next` counts from the first spec.
@@ -456,10 +486,28 @@ public final class FakeDeviceMapper: DMTransport {
     // MARK: - Shared mode: tables served by the lower backend
 
     /// Makes the lower backend serve table `t` in place of `d`'s live one (none: a mount).
-    private func swapLower(_ d: inout Device, to t: Table) throws(Failure) {
+    /// The copy-with-tracking sequence (reference §4.6) hands the lower device over: a second
+    /// ploop device over the files a suspended one runs takes its lower device, the first keeps
+    /// only its node under a tracking table, and gets the lower device back with its ploop table.
+    private func swapLower(_ d: inout Device, to t: Table, _ all: inout [String: Device]) throws(Failure) {
         guard let sh = shared else { return }
         func lifted<T>(_ body: () throws(DeviceError) -> T) throws(Failure) -> T {
             do { return try body() } catch { throw Failure(errno: Self.errnoOf(error)) }
+        }
+        if let o = t.trackingOrigin {
+            // Tracking: I/O goes to the origin, which serves this device's files already.
+            if let dev = d.lowerDevice, all[o.name]?.lowerDevice == dev { d.lowerDevice = nil }
+            return
+        }
+        if t.isPloop, let o = d.live?.trackingOrigin, let origin = all[o.name], let dev = origin.lowerDevice, origin.live?.paths == t.paths {
+            d.lowerDevice = dev
+            all[o.name]!.lowerDevice = nil
+            return
+        }
+        if t.isPloop, d.live == nil, let dev = all.values.first(where: { $0.suspended && $0.live?.paths == t.paths && $0.lowerDevice != nil })?.lowerDevice {
+            try makeNode(d.name, of: dev)
+            d.lowerDevice = dev
+            return
         }
         guard let old = d.live, old.isPloop, let dev = d.lowerDevice else {
             guard t.isPloop else { return }
@@ -592,7 +640,12 @@ public final class FakeDeviceMapper: DMTransport {
                 // DM_TARGET_SINGLETON
                 guard table.targets.count == 1, t.start == 0 else { throw Failure(errno: EINVAL) }
                 try construct(&table, t.length, t.params)
-            case "error", "zero", "linear", "tracking":
+            case "tracking":
+                // Exactly <cluster sectors> <origin>, from sector 0, over an origin no shorter.
+                guard table.targets.count == 1, t.start == 0, let o = table.trackingOrigin, o.clusterSectors > 0 else { throw Failure(errno: EINVAL) }
+                guard let origin = devices.withLock({ $0[o.name] }), let ol = origin.live else { throw Failure(errno: ENODEV) }
+                guard ol.targets[0].length >= t.length else { throw Failure(errno: EBADSLT) }
+            case "error", "zero", "linear":
                 continue
             default:
                 throw Failure(errno: EINVAL)
@@ -667,6 +720,11 @@ public final class FakeDeviceMapper: DMTransport {
         }
         return try devices.withLock { all throws(Failure) -> String? in
             guard var d = all[name] else { throw Failure(errno: ENXIO) }
+            if let o = d.live?.trackingOrigin {
+                let reply = try trackingMessage(m, &d, origin: o, all)
+                all[name] = d
+                return reply
+            }
             guard var live = d.live, live.isPloop else { throw Failure(errno: EINVAL) }
             let top = live.paths.count - 1
             let device = d
@@ -736,6 +794,71 @@ public final class FakeDeviceMapper: DMTransport {
             d.live = live
             all[name] = d
             return nil
+        }
+    }
+
+    // MARK: - The tracking target
+
+    /// dm-tracking's messages (reference §2.3) on device `d`, whose table tracks `origin`. Writes
+    /// reach the origin's images without passing here, so the bitmap is filled from what the
+    /// origin's own write tracking (image-file extents) saw, each data block turned back into its
+    /// virtual cluster through the top's BAT.
+    private func trackingMessage(_ m: DMPloop.Message, _ d: inout Device, origin o: (name: String, clusterSectors: UInt64), _ all: [String: Device]) throws(Failure) -> String? {
+        guard let origin = all[o.name], let top = origin.live?.paths.last else { throw Failure(errno: ENODEV) }
+        let clusters = (d.live?.targets[0].length ?? 0) / o.clusterSectors
+        func run(_ here: (DeviceModel) throws(DeviceError) -> Void, _ there: (any DeviceBackend, String) throws(DeviceError) -> Void) throws(Failure) {
+            do throws(DeviceError) {
+                if let model = origin.live?.model {
+                    try here(model)
+                } else if let sh = shared, let dev = origin.lowerDevice {
+                    try there(sh.lower, dev)
+                } else {
+                    throw .notRunning(o.name)
+                }
+            } catch { throw Failure(errno: Self.errnoOf(error)) }
+        }
+        switch m {
+        case .trackingStart:
+            guard d.tracking == nil else { throw Failure(errno: EEXIST) }
+            // Every write from now on, wherever in the file (the position far past any end).
+            let everywhere: UInt64 = 1 << 62
+            try run({ m throws(DeviceError) in _ = try m.trackInit(); try m.trackSetPosition(everywhere) }, { b, dev throws(DeviceError) in _ = try b.trackInit(dev); try b.trackSetPosition(dev, everywhere) })
+            d.tracking = Tracking()
+            return nil
+        case .trackingStop:
+            guard d.tracking != nil else { throw Failure(errno: ENOENT) }
+            try? run({ m throws(DeviceError) in try m.trackAbort() }, { b, dev throws(DeviceError) in try b.trackAbort(dev) })
+            d.tracking = nil
+            return nil
+        case .trackingClear(let c):
+            guard d.tracking != nil else { throw Failure(errno: ENOENT) }
+            guard c < clusters else { throw Failure(errno: EINVAL) }
+            d.tracking!.dirty.remove(c)
+            return nil
+        case .trackingGetNext:
+            guard var t = d.tracking else { throw Failure(errno: ENOENT) }
+            // What the origin wrote since the last call, as device clusters.
+            var extents: [Range<UInt64>] = []
+            try run({ m throws(DeviceError) in while let r = try m.trackRead() { extents.append(r) } }, { b, dev throws(DeviceError) in while let r = try b.trackRead(dev) { extents.append(r) } })
+            if !extents.isEmpty {
+                // BAT entries of new blocks reach the file at a flush: read after one.
+                try run({ m throws(DeviceError) in try m.flush() }, { b, dev throws(DeviceError) in try b.sync(dev) })
+                let cb = o.clusterSectors * 512
+                guard let f = try? ImagePath.open(top, write: false), let image = try? Ploop1Image(file: f, writable: false, allowDirty: true) else { throw Failure(errno: EIO) }
+                let owners = image.owners()
+                for r in extents {
+                    for block in (r.lowerBound / cb)..<((r.upperBound + cb - 1) / cb) {
+                        if let c = owners[UInt32(block)], c.value < clusters { t.dirty.insert(c.value) }
+                    }
+                }
+            }
+            defer { d.tracking = t }
+            guard let next = t.dirty.filter({ $0 >= t.cursor }).min() ?? t.dirty.min() else { return nil }
+            t.dirty.remove(next)
+            t.cursor = next + 1
+            return String(next)
+        default:
+            throw Failure(errno: Self.enotsupp)
         }
     }
 

@@ -41,7 +41,7 @@ struct Harness: Sendable, CustomTestStringConvertible {
     /// dm-ploop, and dm-ploop has no balloon ioctls).
     static let dmFake = Harness(
         name: "dm-ploop (fake device-mapper)", unavailable: { nil },
-        make: { _ in DMPloopBackend(fake: FakeDeviceMapper()) }, lacks: [.balloon, .tracking])
+        make: { _ in DMPloopBackend(fake: FakeDeviceMapper()) }, lacks: [.balloon])
 
     /// The simulator through its real stack (FUSE, loop, /dev/ploopN), driven by the built binary.
     static let simulator = Harness(

@@ -385,6 +385,64 @@ struct DMPloopBackendTests {
         #expect(try !Self.inUse(top))
     }
 
+    /// Copy with write tracking as the original's 9.x sets it up: an error table, the twin
+    /// `<name>.tracking` made on the same images, a tracking table over it, `tracking_start`; a
+    /// write through the device is handed out as its block and BAT sector; stop puts the ploop
+    /// table back and removes the twin. A refused step puts the ploop table back too.
+    @Test func copyTrackingSequence() throws {
+        let n: UInt64 = 16
+        let top = try image("t", clusters: n, fill: [1], tag: 1)
+        let dev = try backend.mount(MountRequest(images: [top]))
+        let name = String(dev.dropFirst("/dev/mapper/".count))
+        fake.commands.withLock { $0 = [] }
+        fake.texts.withLock { $0 = [] }
+        let end = try backend.trackInit(dev)
+        #expect(end == UInt64(try ImagePath.open(top, write: false).size()))
+        let changes = fake.commands.withLock { $0 }.filter { ![.tableStatus, .targetMessage, .listDevices, .devStatus].contains($0.0) }
+        #expect(changes.map(\.0) == [.devSuspend, .tableLoad, .devCreate, .tableLoad, .devSuspend, .tableLoad, .devSuspend])
+        #expect(changes.map(\.1) == [name, name, name + ".tracking", name + ".tracking", name + ".tracking", name, name])
+        let loads = fake.texts.withLock { $0 }.filter { $0.hasPrefix("0 ") }
+        #expect(loads.count == 3 && loads[0] == "0 \(n * UInt64(Self.cs)) error " && loads[1].contains(" ploop 7 "))
+        #expect(loads[2] == "0 \(n * UInt64(Self.cs)) tracking \(Self.cs) /dev/mapper/\(name).tracking")
+        #expect(fake.texts.withLock { $0 }.last == "tracking_start")
+        // The device still answers, as tracked (and refuses to change its table meanwhile).
+        #expect(try backend.info(dev).state == .track)
+        #expect(throws: DeviceError.busy(.track)) { try backend.snapshot(dev, newDelta: dir.file("t.1")) }
+
+        // A write to cluster 5: its new block and the BAT sector of entry 5 are handed out.
+        let io = try backend.openIO(dev)
+        let w = [UInt8](repeating: 0x77, count: 4096)
+        try w.withUnsafeBytes { try io.write($0, at: 5 * UInt64(Self.cb) + 4096) }
+        var got: [Range<UInt64>] = []
+        while let r = try backend.trackRead(dev) { got.append(r) }
+        let image = try Ploop1Image(file: try ImagePath.open(top, write: false), writable: false, allowDirty: true)
+        let block = try #require(image.block(of: ClusterIndex(5)))
+        let bat = image.header.layout.entryOffset(ClusterIndex(5)) / 512 * 512
+        #expect(got == [UInt64(block.value) * UInt64(Self.cb)..<UInt64(block.value + 1) * UInt64(Self.cb), bat..<bat + 512])
+        // Written again, not read yet: stop is refused, then allowed once it is read.
+        try w.withUnsafeBytes { try io.write($0, at: 5 * UInt64(Self.cb)) }
+        #expect(throws: DeviceError.unreadExtents) { try backend.trackStop(dev) }
+        while try backend.trackRead(dev) != nil {}
+        fake.commands.withLock { $0 = [] }
+        try backend.trackStop(dev)
+        let back = fake.commands.withLock { $0 }.filter { ![.tableStatus, .targetMessage, .listDevices, .devStatus].contains($0.0) }
+        #expect(back.map(\.0) == [.devSuspend, .devSuspend, .tableLoad, .devSuspend, .devRemove])
+        #expect(back.map(\.1) == [name, name + ".tracking", name, name, name + ".tracking"])
+        #expect(try backend.info(dev).state == .off)
+        #expect(try backend.info(dev).levels.map(\.path) == [top])
+
+        // The twin's table refused: the device runs its ploop table again, no twin is left.
+        fake.fail(.devCreate, errno: ENOMEM)
+        #expect(throws: DeviceError.self) { _ = try backend.trackInit(dev) }
+        #expect(try backend.info(dev).state == .off)
+        #expect(try backend.list().map(\.device) == [dev])
+        var cluster5 = [UInt8](repeating: 0, count: 4096)
+        try cluster5.withUnsafeMutableBytes { try backend.openIO(dev).read(into: $0, at: 5 * UInt64(Self.cb)) }
+        #expect(cluster5 == w)
+        try backend.umount(dev)
+        #expect(try !Self.inUse(top))
+    }
+
     @Test func whatIsNotThereSaysSo() throws {
         let raw = dir.file("raw")
         #expect(FileManager.default.createFile(atPath: raw, contents: Data(count: 8 * Self.cb)))
