@@ -89,6 +89,36 @@ struct BalloonTests {
         } }
     }
 
+    /// dm-ploop has no balloon ioctls: `change` resizes the balloon file only, as the original's
+    /// 9.x does (the image keeps its clusters until fstrim gives them back), `show`, `status` and
+    /// `complete` answer, the reclaim of the legacy procedure is refused saying why, and every
+    /// file stays.
+    @Test func balloonOnDMIsAFileOperation() throws {
+        try DeviceTestLock.run { try TestSupport.withBackend("dm-fake") {
+            let s = try Stage()
+            let (img, dev, mnt) = try Self.prepare(s, size: "512m", files: 3, mib: 64)
+            let before = try ImageInfo.read(path: img).fileSize
+            let r = try TestSupport.ploop("balloon", "change", "-s", "100m", "-m", mnt)
+            #expect(r.code == 0 && r.stdout.contains("no balloon ioctls"), "\(r)")
+            let j = try TestSupport.ploop("balloon", "change", "-s", "120m", "-m", mnt, "--json")
+            let change = try JSONDecoder().decode(Change.self, from: Data(j.stdout.utf8))
+            #expect(change.oldSize == 100 << 20 && change.newSize == 120 << 20 && change.bytesCut == 0 && change.relocated == 0, "\(j)")
+            #expect(try ImageInfo.read(path: img).fileSize == before)
+            #expect(try TestSupport.ploop("balloon", "show", "-m", mnt).stdout.contains("\(120 << 20) bytes"))
+            #expect(try TestSupport.ploop("balloon", "status", "-d", dev).stdout.contains("OFF"))
+            let complete = try TestSupport.ploop("balloon", "complete", "-d", dev)
+            #expect(complete.code == 0 && complete.stdout.contains("Nothing to complete"), "\(complete)")
+            let repair = try TestSupport.ploop("balloon", "repair", "-m", mnt)
+            #expect(repair.code != 0 && repair.stderr.contains("no balloon ioctls"), "\(repair)")
+            #expect(try Self.keptFileIntact(s))
+            // Deflated again: the file system has its space back.
+            let d = try TestSupport.ploop("balloon", "change", "-s", "0", "-m", mnt)
+            #expect(d.code == 0, "\(d)")
+            #expect(try TestSupport.ploop("balloon", "show", "-m", mnt).stdout.contains(" 0 bytes"))
+            try s.finishClean(image: img, device: dev, mount: mnt)
+        } }
+    }
+
     @Test func refusals() throws {
         try DeviceTestLock.run {
             let s = try Stage()

@@ -94,6 +94,11 @@ public struct BalloonProcedure: Sendable {
         say("Changing balloon size old_size=\(old) new_size=\(new)")
         var result = Result(oldSize: old, newSize: new, freeBlocks: 0, relocated: 0, clustersCut: 0, bytesCut: 0)
         let inflate = old < new
+        if !backend.balloonIoctls {
+            try resizeFile(balloon, from: old, to: new)
+            say("The device has no balloon ioctls (dm-ploop): the image keeps the clusters under the balloon until a discard gives them back (fstrim on the mount point)")
+            return result
+        }
         let reply = try backend.balloon(device, inflate: inflate, keepIntact: false)
         // From here the state is dropped on the way out, unless a relocation is pending.
         var resetState = true
@@ -107,13 +112,7 @@ public struct BalloonProcedure: Sendable {
                 throw Failure.protocolError("a BALLOON state is set by someone else: use 'ploop balloon clear' if no balloon operation runs")
             default: break
             }
-            if old == new {
-                say("Nothing to do: new_size == old_size")
-                return result
-            }
-            try balloon.truncate(to: new)
-            try balloon.sync()
-            say("Successfully truncated balloon from \(old) to \(new) bytes")
+            try resizeFile(balloon, from: old, to: new)
             return result
         }
         switch reply.state {
@@ -124,9 +123,25 @@ public struct BalloonProcedure: Sendable {
         default:
             throw DeviceError.busy(reply.state)
         }
+        try resizeFile(balloon, from: old, to: new)
+        checkpoint("inflate")
+        try reclaim(balloon, from: old, to: new, result: &result, resetState: &resetState)
+        return result
+    }
+
+    /// The balloon file alone grown (allocated, refused without the free space) or cut, synced:
+    /// what `change` is on dm-ploop, as the original's 9.x does it.
+    func resizeFile(_ balloon: File, from old: UInt64, to new: UInt64) throws {
+        if new <= old {
+            if new == old { say("Nothing to do: new_size == old_size"); return }
+            try balloon.truncate(to: new)
+            try balloon.sync()
+            say("Successfully truncated balloon from \(old) to \(new) bytes")
+            return
+        }
         // Enough free space, or nothing changes.
-        if let available = try? MountedFileSystem(mountPoint).space().bytesAvailable {
-            if new - old > available { throw Failure.noSpace(requested: new - old, available: available) }
+        if let available = try? MountedFileSystem(mountPoint).space().bytesAvailable, new - old > available {
+            throw Failure.noSpace(requested: new - old, available: available)
         }
         do {
             try balloon.allocateStrict(length: new)
@@ -140,9 +155,6 @@ public struct BalloonProcedure: Sendable {
             throw Failure.fallocate("the file system gave less than asked")
         }
         say("Successfully inflated balloon from \(old) to \(new) bytes")
-        checkpoint("inflate")
-        try reclaim(balloon, from: old, to: new, result: &result, resetState: &resetState)
-        return result
     }
 
     /// `check` (report) and `repair` (reclaim) the blocks under the whole balloon.

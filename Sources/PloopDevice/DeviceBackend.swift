@@ -20,6 +20,9 @@ public protocol DeviceBackend: Sendable {
     /// merges never swap levels refuse.
     func finishSwappedMerge(_ device: String) throws(DeviceError) -> [String]
     func grow(_ device: String, sizeSectors: UInt64) throws(DeviceError)
+    /// Whether the device has the legacy driver's balloon ioctls (free blocks, relocation, the
+    /// maintenance states). Without them (dm-ploop) a balloon is a file operation only.
+    var balloonIoctls: Bool { get }
     func sync(_ device: String) throws(DeviceError)
     /// PLOOP_IOC_DEL_DELTA: a read-only level whose data user space merged into the level below
     /// leaves the stack (see `DeviceModel.deleteDelta`).
@@ -48,6 +51,8 @@ public protocol DeviceBackend: Sendable {
 }
 
 extension DeviceBackend {
+    public var balloonIoctls: Bool { true }
+
     public func finishSwappedMerge(_ device: String) throws(DeviceError) -> [String] {
         throw .notSupported("the \(name) backend never swaps a device's levels: \(device) has no swapped merge to finish")
     }

@@ -694,8 +694,15 @@ public final class DMPloopBackend: DeviceBackend {
     public func sync(_ device: String) throws(DeviceError) { try openIO(device).flush() }
 
 
+    public var balloonIoctls: Bool { false }
+
     static let noBalloon = DeviceError.notSupported("dm-ploop has no balloon ioctls: the original's 9.x keeps only 'balloon show', 'change' and 'discard', as file operations")
-    public func balloon(_ device: String, inflate: Bool, keepIntact: Bool) throws(DeviceError) -> BalloonReply { throw Self.noBalloon }
+    /// Only the query (no inflate, state kept): the state, OFF or TRACK (a copy runs).
+    public func balloon(_ device: String, inflate: Bool, keepIntact: Bool) throws(DeviceError) -> BalloonReply {
+        guard !inflate && keepIntact else { throw Self.noBalloon }
+        let i = try info(device)
+        return BalloonReply(state: i.state, allocHead: 0, level: i.levels.count - 1)
+    }
     public func loadFreeBlocks(_ device: String, level: Int, extents: [FreeExtent]) throws(DeviceError) -> UInt32 { throw Self.noBalloon }
     public func freeBlockList(_ device: String) throws(DeviceError) -> [FreeExtent] { throw Self.noBalloon }
     public func filterFreeBlocks(_ device: String, minLength: UInt32) throws(DeviceError) { throw Self.noBalloon }
