@@ -55,7 +55,7 @@ extension Ploop {
                 named = d
             }
             guard let given = named else { throw CommandFailure("give -d DEVICE or -m MOUNT_POINT", code: ExitCodes.param) }
-            guard let node = PloopNode(given) else { throw CommandFailure("\(given) is not a ploop device (/dev/ploopN)", code: ExitCodes.device) }
+            guard let node = PloopNode(given) else { throw CommandFailure("\(given) is not a ploop device (/dev/ploopN, or /dev/mapper/ploopN on dm-ploop)", code: ExitCodes.device) }
             let dev = node.device
             var offset = node.offsetBytes
             if let m = mnt {

@@ -61,7 +61,7 @@ extension DiskCommands {
 
     /// The descriptor of the disk a device runs (from its top image), for the DEV forms.
     static func descriptor(ofDevice device: String, backend: BackendOptions) throws -> String {
-        guard let node = PloopNode(device), node.partition == nil else { throw CommandFailure("\(device) is not a ploop device name (/dev/ploopN)", code: ExitCodes.device) }
+        guard let node = PloopNode(device), node.partition == nil else { throw CommandFailure("\(device) is not a ploop device name (/dev/ploopN, or /dev/mapper/ploopN on dm-ploop)", code: ExitCodes.device) }
         let be = try backend.backend.resolve()
         guard let info = try? be.info(node.device), let top = info.levels.last else {
             throw CommandFailure("no ploop device \(node.device) (see 'ploop list')", code: ExitCodes.device)

@@ -92,7 +92,7 @@ public enum DeviceError: Error, Sendable, Equatable, Codable, CustomStringConver
             "the size \(b) bytes is not a whole number of clusters of \(c) bytes: grow the device to a whole cluster first"
         case .invalidClusterSize(let c): "cluster size \(c) sectors is not a power of two from 64 to 131072"
         case .noImages: "no images to mount"
-        case .badDeviceName(let d): "\(d) is not a ploop device name (/dev/ploopN)"
+        case .badDeviceName(let d): "\(d) is not a ploop device name (/dev/ploopN, or /dev/mapper/ploopN on dm-ploop)"
         case .conflictingFlags(let s): s
         case .protocolMismatch(let s): s
         }

@@ -382,11 +382,13 @@ public final class Disk {
         } else if let m = j.merge, let next, PathInfo.kind(m.destination) == .regular {
             // The merge had started: images were being written. Finish it.
             if m.sources.allSatisfy({ PathInfo.kind($0) == .regular }) {
-                // A merge of the top that got past dm-ploop's flip (or finished) left the
-                // destination marked as the device's top and the old top not: the destination's
-                // clusters are then the newer ones, and only what it lacks is copied down.
+                // An online merge of the top whose device stopped after dm-ploop's flip (or after
+                // the merge itself) left the destination marked as the device's top and the old
+                // top not: the destination's clusters are then the newer ones, and only what it
+                // lacks is copied down. (An offline merge marks its destination too, but the
+                // sources stay the newer ones: hence online only.)
                 let top = chainFiles(descriptor).last.map(PathInfo.identity)
-                let keepDestination = !m.raw && m.sources.count == 1 && top != nil && PathInfo.identity(m.sources[0]) == top!
+                let keepDestination = j.device != nil && !m.raw && m.sources.count == 1 && top != nil && PathInfo.identity(m.sources[0]) == top!
                     && (try? ImageInfo.read(path: m.destination))?.inUse == true && (try? ImageInfo.read(path: m.sources[0]))?.inUse == false
                 say("finishing an interrupted \(j.operation): merging again\(keepDestination ? " (the destination already served as the top: its clusters are kept)" : "")")
                 // A device that died under an online merge left its images marked in use. No

@@ -58,7 +58,7 @@ public struct SystemDMTransport: DMTransport {
 /// a flip (the reverse merge: the old top's clusters go up into the file that is now the top).
 /// The tracking target (`tracking_start|stop|clear|get_next`, reference §2.3) over a ploop device
 /// fills its bitmap from what that device's own write tracking saw. Not yet: `merge` without a
-/// flip (EOPNOTSUPP here). BAT entries are not checked at load.
+/// flip (EOPNOTSUPP here).
 public final class FakeDeviceMapper: DMTransport {
     /// ENOTSUPP, the kernel-internal errno dm-ploop answers unknown messages with.
     public static let enotsupp: Int32 = 524
@@ -700,6 +700,16 @@ public final class FakeDeviceMapper: DMTransport {
                 guard h.batEntries <= a.batEntries else { throw Failure(errno: EBADSLT) }
             }
             guard UInt64(st.st_size) % clusterBytes == 0 else { throw Failure(errno: EPROTO) }
+            // Every BAT entry inside the file's whole clusters (EPROTO), none into the header
+            // and BAT clusters (EXDEV).
+            guard let f = try? ImagePath.open("/proc/self/fd/\(fd)", write: false),
+                let image = try? Ploop1Image(file: f, writable: false, allowDirty: true)
+            else { throw Failure(errno: ENODATA) }
+            let clusters = UInt64(st.st_size) / clusterBytes
+            for (_, b) in image.allocatedClusters() {
+                if UInt64(b.value) >= clusters { throw Failure(errno: EPROTO) }
+                if b.value < image.firstDataBlock { throw Failure(errno: EXDEV) }
+            }
             above = h
         }
         table.fds = fds

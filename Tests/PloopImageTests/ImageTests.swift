@@ -149,6 +149,21 @@ struct MergeTests {
         for c in 0..<UInt64(32) { #expect(try Fixture.read(merged, c) == ref[c], "cluster \(c)") }
     }
 
+    /// keepDestination: what the destination maps stays (it served as the top after a reverse
+    /// merge's flip, so its copies are the newer ones); only what it lacks comes from the source.
+    @Test func keepDestinationCopiesOnlyWhatItLacks() throws {
+        let base = try Fixture.image(clusters: 32, path: "base")
+        let top = try Fixture.image(clusters: 32, path: "top")
+        var ref = try Fixture.populate(base, clusters: [2, 3], generation: 5)
+        for (k, v) in try Fixture.populate(top, clusters: [1, 2, 20], generation: 3) where ref[k] == nil { ref[k] = v }
+        let dst = try Ploop1Image(file: base, writable: true)
+        let summary = try Offline.merge(sources: [try Ploop1Image(file: top, writable: false)], into: .ploop1(dst), keepDestination: true)
+        try dst.close()
+        #expect(summary.clustersCopied == 2)
+        let merged = try Ploop1Image(file: base, writable: false)
+        for c in 0..<UInt64(32) { #expect(try Fixture.read(merged, c) == ref[c], "cluster \(c)") }
+    }
+
     @Test func largerSourceGrowsDestination() throws {
         let base = try Fixture.image(clusters: 100, path: "base")
         let top = try Fixture.image(clusters: 9000, path: "top")

@@ -242,6 +242,24 @@ struct DMPloopBackendTests {
         #expect(mountFailing(.listDevices, EIO).contains("Input/output error"))
         // Every refused mount left the image as it was: not marked in use.
         #expect(try !Self.inUse(top))
+        // A device still open when the wait ends (EBUSY), a message the target lacks (ENOTSUPP).
+        let dev = try backend.mount(MountRequest(images: [top]))
+        fake.hold(String(dev.dropFirst("/dev/mapper/".count)), 1)
+        #expect {
+            try backend.umount(dev)
+        } throws: { e in
+            "\(e)".contains("it is open: unmount what uses it") && "\(e)".contains("still open after 0.2 s")
+        }
+        fake.hold(String(dev.dropFirst("/dev/mapper/".count)), -1)
+        fake.failMessage("flip_upper_deltas", errno: FakeDeviceMapper.enotsupp)
+        try backend.snapshot(dev, newDelta: dir.file("t.1"))
+        #expect {
+            _ = try backend.merge(dev, levels: 0...1, progress: nil)
+        } throws: { e in
+            "\(e)".contains("flip_upper_deltas") && "\(e)".contains("has no such message")
+        }
+        try backend.umount(dev)
+        #expect(try !Self.inUse(top) && !Self.inUse(dir.file("t.1")))
         #expect(throws: DeviceError.noSuchDevice("/dev/mapper/ploop4242")) { try backend.umount("/dev/mapper/ploop4242") }
         #expect(throws: DeviceError.badDeviceName("/dev/sda")) { try backend.info("/dev/sda") }
     }

@@ -121,6 +121,19 @@ struct FakeDeviceMapperTests {
         #expect(try load([(big, O_RDONLY), (good, O_RDWR)]) == EBADSLT)
         #expect(try load([(k64, O_RDONLY), (good, O_RDWR)]) == EPROTO)
         #expect(try load([(notInUse, O_RDONLY), (good, O_RDWR)]) == 0)
+        // BAT entries: one past the file's last whole cluster (EPROTO), one into the BAT's own
+        // clusters (EXDEV: 64 KiB clusters, 20000 entries take two).
+        func pointing(_ p: String, entry: UInt32) -> String {
+            let fd = open(p, O_WRONLY)
+            var e = entry.littleEndian
+            _ = withUnsafeBytes(of: &e) { pwrite(fd, $0.baseAddress, 4, off_t(PloopSpec.headerSize + 4 * 3)) }
+            close(fd)
+            return p
+        }
+        #expect(try load([(pointing(try image("past"), entry: 7), O_RDWR)]) == EPROTO)
+        let twoBATClusters = try image("bat2", clusters: 20000, clusterSectors: 128)
+        #expect(try load([(twoBATClusters, O_RDWR)], clusterLog: 7, sectors: 20000 * 128) == 0)
+        #expect(try load([(pointing(twoBATClusters, entry: 1), O_RDWR)], clusterLog: 7, sectors: 20000 * 128) == EXDEV)
         // A descriptor this process does not have.
         #expect(try send(DM.Request(.tableLoad, name: "ploop2000", targets: table([9999]))).0 == ENOENT)
         // Not alone in its table, unknown target type, no such device.
