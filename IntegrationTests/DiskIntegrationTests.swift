@@ -248,6 +248,41 @@ struct DiskIntegrationTests {
         } }
     }
 
+    /// dm-ploop's reverse merge killed at each of snapshot-merge's writes; where a kill left the
+    /// device past its flip (the reverse-merge marker beside the file below), the device is
+    /// stopped by its name, with no command on the disk in between: the next mount finishes the
+    /// merge offline keeping the file below's clusters, and every byte reads as before.
+    @Test func aReverseMergeStoppedPastItsFlipIsFinishedOffline() throws {
+        try DeviceTestLock.run { try TestSupport.withBackend("dm-fake") {
+            let r = try RunningDisk(megabytes: 16)
+            let (dd, dev) = (r.dd, r.dev)
+            func markers() throws -> [String] { try FileManager.default.contentsOfDirectory(atPath: r.disk).filter { $0.hasSuffix(".reverse-merge") } }
+            var stopped = false
+            for n in 1...40 {
+                if try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout.split(separator: "\n").count == 1 { _ = try Self.ploop("snapshot", dd) }
+                try r.write(seed: UInt64(20 + n), at: (n % 12) << 20, 1 << 20)
+                let run = try TestSupport.run(TestSupport.ploopBinary, ["snapshot-merge", dd], environment: ["PLOOP_TEST_CRASH_AT": "\(n)"])
+                if run.code == 0 { break }
+                guard try !markers().isEmpty else { continue }
+                _ = try Self.ploop("umount", "-d", dev)
+                r.devices.names.removeAll { $0 == dev }
+                let again = try TestSupport.ploop("mount", dd)
+                #expect(again.code == 0 && again.stderr.contains("its clusters are kept"), "\(again)")
+                let d = again.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+                r.devices.names.append(d)
+                #expect(try r.matches(d), "killed at write \(n), then stopped: the bytes changed")
+                #expect(try markers().isEmpty)
+                #expect(try Self.ploop("snapshot-list", "-H", "-o", "uuid", dd).stdout.split(separator: "\n").count == 1)
+                _ = try Self.ploop("umount", dd)
+                r.devices.names.removeAll { $0 == d }
+                _ = try Self.ploop("check", "-f", dd)
+                stopped = true
+                break
+            }
+            #expect(stopped, "no kill left the merge past its flip")
+        } }
+    }
+
     /// Online snapshot and online snapshot-merge killed before each of the command's own file
     /// changes in turn, while the device keeps running: the next command on the disk finds the
     /// device's chain and finishes (or, before the journal, has nothing to undo); the device's top

@@ -288,6 +288,8 @@ public final class Disk {
     /// cannot be removed (an I/O error) keeps the journal, so the next command tries again; the
     /// operation itself is done, so this is a warning, not a failure.
     func endJournal(_ j: Journal) {
+        // The merge is done (or was finished here): its destination holds every cluster.
+        if let m = j.merge { PathInfo.removeRegularFile(Offline.reverseMergeMarker(of: m.destination)) }
         var left: [String] = []
         for f in j.files {
             // A delta being built when the process died is still under its temporary name (an
@@ -382,14 +384,11 @@ public final class Disk {
         } else if let m = j.merge, let next, PathInfo.kind(m.destination) == .regular {
             // The merge had started: images were being written. Finish it.
             if m.sources.allSatisfy({ PathInfo.kind($0) == .regular }) {
-                // An online merge of the top whose device stopped after dm-ploop's flip (or after
-                // the merge itself) left the destination marked as the device's top and the old
-                // top not: the destination's clusters are then the newer ones, and only what it
-                // lacks is copied down. (An offline merge marks its destination too, but the
-                // sources stay the newer ones: hence online only.)
-                let top = chainFiles(descriptor).last.map(PathInfo.identity)
-                let keepDestination = j.device != nil && !m.raw && m.sources.count == 1 && top != nil && PathInfo.identity(m.sources[0]) == top!
-                    && (try? ImageInfo.read(path: m.destination))?.inUse == true && (try? ImageInfo.read(path: m.sources[0]))?.inUse == false
+                // A reverse merge of the top (dm-ploop) whose device stopped after it dropped the
+                // shadowed entries: the destination's clusters are the newer ones from then on,
+                // so only what it lacks is copied down (the backend's marker says so).
+                let marker = Offline.reverseMergeMarker(of: m.destination)
+                let keepDestination = !m.raw && PathInfo.kind(marker) == .regular
                 say("finishing an interrupted \(j.operation): merging again\(keepDestination ? " (the destination already served as the top: its clusters are kept)" : "")")
                 // A device that died under an online merge left its images marked in use. No
                 // device runs them now (an online recovery found none, and a live one would hold

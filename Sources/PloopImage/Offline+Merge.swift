@@ -18,6 +18,12 @@ public struct MergeWinner: Sendable, Equatable {
 }
 
 extension Offline {
+    /// A reverse merge of the top into `destination` (dm-ploop) got past dropping the entries the
+    /// top shadowed: from then on the device may write the destination as its top, so its
+    /// clusters are the newer ones. The file exists from that point until the merge is done; a
+    /// recovery that finds it keeps the destination's clusters.
+    public static func reverseMergeMarker(of destination: String) -> String { destination + ".reverse-merge" }
+
     /// Every virtual cluster below `clusters` that some source maps, in cluster order, with the
     /// top-most source's copy (`sources` top-most first). Only mapped clusters are listed: a
     /// sparse 32 TiB image has a billion that none maps. The offline merge and the device's merge

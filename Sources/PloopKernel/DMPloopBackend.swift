@@ -442,7 +442,7 @@ public final class DMPloopBackend: DeviceBackend {
         if f.status.flags.contains("n") { do { _ = try message(name, .setNoResume(false)) } catch .system(_, errno: EBUSY) {} }
         try growLower(name, level: top - 1, path: lower.path, to: f.length)
         try Self.setInUse(lower.path, true)
-        var suspended = false, noResume = false, flipped = false
+        var suspended = false, noResume = false, flipped = false, marked = false
         do {
             try reload(f, paths: levels.map(\.path), length: f.length, raw: levels[0].format == .raw, writable: 2) {}
             do { _ = try message(name, .setNoResume(true)) } catch .system(_, errno: EBUSY) {}
@@ -450,6 +450,10 @@ public final class DMPloopBackend: DeviceBackend {
             _ = try send(DM.Request(.devSuspend, name: name, flags: .suspend), what: "suspending \(name)")
             suspended = true
             try Self.dropShadowed(lower.path, under: old.path)
+            // Written after the drop (before it, the old top's copies are the newer ones) and
+            // before the flip (after it, the file below's may be): see `reverseMergeMarker`.
+            try Self.markReverseMerge(lower.path)
+            marked = true
             _ = try message(name, .flipUpperDeltas)
             flipped = true
             _ = try message(name, .setNoResume(false))
@@ -465,12 +469,21 @@ public final class DMPloopBackend: DeviceBackend {
             if !flipped {
                 if old.format == .ploop1 { try? Self.setInUse(old.path, true) }
                 try? Self.setInUse(lower.path, false)
+                // The old top serves again: its copies are the newer ones again.
+                if marked { PathInfo.removeRegularFile(Offline.reverseMergeMarker(of: lower.path)) }
             }
             throw error
         }
         _ = try message(name, .merge)
+        PathInfo.removeRegularFile(Offline.reverseMergeMarker(of: lower.path))
         progress?(1, 1)
         return [old.path]
+    }
+
+    static func markReverseMerge(_ lower: String) throws(DeviceError) {
+        do throws(PathInfo.PublishError) { try PathInfo.writeAtomically([], to: Offline.reverseMergeMarker(of: lower), replace: true) } catch {
+            throw .system("writing \(Offline.reverseMergeMarker(of: lower)): \(error)", errno: EIO)
+        }
     }
 
     /// The rest of a reverse merge that stopped after its flip (the disk's journal found the
@@ -486,6 +499,7 @@ public final class DMPloopBackend: DeviceBackend {
         _ = try send(DM.Request(.devSuspend, name: name), what: "resuming \(name)")
         if old.format == .ploop1 { try Self.setInUse(old.path, false) }
         _ = try message(name, .merge)
+        PathInfo.removeRegularFile(Offline.reverseMergeMarker(of: levels[levels.count - 1].path))
         return [old.path]
     }
 

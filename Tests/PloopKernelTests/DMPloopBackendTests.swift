@@ -351,6 +351,7 @@ struct DMPloopBackendTests {
         #expect(try Self.sample(try backend.openIO(dev)) == Self.sample(ref))
         #expect(try Self.inUse(mid))
         #expect(try !Self.inUse(top))
+        #expect(!FileManager.default.fileExists(atPath: Offline.reverseMergeMarker(of: mid)))
         try backend.umount(dev)
         #expect(try !Self.inUse(mid))
         var o = Checker.Options()
@@ -384,18 +385,24 @@ struct DMPloopBackendTests {
         let dev = try backend.mount(MountRequest(images: [base, top]))
         let ref = Self.reference(n, fills)
 
+        let marker = Offline.reverseMergeMarker(of: base)
         fake.failMessage("flip_upper_deltas", errno: EBUSY)
         #expect(throws: DeviceError.self) { _ = try backend.merge(dev, levels: 0...1, progress: nil) }
         #expect(try backend.info(dev).levels.map(\.path) == [base, top])
         #expect(try Self.inUse(top))
         #expect(try !Self.inUse(base))
+        // Undone before the flip: the old top's copies are the newer ones again, no marker says otherwise.
+        #expect(!FileManager.default.fileExists(atPath: marker))
         #expect(try readAll(try backend.openIO(dev), ref.count) == ref)
 
         fake.failMessage("merge", errno: EINTR)
         #expect(throws: DeviceError.self) { _ = try backend.merge(dev, levels: 0...1, progress: nil) }
         #expect(try backend.info(dev).levels.map(\.path) == [top, base])
         #expect(try readAll(try backend.openIO(dev), ref.count) == ref)
+        // Past the flip: the marker tells a recovery to keep the file below's clusters.
+        #expect(FileManager.default.fileExists(atPath: marker))
         #expect(try backend.finishSwappedMerge(dev) == [top])
+        #expect(!FileManager.default.fileExists(atPath: marker))
         #expect(try backend.info(dev).levels.map(\.path) == [base])
         #expect(try readAll(try backend.openIO(dev), ref.count) == ref)
         try backend.umount(dev)
