@@ -99,6 +99,16 @@ public final class DMPloopBackend: DeviceBackend {
         }
     }
 
+    /// DM_DEV_SUSPEND with the suspend flag: the device's I/O held, what it caches flushed.
+    func suspend(_ name: String) throws(DeviceError) {
+        _ = try send(DM.Request(.devSuspend, name: name, flags: .suspend), what: "suspending \(name)")
+    }
+
+    /// DM_DEV_SUSPEND without it: the device resumed, on its inactive table if one was loaded.
+    func resume(_ name: String) throws(DeviceError) {
+        _ = try send(DM.Request(.devSuspend, name: name), what: "resuming \(name)")
+    }
+
     func message(_ name: String, _ m: DMPloop.Message) throws(DeviceError) -> String? {
         try send(DM.Request(.targetMessage, name: name, message: m.text), what: "dm-ploop message '\(m.text)'").messageResponse
     }
@@ -137,7 +147,7 @@ public final class DMPloopBackend: DeviceBackend {
             made = name
             let table = DMPloop.Table(clusterLog: DMPloop.Table.clusterLog(sectors: clusterSectors), fds: fds, rawBase: request.baseFormat == .raw)
             _ = try send(DM.Request(.tableLoad, name: name, flags: writable ? [] : .readOnly, targets: [DM.Target(length: sectors, type: DMPloop.targetType, params: table.params)]), what: "loading the ploop table of \(name)")
-            _ = try send(DM.Request(.devSuspend, name: name), what: "resuming \(name)")
+            try resume(name)
             return DMPloop.node(Int(name.dropFirst(5))!)
         } catch {
             if let n = made { _ = try? send(DM.Request(.devRemove, name: n), what: "removing \(n)") }
@@ -296,7 +306,7 @@ public final class DMPloopBackend: DeviceBackend {
     /// Suspends `name`, runs `body`, loads the table of `paths` with `length` sectors, resumes.
     /// The device is resumed whatever happens (on the old table if the load failed).
     func reload(_ f: Found, paths: [String], length: UInt64, raw: Bool, writable: Int = 1, between body: () throws(DeviceError) -> Void) throws(DeviceError) {
-        _ = try send(DM.Request(.devSuspend, name: f.name, flags: .suspend), what: "suspending \(f.name)")
+        try suspend(f.name)
         do {
             try body()
             let fds = try Self.openDeltas(paths, writable: f.readOnly ? 0 : writable)
@@ -304,10 +314,10 @@ public final class DMPloopBackend: DeviceBackend {
             let table = DMPloop.Table(clusterLog: DMPloop.Table.clusterLog(sectors: UInt32(f.status.clusterSectors)), fds: fds, rawBase: raw)
             _ = try send(DM.Request(.tableLoad, name: f.name, flags: f.readOnly ? .readOnly : [], targets: [DM.Target(length: length, type: DMPloop.targetType, params: table.params)]), what: "reloading the ploop table of \(f.name)")
         } catch {
-            _ = try? send(DM.Request(.devSuspend, name: f.name), what: "resuming \(f.name)")
+            try? resume(f.name)
             throw error
         }
-        _ = try send(DM.Request(.devSuspend, name: f.name), what: "resuming \(f.name)")
+        try resume(f.name)
     }
 
     /// Online snapshot as the original's 9.x makes it (reference §4.3): the empty delta made and
@@ -447,7 +457,7 @@ public final class DMPloopBackend: DeviceBackend {
             try reload(f, paths: levels.map(\.path), length: f.length, raw: levels[0].format == .raw, writable: 2) {}
             do { _ = try message(name, .setNoResume(true)) } catch .system(_, errno: EBUSY) {}
             noResume = true
-            _ = try send(DM.Request(.devSuspend, name: name, flags: .suspend), what: "suspending \(name)")
+            try suspend(name)
             suspended = true
             try Self.dropShadowed(lower.path, under: old.path)
             // Written after the drop (before it, the old top's copies are the newer ones) and
@@ -459,13 +469,13 @@ public final class DMPloopBackend: DeviceBackend {
             _ = try message(name, .setNoResume(false))
             noResume = false
             if old.format == .ploop1 { try Self.setInUse(old.path, false) }
-            _ = try send(DM.Request(.devSuspend, name: name), what: "resuming \(name)")
+            try resume(name)
             suspended = false
         } catch {
             // Back to running on the old top (its mark set again), unless the flip happened: then
             // the file below is already the target's top and keeps its mark.
             if noResume { _ = try? message(name, .setNoResume(false)) }
-            if suspended { _ = try? send(DM.Request(.devSuspend, name: name), what: "resuming \(name)") }
+            if suspended { try? resume(name) }
             if !flipped {
                 if old.format == .ploop1 { try? Self.setInUse(old.path, true) }
                 try? Self.setInUse(lower.path, false)
@@ -496,7 +506,7 @@ public final class DMPloopBackend: DeviceBackend {
         guard levels.count >= 2 else { throw .levelsOutOfRange(0...0, top: levels.count - 1) }
         let old = levels[levels.count - 2]
         if f.status.flags.contains("n") { do { _ = try message(name, .setNoResume(false)) } catch .system(_, errno: EBUSY) {} }
-        _ = try send(DM.Request(.devSuspend, name: name), what: "resuming \(name)")
+        try resume(name)
         if old.format == .ploop1 { try Self.setInUse(old.path, false) }
         _ = try message(name, .merge)
         PathInfo.removeRegularFile(Offline.reverseMergeMarker(of: levels[levels.count - 1].path))
@@ -585,7 +595,7 @@ public final class DMPloopBackend: DeviceBackend {
         let paths = levels.map(\.path)
         var made = false
         do {
-            _ = try send(DM.Request(.devSuspend, name: name, flags: .suspend), what: "suspending \(name)")
+            try suspend(name)
             _ = try send(DM.Request(.tableLoad, name: name, flags: f.readOnly ? .readOnly : [], targets: [DM.Target(length: f.length, type: "error", params: "")]), what: "loading an error table on \(name)")
             let fds = try Self.openDeltas(paths, writable: f.readOnly ? 0 : 1)
             defer { for fd in fds { close(fd) } }
@@ -593,10 +603,10 @@ public final class DMPloopBackend: DeviceBackend {
             made = true
             let table = DMPloop.Table(clusterLog: DMPloop.Table.clusterLog(sectors: UInt32(f.status.clusterSectors)), fds: fds, rawBase: raw)
             _ = try send(DM.Request(.tableLoad, name: twin, flags: f.readOnly ? .readOnly : [], targets: [DM.Target(length: f.length, type: DMPloop.targetType, params: table.params)]), what: "loading the ploop table of \(twin)")
-            _ = try send(DM.Request(.devSuspend, name: twin), what: "resuming \(twin)")
+            try resume(twin)
             let tracking = "\(f.status.clusterSectors) /dev/mapper/\(twin)"
             _ = try send(DM.Request(.tableLoad, name: name, flags: f.readOnly ? .readOnly : [], targets: [DM.Target(length: f.length, type: DMPloop.trackingType, params: tracking)]), what: "loading the tracking table of \(name)")
-            _ = try send(DM.Request(.devSuspend, name: name), what: "resuming \(name)")
+            try resume(name)
             _ = try message(name, .trackingStart)
         } catch {
             // Back to the ploop table (the device is resumed whatever happens), the twin gone.
@@ -698,7 +708,7 @@ public final class DMPloopBackend: DeviceBackend {
         var outer = inner
         outer.name = name
         try reload(outer, paths: levels.map(\.path), length: inner.length, raw: levels.first?.format == .raw) { () throws(DeviceError) in
-            _ = try send(DM.Request(.devSuspend, name: twin, flags: .suspend), what: "suspending \(twin)")
+            try suspend(twin)
         }
         _ = try send(DM.Request(.devRemove, name: twin), what: "removing \(twin)")
     }
