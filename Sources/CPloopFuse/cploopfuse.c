@@ -9,6 +9,35 @@
 #include <unistd.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <sys/syscall.h>
+#include <linux/aio_abi.h>
+
+/// One request on the asynchronous path: its iocb, the request to answer and an aligned buffer
+/// (kept in a pool: an allocation per request would cost more than the request).
+struct aio_op {
+    struct iocb iocb;
+    struct cploop_fuse *f;
+    fuse_req_t req;
+    void *buf;
+    size_t cap;
+    size_t size;
+    uint64_t pos;
+    void *token;
+    int is_write;
+    struct aio_op *next;
+};
+
+/// Buffers of the two pool classes: small requests (4 KiB random I/O) and up to max_write.
+#define AIO_SMALL (128u << 10)
+#define AIO_LARGE (1u << 20)
+#define AIO_KEEP_SMALL 64
+#define AIO_KEEP_LARGE 8
+/// Requests in flight at once: the kernel sends at most max_background asynchronous requests
+/// plus one per worker; past this io_submit says EAGAIN and the request is served synchronously.
+#define AIO_DEPTH 256
 
 struct cploop_fuse {
     struct fuse_session *se;
@@ -16,6 +45,19 @@ struct cploop_fuse {
     /// Largest read answered by splice: libfuse needs a pipe holding the reply header and the
     /// data, or it falls back to a fresh buffer per reply (slower than our copy).
     size_t splice_max;
+    /// The asynchronous path (on unless PLOOP_FUSE_ASYNC=0 or the callbacks lack `start`).
+    int async;
+    /// Largest read taken asynchronously (larger ones are spliced); PLOOP_FUSE_ASYNC_READ_MAX.
+    size_t async_read_max;
+    aio_context_t aio;
+    pthread_t completer;
+    atomic_int inflight;
+    atomic_int stopping;
+    /// Reads and writes answered so far, asynchronously and synchronously (for the log).
+    atomic_ullong served_async, served_sync;
+    pthread_mutex_t pool_lock;
+    struct aio_op *pool_small, *pool_large;
+    int pool_small_n, pool_large_n;
 };
 
 /// Pipes grow past /proc/sys/fs/pipe-max-size only with CAP_SYS_RESOURCE.
@@ -112,12 +154,188 @@ static void *thread_buffer(size_t size) {
     return read_buf;
 }
 
+// MARK: - The asynchronous path
+
+static long sys_io_setup(unsigned nr, aio_context_t *ctx) { return syscall(SYS_io_setup, nr, ctx); }
+static long sys_io_destroy(aio_context_t ctx) { return syscall(SYS_io_destroy, ctx); }
+static long sys_io_submit(aio_context_t ctx, long n, struct iocb **list) { return syscall(SYS_io_submit, ctx, n, list); }
+static long sys_io_getevents(aio_context_t ctx, long min, long max, struct io_event *ev, struct timespec *ts) {
+    return syscall(SYS_io_getevents, ctx, min, max, ev, ts);
+}
+
+/// An op whose buffer holds `size` bytes, from the pool or new; NULL past AIO_LARGE or without memory.
+static struct aio_op *op_get(struct cploop_fuse *f, size_t size) {
+    if (size == 0 || size > AIO_LARGE) return NULL;
+    int large = size > AIO_SMALL;
+    pthread_mutex_lock(&f->pool_lock);
+    struct aio_op **head = large ? &f->pool_large : &f->pool_small;
+    struct aio_op *op = *head;
+    if (op) {
+        *head = op->next;
+        if (large) f->pool_large_n--; else f->pool_small_n--;
+    }
+    pthread_mutex_unlock(&f->pool_lock);
+    if (!op) {
+        op = calloc(1, sizeof(*op));
+        if (!op) return NULL;
+        op->cap = large ? AIO_LARGE : AIO_SMALL;
+        if (posix_memalign(&op->buf, 4096, op->cap) != 0) { free(op); return NULL; }
+    }
+    op->f = f;
+    op->size = size;
+    op->next = NULL;
+    return op;
+}
+
+static void op_put(struct cploop_fuse *f, struct aio_op *op) {
+    int large = op->cap > AIO_SMALL;
+    pthread_mutex_lock(&f->pool_lock);
+    int keep = large ? f->pool_large_n < AIO_KEEP_LARGE : f->pool_small_n < AIO_KEEP_SMALL;
+    if (keep) {
+        struct aio_op **head = large ? &f->pool_large : &f->pool_small;
+        op->next = *head;
+        *head = op;
+        if (large) f->pool_large_n++; else f->pool_small_n++;
+    }
+    pthread_mutex_unlock(&f->pool_lock);
+    if (!keep) { free(op->buf); free(op); }
+}
+
+static void pool_free(struct aio_op *op) {
+    while (op) {
+        struct aio_op *next = op->next;
+        free(op->buf);
+        free(op);
+        op = next;
+    }
+}
+
+int cploop_fuse_submit(void *opp, int fd, uint64_t pos, void *token) {
+    struct aio_op *op = opp;
+    struct cploop_fuse *f = op->f;
+    memset(&op->iocb, 0, sizeof(op->iocb));
+    op->iocb.aio_data = (uint64_t)(uintptr_t)op;
+    op->iocb.aio_lio_opcode = op->is_write ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
+    op->iocb.aio_fildes = (uint32_t)fd;
+    op->iocb.aio_buf = (uint64_t)(uintptr_t)op->buf;
+    op->iocb.aio_nbytes = op->size;
+    op->iocb.aio_offset = (int64_t)pos;
+    op->pos = pos;
+    op->token = token;
+    atomic_fetch_add(&f->inflight, 1);
+    struct iocb *list[1] = { &op->iocb };
+    // From here on the op belongs to the completion thread.
+    long r = sys_io_submit(f->aio, 1, list);
+    if (r == 1) return 0;
+    int e = r < 0 ? errno : EAGAIN;
+    atomic_fetch_sub(&f->inflight, 1);
+    return -e;
+}
+
+/// Ends one op: a short read is the end of the file (zeros past it, as the synchronous path
+/// reads), a short write is finished synchronously; the model hears of it, then the kernel.
+static void op_finish(struct cploop_fuse *f, struct aio_op *op, int64_t res) {
+    if (res >= 0 && (size_t)res < op->size) {
+        if (op->is_write) {
+            size_t done = (size_t)res;
+            while (done < op->size) {
+                ssize_t w = pwrite((int)op->iocb.aio_fildes, (char *)op->buf + done, op->size - done, (off_t)(op->pos + done));
+                if (w < 0 && errno == EINTR) continue;
+                if (w <= 0) { res = w < 0 ? -errno : -EIO; break; }
+                done += (size_t)w;
+            }
+            if (done == op->size) res = (int64_t)op->size;
+        } else {
+            memset((char *)op->buf + res, 0, op->size - (size_t)res);
+            res = (int64_t)op->size;
+        }
+    }
+    f->cb.completed(f->cb.ctx, op->token, op->is_write, op->pos, op->size, res);
+    if (res < 0) fuse_reply_err(op->req, (int)-res);
+    else if (op->is_write) fuse_reply_write(op->req, op->size);
+    else fuse_reply_buf(op->req, op->buf, op->size);
+    op_put(f, op);
+    atomic_fetch_sub(&f->inflight, 1);
+}
+
+/// Reaps completions and answers them, a batch per wake-up, until told to stop with nothing
+/// left in flight.
+static void *completer_main(void *arg) {
+    struct cploop_fuse *f = arg;
+    struct io_event ev[64];
+    for (;;) {
+        struct timespec ts = { 0, 100 * 1000 * 1000 };
+        long n = sys_io_getevents(f->aio, 1, 64, ev, &ts);
+        if (n < 0 && errno != EINTR) {
+            // Cannot happen with a live context; say it and let teardown wait no more.
+            fprintf(stderr, "ploop: io_getevents: %s\n", strerror(errno));
+            break;
+        }
+        for (long i = 0; i < n; i++) op_finish(f, (struct aio_op *)(uintptr_t)ev[i].data, ev[i].res);
+        if (n <= 0 && atomic_load(&f->stopping) && atomic_load(&f->inflight) == 0) break;
+    }
+    return NULL;
+}
+
+/// Sets up the asynchronous path; without Linux AIO every request is served synchronously.
+static void async_start(struct cploop_fuse *f) {
+    const char *on = getenv("PLOOP_FUSE_ASYNC");
+    if (!f->cb.start || !f->cb.completed || (on && on[0] == '0')) return;
+    const char *max = getenv("PLOOP_FUSE_ASYNC_READ_MAX");
+    f->async_read_max = max ? strtoul(max, NULL, 0) : AIO_SMALL;
+    if (f->async_read_max > AIO_LARGE) f->async_read_max = AIO_LARGE;
+    pthread_mutex_init(&f->pool_lock, NULL);
+    if (sys_io_setup(AIO_DEPTH, &f->aio) != 0) {
+        fprintf(stderr, "ploop: no Linux AIO (%s): requests are served synchronously\n", strerror(errno));
+        return;
+    }
+    if (pthread_create(&f->completer, NULL, completer_main, f) != 0) {
+        sys_io_destroy(f->aio);
+        return;
+    }
+    f->async = 1;
+}
+
+/// Waits for every op in flight, stops the completion thread and frees the pool.
+static void async_stop(struct cploop_fuse *f) {
+    if (!f->async) return;
+    atomic_store(&f->stopping, 1);
+    pthread_join(f->completer, NULL);
+    sys_io_destroy(f->aio);
+    pool_free(f->pool_small);
+    pool_free(f->pool_large);
+    pthread_mutex_destroy(&f->pool_lock);
+    f->async = 0;
+}
+
+/// Offers a request to the asynchronous path: 1 taken (answered later), 0 not taken (*opp holds
+/// the op for a synchronous write, or NULL), or -errno.
+static int async_offer(struct cploop_fuse *f, fuse_req_t req, int is_write, const void *data, size_t size, off_t off, struct aio_op **opp) {
+    *opp = NULL;
+    if (!f->async || (!is_write && size > f->async_read_max)) return 0;
+    struct aio_op *op = op_get(f, size);
+    if (!op) return 0;
+    op->req = req;
+    op->is_write = is_write;
+    if (is_write) memcpy(op->buf, data, size);
+    int r = f->cb.start(f->cb.ctx, op, is_write, size, (uint64_t)off);
+    if (r == 1) return 1;
+    if (r == 0 && is_write) { *opp = op; return 0; }
+    op_put(f, op);
+    return r;
+}
+
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
     (void)ino; (void)fi;
     struct cploop_fuse *f = F(req);
     uint64_t end = f->cb.size(f->cb.ctx);
     if ((uint64_t)off >= end) { fuse_reply_buf(req, NULL, 0); return; }
     if ((uint64_t)off + size > end) size = end - (uint64_t)off;
+    struct aio_op *op;
+    int a = async_offer(f, req, 0, NULL, size, off, &op);
+    if (a == 1) { atomic_fetch_add_explicit(&f->served_async, 1, memory_order_relaxed); return; }
+    if (a < 0) { fuse_reply_err(req, -a); return; }
+    atomic_fetch_add_explicit(&f->served_sync, 1, memory_order_relaxed);
     // libfuse splices only replies of two pages or more; below that it would copy through a
     // buffer it allocates per reply, worse than ours.
     if (f->cb.read_direct && size >= 8192 && size <= f->splice_max) {
@@ -135,7 +353,14 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi) {
     (void)ino; (void)fi;
     struct cploop_fuse *f = F(req);
-    int64_t n = f->cb.write(f->cb.ctx, buf, size, (uint64_t)off);
+    struct aio_op *op;
+    int a = async_offer(f, req, 1, buf, size, off, &op);
+    if (a == 1) { atomic_fetch_add_explicit(&f->served_async, 1, memory_order_relaxed); return; }
+    if (a < 0) { fuse_reply_err(req, -a); return; }
+    atomic_fetch_add_explicit(&f->served_sync, 1, memory_order_relaxed);
+    // Not taken: written synchronously, from the op's aligned copy when there is one (no bounce).
+    int64_t n = f->cb.write(f->cb.ctx, op ? op->buf : buf, size, (uint64_t)off);
+    if (op) op_put(f, op);
     if (n < 0) fuse_reply_err(req, (int)-n);
     else fuse_reply_write(req, (size_t)n);
 }
@@ -194,6 +419,7 @@ struct cploop_fuse *cploop_fuse_mount(const char *mountpoint, const struct cploo
         *err = -EIO;
         return NULL;
     }
+    async_start(f);
     *err = 0;
     return f;
 }
@@ -218,6 +444,13 @@ int cploop_fuse_reply_fd(void *req, int fd, uint64_t off, uint64_t size) {
     return fuse_reply_data((fuse_req_t)req, &bv, 0);
 }
 
+int cploop_fuse_is_async(struct cploop_fuse *f) { return f->async; }
+
+void cploop_fuse_served(struct cploop_fuse *f, uint64_t *async, uint64_t *sync) {
+    *async = atomic_load_explicit(&f->served_async, memory_order_relaxed);
+    *sync = atomic_load_explicit(&f->served_sync, memory_order_relaxed);
+}
+
 void cploop_fuse_exit(struct cploop_fuse *f) { fuse_session_exit(f->se); }
 
 int cploop_fuse_invalidate(struct cploop_fuse *f) {
@@ -226,6 +459,7 @@ int cploop_fuse_invalidate(struct cploop_fuse *f) {
 
 void cploop_fuse_destroy(struct cploop_fuse *f) {
     fuse_session_unmount(f->se);
+    async_stop(f);
     fuse_session_destroy(f->se);
     free(f);
 }

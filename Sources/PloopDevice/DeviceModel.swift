@@ -217,6 +217,68 @@ public final class DeviceModel: Sendable {
         }
     }
 
+    /// Asynchronous I/O for a server that submits it itself (the FUSE server, with Linux AIO): when
+    /// [offset, offset+length) lies in one cluster stored at a place its file takes `O_DIRECT`
+    /// I/O (for a write: a cluster the ploop1 top already holds, no merge of the top running),
+    /// pins the stack and calls `submit` with the descriptor, the position and a token. `submit`
+    /// returns true once the I/O is on its way; then `finishDirect` must follow, exactly once,
+    /// when it has completed (before it is acknowledged). Returns false, nothing pinned, when the
+    /// request needs the synchronous path (holes, copy-up, allocation, a merge, unaligned ranges,
+    /// buffered images) or `submit` declined.
+    public func startDirect(write: Bool, at offset: UInt64, length: Int, _ submit: (Int32, UInt64, UnsafeMutableRawPointer?) -> Bool) throws(DeviceError) -> Bool {
+        try stack.read { s throws(DeviceError) -> Bool in
+            try checkRange(s, offset, length)
+            let cb = UInt64(clusterBytes)
+            let c = offset / cb
+            let inOff = offset % cb
+            guard length > 0, inOff + UInt64(length) <= cb else { return false }
+            let fd: Int32, at: UInt64
+            var written: Ploop1Image?
+            if write {
+                guard !s.top.readOnly else { throw .readOnly("device") }
+                // During a merge of the top every write goes through the mirror (synchronously).
+                guard !merging.load(ordering: .relaxed), case .ploop1(let img) = s.top.image,
+                      let b = img.block(of: ClusterIndex(c)) else { return false }
+                at = img.blockOffset(b) + inOff
+                guard let d = img.file.directDescriptor(at: at, length: length) else { return false }
+                fd = d
+                written = img
+            } else {
+                switch holder(s.levels, below: s.levels.count, c) {
+                case .ploop1(let img, let b):
+                    at = img.blockOffset(b) + inOff
+                    guard let d = img.file.directDescriptor(at: at, length: length) else { return false }
+                    fd = d
+                case .raw(let r, let bytes):
+                    at = offset
+                    guard offset + UInt64(length) <= bytes, let d = r.file.directDescriptor(at: at, length: length) else { return false }
+                    fd = d
+                case nil:
+                    return false
+                }
+            }
+            // The token keeps the written image alive and says where to note the data.
+            let token = written.map { Unmanaged.passRetained($0).toOpaque() }
+            stack.pin()
+            if submit(fd, at, token) { return true }
+            stack.unpin()
+            if let token { Unmanaged<Ploop1Image>.fromOpaque(token).release() }
+            return false
+        }
+    }
+
+    /// Ends I/O `startDirect` submitted, from the thread that saw it complete: a write is noted
+    /// for the next flush and for dirty tracking (as `write` does for its own), then the stack is
+    /// unpinned. Takes no stack lock (a stack change may be waiting for this very pin).
+    public func finishDirect(token: UnsafeMutableRawPointer?, position: UInt64, length: Int) {
+        if let token {
+            let img = Unmanaged<Ploop1Image>.fromOpaque(token).takeRetainedValue()
+            img.dataWrittenDirectly()
+            watch.record(position, UInt64(length))
+        }
+        stack.unpin()
+    }
+
     /// Where a cluster's current bytes are: the top-most of some levels holding it.
     enum Holder {
         case ploop1(Ploop1Image, ImageBlock)

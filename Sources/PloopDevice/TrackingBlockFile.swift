@@ -18,6 +18,8 @@ final class TrackingBlockFile: BlockFile {
     var path: String { base.path }
     var descriptor: Int32? { base.descriptor }
     func descriptor(forReadingAt offset: UInt64, length: Int) -> Int32? { base.descriptor(forReadingAt: offset, length: length) }
+    /// Writes through this descriptor bypass `write`: their issuer records them (`DeviceModel.finishDirect`).
+    func directDescriptor(at offset: UInt64, length: Int) -> Int32? { base.directDescriptor(at: offset, length: length) }
     func metadataEnds(at offset: UInt64) { base.metadataEnds(at: offset) }
 
     init(_ base: any BlockFile, watch: WriteWatch) {

@@ -30,6 +30,10 @@ public protocol BlockFile: AnyObject, Sendable {
     /// The descriptor a reader hands to the kernel for [offset, offset+length): the direct one
     /// where the file has it and the range suits it, else `descriptor`.
     func descriptor(forReadingAt offset: UInt64, length: Int) -> Int32?
+    /// The `O_DIRECT` descriptor for [offset, offset+length) when the file has one and the range
+    /// suits it (asynchronous I/O from aligned buffers: it bypasses this file's own code, so it
+    /// must not meet the page cache); nil otherwise.
+    func directDescriptor(at offset: UInt64, length: Int) -> Int32?
     /// Says where the image's metadata (header and BAT) end: below it every I/O goes through the
     /// page cache, so a write of part of a metadata page never meets a direct write of the same
     /// page. Only ever raised.
@@ -39,6 +43,7 @@ public protocol BlockFile: AnyObject, Sendable {
 extension BlockFile {
     public var descriptor: Int32? { nil }
     public func descriptor(forReadingAt offset: UInt64, length: Int) -> Int32? { descriptor }
+    public func directDescriptor(at offset: UInt64, length: Int) -> Int32? { nil }
     public func metadataEnds(at offset: UInt64) {}
 
     public func dataRanges(from start: UInt64, to end: UInt64) throws(ImageError) -> [Range<UInt64>] {
@@ -175,6 +180,10 @@ public final class PosixBlockFile: BlockFile {
 
     public func descriptor(forReadingAt offset: UInt64, length: Int) -> Int32? {
         directFile(offset, length)?.fd ?? file.fd
+    }
+
+    public func directDescriptor(at offset: UInt64, length: Int) -> Int32? {
+        directFile(offset, length)?.fd
     }
 
     @inline(__always)

@@ -252,6 +252,12 @@ public final class Ploop1Image: Sendable {
         state.withLock { $0.dataWritten = true }
     }
 
+    /// Says that data reached a block by a path of the caller's (asynchronous direct I/O), so the
+    /// next `flush` syncs it. After the write completed, before it is acknowledged.
+    public func dataWrittenDirectly() {
+        state.withLock { $0.dataWritten = true }
+    }
+
     /// Makes bytes inside a block read as zeros, giving their space back to the host file system
     /// where it can (discard). The block stays mapped: it still hides what lower deltas hold.
     public func punch(block: ImageBlock, offset: Int, length: Int) throws(ImageError) {

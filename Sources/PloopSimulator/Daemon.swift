@@ -120,6 +120,20 @@ public final class SimulatorDaemon: Sendable {
                 return Int64(size)
             } catch { return -Int64(SimulatorDaemon.errno(for: error)) }
         }
+        // Requests on image blocks that take O_DIRECT I/O are submitted with Linux AIO and
+        // answered from the completion thread: a worker never waits for the disk, so the device
+        // keeps as many requests in flight as the kernel sends (PLOOP_FUSE_ASYNC=0: synchronous).
+        cb.start = { ctx, op, isWrite, size, off in
+            do {
+                let taken = try SimulatorDaemon.from(ctx).model.startDirect(write: isWrite != 0, at: off, length: Int(size)) { fd, at, token in
+                    cploop_fuse_submit(op, fd, at, token) == 0
+                }
+                return taken ? 1 : 0
+            } catch { return -SimulatorDaemon.errno(for: error) }
+        }
+        cb.completed = { ctx, token, _, pos, size, _ in
+            SimulatorDaemon.from(ctx).model.finishDirect(token: token, position: pos, length: Int(size))
+        }
         cb.flush = { ctx in
             do { try SimulatorDaemon.from(ctx).model.flush(); return 0 } catch { return -SimulatorDaemon.errno(for: error) }
         }
@@ -139,6 +153,7 @@ public final class SimulatorDaemon: Sendable {
         }
         let session = FuseSession(pointer: f)
         life.withLock { $0.fuse = session }
+        log.info("requests: \(cploop_fuse_is_async(f) != 0 ? "asynchronous (Linux AIO) where they map to aligned image blocks, else synchronous" : "synchronous")")
         let threads = Int32(options.threads)
         Thread { cploop_fuse_loop(session.pointer, threads) }.start()
         // Direct I/O: no second page cache over the FUSE file.
@@ -261,6 +276,7 @@ public final class SimulatorDaemon: Sendable {
             try shutdown(force: false, requester: ch.peer)
         case .snapshot(let newDelta):
             try model.snapshot(newDelta: newDelta)
+            life.withLock { logServed($0) }
         case .merge(let from, let to):
             guard from <= to else { throw DeviceError.invalid("merge of levels \(from)..\(to): the first level must be the lower") }
             let before = model.lastMergeReport
@@ -337,9 +353,18 @@ public final class SimulatorDaemon: Sendable {
             }
             // Whatever the block layer still caches for the device goes down to the model first.
             BlockNode.flush(device)
+            logServed(l)
             teardown(&l)
             log.info("stopped")
         }
+    }
+
+    /// How the reads and writes so far were served (at each snapshot and at the end).
+    func logServed(_ l: Life) {
+        guard let f = l.fuse else { return }
+        var async: UInt64 = 0, sync: UInt64 = 0
+        cploop_fuse_served(f.pointer, &async, &sync)
+        log.info("reads and writes so far: \(async) asynchronous, \(sync) synchronous")
     }
 
     /// Ends the process, but only while no shutdown is under way (see `shutdown`).

@@ -21,6 +21,15 @@ struct cploop_fuse_callbacks {
     int (*flush)(void *ctx);
     /// FUSE_FALLOCATE (PUNCH_HOLE / ZERO_RANGE with KEEP_SIZE); 0 or -errno.
     int (*fallocate)(void *ctx, int mode, uint64_t off, uint64_t len);
+    /// Optional asynchronous path (Linux AIO on the image files' O_DIRECT descriptors): `op` holds
+    /// a read (is_write 0) or a write (1, its data already copied into an aligned buffer) of size
+    /// bytes at off. The callback either hands it to cploop_fuse_submit and returns 1 (the reply
+    /// then comes from the completion thread, after `completed`), or returns 0 (the request takes
+    /// the synchronous path above), or -errno (the request fails with it).
+    int (*start)(void *ctx, void *op, int is_write, uint64_t size, uint64_t off);
+    /// Called on the completion thread for each submitted op, before its reply: `token` as given
+    /// to cploop_fuse_submit, `result` the bytes moved or -errno. Must not block on the I/O path.
+    void (*completed)(void *ctx, void *token, int is_write, uint64_t pos, uint64_t size, int64_t result);
 };
 
 struct cploop_fuse;
@@ -34,6 +43,14 @@ int cploop_fuse_loop(struct cploop_fuse *f, int threads);
 /// Answers a read request with `size` bytes of file `fd` at `off` (spliced when the kernel allows);
 /// 0 or -errno. Only from within read_direct.
 int cploop_fuse_reply_fd(void *req, int fd, uint64_t off, uint64_t size);
+/// From within `start`: submits the op's I/O on `fd` (opened O_DIRECT) at `pos`; `token` comes back
+/// in `completed`. 0, or -errno when nothing was submitted (then `start` returns 0 or -errno and
+/// `completed` is not called).
+int cploop_fuse_submit(void *op, int fd, uint64_t pos, void *token);
+/// 1 if requests may take the asynchronous path (Linux AIO set up), else 0.
+int cploop_fuse_is_async(struct cploop_fuse *f);
+/// Reads and writes answered so far: asynchronously, and synchronously.
+void cploop_fuse_served(struct cploop_fuse *f, uint64_t *async, uint64_t *sync);
 /// Asks the loop to return.
 void cploop_fuse_exit(struct cploop_fuse *f);
 /// Tells the kernel the file's size (attributes) changed.
