@@ -11,7 +11,9 @@ public enum DMPloop {
     public static let trackingSuffix = ".tracking"
     /// The device-mapper name of device M, and its node.
     public static func name(_ minor: Int) -> String { "ploop\(minor)" }
-    public static func node(_ minor: Int) -> String { "/dev/mapper/\(name(minor))" }
+    public static func node(_ minor: Int) -> String { node(named: name(minor)) }
+    /// The node of the device-mapper device `name` (`ploopN`, as `name(_:)` makes it).
+    public static func node(named name: String) -> String { "/dev/mapper/\(name)" }
 
     /// The parameters of a ploop table: `<cluster_log> [falloc_new_clu] <fd base> … <fd top>`,
     /// the base optionally `raw@<fd>`.

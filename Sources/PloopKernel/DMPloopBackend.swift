@@ -32,7 +32,7 @@ public final class DMPloopBackend: DeviceBackend {
     /// Device-mapper through `transport` (the host's by default), I/O through the device nodes.
     public convenience init(transport: any DMTransport = SystemDMTransport(), umountTimeout: Double = 60) {
         self.init(transport: transport, umountTimeout: umountTimeout) { (name: String) throws(DeviceError) -> any DeviceIO in
-            try BlockDeviceIO(device: DMPloop.node(Int(name.dropFirst(5)) ?? 0))
+            try BlockDeviceIO(device: DMPloop.node(named: name))
         }
     }
 
@@ -148,7 +148,7 @@ public final class DMPloopBackend: DeviceBackend {
             let table = DMPloop.Table(clusterLog: DMPloop.Table.clusterLog(sectors: clusterSectors), fds: fds, rawBase: request.baseFormat == .raw)
             _ = try send(DM.Request(.tableLoad, name: name, flags: writable ? [] : .readOnly, targets: [DM.Target(length: sectors, type: DMPloop.targetType, params: table.params)]), what: "loading the ploop table of \(name)")
             try resume(name)
-            return DMPloop.node(Int(name.dropFirst(5))!)
+            return DMPloop.node(named: name)
         } catch {
             if let n = made { _ = try? send(DM.Request(.devRemove, name: n), what: "removing \(n)") }
             if writable, top.header != nil { try? Self.setInUse(top.path, false) }
@@ -187,7 +187,7 @@ public final class DMPloopBackend: DeviceBackend {
             } catch .deviceInUse(let what) {
                 guard Host.monotonicNanoseconds() < deadline else {
                     // Name the processes where /proc shows them (a mounted file system is no process's).
-                    let node = DMPloop.node(Int(name.dropFirst(5))!)
+                    let node = DMPloop.node(named: name)
                     let holders = PartitionNodes.openers(node, excluding: [Host.processID])
                     if !holders.isEmpty { throw .heldOpen(node, by: holders.map(\.description)) }
                     throw .deviceInUse("\(what); still open after \(umountTimeout) s")
@@ -266,7 +266,7 @@ public final class DMPloopBackend: DeviceBackend {
         let name = try Self.dmName(device)
         let f = try found(name)
         return DeviceInfo(
-            device: DMPloop.node(Int(name.dropFirst(5))!), backend: self.name, sizeBytes: f.length * 512,
+            device: DMPloop.node(named: name), backend: self.name, sizeBytes: f.length * 512,
             clusterBytes: f.status.clusterSectors * 512, state: f.tracked ? .track : .off, running: true, levels: try levels(f), mergeProgress: nil)
     }
 
@@ -434,7 +434,7 @@ public final class DMPloopBackend: DeviceBackend {
         let name = f.name
         let top = levels.count - 1
         guard top >= 1 else { throw .levelsOutOfRange(0...0, top: top) }
-        guard !f.readOnly else { throw .readOnly(DMPloop.node(Int(name.dropFirst(5))!)) }
+        guard !f.readOnly else { throw .readOnly(DMPloop.node(named: name)) }
         let lower = levels[top - 1], old = levels[top]
         guard lower.format == .ploop1 else {
             throw .notSupported("merging the top into a raw base online: dm-ploop's flip_upper_deltas refuses a raw lower delta (EBADSLT): unmount the disk and merge offline")
@@ -442,7 +442,7 @@ public final class DMPloopBackend: DeviceBackend {
         // The file below becomes writable: no other device may read it meanwhile (a read-only
         // mount of the snapshot it holds).
         let lowerID = PathInfo.identity(lower.path)
-        for other in try list() where other.device != DMPloop.node(Int(name.dropFirst(5))!) {
+        for other in try list() where other.device != DMPloop.node(named: name) {
             if other.levels.contains(where: { PathInfo.identity($0.path) == lowerID }) {
                 throw .deviceInUse("\(lower.path) (read by \(other.device): unmount that device before merging into the file)")
             }
@@ -572,6 +572,8 @@ public final class DMPloopBackend: DeviceBackend {
     /// ranges of dirty clusters not handed out yet.
     struct TrackState {
         var top: String
+        /// The top file, open for the copy's whole run (its BAT entries are read per dirty cluster).
+        var topFile: PosixBlockFile
         var header: ImageHeader?
         var clusterBytes: UInt64
         var pending: [Range<UInt64>] = []
@@ -616,8 +618,9 @@ public final class DMPloopBackend: DeviceBackend {
         }
         var header: ImageHeader?
         let end: UInt64
+        let file: PosixBlockFile
         do throws(ImageError) {
-            let file = try ImagePath.open(top.path, write: false)
+            file = try ImagePath.open(top.path, write: false)
             if top.format == .ploop1 {
                 let bytes = try file.readBytes(PloopSpec.headerSize, at: 0)
                 do throws(FormatError) { header = try ImageHeader.decode(bytes) } catch { throw .format(top.path, error) }
@@ -627,7 +630,7 @@ public final class DMPloopBackend: DeviceBackend {
             try? untrack(name)
             throw .image(error)
         }
-        tracks.withLock { $0[name] = TrackState(top: top.path, header: header, clusterBytes: UInt64(f.status.clusterSectors) * 512) }
+        tracks.withLock { $0[name] = TrackState(top: top.path, topFile: file, header: header, clusterBytes: UInt64(f.status.clusterSectors) * 512) }
         return end
     }
 
@@ -660,14 +663,14 @@ public final class DMPloopBackend: DeviceBackend {
             let at = h.layout.entryOffset(ClusterIndex(c))
             func entry() throws(DeviceError) -> UInt32 {
                 do throws(ImageError) {
-                    let bytes = try ImagePath.open(st.top, write: false).readBytes(4, at: at)
+                    let bytes = try st.topFile.readBytes(4, at: at)
                     return bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }.littleEndian
                 } catch { throw .image(error) }
             }
             var e = try entry()
             // A cluster written but not mapped in the file yet: its entry is there after a flush.
             if e == 0 {
-                try sync(DMPloop.node(Int(name.dropFirst(5))!))
+                try sync(DMPloop.node(named: name))
                 e = try entry()
             }
             if e != 0, let b = try? h.layout.decode(e) {

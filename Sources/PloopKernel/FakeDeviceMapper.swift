@@ -738,17 +738,8 @@ public final class FakeDeviceMapper: DMTransport {
             guard var live = d.live, live.isPloop else { throw Failure(errno: EINVAL) }
             let top = live.paths.count - 1
             let device = d
-            /// The operation on what serves the table: its model here, or the lower device.
             func run(_ here: (DeviceModel) throws(DeviceError) -> Void, _ there: (any DeviceBackend, String) throws(DeviceError) -> Void) throws(Failure) {
-                do throws(DeviceError) {
-                    if let model = live.model {
-                        try here(model)
-                    } else if let sh = shared, let dev = device.lowerDevice {
-                        try there(sh.lower, dev)
-                    } else {
-                        throw .notRunning(name)
-                    }
-                } catch { throw Failure(errno: Self.errnoOf(error)) }
+                try serving(device, name, here, there)
             }
             switch m {
             case .getImageName(let level):
@@ -813,19 +804,26 @@ public final class FakeDeviceMapper: DMTransport {
     /// reach the origin's images without passing here, so the bitmap is filled from what the
     /// origin's own write tracking (image-file extents) saw, each data block turned back into its
     /// virtual cluster through the top's BAT.
+    /// Runs an operation on what serves a device's ploop table: its model here, or the lower
+    /// device in shared mode; a failure becomes the errno the kernel would return.
+    private func serving(_ device: Device, _ name: String, _ here: (DeviceModel) throws(DeviceError) -> Void,
+                         _ there: (any DeviceBackend, String) throws(DeviceError) -> Void) throws(Failure) {
+        do throws(DeviceError) {
+            if let model = device.live?.model {
+                try here(model)
+            } else if let sh = shared, let dev = device.lowerDevice {
+                try there(sh.lower, dev)
+            } else {
+                throw .notRunning(name)
+            }
+        } catch { throw Failure(errno: Self.errnoOf(error)) }
+    }
+
     private func trackingMessage(_ m: DMPloop.Message, _ d: inout Device, origin o: (name: String, clusterSectors: UInt64), _ all: [String: Device]) throws(Failure) -> String? {
         guard let origin = all[o.name], let top = origin.live?.paths.last else { throw Failure(errno: ENODEV) }
         let clusters = (d.live?.targets[0].length ?? 0) / o.clusterSectors
         func run(_ here: (DeviceModel) throws(DeviceError) -> Void, _ there: (any DeviceBackend, String) throws(DeviceError) -> Void) throws(Failure) {
-            do throws(DeviceError) {
-                if let model = origin.live?.model {
-                    try here(model)
-                } else if let sh = shared, let dev = origin.lowerDevice {
-                    try there(sh.lower, dev)
-                } else {
-                    throw .notRunning(o.name)
-                }
-            } catch { throw Failure(errno: Self.errnoOf(error)) }
+            try serving(origin, o.name, here, there)
         }
         switch m {
         case .trackingStart:
