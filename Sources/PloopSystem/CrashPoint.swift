@@ -68,6 +68,10 @@ public enum CrashPoint {
         return Fault(String(cString: v))
     }()
     private static let armed = limit != nil || fault != nil
+    /// True when a crash or fault hook, or the change recorder, watches this process's file
+    /// changes: I/O that bypasses `File` (asynchronous direct I/O) must not happen then, or its
+    /// changes would go uncounted and unrecorded.
+    public static var watching: Bool { armed || ChangeRecorder.active }
     private static let count = Atomic<Int>(0)
 
     /// One step: `call` about to change `path`. Ends the process or throws the injected error
