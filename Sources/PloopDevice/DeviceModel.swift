@@ -197,23 +197,30 @@ public final class DeviceModel: Sendable {
     public func withDirectSource(at offset: UInt64, length: Int, _ body: (Int32, UInt64) -> Void) throws(DeviceError) -> Bool {
         try stack.read { s throws(DeviceError) -> Bool in
             try checkRange(s, offset, length)
-            let cb = UInt64(clusterBytes)
-            let c = offset / cb
-            let inOff = offset % cb
-            guard inOff + UInt64(length) <= cb else { return false }
-            switch holder(s.levels, below: s.levels.count, c) {
-            case .ploop1(let img, let b):
-                let at = img.blockOffset(b) + inOff
-                guard let fd = img.file.descriptor(forReadingAt: at, length: length) else { return false }
-                body(fd, at)
-                return true
-            case .raw(let r, let bytes):
-                guard offset + UInt64(length) <= bytes, let fd = r.file.descriptor(forReadingAt: offset, length: length) else { return false }
-                body(fd, offset)
-                return true
-            case nil:
-                return false
-            }
+            guard let (fd, at) = storedRange(s, offset, length, { $0.descriptor(forReadingAt: $1, length: length) }) else { return false }
+            body(fd, at)
+            return true
+        }
+    }
+
+    /// Where device bytes [offset, offset+length) are stored when they lie in one cluster that the
+    /// top-most level holding it keeps in a file: the descriptor `descriptor` picks for the file
+    /// and position, and that position. Nil for holes, ranges across clusters, past a raw level's
+    /// end, or where `descriptor` has none. Holding the stack lock.
+    func storedRange(_ s: Stack, _ offset: UInt64, _ length: Int, _ descriptor: (any BlockFile, UInt64) -> Int32?) -> (Int32, UInt64)? {
+        let cb = UInt64(clusterBytes)
+        let c = offset / cb
+        let inOff = offset % cb
+        guard inOff + UInt64(length) <= cb else { return nil }
+        switch holder(s.levels, below: s.levels.count, c) {
+        case .ploop1(let img, let b):
+            let at = img.blockOffset(b) + inOff
+            return descriptor(img.file, at).map { ($0, at) }
+        case .raw(let r, let bytes):
+            guard offset + UInt64(length) <= bytes else { return nil }
+            return descriptor(r.file, offset).map { ($0, offset) }
+        case nil:
+            return nil
         }
     }
 
@@ -244,18 +251,8 @@ public final class DeviceModel: Sendable {
                 fd = d
                 written = img
             } else {
-                switch holder(s.levels, below: s.levels.count, c) {
-                case .ploop1(let img, let b):
-                    at = img.blockOffset(b) + inOff
-                    guard let d = img.file.directDescriptor(at: at, length: length) else { return false }
-                    fd = d
-                case .raw(let r, let bytes):
-                    at = offset
-                    guard offset + UInt64(length) <= bytes, let d = r.file.directDescriptor(at: at, length: length) else { return false }
-                    fd = d
-                case nil:
-                    return false
-                }
+                guard let place = storedRange(s, offset, length, { $0.directDescriptor(at: $1, length: length) }) else { return false }
+                (fd, at) = place
             }
             // The token keeps the written image alive and says where to note the data.
             let token = written.map { Unmanaged.passRetained($0).toOpaque() }
